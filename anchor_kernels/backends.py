@@ -1,0 +1,121 @@
+"""Backend selection for the loss, in the style of xformers' operator dispatch.
+
+Each backend says which inputs it cannot run and why (``not_supported_reasons``). An explicit
+``backend=`` that cannot run raises those reasons; ``"auto"`` takes the first backend in the
+device's preference order that can, and never picks the Triton interpreter. Backends are
+listed here explicitly (no import-time swapping of globals), each imported on first use so
+that a missing compiler or extension only disables that backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+BACKEND_NAMES = ("auto", "triton", "cuda", "cpu", "eager")
+
+# name -> "module:attribute" of the backend object; imported lazily.
+_LOCATIONS = {
+    "triton": "anchor_kernels.ops.supcon_triton:BACKEND",
+}
+
+# Preference of "auto", fastest first, per device type.
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "eager"),
+    "cpu": ("cpu", "eager"),
+}
+
+
+@dataclass(frozen=True)
+class SupConProblem:
+    """Flattened, validated inputs of one loss call (see ``reference.supcon_per_anchor``)."""
+
+    f: Tensor  # (M, D)
+    y_f: Tensor  # (M,)
+    g: Tensor | None  # (N, D); None when the contrast set is the anchors themselves
+    y_g: Tensor | None  # (N,)
+    temperature: float
+    beta: float
+    topk: int | None
+    detach_weights: bool
+    normalize: bool
+    anchor_offset: int | None
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """Loss dtype: float32 for half inputs (as autocast does for losses), else the input's."""
+        return torch.promote_types(self.f.dtype, torch.float32)
+
+
+class EagerBackend:
+    """The reference itself: any device and dtype, O(M N) memory."""
+
+    name = "eager"
+
+    def not_supported_reasons(self, p: SupConProblem) -> list[str]:
+        return []
+
+    def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:
+        loss, valid = reference.supcon_per_anchor(
+            p.f, p.y_f, p.g, p.y_g, temperature=p.temperature, hard_positive_beta=p.beta,
+            hard_positive_topk=p.topk, detach_weights=p.detach_weights,
+            normalize=p.normalize, anchor_offset=p.anchor_offset)
+        return loss.to(p.out_dtype), valid
+
+
+class UnavailableBackend:
+    """Stands in for a backend whose module could not be imported."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+
+    def not_supported_reasons(self, p: SupConProblem) -> list[str]:
+        return [self.reason]
+
+    def per_anchor(self, p: SupConProblem):
+        raise RuntimeError(self.reason)
+
+
+_cache: dict[str, object] = {"eager": EagerBackend()}
+
+
+def get_backend(name: str):
+    if name not in _cache:
+        location = _LOCATIONS.get(name)
+        if location is None:
+            _cache[name] = UnavailableBackend(name, f"the {name} backend is not built in this version")
+        else:
+            module, attr = location.split(":")
+            try:
+                _cache[name] = getattr(importlib.import_module(module), attr)
+            except Exception as exc:  # a missing compiler or library disables only this backend
+                _cache[name] = UnavailableBackend(name, f"{module} failed to import: {exc}")
+    return _cache[name]
+
+
+def select_backend(name: str, p: SupConProblem):
+    """The backend object to run ``p``, or ValueError listing why none (or the named one) can."""
+    if name != "auto":
+        backend = get_backend(name)
+        reasons = backend.not_supported_reasons(p)
+        if reasons:
+            raise ValueError(f"backend={name!r} cannot run these inputs: " + "; ".join(reasons))
+        return backend
+    refused = []
+    for candidate in AUTO_ORDER.get(p.f.device.type, ("eager",)):
+        backend = get_backend(candidate)
+        reasons = backend.not_supported_reasons(p)
+        if not reasons:
+            return backend
+        refused.append(f"{candidate}: " + "; ".join(reasons))
+    raise ValueError("no backend can run these inputs:\n  " + "\n  ".join(refused))
+
+
+def available_backends(p: SupConProblem) -> dict[str, list[str]]:
+    """Every backend's refusal reasons for ``p`` (an empty list means it can run)."""
+    return {n: get_backend(n).not_supported_reasons(p) for n in BACKEND_NAMES if n != "auto"}
