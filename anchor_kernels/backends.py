@@ -45,6 +45,10 @@ class SupConProblem:
     detach_weights: bool
     normalize: bool
     anchor_offset: int | None
+    # Fused backends only: return LSE_i as the per-anchor value (0 where A(i) is empty) and
+    # "A(i) non-empty" as the validity mask, with no positive term. The top-k mode adds its
+    # sparse positive term to this (anchor_kernels/ops/supcon_topk.py).
+    lse_only: bool = False
 
     @property
     def out_dtype(self) -> torch.dtype:
