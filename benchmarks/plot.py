@@ -1,0 +1,50 @@
+"""Plot a results document: per (op, dtype) a row of panels (time of each pass, then forward+
+backward peak memory) against the batch size, log-log, one line per candidate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .records import PASSES
+
+_STYLE = {"backend": "-", "baseline": "--", "neighbour": ":", "interpreter": "-."}
+
+
+def plot(doc: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    rows = doc["results"]
+    groups = sorted({(r["op"], r["dtype"]) for r in rows})
+    passes = [p for p in PASSES if any(r["pass"] == p for r in rows)]
+    panels = [(p, "ms", f"{p} time (ms)") for p in passes] + [
+        ("fwd+bwd" if "fwd+bwd" in passes else passes[-1], "peak_mem_bytes", "peak memory (MiB)")]
+    fig, axes = plt.subplots(max(1, len(groups)), len(panels), squeeze=False,
+                             figsize=(4.2 * len(panels), 3.4 * max(1, len(groups))))
+    for g, (op, dtype) in enumerate(groups):
+        mine = [r for r in rows if (r["op"], r["dtype"]) == (op, dtype) and r["status"] == "ok"]
+        for ax, (pass_, key, label) in zip(axes[g], panels):
+            for name in dict.fromkeys(r["candidate"] for r in mine):
+                pts = sorted((r["n"], r[key]) for r in mine
+                             if r["candidate"] == name and r["pass"] == pass_)
+                pts = [(n, v / 2**20 if key == "peak_mem_bytes" else v) for n, v in pts if v > 0]
+                if not pts:
+                    continue
+                kind = next(r["kind"] for r in mine if r["candidate"] == name)
+                ax.plot(*zip(*pts), _STYLE.get(kind, "-"), marker="o", markersize=3, label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{op} {dtype}: {label}", fontsize=9)
+            ax.set_xlabel("batch size N")
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+    meta = doc["meta"]
+    fig.suptitle(f"{meta['device_name']} | torch {meta['torch']} | {meta['date']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
