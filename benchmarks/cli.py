@@ -30,7 +30,7 @@ DEFAULTS = {
 PRESETS = {
     "quick": {
         "cpu": dict(warmup_ms=25, rep_ms=150, min_reps=3, max_call_s=3, mem_cap_gb=2.0,
-                    time_budget=75, fit_max_n=1 << 15, fit_max_call_s=1.5, fit_budget=20),
+                    time_budget=60, fit_max_n=1 << 15, fit_max_call_s=1.0, fit_budget=15),
         "cuda": dict(warmup_ms=10, rep_ms=50, time_budget=90, fit_max_n=1 << 20,
                      fit_max_call_s=1, fit_budget=30),
     },
@@ -84,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
                    help="never run what is predicted to allocate more (default 4 on cpu)")
     p.add_argument("--time-budget", type=_positive(float), metavar="S",
                    help="seconds for the sweep; later work is recorded as skipped")
+    p.add_argument("--threads", type=_positive(int),
+                   help="CPU threads for torch (default: torch's, usually one per core)")
     p.add_argument("--no-fit", action="store_true", help="skip the largest-batch search")
     p.add_argument("--fit-max-n", type=_positive(int))
     p.add_argument("--fit-max-call-s", type=_positive(float))
@@ -91,6 +93,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-shapes", choices=("dynamic", "static"), default="dynamic",
                    help="torch.compile(dynamic=True), one graph for all sizes (default), or "
                         "one graph per size")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compiled baseline (default inductor; "
+                        "aot_eager traces without code generation, for quick checks)")
     p.add_argument("--include-interpreter", action="store_true",
                    help="also time Triton under TRITON_INTERPRET=1 (labelled; CPU only)")
     p.add_argument("--out", type=Path, metavar="PATH.json",
@@ -149,6 +154,8 @@ def main(argv=None) -> int:
     from . import ops as registry
     from .records import PASSES, Settings
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     s = _settings(args, device_type)
     device = torch.device(device_type)
 
@@ -174,7 +181,8 @@ def main(argv=None) -> int:
         _apply_option(p, options, item)
 
     settings = Settings(include_interpreter=args.include_interpreter,
-                        compile_dynamic=args.compile_shapes == "dynamic")
+                        compile_dynamic=args.compile_shapes == "dynamic",
+                        compile_backend=args.compile_backend)
     cands = {m.NAME: m.candidates(device, options[m.NAME], settings) for m in modules}
     only = tuple(_split(args.candidates)) or None
     known = {c.name for cs in cands.values() for c in cs}
@@ -235,6 +243,7 @@ def _run(cfg, chosen: dict, progress: bool, preset) -> dict:
         "candidates": list(cfg.only) if cfg.only else None,
         "include_interpreter": cfg.settings.include_interpreter,
         "compile_dynamic": cfg.settings.compile_dynamic,
+        "compile_backend": cfg.settings.compile_backend,
         **{k: getattr(cfg, k) for k in ("warmup_ms", "rep_ms", "min_reps", "max_call_s",
                                         "mem_cap_bytes", "time_budget_s", "fit", "fit_max_n",
                                         "fit_max_call_s", "fit_budget_s")},

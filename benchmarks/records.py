@@ -68,6 +68,7 @@ class Settings:
 
     include_interpreter: bool = False  # time Triton under TRITON_INTERPRET=1 (labelled so)
     compile_dynamic: bool = True  # torch.compile(dynamic=True): one compile for every size
+    compile_backend: str = "inductor"  # torch.compile(backend=...)
 
 
 @dataclass(frozen=True)

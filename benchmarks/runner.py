@@ -13,11 +13,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable
 
 import torch
 
 from . import timing
+from .passes import grad_like, make_pass
 from .records import PASSES, Candidate, Fit, Measurement, Problem, Settings
 
 
@@ -53,17 +53,6 @@ def _passes_of(cand: Candidate, passes) -> tuple:
     return passes if cand.differentiable else tuple(p for p in passes if p == "fwd")
 
 
-def _make_pass(forward: Callable, pass_: str, grad_out):
-    """The callable timed for one pass. ``bwd`` keeps one forward's graph and replays its
-    backward (``retain_graph=True``), as Liger's and Triton's benchmarks do."""
-    if pass_ == "fwd":
-        return forward
-    if pass_ == "fwd+bwd":
-        return lambda: forward().backward(grad_out)
-    out = forward()
-    return lambda: out.backward(grad_out, retain_graph=True)
-
-
 class _Clock:
     def __init__(self, budget_s: float):
         self.budget_s = budget_s
@@ -75,7 +64,7 @@ class _Clock:
 
 class Sweep:
     """Runs the sweep; ``history`` keeps, per (op, candidate, dtype), the measured forward+
-    backward (n, peak bytes, seconds) used to predict the next size."""
+    backward (n, peak bytes) that predict the next size's peak."""
 
     def __init__(self, cfg: RunConfig, progress=None):
         self.cfg = cfg
@@ -126,7 +115,7 @@ class Sweep:
         if reasons:
             return self._record_all(op, cand, p.n, p.dtype, p, "unsupported", "; ".join(reasons))
         cap = self.cfg.mem_cap_bytes
-        predicted = timing.grow([(n, b) for n, b, _ in self.history.get(key, [])], p.n)
+        predicted = timing.grow(self.history.get(key, []), p.n)
         if cap is not None and predicted is not None and predicted > cap:
             why = (f"predicted peak {predicted / 2**20:.0f} MiB at n={p.n} is over the memory "
                    f"cap {cap / 2**20:.0f} MiB (--mem-cap-gb)")
@@ -138,8 +127,8 @@ class Sweep:
         forward = grads = None
         try:
             forward, grads = cand.build(p)
-            grad_out = _grad_like(forward())
-            full = _make_pass(forward, full_name, grad_out)
+            grad_out = grad_like(forward())
+            full, _ = make_pass(forward, full_name, grad_out)
             full()  # warm-up: compiles and autotunes
             seconds = timing.time_call(full, p.device)
             if seconds > self.cfg.max_call_s:
@@ -148,14 +137,13 @@ class Sweep:
                 self.stopped[key] = why
                 return self._skip_all(op, cand, p.n, p.dtype, p, why)
             for pass_ in passes:
-                fn = _make_pass(forward, pass_, grad_out)
-                peak, _ = timing.peak_memory(fn, p.device, grads)
-                t = timing.bench(fn, p.device, warmup_ms=self.cfg.warmup_ms,
+                run, setup = make_pass(forward, pass_, grad_out)
+                peak, _ = timing.peak_memory(run, p.device, setup=setup, grad_to_none=grads)
+                t = timing.bench(run, p.device, setup=setup, warmup_ms=self.cfg.warmup_ms,
                                  rep_ms=self.cfg.rep_ms, grad_to_none=grads,
                                  min_reps=self.cfg.min_reps)
-                del fn
                 if pass_ == full_name:
-                    self.history.setdefault(key, []).append((p.n, peak, t.ms / 1e3))
+                    self.history.setdefault(key, []).append((p.n, peak))
                 self._ok(op, cand, p, pass_, t, peak)
         except Exception as exc:
             done = {r.pass_ for r in self.rows if (r.op, r.candidate, r.dtype, r.n) ==
@@ -237,10 +225,10 @@ class Sweep:
         if reasons:
             return reasons, None, None
         forward, grads = cand.build(p)
-        full = _make_pass(forward, "fwd+bwd", _grad_like(forward()))
+        full, _ = make_pass(forward, "fwd+bwd", grad_like(forward()))
         if warm_up:
             full()  # compile / autotune outside the measured probe
-        peak, seconds = timing.peak_memory(full, p.device, grads)
+        peak, seconds = timing.peak_memory(full, p.device, grad_to_none=grads)
         return [], peak, seconds
 
     # -- records -----------------------------------------------------------------------------
@@ -274,13 +262,6 @@ def _row(op, cand, pass_, dtype, where, status, reason, n=None) -> Measurement:
         m, d = n, where.get("d", 0)
     return Measurement(op.NAME, cand.name, cand.kind, pass_, dtype_name(dtype), n, m, d,
                        status, reason)
-
-
-def _grad_like(out: torch.Tensor) -> torch.Tensor | None:
-    """The output gradient: None (implicit 1) for a scalar loss, fixed noise otherwise."""
-    if out.numel() == 1:
-        return None
-    return torch.randn_like(out)
 
 
 def _one_line(exc: BaseException) -> str:

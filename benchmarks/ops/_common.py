@@ -35,21 +35,27 @@ def triton_label(name: str, device: torch.device, settings: Settings) -> tuple[s
 _COMPILED: dict = {}
 
 
-def compiled(key, fn: Callable, dynamic: bool) -> Callable:
-    if (key, dynamic) not in _COMPILED:
+def compiled(key, fn: Callable, settings: Settings) -> Callable:
+    key = (key, settings.compile_dynamic, settings.compile_backend)
+    if key not in _COMPILED:
         import torch._dynamo.config as dynamo_config
 
         # Static shapes recompile per size; never let a recompile limit silently run eager.
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
-        dynamo_config.fail_on_recompile_limit_hit = True
-        _COMPILED[(key, dynamic)] = torch.compile(fn, dynamic=dynamic)
-    return _COMPILED[(key, dynamic)]
+        # (The limit's name changed across torch releases, hence the attribute checks.)
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
+        if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+            dynamo_config.fail_on_recompile_limit_hit = True
+        _COMPILED[key] = torch.compile(fn, dynamic=settings.compile_dynamic,
+                                       backend=settings.compile_backend)
+    return _COMPILED[key]
 
 
 def compile_note(settings: Settings) -> str:
     shapes = "dynamic=True: one graph for every size" if settings.compile_dynamic else \
         "dynamic=False: one graph per size"
-    return f"torch.compile of the eager reference ({shapes})"
+    return f"torch.compile of the eager reference (backend={settings.compile_backend!r}, {shapes})"
 
 
 def _attention_reasons(p: Problem) -> list[str]:

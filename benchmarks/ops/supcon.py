@@ -76,8 +76,7 @@ def _backend_build(name: str, options: dict):
 def _compiled_build(options: dict, settings: Settings):
     kwargs = _loss_kwargs(options)
     fn = _common.compiled((NAME, tuple(sorted(kwargs.items()))),
-                          functools.partial(reference.supcon_loss, **kwargs),
-                          settings.compile_dynamic)
+                          functools.partial(reference.supcon_loss, **kwargs), settings)
 
     def build(p: Problem):
         return functools.partial(fn, p.inputs["features"], p.inputs["labels"]), p.grad_inputs
