@@ -381,8 +381,8 @@ def supcon_loss(
 
     Returns:
         A 0-d tensor (a vector for "none"): float32 for half inputs, else the input dtype.
-        The value differs from rank to rank; log ``all_reduce(loss.detach(), AVG)`` for the
-        global loss. Top-k ties are broken by the lower index of the gathered order (per-rank
+        The value differs from rank to rank; its mean over ranks (``all_reduce`` of
+        ``loss.detach()``, divided by ``R``) is the global loss to log. Top-k ties are broken by the lower index of the gathered order (per-rank
         view-major), which can differ from a single process's order only on exactly equal
         cosines.
     """
