@@ -252,7 +252,8 @@ def _check_consistent(table: list[dict], rank: int, error: Exception | None) -> 
             hint="; the gather's backward is a collective that every rank must join")
 
 
-def _exchange(local: _Local | None, options_key: str, error, group, features) -> list[dict]:
+def _exchange(local: _Local | None, options_key: str, group, features) -> list[dict]:
+    """Every rank's metadata row (``_FIELDS``); a rank whose inputs failed sends error = 1."""
     row = [1] + [0] * (len(_FIELDS) - 1) if local is None else _metadata(local, options_key)
     mine = torch.tensor([row], dtype=torch.int64, device=_metadata_device(group, features))
     world = dist.get_world_size(group)
@@ -279,17 +280,19 @@ def _global_per_anchor(features, labels, *, group, one_view: bool, require_views
     first, then one metadata exchange that turns any rank's bad input into an error on all.
     """
     world, rank = _require_group(group)
-    options = (one_view, temperature, base_temperature, hard_positive_beta, hard_positive_topk,
-               detach_weights, normalize, reduction, backend)
-    local, error = None, pending_error
+    local, error, options = None, pending_error, ""
     if error is None:
         try:
             _check_options(temperature, base_temperature, hard_positive_beta, hard_positive_topk,
                            detach_weights, normalize, reduction, backend)
+            # floats, so that temperature=1 and temperature=1.0 agree
+            base = None if base_temperature is None else float(base_temperature)
+            options = repr((one_view, float(temperature), base, float(hard_positive_beta),
+                            hard_positive_topk, detach_weights, normalize, reduction, backend))
             local = _local_inputs(features, labels, require_views)
-        except (TypeError, ValueError) as exc:
-            error = exc
-    table = _exchange(local if error is None else None, repr(options), error, group, features)
+        except Exception as exc:  # any local failure must reach the other ranks, which
+            error = exc           # would otherwise wait in the exchange below forever
+    table = _exchange(local if error is None else None, options, group, features)
     _check_consistent(table, rank, error)
 
     views = table[0]["views"]

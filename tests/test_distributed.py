@@ -10,6 +10,7 @@ the world size (what DDP's averaging does) with the single-process gradient of i
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
 import time
@@ -29,9 +30,13 @@ pytestmark = pytest.mark.skipif(
 DIN, D = 5, 4  # DDP cases: a Linear(DIN, D) makes the features
 
 
-def case(name, world, sizes, *, views=None, classes=3, kind="fn", **kw):
+def case(name, world, sizes, *, views=None, classes=3, kind="fn", dtype=torch.float64, **kw):
     return dict(name=name, world=world, sizes=sizes, views=views, classes=classes, kind=kind,
-                kw=kw)
+                dtype=dtype, kw=kw)
+
+
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-8), torch.float32: dict(atol=2e-5, rtol=1e-4),
+       torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
 # classes: number of label values, None for instance labels, or an explicit list.
@@ -56,6 +61,11 @@ CASES = [
          contrast_mode="one"),
     case("ddp", 2, (3, 5), views=2, kind="ddp", hard_positive_beta=0.5, detach_weights=False),
     case("gather", 2, (3, 1), kind="gather"),
+    # the fused Triton kernels (under the interpreter on CPU) in the workers, float32
+    case("triton", 2, (3, 5), dtype=torch.float32, backend="triton", hard_positive_beta=0.5,
+         detach_weights=False),
+    case("triton_views", 2, (2, 3), views=2, classes=None, dtype=torch.float32,
+         backend="triton"),
     case("unequal_3", 3, (4, 1, 6), hard_positive_beta=0.8, detach_weights=False),
     case("empty_rank_3", 3, (2, 0, 3), views=2, classes=None, hard_positive_beta=0.5),
     case("views_3", 3, (2, 3, 1), views=2, classes=2),
@@ -65,8 +75,11 @@ CASES = [
 
 # Bad inputs: (name, world, what rank 1 does wrong). They run between the cases above, so the
 # cases after them also show that the group is still usable after the error.
-ERRORS = [("label_dtype", 2), ("device", 2), ("local_shape", 2), ("options", 2),
-          ("label_dtype", 3)]
+ERRORS = [("label_dtype", 2), ("device", 2), ("local_shape", 2), ("label_device", 2),
+          ("options", 2), ("label_dtype", 3)]
+# errors found by rank 1's own checks: rank 1 raises this, the others name rank 1
+LOCAL_ERRORS = {"local_shape": "labels must have shape (3,)",
+                "label_device": "labels is on meta but features is on cpu"}
 
 
 def make_inputs(c):
@@ -100,10 +113,10 @@ def make_model():
 
 
 def loss_fn(c, distributed: bool):
-    """The loss of case ``c``: distributed or single-process form, same options."""
+    """The loss of case ``c``: distributed or single-process (eager, float64) form."""
     kw = dict(c["kw"])
     if c["kind"] in ("fn", "ddp"):
-        kw.setdefault("backend", "eager")
+        kw["backend"] = kw.get("backend", "eager") if distributed else "eager"
         fn = akd.supcon_loss if distributed else anchor_kernels.supcon_loss
         return lambda f, y: fn(f, y, **kw)
     if c["kind"] == "hard_module":
@@ -115,25 +128,27 @@ def loss_fn(c, distributed: bool):
 
 # --- worker side ------------------------------------------------------------------------
 
-def run_case(c, rank):
-    world = c["world"]
+def run_case(c, rank, device):
     x, labels = make_inputs(c)
     x, y = local_part(c, x, labels, rank)
+    x = x.to(device, c["dtype"])
+    y = None if y is None else y.to(device)
     if c["kind"] == "gather":
-        x = x.clone().requires_grad_(True)
+        x.requires_grad_(True)
         gathered = akd.all_gather_with_grad(x)
-        weight = torch.arange(gathered.numel(), dtype=x.dtype).reshape(gathered.shape)
-        (gathered * weight).sum().backward()
-        return dict(value=gathered.detach(), grad=x.grad)
+        weight = torch.arange(gathered.numel(), dtype=x.dtype, device=device)
+        (gathered * weight.reshape(gathered.shape)).sum().backward()
+        return dict(value=gathered.detach().cpu(), grad=x.grad.cpu())
     if c["kind"] == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(make_model())
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(make_model().to(device), device_ids=ids)
         loss = loss_fn(c, True)(model(x), y)
         loss.backward()
-        return dict(value=loss.detach(), grads=[p.grad.clone() for p in model.parameters()])
-    x = x.clone().requires_grad_(True)
+        return dict(value=loss.detach().cpu(), grads=[p.grad.cpu() for p in model.parameters()])
+    x.requires_grad_(True)
     loss = loss_fn(c, True)(x, y)
     loss.sum().backward()
-    return dict(value=loss.detach(), grad=x.grad)
+    return dict(value=loss.detach().cpu(), grad=x.grad.cpu())
 
 
 def run_error(name, world, rank):
@@ -146,6 +161,8 @@ def run_error(name, world, rank):
             x, labels = x.to("meta"), labels.to("meta")
         elif name == "local_shape":
             labels = labels[:2]
+        elif name == "label_device":
+            labels = labels.to("meta")
         elif name == "options":
             kw["temperature"] = 0.2
     try:
@@ -155,18 +172,23 @@ def run_error(name, world, rank):
     return dict(type=None, message="")
 
 
-def worker(rank, world, port, out_dir):
+def worker(rank, world, port, out_dir, backend):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     results = {}
-    cases = [c for c in CASES if c["world"] == world]
-    errors = [e for e, w in ERRORS if w == world]
-    # interleave: an error case, then a normal case, so recovery is exercised
-    for i, c in enumerate(cases):
-        if i < len(errors):
-            results["error:" + errors[i]] = run_error(errors[i], world, rank)
-        results[c["name"]] = run_case(c, rank)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        for c in gpu_cases(world):
+            results[c["name"]] = run_case(c, rank, torch.device("cuda", rank))
+    else:
+        cases = [c for c in CASES if c["world"] == world]
+        errors = [e for e, w in ERRORS if w == world]
+        # interleave: an error case, then a normal case, so recovery is exercised
+        for i, c in enumerate(cases):
+            if i < len(errors):
+                results["error:" + errors[i]] = run_error(errors[i], world, rank)
+            results[c["name"]] = run_case(c, rank, torch.device("cpu"))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -179,9 +201,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(world, tmp_path_factory, timeout=90.0):
-    out_dir = str(tmp_path_factory.mktemp(f"world{world}"))
-    ctx = mp.start_processes(worker, args=(world, free_port(), out_dir), nprocs=world,
+def spawn(world, tmp_path_factory, backend="gloo", timeout=90.0):
+    out_dir = str(tmp_path_factory.mktemp(f"{backend}{world}"))
+    ctx = mp.start_processes(worker, args=(world, free_port(), out_dir, backend), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
@@ -204,8 +226,9 @@ def worlds(tmp_path_factory):
 
 
 def single_process(c):
-    """Loss value and gradient w.r.t. the concatenated features, in one process."""
+    """Loss value and gradient w.r.t. the concatenated features, in one process, float64."""
     x, labels = make_inputs(c)
+    x = x.to(c["dtype"]).double()  # the inputs the workers saw
     if c["kind"] == "ddp":
         model = make_model()
         loss = loss_fn(c, False)(model(x), labels)
@@ -227,8 +250,13 @@ def rows_of(c, rank, per_anchor):
 
 @pytest.mark.parametrize("c", CASES, ids=[c["name"] for c in CASES])
 def test_matches_single_process(c, worlds):
+    check_against_single_process(c, [r[c["name"]] for r in worlds(c["world"])])
+
+
+def check_against_single_process(c, results):
+    """Mean over ranks of the returned loss = single-process loss; each rank's gradient after
+    DDP's averaging = the single-process gradient of its rows."""
     world = c["world"]
-    results = [r[c["name"]] for r in worlds(world)]
     if c["kind"] == "gather":
         x, _ = make_inputs(c)
         weight = torch.arange(x.numel(), dtype=x.dtype).reshape(x.shape)
@@ -239,22 +267,23 @@ def test_matches_single_process(c, worlds):
             torch.testing.assert_close(res["grad"], world * local_w)
         return
     expected, expected_grad = single_process(c)
+    close = functools.partial(torch.testing.assert_close, check_dtype=False, **TOL[c["dtype"]])
     if c["kind"] == "ddp":
-        torch.testing.assert_close(sum(r["value"] for r in results) / world, expected)
+        close(sum(r["value"] for r in results) / world, expected)
         for res in results:  # DDP already averaged these over ranks
             for got, want in zip(res["grads"], expected_grad):
-                torch.testing.assert_close(got, want)
+                close(got, want)
         return
     if c["kw"].get("reduction") == "none":
         for rank, res in enumerate(results):
-            torch.testing.assert_close(res["value"], rows_of(c, rank, expected))
+            close(res["value"], rows_of(c, rank, expected))
             # backward of each rank's sum: the gather sums every rank's terms, no averaging
-            torch.testing.assert_close(res["grad"], local_part(c, expected_grad, None, rank)[0])
+            close(res["grad"], local_part(c, expected_grad, None, rank)[0])
         return
-    torch.testing.assert_close(sum(r["value"] for r in results) / world, expected)
+    close(sum(r["value"] for r in results) / world, expected)
     for rank, res in enumerate(results):
         want = local_part(c, expected_grad, None, rank)[0]
-        torch.testing.assert_close(res["grad"] / world, want)
+        close(res["grad"] / world, want)
 
 
 def test_cases_are_not_degenerate():
@@ -271,8 +300,8 @@ def test_cases_are_not_degenerate():
 @pytest.mark.parametrize("name,world", ERRORS, ids=[f"{n}-{w}" for n, w in ERRORS])
 def test_errors_raised_on_every_rank(name, world, worlds):
     errors = [r["error:" + name] for r in worlds(world)]
-    if name == "local_shape":  # rank 1's own check; the others are told which rank failed
-        assert errors[1]["type"] == "ValueError" and "labels must have shape" in errors[1]["message"]
+    if name in LOCAL_ERRORS:
+        assert errors[1]["type"] == "ValueError" and LOCAL_ERRORS[name] in errors[1]["message"], errors[1]
         for r, e in enumerate(errors):
             if r != 1:
                 assert e["type"] == "RuntimeError" and "rank(s) [1]" in e["message"], e
@@ -305,3 +334,30 @@ def test_valid_count_matches_reference():
         y = torch.randint(0, k, (n,), generator=gen)
         _, valid = supcon_per_anchor(torch.randn(n, 3, generator=gen), y)
         assert int(akd._count_valid(y)) == int(valid.sum())
+
+
+def gpu_cases(world):
+    """Tier 2: the same checks with NCCL and CUDA tensors, one process per visible GPU (up to
+    3; a single GPU still runs the NCCL collectives and the compiled kernels)."""
+    sizes = tuple(3 + 2 * r for r in range(world))
+    return [
+        case("gpu_triton", world, sizes, dtype=torch.float32, backend="triton",
+             hard_positive_beta=0.5, detach_weights=False),
+        case("gpu_auto_views", world, sizes, views=2, classes=None, dtype=torch.float32,
+             backend="auto"),
+        case("gpu_triton_bf16", world, sizes, views=2, dtype=torch.bfloat16, backend="triton",
+             hard_positive_beta=1.0),
+        case("gpu_eager_f64", world, sizes, views=3, classes=2, hard_positive_topk=2),
+        case("gpu_ddp", world, sizes, views=2, kind="ddp", hard_positive_beta=0.5),
+        case("gpu_gather", world, sizes, kind="gather"),
+    ]
+
+
+@pytest.mark.gpu
+def test_nccl_on_gpus(tmp_path_factory):
+    if not dist.is_nccl_available():
+        pytest.skip("torch.distributed has no NCCL in this build")
+    world = min(torch.cuda.device_count(), 3)
+    ranks = spawn(world, tmp_path_factory, backend="nccl", timeout=300.0)
+    for c in gpu_cases(world):
+        check_against_single_process(c, [r[c["name"]] for r in ranks])
