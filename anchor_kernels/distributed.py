@@ -385,9 +385,9 @@ def supcon_loss(
     Returns:
         A 0-d tensor (a vector for "none"): float32 for half inputs, else the input dtype.
         The value differs from rank to rank; its mean over ranks (``all_reduce`` of
-        ``loss.detach()``, divided by ``R``) is the global loss to log. Top-k ties are broken by the lower index of the gathered order (per-rank
-        view-major), which can differ from a single process's order only on exactly equal
-        cosines.
+        ``loss.detach()``, divided by ``R``) is the global loss to log. Top-k ties are
+        broken by the lower index in the gathered order (per-rank view-major), which differs
+        from a single process's order only on exactly equal cosines.
     """
     per_anchor, batch = _global_per_anchor(
         features, labels, group=group, one_view=False, require_views=False, pending_error=None,

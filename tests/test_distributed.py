@@ -25,7 +25,8 @@ import anchor_kernels
 from anchor_kernels import distributed as akd
 
 pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="needs torch.distributed with gloo")
 
 DIN, D = 5, 4  # DDP cases: a Linear(DIN, D) makes the features
 
@@ -120,8 +121,9 @@ def loss_fn(c, distributed: bool):
         fn = akd.supcon_loss if distributed else anchor_kernels.supcon_loss
         return lambda f, y: fn(f, y, **kw)
     if c["kind"] == "hard_module":
-        cls = akd.DistributedHardMinedSupConLoss if distributed else anchor_kernels.HardMinedSupConLoss
-        return cls(backend="eager", **kw)
+        if distributed:
+            return akd.DistributedHardMinedSupConLoss(backend="eager", **kw)
+        return anchor_kernels.HardMinedSupConLoss(backend="eager", **kw)
     cls = akd.DistributedSupConLoss if distributed else anchor_kernels.SupConLoss
     return cls(backend="eager", **kw)
 
@@ -210,7 +212,8 @@ def spawn(world, tmp_path_factory, backend="gloo", timeout=90.0):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail(f"{world} processes did not finish within {timeout} s (a hang in a collective?)")
+            pytest.fail(f"{world} processes did not finish within {timeout} s "
+                        "(a hang in a collective?)")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
 
 
@@ -301,7 +304,8 @@ def test_cases_are_not_degenerate():
 def test_errors_raised_on_every_rank(name, world, worlds):
     errors = [r["error:" + name] for r in worlds(world)]
     if name in LOCAL_ERRORS:
-        assert errors[1]["type"] == "ValueError" and LOCAL_ERRORS[name] in errors[1]["message"], errors[1]
+        assert errors[1]["type"] == "ValueError", errors[1]
+        assert LOCAL_ERRORS[name] in errors[1]["message"], errors[1]
         for r, e in enumerate(errors):
             if r != 1:
                 assert e["type"] == "RuntimeError" and "rank(s) [1]" in e["message"], e
