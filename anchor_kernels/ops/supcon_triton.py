@@ -52,18 +52,28 @@ def configs_for(kernel: str, dtype: torch.dtype) -> list:
     return CONFIGS[("fwd_" if kernel == "fwd" else "bwd_") + config_family(dtype)]
 
 
-if INTERPRET:
-    _launchers = {(k, fam): fn for k, fn in _KERNELS.items() for fam in ("half", "fp32")}
-    _meta = INTERPRET_META
-else:
-    _launchers = {(k, fam): triton.autotune(configs_for(k, torch.float32 if fam == "fp32" else torch.bfloat16),
-                                            key=["M", "N", "D"])(fn)
-                  for k, fn in _KERNELS.items() for fam in ("half", "fp32")}
-    _meta = {}
+# ANCHOR_KERNELS_AUTOTUNE=0 launches the first configuration of each list without tuning
+# (used by the GPU tests, where tuning every new shape would dominate the run).
+AUTOTUNE = os.environ.get("ANCHOR_KERNELS_AUTOTUNE", "1") == "1"
+_autotuned = {(k, fam): triton.autotune(CONFIGS[("fwd_" if k == "fwd" else "bwd_") + fam],
+                                        key=["M", "N", "D"])(fn)
+              for k, fn in _KERNELS.items() for fam in ("half", "fp32")}
 
 
 def _launcher(kernel: str, dtype: torch.dtype):
-    return _launchers[(kernel, config_family(dtype))]
+    """(launchable kernel, extra launch arguments) for this kernel and dtype."""
+    if INTERPRET:
+        return _KERNELS[kernel], INTERPRET_META
+    if AUTOTUNE:
+        return _autotuned[(kernel, config_family(dtype))], {}
+    config = configs_for(kernel, dtype)[0]
+    return _KERNELS[kernel], dict(config.kwargs, num_warps=config.num_warps,
+                                  num_stages=config.num_stages)
+
+
+def _launch(kernel: str, dtype: torch.dtype, rows: int, block: str, *args, **constexprs):
+    fn, meta = _launcher(kernel, dtype)
+    fn[lambda m: (triton.cdiv(rows, m[block]),)](*args, **constexprs, **meta)
 
 
 def block_d(d: int) -> int:
@@ -115,12 +125,12 @@ def supcon_fwd_triton(
     loss, lse, sbar, logz2 = (torch.empty(m, device=f.device, dtype=torch.float32) for _ in range(4))
     npos = torch.empty(m, device=f.device, dtype=torch.int32)
     with _device_guard(f):
-        _launcher("fwd", f.dtype)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
-            f, g_, y_f, y_g_, rf, rg, loss, lse, sbar, logz2, npos,
+        _launch(
+            "fwd", f.dtype, m, "BLOCK_M", f, g_, y_f, y_g_, rf, rg, loss, lse, sbar, logz2, npos,
             m, n, d, f.stride(0), f.stride(1), g_.stride(0), g_.stride(1), self_offset,
             1.0 / temperature, beta,
             BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only, **dot_flags(f.dtype),
-            BLOCK_D=block_d(d), **_meta)
+            BLOCK_D=block_d(d))
     rg_out = rf.new_empty(0) if single else rg  # outputs of a custom op may not alias
     return loss, lse, sbar, logz2, npos, rf, rg_out
 
@@ -151,18 +161,18 @@ def supcon_bwd_triton(
     df = torch.empty(m, d, device=f.device, dtype=f.dtype)
     flags = dict(NORMALIZE=normalize, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only,
                  EXACT=exact_weights and beta != 0.0, **dot_flags(f.dtype),
-                 BLOCK_D=block_d(d), **_meta)
+                 BLOCK_D=block_d(d))
     scalars = (self_offset, 1.0 / temperature, beta, temperature)
     with _device_guard(f):
-        _launcher("bwd_rows", f.dtype)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
-            f, g_, y_f, y_g_, rf, rg_, lse, sbar, logz2, npos, grad, df,
+        _launch(
+            "bwd_rows", f.dtype, m, "BLOCK_M", f, g_, y_f, y_g_, rf, rg_, lse, sbar, logz2, npos, grad, df,
             m, n, d, f.stride(0), f.stride(1), g_.stride(0), g_.stride(1),
             df.stride(0), df.stride(1), *scalars, SINGLE_SET=single, **flags)
         if single:
             return df, f.new_empty(0)
         dg = torch.empty(n, d, device=g.device, dtype=g.dtype)
-        _launcher("bwd_cols", f.dtype)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            f, g, y_f, y_g, rf, rg, lse, sbar, logz2, npos, grad, dg,
+        _launch(
+            "bwd_cols", f.dtype, n, "BLOCK_N", f, g, y_f, y_g, rf, rg, lse, sbar, logz2, npos, grad, dg,
             m, n, d, f.stride(0), f.stride(1), g.stride(0), g.stride(1),
             dg.stride(0), dg.stride(1), *scalars, **flags)
     return df, dg
