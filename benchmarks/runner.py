@@ -1,11 +1,12 @@
 """The sweep (every op x size x dtype x candidate x pass) and the largest-batch search.
 
-Per (size, dtype, candidate): one forward+backward call to warm up (compiles, autotunes;
-an out-of-memory error here ends that candidate's sweep at this dtype), one timed call against
-``max_call_s``, then per pass one call under the peak-memory probe and the timer. Sizes run
-in increasing order; a candidate that ran out of memory, went over the time limit or, with a
-memory cap, is predicted to go over it, is skipped at the larger sizes. Work past the time
-budget is recorded as skipped, so a bounded run always writes its results.
+Per (dtype, size, candidate), sizes in increasing order: the time of one forward+backward
+call (and, with a memory cap, its peak) is first predicted from the smaller sizes; then one
+call warms up (compiles, autotunes), one timed call is checked against ``max_call_s``, and each
+pass gets one call under the peak-memory probe and the timer. A candidate that ran out of
+memory, or went (or is predicted to go) over the time limit or the memory cap, is skipped at
+the larger sizes of that dtype. Work past the time budget is recorded as skipped, so a
+bounded run always writes its results.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class _Clock:
 
 class Sweep:
     """Runs the sweep; ``history`` keeps, per (op, candidate, dtype), the measured forward+
-    backward (n, peak bytes) that predict the next size's peak."""
+    backward (n, peak bytes, seconds of one call) that predict the next size's."""
 
     def __init__(self, cfg: RunConfig, progress=None):
         self.cfg = cfg
@@ -77,9 +78,11 @@ class Sweep:
     # -- the sweep ---------------------------------------------------------------------------
     def run_sweep(self, cands_by_op: dict) -> None:
         clock = _Clock(self.cfg.time_budget_s)
+        # dtype-major: with the dtypes in order of interest, a budget that runs out costs the
+        # last dtype's largest sizes rather than every dtype's.
         for op, options, sizes in self.cfg.ops:
-            for n in sorted(sizes):
-                for dtype in self.cfg.dtypes:
+            for dtype in self.cfg.dtypes:
+                for n in sorted(sizes):
                     self._run_size(op, options, cands_by_op[op.NAME], n, dtype, clock)
 
     def _run_size(self, op: ModuleType, options, cands, n, dtype, clock) -> None:
@@ -115,10 +118,19 @@ class Sweep:
         if reasons:
             return self._record_all(op, cand, p.n, p.dtype, p, "unsupported", "; ".join(reasons))
         cap = self.cfg.mem_cap_bytes
-        predicted = timing.grow(self.history.get(key, []), p.n)
+        history = self.history.get(key, [])
+        predicted = timing.grow([(n, peak) for n, peak, _ in history], p.n)
         if cap is not None and predicted is not None and predicted > cap:
             why = (f"predicted peak {predicted / 2**20:.0f} MiB at n={p.n} is over the memory "
                    f"cap {cap / 2**20:.0f} MiB (--mem-cap-gb)")
+            self.stopped[key] = why
+            return self._skip_all(op, cand, p.n, p.dtype, p, why)
+        # Predicted before the warm-up, which may autotune for this size at many times the
+        # cost of one call.
+        predicted_s = timing.grow([(n, sec) for n, _, sec in history], p.n)
+        if predicted_s is not None and predicted_s > self.cfg.max_call_s:
+            why = (f"one call predicted to take {predicted_s:.2f} s at n={p.n}, over the "
+                   f"--max-call-s limit of {self.cfg.max_call_s:g} s")
             self.stopped[key] = why
             return self._skip_all(op, cand, p.n, p.dtype, p, why)
 
@@ -131,6 +143,8 @@ class Sweep:
             full, _ = make_pass(forward, full_name, grad_out)
             full()  # warm-up: compiles and autotunes
             seconds = timing.time_call(full, p.device)
+            entry = [p.n, None, seconds]  # (n, forward+backward peak bytes, seconds)
+            self.history.setdefault(key, []).append(entry)
             if seconds > self.cfg.max_call_s:
                 why = (f"one {full_name} call took {seconds:.2f} s at n={p.n}, over the "
                        f"--max-call-s limit of {self.cfg.max_call_s:g} s")
@@ -142,8 +156,8 @@ class Sweep:
                 t = timing.bench(run, p.device, setup=setup, warmup_ms=self.cfg.warmup_ms,
                                  rep_ms=self.cfg.rep_ms, grad_to_none=grads,
                                  min_reps=self.cfg.min_reps)
-                if pass_ == full_name:
-                    self.history.setdefault(key, []).append((p.n, peak))
+                if pass_ == full_name:  # the median is steadier than the single call
+                    entry[1], entry[2] = peak, min(seconds, t.ms / 1e3)
                 self._ok(op, cand, p, pass_, t, peak)
         except Exception as exc:
             done = {r.pass_ for r in self.rows if (r.op, r.candidate, r.dtype, r.n) ==
@@ -175,7 +189,6 @@ class Sweep:
     def _fit_one(self, op, options, n, dtype, cand: Candidate, clock) -> Fit:
         cfg, probes = self.cfg, []
         largest = peak_at = sec_at = None
-        first = True
 
         def done(stopped, detail):
             return Fit(op.NAME, cand.name, cand.kind, dtype_name(dtype), options.get("d", 0),
@@ -191,22 +204,26 @@ class Sweep:
                     and predicted > cfg.mem_cap_bytes:
                 return done("mem-cap", f"predicted peak {predicted / 2**20:.0f} MiB at n={n} is "
                                        f"over the cap {cfg.mem_cap_bytes / 2**20:.0f} MiB")
-            predicted_s = timing.grow([(q["n"], q["seconds"]) for q in probes], n)
+            predicted_s = timing.grow([(q["n"], q["wall_s"]) for q in probes], n)
             if predicted_s is not None and predicted_s > 2 * cfg.fit_max_call_s:
-                return done("time-limit", f"n={n} not run: predicted {predicted_s:.1f} s per call, "
-                                          f"over twice --fit-max-call-s {cfg.fit_max_call_s:g} s")
+                return done("time-limit", f"n={n} not run: its probe (warm-up included) is "
+                                          f"predicted to take {predicted_s:.1f} s, over twice "
+                                          f"--fit-max-call-s {cfg.fit_max_call_s:g} s")
             try:
-                reasons, peak, seconds = self._probe(op, options, n, dtype, cand, warm_up=first)
+                t0 = time.monotonic()
+                reasons, peak, seconds = self._probe(op, options, n, dtype, cand)
+                wall = time.monotonic() - t0
             except Exception as exc:
                 status = "oom" if timing.is_oom(exc) else "error"
-                probes.append({"n": n, "status": status, "seconds": None, "peak_mem_bytes": None})
+                probes.append({"n": n, "status": status, "seconds": None, "wall_s": None,
+                               "peak_mem_bytes": None})
                 return done(status, f"n={n}: {_one_line(exc)}")
             finally:
                 timing.release(cfg.device)
             if reasons:
                 return done("unsupported", "; ".join(reasons))
-            first = False
-            probes.append({"n": n, "status": "ok", "seconds": seconds, "peak_mem_bytes": peak})
+            probes.append({"n": n, "status": "ok", "seconds": seconds, "wall_s": wall,
+                           "peak_mem_bytes": peak})
             if cfg.mem_cap_bytes is not None and peak > cfg.mem_cap_bytes:
                 return done("mem-cap", f"n={n} took {peak / 2**20:.0f} MiB, over the cap "
                                        f"{cfg.mem_cap_bytes / 2**20:.0f} MiB")
@@ -218,16 +235,16 @@ class Sweep:
                 return done("max-n", f"next size {2 * n} is over --fit-max-n {cfg.fit_max_n}")
             n *= 2
 
-    def _probe(self, op, options, n, dtype, cand: Candidate, warm_up: bool):
-        """(refusal reasons, peak bytes, seconds) of one forward+backward call at size n."""
+    def _probe(self, op, options, n, dtype, cand: Candidate):
+        """(refusal reasons, peak bytes, seconds) of one forward+backward call at size n,
+        after a warm-up call (compiling or autotuning for the new size)."""
         p = op.make_problem(n, dtype, self.cfg.device, options)
         reasons = cand.reasons(p)
         if reasons:
             return reasons, None, None
         forward, grads = cand.build(p)
         full, _ = make_pass(forward, "fwd+bwd", grad_like(forward()))
-        if warm_up:
-            full()  # compile / autotune outside the measured probe
+        full()
         peak, seconds = timing.peak_memory(full, p.device, grad_to_none=grads)
         return [], peak, seconds
 
