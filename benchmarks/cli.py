@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -127,6 +128,7 @@ def _settings(args, device_type: str) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = parser()
     args = p.parse_args(argv)
     if args.out is not None and args.out.suffix != ".json":
@@ -208,20 +210,22 @@ def main(argv=None) -> int:
     chosen = {name: runner.select(cs, only) for name, cs in cands.items()}
     out = args.out or _default_out(op_names, s["preset"], results.slug(results.device_name(device)))
 
-    doc = _run(cfg, chosen, progress=not args.no_progress, preset=s["preset"])
+    doc = _run(cfg, chosen, progress=not args.no_progress, preset=s["preset"], argv=argv)
+    results.write_json(doc, out)  # before the schema check: a bug there loses no figures
     results.validate(doc)
-    results.write_json(doc, out)
     results.write_csv(doc, out.with_suffix(".csv"))
     written = [out, out.with_suffix(".csv")]
     if not args.no_plot:
         from .plot import plot
         written.append(plot(doc, out.with_suffix(".png")))
     print(results.table(doc))
+    if doc["meta"]["interrupted"]:
+        print("\ninterrupted: the results hold what was measured before Ctrl-C")
     print("\nwrote " + ", ".join(map(str, written)))
     return 0
 
 
-def _run(cfg, chosen: dict, progress: bool, preset) -> dict:
+def _run(cfg, chosen: dict, progress: bool, preset, argv: list[str]) -> dict:
     from tqdm import tqdm
 
     from . import results, runner
@@ -232,9 +236,13 @@ def _run(cfg, chosen: dict, progress: bool, preset) -> dict:
     with tqdm(total=total + (fit_units if cfg.fit else 0), disable=not progress,
               desc="benchmarks", unit="case", dynamic_ncols=True) as bar:
         sweep = runner.Sweep(cfg, bar)
-        sweep.run_sweep(chosen)
-        if cfg.fit:
-            sweep.run_fit(chosen)
+        interrupted = False
+        try:
+            sweep.run_sweep(chosen)
+            if cfg.fit:
+                sweep.run_fit(chosen)
+        except KeyboardInterrupt:  # keep what was measured
+            interrupted = True
     config = {
         "preset": preset,
         "ops": {m.NAME: {"options": opts, "sizes": list(sizes), "size_label": m.SIZE_LABEL}
@@ -250,8 +258,8 @@ def _run(cfg, chosen: dict, progress: bool, preset) -> dict:
     }
     described = {op: [{"name": c.name, "kind": c.kind, "note": c.note} for c in cs]
                  for op, cs in chosen.items()}
-    return results.document(results.environment(cfg.device), config, described, sweep.rows,
-                            sweep.fits)
+    meta = {**results.environment(cfg.device, argv), "interrupted": interrupted}
+    return results.document(meta, config, described, sweep.rows, sweep.fits)
 
 
 def _apply_option(p, options: dict, item: str) -> None:

@@ -11,7 +11,6 @@ import os
 import platform
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -65,7 +64,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, argv: list[str]) -> dict:
     try:
         import triton
         triton_version = triton.__version__
@@ -86,7 +85,7 @@ def environment(device: torch.device) -> dict:
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks", *sys.argv[1:]]),
+        "command": " ".join(["python", "-m", "benchmarks", *argv]),
         "timer": TIMER[device.type],
         "memory": MEMORY[device.type],
     }

@@ -43,6 +43,7 @@ def test_tiny_run_writes_valid_json_csv_and_png(tiny):
     results.validate(doc)
     meta = doc["meta"]
     assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and meta["date"]
+    assert meta["command"].startswith("python -m benchmarks --sizes 32 64 --candidates")
     rows = {(r["candidate"], r["pass"], r["n"]): r for r in doc["results"]}
     for cand in ("eager", "compile"):
         for pass_ in ("fwd", "bwd", "fwd+bwd"):
