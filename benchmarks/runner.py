@@ -94,7 +94,7 @@ class Sweep:
                 if not timing.is_oom(exc):
                     raise
                 why = f"the inputs at n={n} do not fit in memory"
-                timing.release(self.cfg.device)
+                timing.release(self.cfg.device, after_error=True)
         for cand in cands:
             self._tick(f"{op.NAME} {cand.name} n={n} {dtype_name(dtype)}")
             if clock.over():
@@ -137,6 +137,7 @@ class Sweep:
         passes = _passes_of(cand, self.cfg.passes)
         full_name = "fwd+bwd" if cand.differentiable else "fwd"
         forward = grads = None
+        failed = False
         try:
             forward, grads = cand.build(p)
             grad_out = grad_like(forward())
@@ -160,6 +161,7 @@ class Sweep:
                     entry[1], entry[2] = peak, min(seconds, t.ms / 1e3)
                 self._ok(op, cand, p, pass_, t, peak)
         except Exception as exc:
+            failed = True
             done = {r.pass_ for r in self.rows if (r.op, r.candidate, r.dtype, r.n) ==
                     (op.NAME, cand.name, dtype_name(p.dtype), p.n)}
             status = "oom" if timing.is_oom(exc) else "error"
@@ -170,10 +172,10 @@ class Sweep:
                 if pass_ not in done:
                     self.rows.append(_row(op, cand, pass_, p.dtype, p, status, why))
         finally:
-            for t in grads or ():
-                t.grad = None
+            for x in grads or ():
+                x.grad = None
             del forward
-            timing.release(p.device)
+            timing.release(p.device, after_error=failed)
 
     # -- the largest batch that fits ---------------------------------------------------------
     def run_fit(self, cands_by_op: dict) -> None:
@@ -204,25 +206,28 @@ class Sweep:
                     and predicted > cfg.mem_cap_bytes:
                 return done("mem-cap", f"predicted peak {predicted / 2**20:.0f} MiB at n={n} is "
                                        f"over the cap {cfg.mem_cap_bytes / 2**20:.0f} MiB")
-            predicted_s = timing.grow([(q["n"], q["wall_s"]) for q in probes], n)
-            if predicted_s is not None and predicted_s > 2 * cfg.fit_max_call_s:
-                return done("time-limit", f"n={n} not run: its probe (warm-up included) is "
-                                          f"predicted to take {predicted_s:.1f} s, over twice "
-                                          f"--fit-max-call-s {cfg.fit_max_call_s:g} s")
+            # The first warm-up may hold a one-off compile: it does not predict the others.
+            for what, points in (("call", [(q["n"], q["seconds"]) for q in probes]),
+                                 ("warm-up", [(q["n"], q["warmup_s"]) for q in probes[1:]])):
+                predicted_s = timing.grow(points, n)
+                if predicted_s is not None and predicted_s > 2 * cfg.fit_max_call_s:
+                    return done("time-limit", f"n={n} not run: its {what} is predicted to take "
+                                              f"{predicted_s:.1f} s, over twice --fit-max-call-s "
+                                              f"{cfg.fit_max_call_s:g} s")
+            failure = None
             try:
-                t0 = time.monotonic()
-                reasons, peak, seconds = self._probe(op, options, n, dtype, cand)
-                wall = time.monotonic() - t0
+                reasons, peak, seconds, warmup_s = self._probe(op, options, n, dtype, cand)
             except Exception as exc:
-                status = "oom" if timing.is_oom(exc) else "error"
-                probes.append({"n": n, "status": status, "seconds": None, "wall_s": None,
+                failure = ("oom" if timing.is_oom(exc) else "error", f"n={n}: {_one_line(exc)}")
+            # Outside the handler, where the failed call's frames can be collected.
+            timing.release(cfg.device, after_error=failure is not None)
+            if failure:
+                probes.append({"n": n, "status": failure[0], "seconds": None, "warmup_s": None,
                                "peak_mem_bytes": None})
-                return done(status, f"n={n}: {_one_line(exc)}")
-            finally:
-                timing.release(cfg.device)
+                return done(*failure)
             if reasons:
                 return done("unsupported", "; ".join(reasons))
-            probes.append({"n": n, "status": "ok", "seconds": seconds, "wall_s": wall,
+            probes.append({"n": n, "status": "ok", "seconds": seconds, "warmup_s": warmup_s,
                            "peak_mem_bytes": peak})
             if cfg.mem_cap_bytes is not None and peak > cfg.mem_cap_bytes:
                 return done("mem-cap", f"n={n} took {peak / 2**20:.0f} MiB, over the cap "
@@ -236,17 +241,17 @@ class Sweep:
             n *= 2
 
     def _probe(self, op, options, n, dtype, cand: Candidate):
-        """(refusal reasons, peak bytes, seconds) of one forward+backward call at size n,
-        after a warm-up call (compiling or autotuning for the new size)."""
+        """(refusal reasons, peak bytes, seconds, warm-up seconds) of one forward+backward
+        call at size n, after a warm-up call (compiling or autotuning for the new size)."""
         p = op.make_problem(n, dtype, self.cfg.device, options)
         reasons = cand.reasons(p)
         if reasons:
-            return reasons, None, None
+            return reasons, None, None, None
         forward, grads = cand.build(p)
         full, _ = make_pass(forward, "fwd+bwd", grad_like(forward()))
-        full()
+        warmup_s = timing.time_call(full, p.device)
         peak, seconds = timing.peak_memory(full, p.device, grad_to_none=grads)
-        return [], peak, seconds
+        return [], peak, seconds, warmup_s
 
     # -- records -----------------------------------------------------------------------------
     def _tick(self, text: str) -> None:

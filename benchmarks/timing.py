@@ -202,9 +202,12 @@ def is_oom(exc: BaseException) -> bool:
                                               or "can't allocate memory" in text)
 
 
-def release(device: torch.device) -> None:
-    """Return freed memory to the device after an out-of-memory error or a large run."""
-    gc.collect()
+def release(device: torch.device, after_error: bool = False) -> None:
+    """Return freed memory to the device. After an error, first collect the reference cycles
+    of its traceback, which may hold the tensors of the failed call (a full collection takes
+    a noticeable fraction of a second once torch.compile is loaded, so only then)."""
+    if after_error:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
