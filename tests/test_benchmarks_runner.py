@@ -201,3 +201,57 @@ def test_module_entry_point_reports_bad_arguments():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "argument --sizes: must be a positive int, got '-3'" in proc.stderr
+
+
+def _fake_op():
+    """An op whose candidates fail on purpose: out of memory from n = 64, or always broken."""
+    from types import SimpleNamespace
+
+    from benchmarks.records import Candidate, Problem, Work
+
+    def make_problem(n, dtype, device, options):
+        x = torch.randn(n, 4, dtype=dtype, requires_grad=True)
+        return Problem("fake", n, n, 4, dtype, device, {"x": x}, (x,))
+
+    def build(limit):
+        def b(p):
+            def forward():
+                if p.n >= limit:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+                return (p.inputs["x"] ** 2).sum()
+            return forward, p.grad_inputs
+        return b
+
+    def broken(p):
+        def forward():
+            raise ValueError("kernel exploded")
+        return forward, p.grad_inputs
+
+    cands = [Candidate("fits", "backend", build(10**9)), Candidate("oom64", "backend", build(64)),
+             Candidate("broken", "backend", broken)]
+    return SimpleNamespace(NAME="fake", SIZE_LABEL="n", OPTIONS={}, make_problem=make_problem,
+                           work=lambda p, pass_: Work(flops=float(p.n)),
+                           candidates=lambda *a: cands), cands
+
+
+def test_out_of_memory_and_errors_are_recorded_and_bounded():
+    from benchmarks import runner
+
+    op, cands = _fake_op()
+    cfg = runner.RunConfig(ops=((op, {}, (16, 32, 64, 128)),), device=torch.device("cpu"),
+                           dtypes=(torch.float32,), warmup_ms=1, rep_ms=2, min_reps=2,
+                           fit_max_n=1024)
+    sweep = runner.Sweep(cfg)
+    sweep.run_sweep({"fake": cands})
+    sweep.run_fit({"fake": cands})
+    status = {(r.candidate, r.n): (r.status, r.reason) for r in sweep.rows if r.pass_ == "bwd"}
+    assert [status[("oom64", n)][0] for n in (16, 32, 64, 128)] == ["ok", "ok", "oom", "skipped"]
+    assert "out of memory at n=64" in status[("oom64", 128)][1]
+    assert all(status[("fits", n)][0] == "ok" for n in (16, 32, 64, 128))
+    # A broken candidate is tried at every size (an error is not a size limit) and says why.
+    assert all(status[("broken", n)] == ("error", "ValueError: kernel exploded")
+               for n in (16, 32, 64, 128))
+    fits = {f.candidate: f for f in sweep.fits}
+    assert (fits["oom64"].largest_n, fits["oom64"].stopped) == (32, "oom")
+    assert (fits["fits"].largest_n, fits["fits"].stopped) == (1024, "max-n")
+    assert (fits["broken"].largest_n, fits["broken"].stopped) == (None, "error")
