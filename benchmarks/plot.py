@@ -1,5 +1,7 @@
 """Plot a results document: per (op, dtype) a row of panels (time of each pass, then forward+
-backward peak memory) against the batch size, log-log, one line per candidate."""
+backward peak memory) against the batch size, log-log, one line per candidate (the median,
+with the 20-80 % band shaded; line style by kind: solid backend, dashed baseline, dotted
+roofline neighbour)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ def plot(doc: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = doc["results"]
+    colour = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(r["candidate"]
+                                                                          for r in rows))}
     groups = sorted({(r["op"], r["dtype"]) for r in rows})
     passes = [p for p in PASSES if any(r["pass"] == p for r in rows)]
     panels = [(p, "ms", f"{p} time (ms)") for p in passes] + [
@@ -27,13 +31,21 @@ def plot(doc: dict, path: Path) -> Path:
         mine = [r for r in rows if (r["op"], r["dtype"]) == (op, dtype) and r["status"] == "ok"]
         for ax, (pass_, key, label) in zip(axes[g], panels):
             for name in dict.fromkeys(r["candidate"] for r in mine):
-                pts = sorted((r["n"], r[key]) for r in mine
-                             if r["candidate"] == name and r["pass"] == pass_)
-                pts = [(n, v / 2**20 if key == "peak_mem_bytes" else v) for n, v in pts if v > 0]
+                pts = sorted((r["n"], r) for r in mine
+                             if r["candidate"] == name and r["pass"] == pass_ and r[key] > 0)
                 if not pts:
                     continue
-                kind = next(r["kind"] for r in mine if r["candidate"] == name)
-                ax.plot(*zip(*pts), _STYLE.get(kind, "-"), marker="o", markersize=3, label=name)
+                xs = [n for n, _ in pts]
+                kind = pts[0][1]["kind"]
+                if key == "ms":
+                    ax.fill_between(xs, [r["ms_p20"] for _, r in pts],
+                                    [r["ms_p80"] for _, r in pts], color=colour[name], alpha=0.15,
+                                    linewidth=0)
+                    ys = [r["ms"] for _, r in pts]
+                else:
+                    ys = [r[key] / 2**20 for _, r in pts]
+                ax.plot(xs, ys, _STYLE.get(kind, "-"), color=colour[name], marker="o",
+                        markersize=3, label=name)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"{op} {dtype}: {label}", fontsize=9)
