@@ -100,8 +100,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--include-interpreter", action="store_true",
                    help="also time Triton under TRITON_INTERPRET=1 (labelled; CPU only)")
     p.add_argument("--out", type=Path, metavar="PATH.json",
-                   help="results file; the CSV and PNG go next to it (default: under "
-                        "benchmarks/results/, named after the ops, mode and device)")
+                   help="results file, or a folder for the default name; the CSV and PNG go "
+                        "next to it (default: benchmarks/results/<ops>-<mode>-<device>.json)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -131,8 +131,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = parser()
     args = p.parse_args(argv)
+    out_dir = None
+    if args.out is not None and (args.out.is_dir() or str(args.out).endswith("/")):
+        out_dir, args.out = args.out, None
     if args.out is not None and args.out.suffix != ".json":
-        p.error(f"argument --out: must name a .json file, got {str(args.out)!r}")
+        p.error(f"argument --out: must name a .json file or a folder, got {str(args.out)!r}")
     if args.replot is not None:
         return _replot(p, args)
     if args.gpu_sweep and args.device == "cpu":
@@ -208,7 +211,8 @@ def main(argv=None) -> int:
         time_budget_s=s["time_budget"], fit=not args.no_fit, fit_max_n=s["fit_max_n"],
         fit_max_call_s=s["fit_max_call_s"], fit_budget_s=s["fit_budget"])
     chosen = {name: runner.select(cs, only) for name, cs in cands.items()}
-    out = args.out or _default_out(op_names, s["preset"], results.slug(results.device_name(device)))
+    out = args.out or _default_out(out_dir or RESULTS_DIR, op_names, s["preset"],
+                                   results.slug(results.device_name(device)))
 
     doc = _run(cfg, chosen, progress=not args.no_progress, preset=s["preset"], argv=argv)
     results.write_json(doc, out)  # before the schema check: a bug there loses no figures
@@ -283,9 +287,9 @@ def _apply_option(p, options: dict, item: str) -> None:
     options[op][name] = value
 
 
-def _default_out(op_names, preset, device_slug: str) -> Path:
+def _default_out(folder: Path, op_names, preset, device_slug: str) -> Path:
     mode = {"quick": "quick", "gpu_sweep": "sweep"}.get(preset, "run")
-    return RESULTS_DIR / f"{'-'.join(op_names)}-{mode}-{device_slug}.json"
+    return folder / f"{'-'.join(op_names)}-{mode}-{device_slug}.json"
 
 
 def _list(modules, options, cands, device) -> int:

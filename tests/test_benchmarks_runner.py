@@ -79,9 +79,11 @@ def test_eager_memory_is_at_least_its_n_by_n_logits(tiny):
 
 
 def test_unavailable_backends_are_recorded_with_their_reason(tmp_path):
-    out = tmp_path / "r.json"
+    # --out a folder: the default name, with the device in it, inside that folder.
     assert run_cli("--sizes", 16, "--candidates", "eager", "triton", "cpu", "--no-fit",
-                   "--no-plot", "--out", out, *FAST) == 0
+                   "--no-plot", "--out", f"{tmp_path}/", *FAST) == 0
+    (out,) = tmp_path.glob("supcon-run-*.json")
+    assert results.slug(results.device_name(torch.device("cpu"))) in out.name
     doc = json.loads(out.read_text())
     results.validate(doc)
     by = {r["candidate"]: r for r in doc["results"] if r["pass"] == "fwd"}
@@ -255,3 +257,29 @@ def test_out_of_memory_and_errors_are_recorded_and_bounded():
     assert (fits["oom64"].largest_n, fits["oom64"].stopped) == (32, "oom")
     assert (fits["fits"].largest_n, fits["fits"].stopped) == (1024, "max-n")
     assert (fits["broken"].largest_n, fits["broken"].stopped) == (None, "error")
+
+
+@pytest.mark.gpu
+def test_gpu_run_times_fused_eager_and_flash_attention(tmp_path):
+    """Tier 2: the CUDA paths (do_bench, the CUDA-event timer of the backward, CUDA memory)."""
+    out = tmp_path / "gpu.json"
+    assert run_cli("--device", "cuda", "--sizes", 1024, 2048, "--dim", 128, "--dtypes", "bf16",
+                   "fp32", "--candidates", "triton", "eager", "sdpa-flash", "--fit-max-n", 8192,
+                   "--warmup-ms", 5, "--rep-ms", 20, "--no-progress", "--out", out) == 0
+    doc = json.loads(out.read_text())
+    results.validate(doc)
+    assert doc["meta"]["device"] == "cuda" and doc["meta"]["cuda"]
+    rows = {(r["candidate"], r["dtype"], r["pass"], r["n"]): r for r in doc["results"]}
+    for dtype in ("bfloat16", "float32"):
+        for pass_ in ("fwd", "bwd", "fwd+bwd"):
+            for n in (1024, 2048):
+                for cand in ("triton", "eager"):
+                    assert rows[(cand, dtype, pass_, n)]["status"] == "ok", rows[(cand, dtype, pass_, n)]
+        fused = rows[("triton", dtype, "fwd+bwd", 2048)]["peak_mem_bytes"]
+        eager = rows[("eager", dtype, "fwd+bwd", 2048)]["peak_mem_bytes"]
+        assert fused < eager  # O(N) against the eager N x N temporaries
+    assert rows[("sdpa-flash", "bfloat16", "fwd+bwd", 2048)]["status"] == "ok"
+    flash_fp32 = rows[("sdpa-flash", "float32", "fwd", 1024)]
+    assert flash_fp32["status"] == "unsupported" and "bfloat16" in flash_fp32["reason"]
+    for fit in doc["largest_fit"]:
+        assert fit["stopped"] == "max-n" and fit["largest_n"] == 8192, fit
