@@ -33,8 +33,8 @@ def _config(block_m, block_n, warps, stages):
 CONFIGS = {
     "fwd_half": [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3),
                  _config(64, 128, 4, 3)],
-    "bwd_half": [_config(64, 64, 4, 2), _config(128, 64, 8, 2), _config(64, 128, 8, 2),
-                 _config(128, 32, 8, 3)],
+    "bwd_half": [_config(64, 64, 8, 2), _config(64, 64, 4, 2), _config(128, 64, 8, 2),
+                 _config(64, 128, 8, 2)],
     "fwd_fp32": [_config(64, 32, 4, 2), _config(32, 64, 4, 2), _config(64, 64, 8, 2)],
     "bwd_fp32": [_config(64, 32, 4, 2), _config(32, 64, 4, 2), _config(32, 32, 4, 2)],
 }
@@ -98,6 +98,16 @@ def inv_norms(x: Tensor, normalize: bool) -> Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal()
 
 
+def dense_label_ids(y_f: Tensor, y_g: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """int32 ids in [0, M + N), equal iff the labels are equal: the kernels compare 32-bit
+    ids (half the registers of int64) and use -1/-2 for padding. Sort + searchsorted, so no
+    host synchronisation."""
+    every = y_f if y_g is None else torch.cat([y_f, y_g])
+    table = torch.sort(every).values
+    ids = lambda y: torch.searchsorted(table, y, out_int32=True)  # noqa: E731
+    return ids(y_f), (None if y_g is None else ids(y_g))
+
+
 def _device_guard(x: Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
@@ -106,8 +116,8 @@ def _device_guard(x: Tensor):
 def supcon_fwd_triton(
     f: Tensor,  # (M, D)
     g: Optional[Tensor],  # (N, D); None: the contrast set is f itself
-    y_f: Tensor,  # (M,) int64
-    y_g: Optional[Tensor],  # (N,) int64
+    y_f: Tensor,  # (M,) int32 dense label ids (see dense_label_ids)
+    y_g: Optional[Tensor],  # (N,) int32
     self_offset: int,  # anchor i's own column is i + self_offset (N: none)
     temperature: float,
     beta: float,
@@ -162,7 +172,7 @@ def supcon_bwd_triton(
     flags = dict(NORMALIZE=normalize, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only,
                  EXACT=exact_weights and beta != 0.0, **dot_flags(f.dtype),
                  BLOCK_D=block_d(d))
-    scalars = (self_offset, 1.0 / temperature, beta, temperature)
+    scalars = (self_offset, 1.0 / temperature, beta)
     with _device_guard(f):
         _launch(
             "bwd_rows", f.dtype, m, "BLOCK_M", f, g_, y_f, y_g_, rf, rg_, lse, sbar, logz2, npos, grad, df,
@@ -228,9 +238,9 @@ class TritonSupCon:
     def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:
         n = p.f.shape[0] if p.g is None else p.g.shape[0]
         self_offset = n if p.anchor_offset is None else p.anchor_offset
-        y_g = None if p.y_g is None else p.y_g.to(torch.int64).contiguous()
+        y_f, y_g = dense_label_ids(p.y_f, p.y_g)
         loss, _, _, _, npos, _, _ = torch.ops.anchor_kernels.supcon_fwd_triton(
-            p.f, p.g, p.y_f.to(torch.int64).contiguous(), y_g, self_offset, p.temperature,
+            p.f, p.g, y_f, y_g, self_offset, p.temperature,
             p.beta, p.normalize, p.lse_only, not p.detach_weights)
         return loss, npos > 0
 
@@ -241,8 +251,8 @@ BACKEND = TritonSupCon()
 def sm90_compile_specs():
     """(kernel, signature, constexprs, num_warps, num_stages) for every kernel, dtype and
     autotuner configuration, for ``anchor_kernels.ops.sm90_check`` (compiled with no GPU)."""
-    kinds = {"F": "x", "G": "x", "DF": "x", "DG": "x", "YF": "*i64", "YG": "*i64",
-             "NPOS": "*i32", "inv_tau": "fp32", "beta": "fp32", "tau": "fp32"}
+    kinds = {"F": "x", "G": "x", "DF": "x", "DG": "x", "YF": "*i32", "YG": "*i32",
+             "NPOS": "*i32", "inv_tau": "fp32", "beta": "fp32"}
     flag_sets = {
         "fwd": [dict(BETA_ZERO=False, LSE_ONLY=False)],
         "bwd_rows": [dict(SINGLE_SET=single, NORMALIZE=True, BETA_ZERO=False, LSE_ONLY=False,
