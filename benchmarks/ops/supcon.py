@@ -19,7 +19,10 @@ from . import _common
 
 NAME = "supcon"
 SIZE_LABEL = "N (batch rows; M = N anchors)"
-OPTIONS = {"d": 128, "classes": 10, "temperature": 0.1, "beta": 0.0, "detach_weights": True}
+# beta > 0: soft hard-positive mining; topk > 0: the top-k mode (0: off); beta = topk = 0 is
+# standard SupCon.
+OPTIONS = {"d": 128, "classes": 10, "temperature": 0.1, "beta": 0.0, "topk": 0,
+           "detach_weights": True}
 
 _SIZES = {
     ("cpu", True): (256, 512, 1024, 2048),
@@ -49,6 +52,7 @@ def work(p: Problem, pass_: str) -> Work:
 
 def _loss_kwargs(options: dict) -> dict:
     return dict(temperature=options["temperature"], hard_positive_beta=options["beta"],
+                hard_positive_topk=options["topk"] or None,
                 detach_weights=options["detach_weights"])
 
 
@@ -58,7 +62,7 @@ def _backend_reasons(name: str, options: dict, extra: list[str]):
             return list(extra)
         problem = backends.SupConProblem(
             f=p.inputs["features"], y_f=p.inputs["labels"], g=None, y_g=None,
-            temperature=options["temperature"], beta=options["beta"], topk=None,
+            temperature=options["temperature"], beta=options["beta"], topk=options["topk"] or None,
             detach_weights=options["detach_weights"], normalize=True, anchor_offset=0)
         return backends.available_backends(problem)[name]
     return reasons
