@@ -61,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="short run with small sizes")
     mode.add_argument("--gpu-sweep", action="store_true",
-                      help="supcon sweep on CUDA: N 1024..131072, D 128, bf16 + fp32, ~4 min")
+                      help="supcon sweep on CUDA: N 1024..131072, D 128, bf16 + fp32, <= ~4.5 min")
     mode.add_argument("--list", action="store_true", help="list ops and candidates, then exit")
     mode.add_argument("--replot", metavar="JSON", type=Path,
                       help="re-plot and re-print a results file, run nothing")
@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", nargs="+", help="only these candidates (e.g. eager compile)")
     p.add_argument("--set", action="append", default=[], metavar="OP.KEY=VALUE",
                    help="an op option, e.g. supcon.beta=1.0 (see --list)")
-    p.add_argument("--warmup-ms", type=_positive(float))
+    p.add_argument("--warmup-ms", type=_positive(float), help="warm-up per measurement")
     p.add_argument("--rep-ms", type=_positive(float), help="timed duration per measurement")
     p.add_argument("--min-reps", type=_positive(int), help="CPU timer: fewest timed calls")
     p.add_argument("--max-call-s", type=_positive(float),
@@ -88,9 +88,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive(int),
                    help="CPU threads for torch (default: torch's, usually one per core)")
     p.add_argument("--no-fit", action="store_true", help="skip the largest-batch search")
-    p.add_argument("--fit-max-n", type=_positive(int))
-    p.add_argument("--fit-max-call-s", type=_positive(float))
-    p.add_argument("--fit-budget", type=_positive(float), metavar="S")
+    p.add_argument("--fit-max-n", type=_positive(int), help="largest N the search tries")
+    p.add_argument("--fit-max-call-s", type=_positive(float),
+                   help="the search stops after a call (or warm-up) this long")
+    p.add_argument("--fit-budget", type=_positive(float), metavar="S",
+                   help="seconds for the largest-batch search")
     p.add_argument("--compile-shapes", choices=("dynamic", "static"), default="dynamic",
                    help="torch.compile(dynamic=True), one graph for all sizes (default), or "
                         "one graph per size")
