@@ -140,11 +140,55 @@ def main(argv=None) -> int:
         p.error(f"argument --out: must name a .json file or a folder, got {str(args.out)!r}")
     if args.replot is not None:
         return _replot(p, args)
-    if args.gpu_sweep and args.device == "cpu":
-        p.error("argument --gpu-sweep: needs --device cuda (or no --device)")
 
     import torch
 
+    device = torch.device(_device_type(p, args))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = _settings(args, device.type)
+    modules, dtypes, passes = _choices(p, args, s)
+    options = _options(p, args, s, modules)
+
+    from . import results, runner
+    from .records import Settings
+
+    settings = Settings(include_interpreter=args.include_interpreter,
+                        compile_dynamic=args.compile_shapes == "dynamic",
+                        compile_backend=args.compile_backend)
+    cands = {m.NAME: m.candidates(device, options[m.NAME], settings) for m in modules}
+    only = tuple(_split(args.candidates)) or None
+    known = {c.name for cs in cands.values() for c in cs}
+    for name in only or ():
+        if name not in known:
+            p.error(f"argument --candidates: unknown candidate {name!r}; known on {device.type}: "
+                    f"{', '.join(sorted(known))}")
+    if args.list:
+        return _list(modules, options, cands, device)
+
+    cfg = runner.RunConfig(
+        ops=tuple((m, options[m.NAME], tuple(s.get("sizes") or m.sizes(device.type,
+                                                                      bool(args.quick))))
+                  for m in modules),
+        device=device, dtypes=dtypes, passes=passes, only=only, settings=settings,
+        warmup_ms=s["warmup_ms"], rep_ms=s["rep_ms"], min_reps=s["min_reps"],
+        max_call_s=s["max_call_s"],
+        mem_cap_bytes=int(s["mem_cap_gb"] * 2**30) if s["mem_cap_gb"] else None,
+        time_budget_s=s["time_budget"], fit=not args.no_fit, fit_max_n=s["fit_max_n"],
+        fit_max_call_s=s["fit_max_call_s"], fit_budget_s=s["fit_budget"])
+    chosen = {name: runner.select(cs, only) for name, cs in cands.items()}
+    out = args.out or _default_out(out_dir or RESULTS_DIR, [m.NAME for m in modules],
+                                   s["preset"], results.slug(results.device_name(device)))
+    doc = _run(cfg, chosen, progress=not args.no_progress, preset=s["preset"], argv=argv)
+    _write(doc, out, plot=not args.no_plot)
+    return 0
+
+
+def _device_type(p, args) -> str:
+    import torch
+
+    if args.gpu_sweep and args.device == "cpu":
+        p.error("argument --gpu-sweep: needs --device cuda (or no --device)")
     device_type = args.device or ("cuda" if torch.cuda.is_available() or args.gpu_sweep
                                   else "cpu")
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -157,14 +201,15 @@ def main(argv=None) -> int:
         # The interpreter is chosen when triton.jit decorates the kernels, so before
         # anchor_kernels is imported (by the op modules).
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    return device_type
+
+
+def _choices(p, args, s: dict) -> tuple:
+    """(op modules, dtypes, passes), each checked against what exists."""
+    import torch
 
     from . import ops as registry
-    from .records import PASSES, Settings
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    s = _settings(args, device_type)
-    device = torch.device(device_type)
+    from .records import PASSES
 
     op_names = s.get("ops") or list(registry.OPS)
     for name in op_names:
@@ -179,56 +224,33 @@ def main(argv=None) -> int:
     for name in passes:
         if name not in PASSES:
             p.error(f"argument --passes: unknown pass {name!r}; choose from {', '.join(PASSES)}")
+    return [registry.load(name) for name in op_names], tuple(dtypes), passes
 
-    modules = [registry.load(name) for name in op_names]
+
+def _options(p, args, s: dict, modules) -> dict:
+    """Each op's options: its defaults, then --dim, then every --set."""
     options = {m.NAME: dict(m.OPTIONS) for m in modules}
     for name in (n for n in options if s.get("dim") and "d" in options[n]):
         options[name]["d"] = s["dim"]
     for item in args.set:
         _apply_option(p, options, item)
+    return options
 
-    settings = Settings(include_interpreter=args.include_interpreter,
-                        compile_dynamic=args.compile_shapes == "dynamic",
-                        compile_backend=args.compile_backend)
-    cands = {m.NAME: m.candidates(device, options[m.NAME], settings) for m in modules}
-    only = tuple(_split(args.candidates)) or None
-    known = {c.name for cs in cands.values() for c in cs}
-    for name in only or ():
-        if name not in known:
-            p.error(f"argument --candidates: unknown candidate {name!r}; known on {device_type}: "
-                    f"{', '.join(sorted(known))}")
-    if args.list:
-        return _list(modules, options, cands, device)
 
-    from . import results, runner
+def _write(doc: dict, out: Path, plot: bool) -> None:
+    from . import results
 
-    cfg = runner.RunConfig(
-        ops=tuple((m, options[m.NAME], tuple(s.get("sizes") or m.sizes(device_type,
-                                                                      bool(args.quick))))
-                  for m in modules),
-        device=device, dtypes=tuple(dtypes), passes=passes, only=only, settings=settings,
-        warmup_ms=s["warmup_ms"], rep_ms=s["rep_ms"], min_reps=s["min_reps"],
-        max_call_s=s["max_call_s"],
-        mem_cap_bytes=int(s["mem_cap_gb"] * 2**30) if s["mem_cap_gb"] else None,
-        time_budget_s=s["time_budget"], fit=not args.no_fit, fit_max_n=s["fit_max_n"],
-        fit_max_call_s=s["fit_max_call_s"], fit_budget_s=s["fit_budget"])
-    chosen = {name: runner.select(cs, only) for name, cs in cands.items()}
-    out = args.out or _default_out(out_dir or RESULTS_DIR, op_names, s["preset"],
-                                   results.slug(results.device_name(device)))
-
-    doc = _run(cfg, chosen, progress=not args.no_progress, preset=s["preset"], argv=argv)
     results.write_json(doc, out)  # before the schema check: a bug there loses no figures
     results.validate(doc)
     results.write_csv(doc, out.with_suffix(".csv"))
     written = [out, out.with_suffix(".csv")]
-    if not args.no_plot:
-        from .plot import plot
-        written.append(plot(doc, out.with_suffix(".png")))
+    if plot:
+        from .plot import plot as draw
+        written.append(draw(doc, out.with_suffix(".png")))
     print(results.table(doc))
     if doc["meta"]["interrupted"]:
         print("\ninterrupted: the results hold what was measured before Ctrl-C")
     print("\nwrote " + ", ".join(map(str, written)))
-    return 0
 
 
 def _run(cfg, chosen: dict, progress: bool, preset, argv: list[str]) -> dict:
