@@ -13,35 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp16": "float16", "float16": "float16", "half": "float16", "fp64": "float64",
-          "float64": "float64"}
-
-# Per-device defaults, then what each preset changes.
-DEFAULTS = {
-    "cpu": dict(dtypes=["float32"], warmup_ms=100, rep_ms=500, min_reps=5, max_call_s=10,
-                mem_cap_gb=4.0, time_budget=900, fit_max_n=1 << 16, fit_max_call_s=10,
-                fit_budget=180),
-    "cuda": dict(dtypes=["bfloat16"], warmup_ms=25, rep_ms=100, min_reps=5, max_call_s=2,
-                 mem_cap_gb=None, time_budget=600, fit_max_n=1 << 22, fit_max_call_s=5,
-                 fit_budget=120),
-}
-PRESETS = {
-    "quick": {
-        "cpu": dict(warmup_ms=25, rep_ms=150, min_reps=3, max_call_s=3, mem_cap_gb=2.0,
-                    time_budget=60, fit_max_n=1 << 15, fit_max_call_s=1.0, fit_budget=15),
-        "cuda": dict(warmup_ms=10, rep_ms=50, time_budget=90, fit_max_n=1 << 20,
-                     fit_max_call_s=1, fit_budget=30),
-    },
-    "gpu_sweep": {
-        "cuda": dict(ops=["supcon"], sizes=[1024 << k for k in range(8)], dim=128,
-                     dtypes=["bfloat16", "float32"], warmup_ms=20, rep_ms=60, max_call_s=0.5,
-                     time_budget=190, fit_max_call_s=3, fit_budget=70),
-    },
-}
-
+from . import presets
 
 def _positive(kind):
     def parse(text):
@@ -109,26 +81,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _split(values) -> list[str]:
-    return [v for text in values or () for v in text.split(",") if v]
-
-
-def _settings(args, device_type: str) -> dict:
-    """Merge: explicit argument > preset > device default."""
-    preset = "quick" if args.quick else "gpu_sweep" if args.gpu_sweep else None
-    merged = dict(DEFAULTS[device_type])
-    if preset:
-        merged.update(PRESETS[preset].get(device_type, {}))
-    for key in ("ops", "sizes", "dim", "dtypes", "warmup_ms", "rep_ms", "min_reps",
-                "max_call_s", "mem_cap_gb", "time_budget", "fit_max_n", "fit_max_call_s",
-                "fit_budget"):
-        value = getattr(args, key)
-        if value is not None:
-            merged[key] = _split(value) if key in ("ops", "dtypes") else value
-    merged["preset"] = preset
-    return merged
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = parser()
@@ -146,7 +98,7 @@ def main(argv=None) -> int:
     device = torch.device(_device_type(p, args))
     if args.threads:
         torch.set_num_threads(args.threads)
-    s = _settings(args, device.type)
+    s = presets.merge(args, device.type)
     modules, dtypes, passes = _choices(p, args, s)
     options = _options(p, args, s, modules)
 
@@ -157,7 +109,7 @@ def main(argv=None) -> int:
                         compile_dynamic=args.compile_shapes == "dynamic",
                         compile_backend=args.compile_backend)
     cands = {m.NAME: m.candidates(device, options[m.NAME], settings) for m in modules}
-    only = tuple(_split(args.candidates)) or None
+    only = tuple(presets.split(args.candidates)) or None
     known = {c.name for cs in cands.values() for c in cs}
     for name in only or ():
         if name not in known:
@@ -177,7 +129,7 @@ def main(argv=None) -> int:
         time_budget_s=s["time_budget"], fit=not args.no_fit, fit_max_n=s["fit_max_n"],
         fit_max_call_s=s["fit_max_call_s"], fit_budget_s=s["fit_budget"])
     chosen = {name: runner.select(cs, only) for name, cs in cands.items()}
-    out = args.out or _default_out(out_dir or RESULTS_DIR, [m.NAME for m in modules],
+    out = args.out or _default_out(out_dir or presets.RESULTS_DIR, [m.NAME for m in modules],
                                    s["preset"], results.slug(results.device_name(device)))
     doc = _run(cfg, chosen, progress=not args.no_progress, preset=s["preset"], argv=argv)
     _write(doc, out, plot=not args.no_plot)
@@ -217,10 +169,10 @@ def _choices(p, args, s: dict) -> tuple:
             p.error(f"argument --ops: unknown op {name!r}; known: {', '.join(registry.OPS)}")
     dtypes = []
     for name in s["dtypes"]:
-        if name not in DTYPES:
-            p.error(f"argument --dtypes: unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
-        dtypes.append(getattr(torch, DTYPES[name]))
-    passes = tuple(_split(args.passes)) or PASSES
+        if name not in presets.DTYPES:
+            p.error(f"argument --dtypes: unknown dtype {name!r}; choose from {', '.join(presets.DTYPES)}")
+        dtypes.append(getattr(torch, presets.DTYPES[name]))
+    passes = tuple(presets.split(args.passes)) or PASSES
     for name in passes:
         if name not in PASSES:
             p.error(f"argument --passes: unknown pass {name!r}; choose from {', '.join(PASSES)}")
