@@ -176,7 +176,15 @@ def _choices(p, args, s: dict) -> tuple:
     for name in passes:
         if name not in PASSES:
             p.error(f"argument --passes: unknown pass {name!r}; choose from {', '.join(PASSES)}")
-    return [registry.load(name) for name in op_names], tuple(dtypes), passes
+    modules = []
+    for name in op_names:
+        try:
+            modules.append(registry.load(name))
+        except ImportError as exc:  # an op whose library part is missing or broken
+            if s.get("ops"):
+                p.error(f"argument --ops: op {name!r} cannot be loaded: {exc}")
+            print(f"skipping op {name!r}: it cannot be loaded: {exc}", file=sys.stderr)
+    return modules, tuple(dtypes), passes
 
 
 def _options(p, args, s: dict, modules) -> dict:
