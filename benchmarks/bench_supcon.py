@@ -54,5 +54,5 @@ def test_supcon(benchmark, candidate, n, dtype, pass_):
     benchmark.extra_info.update(candidate=candidate.name, kind=candidate.kind,
                                 peak_mem_bytes=peak, device=device_name(DEVICE))
     benchmark.pedantic(timed, setup=setup, warmup_rounds=1, iterations=1,
-                       rounds=max(3, min(200, int(TARGET_S / max(estimate, 1e-6)))))
+                       rounds=max(5, min(200, int(TARGET_S / max(estimate, 1e-6)))))
 
