@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .records import PASSES
+from .results import full_pass
 
 _STYLE = {"backend": "-", "baseline": "--", "neighbour": ":", "interpreter": "-."}
 
@@ -23,12 +24,13 @@ def plot(doc: dict, path: Path) -> Path:
                                                                           for r in rows))}
     groups = sorted({(r["op"], r["dtype"]) for r in rows})
     passes = [p for p in PASSES if any(r["pass"] == p for r in rows)]
-    panels = [(p, "ms", f"{p} time (ms)") for p in passes] + [
-        ("fwd+bwd" if "fwd+bwd" in passes else passes[-1], "peak_mem_bytes", "peak memory (MiB)")]
-    fig, axes = plt.subplots(max(1, len(groups)), len(panels), squeeze=False,
-                             figsize=(4.2 * len(panels), 3.4 * max(1, len(groups))))
+    fig, axes = plt.subplots(max(1, len(groups)), len(passes) + 1, squeeze=False,
+                             figsize=(4.2 * (len(passes) + 1), 3.4 * max(1, len(groups))))
     for g, (op, dtype) in enumerate(groups):
         mine = [r for r in rows if (r["op"], r["dtype"]) == (op, dtype) and r["status"] == "ok"]
+        full = full_pass([r for r in rows if r["op"] == op])
+        panels = [(p, "ms", f"{p} time (ms)") for p in passes] + [
+            (full, "peak_mem_bytes", f"{full} peak memory (MiB)")]
         for ax, (pass_, key, label) in zip(axes[g], panels):
             for name in dict.fromkeys(r["candidate"] for r in mine):
                 pts = sorted((r["n"], r) for r in mine

@@ -193,6 +193,12 @@ def write_csv(doc: dict, path: Path) -> None:
         writer.writerows(lines)
 
 
+def full_pass(rows: list[dict]) -> str:
+    """The pass that runs the whole op: forward+backward, or the forward of an op with no
+    backward."""
+    return "fwd+bwd" if any(r["pass"] == "fwd+bwd" for r in rows) else "fwd"
+
+
 def _cell(row: dict | None, key: str, eager: dict | None) -> str:
     if row is None:
         return "-"
@@ -203,14 +209,14 @@ def _cell(row: dict | None, key: str, eager: dict | None) -> str:
         if eager and eager["status"] == "ok" and row["candidate"] != "eager":
             text += f" {eager['ms'] / row['ms']:.2g}x"
         return text
-    if key == "tflops":
-        return f"{row['tflops']:.3g}" if row.get("tflops") else "-"
+    if key in ("tflops", "gbps"):
+        return f"{row[key]:.3g}" if row.get(key) else "-"
     return f"{row['peak_mem_bytes'] / 2**20:.3g}"
 
 
 def table(doc: dict) -> str:
-    """Blocks of N x candidate: time per pass (with speed-up over eager), then forward+backward
-    TFLOP/s and peak memory; then the largest-batch search and every refusal reason."""
+    """Blocks of N x candidate: time per pass (with speed-up over eager), then TFLOP/s or GB/s
+    and peak memory of the whole op; then the largest-batch search and every refusal reason."""
     rows = doc["results"]
     out = [f"{doc['meta']['device_name']} | torch {doc['meta']['torch']} | {doc['meta']['date']}"]
     groups = sorted({(r["op"], r["dtype"]) for r in rows})
@@ -220,8 +226,11 @@ def table(doc: dict) -> str:
         shown = [c for c in names if any(r["candidate"] == c and r["status"] != "unsupported"
                                          for r in mine)]
         sizes = sorted({r["n"] for r in mine})
-        blocks = [(p, "ms", f"{p} ms (median; Nx = speed-up over eager)") for p in PASSES] + [
-            ("fwd+bwd", "tflops", "fwd+bwd TFLOP/s"), ("fwd+bwd", "mem", "fwd+bwd peak MiB")]
+        full = full_pass(mine)
+        blocks = [(p, "ms", f"{p} ms (median; Nx = speed-up over eager)") for p in PASSES]
+        blocks += [(full, key, f"{full} {unit}") for key, unit in
+                   (("tflops", "TFLOP/s"), ("gbps", "GB/s")) if any(r.get(key) for r in mine)]
+        blocks.append((full, "mem", f"{full} peak MiB"))
         for pass_, key, title in blocks:
             if not any(r["pass"] == pass_ for r in mine):
                 continue
