@@ -57,14 +57,18 @@ def cuda_flags() -> list[str]:
     return ["-O3", "--expt-relaxed-constexpr"]
 
 
+def cuda_home() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME
+
+
 def cuda_skip_reason() -> str | None:
     """Why the CUDA half is not built here (None when it is): judged from torch's build and
     the toolkit, not from a visible GPU."""
-    from torch.utils.cpp_extension import CUDA_HOME
-
     if not torch.version.cuda:
         return f"torch {torch.__version__} is not a CUDA build"
-    if not CUDA_HOME:
+    if not cuda_home():
         return "no CUDA toolkit found (set CUDA_HOME to the toolkit that matches torch)"
     return None
 
