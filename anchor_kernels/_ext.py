@@ -49,8 +49,14 @@ def cpu_capability() -> str:
     return cap if cap in _CPU_FLAGS else "DEFAULT"
 
 
+def openmp_flags() -> list[str]:
+    """-fopenmp when torch's at::parallel_for is OpenMP: its header runs `#pragma omp parallel`,
+    which without the flag compiles to a serial loop (the library then reuses torch's libgomp)."""
+    return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
+
+
 def cxx_flags() -> list[str]:
-    return ["-O3", *(_CPU_FLAGS.get(cpu_capability(), []))]
+    return ["-O3", *openmp_flags(), *(_CPU_FLAGS.get(cpu_capability(), []))]
 
 
 def cuda_flags() -> list[str]:
@@ -174,6 +180,7 @@ def _load() -> str | None:
             sources=sources(with_cuda),
             extra_cflags=cxx_flags() + (["-DANCHOR_KERNELS_WITH_CUDA"] if with_cuda else []),
             extra_cuda_cflags=cuda_flags(),
+            extra_ldflags=openmp_flags(),
             extra_include_paths=[CSRC_DIR],
             build_directory=build_dir,
             is_python_module=False,
