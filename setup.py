@@ -33,9 +33,8 @@ def extension_build():
         print(f"anchor_kernels: building the C++ extension for CPU only; CUDA half skipped: {skip}")
     sources = [os.path.relpath(p, HERE) for p in _ext.sources(with_cuda=skip is None)]
     kind = CppExtension if skip else CUDAExtension
-    cxx = _ext.cxx_flags() + ([] if skip else ["-DANCHOR_KERNELS_WITH_CUDA"])
     ext = kind("anchor_kernels._C", sources, include_dirs=[_ext.CSRC_DIR],
-               extra_compile_args={"cxx": cxx, "nvcc": _ext.cuda_flags()},
+               extra_compile_args={"cxx": _ext.cxx_flags(), "nvcc": _ext.cuda_flags()},
                extra_link_args=_ext.openmp_flags())
     # The library registers torch ops and is loaded with torch.ops.load_library, not imported.
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}

@@ -149,28 +149,11 @@ def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(str(text).strip().splitlines()[-lines:])
 
 
-def _load() -> str | None:
-    prebuilt = _prebuilt()
-    if prebuilt is not None:
-        try:
-            torch.ops.load_library(prebuilt)
-            _state["library"] = prebuilt
-            _state["with_cuda"] = _has_cuda_kernels()
-            return None
-        except Exception as exc:  # fall through to a JIT build
-            _state["prebuilt_error"] = f"{prebuilt}: {exc}"
-    if not os.path.isdir(CSRC_DIR):
-        return ("the C++ extension is not built: no prebuilt anchor_kernels/_C library and no "
-                f"csrc/ sources next to the package ({REPO_DIR})")
-    skip = cuda_skip_reason()
-    with_cuda = skip is None
-    _state["with_cuda"] = with_cuda
+def _build(with_cuda: bool) -> str | None:
+    """JIT-build and load csrc/ (with or without its CUDA half); the reason on failure."""
     key = build_key(with_cuda)
     build_dir = os.path.join(_build_root(), key)
     os.makedirs(build_dir, exist_ok=True)
-    if skip and not glob.glob(os.path.join(build_dir, NAME + "*.so")):
-        print(f"anchor_kernels: building the C++ extension for CPU only; CUDA half skipped: {skip}",
-              file=sys.stderr)
     _ensure_ninja_on_path()
     from torch.utils import cpp_extension
 
@@ -178,7 +161,7 @@ def _load() -> str | None:
         cpp_extension.load(
             name=NAME,
             sources=sources(with_cuda),
-            extra_cflags=cxx_flags() + (["-DANCHOR_KERNELS_WITH_CUDA"] if with_cuda else []),
+            extra_cflags=cxx_flags(),
             extra_cuda_cflags=cuda_flags(),
             extra_ldflags=openmp_flags(),
             extra_include_paths=[CSRC_DIR],
@@ -190,6 +173,35 @@ def _load() -> str | None:
         return f"the C++ extension failed to build or load ({type(exc).__name__}): {_tail(exc)}"
     _state["library"] = build_dir
     return None
+
+
+def _load() -> str | None:
+    prebuilt = _prebuilt()
+    if prebuilt is not None:
+        try:
+            torch.ops.load_library(prebuilt)
+            _state["library"] = prebuilt
+            if not _has_cuda_kernels():
+                _state["cuda_error"] = "the prebuilt C++ extension has no CUDA kernels"
+            return None
+        except Exception as exc:  # fall through to a JIT build
+            _state["prebuilt_error"] = f"{prebuilt}: {exc}"
+    if not os.path.isdir(CSRC_DIR):
+        return ("the C++ extension is not built: no prebuilt anchor_kernels/_C library and no "
+                f"csrc/ sources next to the package ({REPO_DIR}); build it ahead of time with "
+                "ANCHOR_KERNELS_BUILD_EXT=1 (see setup.py)")
+    skip = cuda_skip_reason()
+    if skip is None:
+        error = _build(with_cuda=True)
+        if error is None:
+            return None
+        # A CUDA half that does not build must not take the CPU half with it.
+        skip = "its build failed: " + error
+    _state["cuda_error"] = "the CUDA half of the C++ extension is not built: " + skip
+    if not glob.glob(os.path.join(_build_root(), build_key(False), NAME + "*.so")):
+        print(f"anchor_kernels: building the C++ extension for CPU only; CUDA half skipped: {skip}",
+              file=sys.stderr)
+    return _build(with_cuda=False)
 
 
 def load() -> str | None:
@@ -206,9 +218,4 @@ def load() -> str | None:
 def cuda_error() -> str | None:
     """None when the CUDA kernels are registered, else why not."""
     err = load()
-    if err is not None:
-        return err
-    if not _state.get("with_cuda"):
-        return "the CUDA half of the C++ extension is not built: " + (
-            cuda_skip_reason() or "the prebuilt library has no CUDA kernels")
-    return None
+    return err if err is not None else _state.get("cuda_error")

@@ -71,6 +71,29 @@ def test_failed_build_returns_reason_and_import_still_works(tmp_path):
     assert loss_line and float(loss_line[0].split()[1]) > 0
 
 
+def test_failed_cuda_half_keeps_the_cpu_half(tmp_path):
+    """A CUDA half that does not build (here: forced on, with a broken .cu) leaves the CPU half
+    loaded and gives the cuda backend the reason."""
+    (tmp_path / "ok.cpp").write_text("int anchor_kernels_test_symbol() { return 1; }\n")
+    (tmp_path / "cuda").mkdir()
+    (tmp_path / "cuda" / "broken_kernels.cu").write_text("this is not CUDA;\n")
+    code = (
+        "import anchor_kernels._ext as e\n"
+        f"e.CSRC_DIR = {str(tmp_path)!r}\n"
+        f"e._build_root = lambda: {str(tmp_path / 'build')!r}\n"
+        "e.cuda_skip_reason = lambda: None\n"
+        "print('LOAD', e.load())\n"
+        "print('CUDA', e.cuda_error())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=_ext.REPO_DIR)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LOAD None" in out.stdout, out.stdout[-3000:]
+    assert "CUDA the CUDA half of the C++ extension is not built: its build failed" in out.stdout
+    assert "CUDA half skipped" in out.stderr
+
+
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
 def test_cuda_sources_compile_for_sm90(source, tmp_path):
     """nvcc -arch=sm_90 -c, with the flags torch's builder adds (no implicit half conversions);
