@@ -224,9 +224,9 @@ def _grad_pass(kernel, x, rows, streamed, block, out, tensors, scalars, r, flags
     part = torch.empty(splits, rows, d, device=x.device, dtype=torch.float32)
     _launch(kernel, x.dtype, rows, block, splits, *tensors, part, m, n, d, *strides, d, 1,
             *scalars, per_split, SPLIT=True, **flags, **extra)
-    kernels._supcon_bwd_finish_kernel[(triton.cdiv(rows, 64),)](
+    kernels._supcon_bwd_finish_kernel[(triton.cdiv(rows, 16),)](
         x, r, part, out, rows, d, splits, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        NORMALIZE=flags["NORMALIZE"], BLOCK_M=64, BLOCK_D=flags["BLOCK_D"])
+        NORMALIZE=flags["NORMALIZE"], BLOCK_M=16, BLOCK_D=flags["BLOCK_D"])
 
 
 @supcon_bwd_triton.register_fake
@@ -312,7 +312,7 @@ def sm90_compile_specs():
            "fp32", dict(BETA_ZERO=False, LSE_ONLY=False, BLOCK_M=128)),
            dict(BETA_ZERO=False, LSE_ONLY=False, BLOCK_M=128, USES_DOT=False), 4, 1)
     for dtype in DTYPES:
-        constexprs = dict(NORMALIZE=True, BLOCK_M=64, BLOCK_D=128)
+        constexprs = dict(NORMALIZE=True, BLOCK_M=16, BLOCK_D=128)
         yield (kernels._supcon_bwd_finish_kernel,
                _signature(kernels._supcon_bwd_finish_kernel, names[dtype], constexprs),
                dict(constexprs, USES_DOT=False), 4, 1)
