@@ -149,11 +149,16 @@ def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(str(text).strip().splitlines()[-lines:])
 
 
-def _build(with_cuda: bool) -> str | None:
-    """JIT-build and load csrc/ (with or without its CUDA half); the reason on failure."""
+def _build(with_cuda: bool, note: str = "") -> str | None:
+    """JIT-build and load csrc/ (with or without its CUDA half); the reason on failure.
+    The first build of a key prints one line (with `note` appended)."""
     key = build_key(with_cuda)
     build_dir = os.path.join(_build_root(), key)
     os.makedirs(build_dir, exist_ok=True)
+    if not glob.glob(os.path.join(build_dir, NAME + "*.so")):
+        half = "CPU and CUDA halves" if with_cuda else "CPU half"
+        print(f"anchor_kernels: building the C++ extension ({half}) in {build_dir}, once{note}",
+              file=sys.stderr)
     _ensure_ninja_on_path()
     from torch.utils import cpp_extension
 
@@ -198,10 +203,7 @@ def _load() -> str | None:
         # A CUDA half that does not build must not take the CPU half with it.
         skip = "its build failed: " + error
     _state["cuda_error"] = "the CUDA half of the C++ extension is not built: " + skip
-    if not glob.glob(os.path.join(_build_root(), build_key(False), NAME + "*.so")):
-        print(f"anchor_kernels: building the C++ extension for CPU only; CUDA half skipped: {skip}",
-              file=sys.stderr)
-    return _build(with_cuda=False)
+    return _build(with_cuda=False, note=f"; CUDA half skipped: {skip}")
 
 
 def load() -> str | None:
