@@ -226,6 +226,7 @@ def _run(cfg, chosen: dict, progress: bool, preset, argv: list[str]) -> dict:
         sweep = runner.Sweep(cfg, bar)
         interrupted = False
         try:
+            sweep.discover(chosen)
             sweep.run_sweep(chosen)
             if cfg.fit:
                 sweep.run_fit(chosen)

@@ -76,6 +76,19 @@ class Sweep:
         self.stopped: dict = {}  # (op, cand, dtype) -> why larger sizes are skipped
 
     # -- the sweep ---------------------------------------------------------------------------
+    def discover(self, cands_by_op: dict) -> None:
+        """Ask every candidate about a small problem before any clock starts: importing a
+        backend may build it (the C++ extension compiles once, just in time), which is no
+        part of a time budget."""
+        for op, options, sizes in self.cfg.ops:
+            for dtype in self.cfg.dtypes:
+                p = op.make_problem(min(sizes), dtype, self.cfg.device, options)
+                for cand in cands_by_op[op.NAME]:
+                    try:
+                        cand.reasons(p)
+                    except Exception:  # recorded with its reason when the sweep asks again
+                        pass
+
     def run_sweep(self, cands_by_op: dict) -> None:
         clock = _Clock(self.cfg.time_budget_s)
         # dtype-major: with the dtypes in order of interest, a budget that runs out costs the
