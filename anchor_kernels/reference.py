@@ -252,14 +252,28 @@ def philox_uniform(seed: int, n: int, device=None) -> Tensor:
     return (r >> 8).to(torch.float32) * 2.0 ** -24
 
 
-def pgd_random_start(x: Tensor, eps, seed: int, lo: float = 0.0, hi: float = 1.0) -> Tensor:
-    """L-inf random start: ``clamp(x + eps (2u - 1), lo, hi)``, u = ``philox_uniform(seed)``
-    over x's elements in row-major order. Shapes: x (B, ...), eps float or (B,).
+def pgd_random_start(x: Tensor, eps, seed: int, lo: float = 0.0, hi: float = 1.0, *,
+                     norm: str = "linf") -> Tensor:
+    """A random start in the eps-ball around x, clamped to [lo, hi]. Shapes: x (B, ...), eps
+    float or (B,).
 
-    ``2u - 1`` is exact; the product ``eps (2u - 1)`` is rounded before the sum (kernels
-    must not contract it into a fused multiply-add).
+    L-inf: ``clamp(x + eps (2u - 1), lo, hi)``, u = ``philox_uniform(seed)`` over x's elements
+    in row-major order. ``2u - 1`` is exact; the product ``eps (2u - 1)`` is rounded before
+    the sum (kernels must not contract it into a fused multiply-add).
+    L2: uniform in the ball: ``x + eps r^(1/d) z / ||z||`` per sample, z Gaussian, r ~ U[0, 1),
+    d = elements per sample, drawn from a ``torch.Generator`` seeded with ``seed``.
     """
     ct = pgd_compute_dtype(x.dtype)
-    u = philox_uniform(seed, x.numel(), x.device).reshape(x.shape).to(ct)
-    noise = _per_sample(eps, x, ct) * (2.0 * u - 1.0)
+    if norm == "linf":
+        u = philox_uniform(seed, x.numel(), x.device).reshape(x.shape).to(ct)
+        noise = _per_sample(eps, x, ct) * (2.0 * u - 1.0)
+    elif norm == "l2":
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        b = x.shape[0]
+        z = torch.randn(x.shape, generator=gen, device=x.device, dtype=ct)
+        radius = torch.rand(b, generator=gen, device=x.device, dtype=ct) ** (1.0 / max(x[0].numel(), 1))
+        scale = radius / z.reshape(b, -1).norm(dim=1).clamp_min(1e-12)
+        noise = _per_sample(eps, x, ct) * z * _per_sample(scale, x, ct)
+    else:
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     return torch.clamp(x.to(ct) + noise, lo, hi).to(x.dtype)

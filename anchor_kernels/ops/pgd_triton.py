@@ -16,6 +16,7 @@ sample index of per-sample eps / alpha. ``anchor_kernels.pgd`` arranges that.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -142,9 +143,12 @@ def _pgd_random_start_linf_kernel(
     tl.store(out_ptr + offs, _round_to(y, out_ptr.dtype.element_ty), mask=mask)
 
 
-def is_interpreted() -> bool:
-    """True when this module's kernels run under ``TRITON_INTERPRET=1`` (CPU tensors)."""
-    return not isinstance(_pgd_step_linf_kernel, triton.runtime.JITFunction)
+# True when the kernels run under TRITON_INTERPRET=1 (on CPU tensors), read as triton.jit did.
+INTERPRET = not isinstance(_pgd_step_linf_kernel, triton.runtime.JITFunction)
+
+
+def _device_guard(x: Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _int32(word: int) -> int:
@@ -167,10 +171,12 @@ def pgd_step_triton(x_adv: Tensor, grad: Tensor, x: Tensor, eps_t: Optional[Tens
     if n == 0:
         return
     dummy = x_adv  # never read: the per-sample branches are compiled out
-    _pgd_step_linf_kernel[grid](
-        x_adv, grad, x, dummy if eps_t is None else eps_t, dummy if alpha_t is None else alpha_t,
-        eps, alpha, lo, hi, n, inner, BLOCK=BLOCK, EPS_PER_SAMPLE=eps_t is not None,
-        ALPHA_PER_SAMPLE=alpha_t is not None, INT64=int64, num_warps=NUM_WARPS)
+    with _device_guard(x_adv):
+        _pgd_step_linf_kernel[grid](
+            x_adv, grad, x, dummy if eps_t is None else eps_t,
+            dummy if alpha_t is None else alpha_t, eps, alpha, lo, hi, n, inner, BLOCK=BLOCK,
+            EPS_PER_SAMPLE=eps_t is not None, ALPHA_PER_SAMPLE=alpha_t is not None,
+            INT64=int64, num_warps=NUM_WARPS)
 
 
 @pgd_step_triton.register_fake
@@ -185,13 +191,40 @@ def pgd_random_start_triton(out: Tensor, x: Tensor, eps_t: Optional[Tensor], eps
     n, inner, grid, int64 = _launch_args(x)
     if n == 0:
         return
-    _pgd_random_start_linf_kernel[grid](
-        out, x, x if eps_t is None else eps_t, eps, lo, hi,
-        _int32(seed & 0xFFFFFFFF), _int32((seed >> 32) & 0xFFFFFFFF), n, inner,
-        BLOCK=BLOCK, EPS_PER_SAMPLE=eps_t is not None, INT64=int64, num_warps=NUM_WARPS,
-        enable_fp_fusion=False)
+    with _device_guard(x):
+        _pgd_random_start_linf_kernel[grid](
+            out, x, x if eps_t is None else eps_t, eps, lo, hi,
+            _int32(seed & 0xFFFFFFFF), _int32((seed >> 32) & 0xFFFFFFFF), n, inner,
+            BLOCK=BLOCK, EPS_PER_SAMPLE=eps_t is not None, INT64=int64, num_warps=NUM_WARPS,
+            enable_fp_fusion=False)
 
 
 @pgd_random_start_triton.register_fake
 def _(out, x, eps_t, eps, seed, lo, hi) -> None:
     return None
+
+
+class TritonPGD:
+    """The fused L-inf kernels: CUDA tensors (or CPU ones under TRITON_INTERPRET=1)."""
+
+    name = "triton"
+
+    def not_supported_reasons(self, p) -> list[str]:
+        reasons = []
+        if p.x.device.type != "cuda" and not INTERPRET:
+            reasons.append(f"tensors are on {p.x.device.type}; Triton needs CUDA tensors "
+                           "(TRITON_INTERPRET=1 runs it on the CPU, for testing)")
+        if p.x.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"dtype {p.x.dtype} is not supported (float16, bfloat16, float32)")
+        if p.norm != "linf":
+            reasons.append(f"norm={p.norm!r} is not implemented in Triton (only 'linf')")
+        return reasons
+
+    def step(self, x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi, norm) -> None:
+        torch.ops.anchor_kernels.pgd_step_triton(x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi)
+
+    def random_start(self, out, x, eps_t, eps, seed, lo, hi, norm) -> None:
+        torch.ops.anchor_kernels.pgd_random_start_triton(out, x, eps_t, eps, seed, lo, hi)
+
+
+BACKEND = TritonPGD()
