@@ -339,6 +339,41 @@ def test_opcheck_triton_ops():
                           (torch.empty_like(x), x, None, 0.03, 12345, 0.0, 1.0))
 
 
+def test_opcheck_cpp_ops():
+    reasons = P.available_backends(torch.zeros(1))["cpu"]
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    gen = torch.Generator().manual_seed(9)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x_adv, grad, x, eps, alpha = step_inputs((3, 2, 5), dtype, gen, per_sample=True)
+        ct = R.pgd_compute_dtype(dtype)
+        torch.library.opcheck(torch.ops.anchor_kernels.pgd_step,
+                              (x_adv, grad, x, eps.to(ct), alpha.to(ct), 0.0, 0.0, 0.0, 1.0))
+        torch.library.opcheck(torch.ops.anchor_kernels.pgd_random_start,
+                              (torch.empty_like(x), x, None, 0.03, 2 ** 62 + 5, 0.0, 1.0))
+    with pytest.raises(RuntimeError, match="pgd_step: grad has shape"):
+        torch.ops.anchor_kernels.pgd_step(x_adv, grad[:1], x, None, None, 0.1, 0.1, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="pgd_step: eps must be finite and >= 0"):
+        torch.ops.anchor_kernels.pgd_step(x_adv, grad, x, None, None, -0.1, 0.1, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match=r"pgd_step: alpha must have shape \(3,\)"):
+        torch.ops.anchor_kernels.pgd_step(x_adv, grad, x, None, alpha[:2].double(), 0.1, 0.1, 0.0, 1.0)
+
+
+def test_cuda_kernels_compile_for_sm90(tmp_path):
+    """csrc/cuda/pgd_kernels.cu includes only CUDA headers: nvcc compiles it with no GPU."""
+    import shutil
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([nvcc, "-arch=sm_90", "-O3", "--expt-relaxed-constexpr", "-std=c++17",
+                          "-I", os.path.join(root, "csrc"), "-c",
+                          os.path.join(root, "csrc", "cuda", "pgd_kernels.cu"),
+                          "-o", str(tmp_path / "pgd_kernels.o")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def test_compile_fullgraph():
     backend = "triton" if not P.available_backends(torch.zeros(1))["triton"] else "eager"
 
