@@ -299,7 +299,8 @@ def test_step(benchmark, backend, shape):
             torch.cuda.synchronize()
 
     benchmark(run)
-    benchmark.extra_info["GB/s"] = 4 * x.numel() * x.element_size() / benchmark.stats["median"] / 1e9
+    if benchmark.stats:  # None under --benchmark-disable
+        benchmark.extra_info["GB/s"] = 4 * x.numel() * x.element_size() / benchmark.stats["median"] / 1e9
 
 
 @pytest.mark.parametrize("backend", ["fused", "eager"])
