@@ -1,7 +1,7 @@
 """Fused kernels for ANCHOR: hard-positive-mined supervised contrastive learning with
 adversarial training. See README.md for the maths and the API."""
 
-from . import attacks, reference
+from . import attacks, distributed, reference
 from .backends import available_backends
 from .losses import HardMinedSupConLoss, PMLSupConLoss, SupConLoss
 from .pgd import pgd_random_start, pgd_step
@@ -15,6 +15,7 @@ __all__ = [
     "SupConLoss",
     "attacks",
     "available_backends",
+    "distributed",
     "pgd_random_start",
     "pgd_step",
     "reference",

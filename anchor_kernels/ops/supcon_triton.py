@@ -28,23 +28,52 @@ def _config(block_m, block_n, warps, stages):
 
 
 # Every configuration the autotuner may pick on a GPU; the tests compile each one for sm_90.
-FWD_CONFIGS = [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3),
-               _config(64, 128, 4, 3)]
-BWD_CONFIGS = [_config(64, 64, 4, 2), _config(128, 64, 8, 2), _config(64, 128, 8, 2),
-               _config(128, 32, 8, 3)]
+# Half precision runs on the tensor cores (wgmma); fp32 at "highest" precision is an FMA
+# loop, where large tiles only spill, so it gets its own smaller tiles.
+CONFIGS = {
+    "fwd_half": [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3),
+                 _config(64, 128, 4, 3)],
+    "bwd_half": [_config(64, 64, 4, 2), _config(128, 64, 8, 2), _config(64, 128, 8, 2),
+                 _config(128, 32, 8, 3)],
+    "fwd_fp32": [_config(64, 32, 4, 2), _config(32, 64, 4, 2), _config(64, 64, 8, 2)],
+    "bwd_fp32": [_config(64, 32, 4, 2), _config(32, 64, 4, 2), _config(32, 32, 4, 2)],
+}
 # The interpreter runs one numpy program per block: fewer, larger blocks are faster there.
 INTERPRET_META = {"BLOCK_M": 32, "BLOCK_N": 32}
+_KERNELS = {"fwd": kernels._supcon_fwd_kernel, "bwd_rows": kernels._supcon_bwd_rows_kernel,
+            "bwd_cols": kernels._supcon_bwd_cols_kernel}
 
-_AUTOTUNE_KEY = ["M", "N", "D"]
-if INTERPRET:
-    _fwd, _bwd_rows, _bwd_cols = (kernels._supcon_fwd_kernel, kernels._supcon_bwd_rows_kernel,
-                                  kernels._supcon_bwd_cols_kernel)
-    _meta = INTERPRET_META
-else:
-    _fwd = triton.autotune(FWD_CONFIGS, key=_AUTOTUNE_KEY)(kernels._supcon_fwd_kernel)
-    _bwd_rows = triton.autotune(BWD_CONFIGS, key=_AUTOTUNE_KEY)(kernels._supcon_bwd_rows_kernel)
-    _bwd_cols = triton.autotune(BWD_CONFIGS, key=_AUTOTUNE_KEY)(kernels._supcon_bwd_cols_kernel)
-    _meta = {}
+
+def config_family(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def configs_for(kernel: str, dtype: torch.dtype) -> list:
+    return CONFIGS[("fwd_" if kernel == "fwd" else "bwd_") + config_family(dtype)]
+
+
+# ANCHOR_KERNELS_AUTOTUNE=0 launches the first configuration of each list without tuning
+# (used by the GPU tests, where tuning every new shape would dominate the run).
+AUTOTUNE = os.environ.get("ANCHOR_KERNELS_AUTOTUNE", "1") == "1"
+_autotuned = {(k, fam): triton.autotune(CONFIGS[("fwd_" if k == "fwd" else "bwd_") + fam],
+                                        key=["M", "N", "D"])(fn)
+              for k, fn in _KERNELS.items() for fam in ("half", "fp32")}
+
+
+def _launcher(kernel: str, dtype: torch.dtype):
+    """(launchable kernel, extra launch arguments) for this kernel and dtype."""
+    if INTERPRET:
+        return _KERNELS[kernel], INTERPRET_META
+    if AUTOTUNE:
+        return _autotuned[(kernel, config_family(dtype))], {}
+    config = configs_for(kernel, dtype)[0]
+    return _KERNELS[kernel], dict(config.kwargs, num_warps=config.num_warps,
+                                  num_stages=config.num_stages)
+
+
+def _launch(kernel: str, dtype: torch.dtype, rows: int, block: str, *args, **constexprs):
+    fn, meta = _launcher(kernel, dtype)
+    fn[lambda m: (triton.cdiv(rows, m[block]),)](*args, **constexprs, **meta)
 
 
 def block_d(d: int) -> int:
@@ -96,12 +125,12 @@ def supcon_fwd_triton(
     loss, lse, sbar, logz2 = (torch.empty(m, device=f.device, dtype=torch.float32) for _ in range(4))
     npos = torch.empty(m, device=f.device, dtype=torch.int32)
     with _device_guard(f):
-        _fwd[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
-            f, g_, y_f, y_g_, rf, rg, loss, lse, sbar, logz2, npos,
+        _launch(
+            "fwd", f.dtype, m, "BLOCK_M", f, g_, y_f, y_g_, rf, rg, loss, lse, sbar, logz2, npos,
             m, n, d, f.stride(0), f.stride(1), g_.stride(0), g_.stride(1), self_offset,
             1.0 / temperature, beta,
             BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only, **dot_flags(f.dtype),
-            BLOCK_D=block_d(d), **_meta)
+            BLOCK_D=block_d(d))
     rg_out = rf.new_empty(0) if single else rg  # outputs of a custom op may not alias
     return loss, lse, sbar, logz2, npos, rf, rg_out
 
@@ -132,18 +161,18 @@ def supcon_bwd_triton(
     df = torch.empty(m, d, device=f.device, dtype=f.dtype)
     flags = dict(NORMALIZE=normalize, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only,
                  EXACT=exact_weights and beta != 0.0, **dot_flags(f.dtype),
-                 BLOCK_D=block_d(d), **_meta)
+                 BLOCK_D=block_d(d))
     scalars = (self_offset, 1.0 / temperature, beta, temperature)
     with _device_guard(f):
-        _bwd_rows[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
-            f, g_, y_f, y_g_, rf, rg_, lse, sbar, logz2, npos, grad, df,
+        _launch(
+            "bwd_rows", f.dtype, m, "BLOCK_M", f, g_, y_f, y_g_, rf, rg_, lse, sbar, logz2, npos, grad, df,
             m, n, d, f.stride(0), f.stride(1), g_.stride(0), g_.stride(1),
             df.stride(0), df.stride(1), *scalars, SINGLE_SET=single, **flags)
         if single:
             return df, f.new_empty(0)
         dg = torch.empty(n, d, device=g.device, dtype=g.dtype)
-        _bwd_cols[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            f, g, y_f, y_g, rf, rg, lse, sbar, logz2, npos, grad, dg,
+        _launch(
+            "bwd_cols", f.dtype, n, "BLOCK_N", f, g, y_f, y_g, rf, rg, lse, sbar, logz2, npos, grad, dg,
             m, n, d, f.stride(0), f.stride(1), g.stride(0), g.stride(1),
             dg.stride(0), dg.stride(1), *scalars, **flags)
     return df, dg
@@ -207,3 +236,36 @@ class TritonSupCon:
 
 
 BACKEND = TritonSupCon()
+
+
+def sm90_compile_specs():
+    """(kernel, signature, constexprs, num_warps, num_stages) for every kernel, dtype and
+    autotuner configuration, for ``anchor_kernels.ops.sm90_check`` (compiled with no GPU)."""
+    kinds = {"F": "x", "G": "x", "DF": "x", "DG": "x", "YF": "*i64", "YG": "*i64",
+             "NPOS": "*i32", "inv_tau": "fp32", "beta": "fp32", "tau": "fp32"}
+    flag_sets = {
+        "fwd": [dict(BETA_ZERO=False, LSE_ONLY=False)],
+        "bwd_rows": [dict(SINGLE_SET=single, NORMALIZE=True, BETA_ZERO=False, LSE_ONLY=False,
+                          EXACT=True) for single in (True, False)],
+        "bwd_cols": [dict(NORMALIZE=True, BETA_ZERO=False, LSE_ONLY=False, EXACT=True)],
+    }
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    for name, kernel in _KERNELS.items():
+        for dtype in DTYPES:
+            for flags in flag_sets[name]:
+                for config in configs_for(name, dtype):
+                    constexprs = dict(flags, DOT_PRECISION=dot_precision(dtype), UPCAST=False,
+                                      BLOCK_D=128, **config.kwargs)
+                    signature = {}
+                    for arg in kernel.arg_names:
+                        if arg in constexprs:
+                            signature[arg] = "constexpr"
+                        elif kinds.get(arg) == "x":
+                            signature[arg] = "*" + names[dtype]
+                        elif arg in kinds:
+                            signature[arg] = kinds[arg]
+                        elif arg in ("M", "N", "D", "SELF_OFFSET") or arg.startswith("stride"):
+                            signature[arg] = "i32"
+                        else:  # statistics and gradients: float32 vectors
+                            signature[arg] = "*fp32"
+                    yield kernel, signature, constexprs, config.num_warps, config.num_stages
