@@ -35,8 +35,10 @@ int dtype_code(at::ScalarType t) {
     case at::kDouble:
       return 3;
     default:
-      TORCH_CHECK(false, "pgd: unsupported dtype ", t);
+      break;
   }
+  TORCH_CHECK(false, "pgd: unsupported dtype ", t);
+  return -1;
 }
 
 const void* optional_ptr(const std::optional<at::Tensor>& t) {
