@@ -72,7 +72,7 @@ class PGD:
         loss: "ce" (summed cross-entropy of ``model(x_adv)``), "supcon", or a callable
             ``loss(outputs, y) -> scalar`` with ``outputs = forward(x_adv)`` (``embed(x_adv)``
             when ``embed`` is given, else ``model(x_adv)``); the attack maximises it.
-        norm: "linf" (every backend) or "l2" (eager backend).
+        norm: "linf" (every backend) or "l2" (step: triton or eager; random start: eager).
         lo, hi: the valid input range.
         eval_mode: True (default) runs the model in eval mode during the attack, False in
             train mode, None leaves the modes alone. Every module's flag is restored after.

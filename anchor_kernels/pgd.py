@@ -6,9 +6,10 @@
 in one pass over memory each (``reference.pgd_step`` / ``reference.pgd_random_start`` are
 the spec, bit for bit). Backends, xformers-style: ``triton`` (CUDA; the interpreter on CPU
 when TRITON_INTERPRET=1), ``cuda`` and ``cpu`` (the C++ extension), ``eager`` (the reference,
-any device, also the L2 norm). ``backend="auto"`` takes the first of triton, cuda, eager on
-CUDA tensors and cpu, eager on CPU tensors that can run the call; an explicit backend that
-cannot run raises ValueError with its reasons, never falling back.
+any device). The L2 step runs in triton and eager, the L2 random start in eager.
+``backend="auto"`` takes the first of triton, cuda, eager on CUDA tensors and cpu, eager on
+CPU tensors that can run the call; an explicit backend that cannot run raises ValueError
+with its reasons, never falling back.
 
 The random numbers are counter-based (Philox4x32-10 keyed by a 64-bit seed drawn from a
 ``torch.Generator``), so every backend draws the same start for the same generator state.
@@ -43,6 +44,7 @@ class PGDProblem:
 
     x: Tensor  # (B, ...): the clean inputs (device, dtype, shape)
     norm: str
+    op: str = "step"  # or "random_start"
 
 
 class EagerPGD:
@@ -93,9 +95,10 @@ def select_backend(name: str, p: PGDProblem):
     raise ValueError("no backend can run this PGD call:\n  " + "\n  ".join(refused))
 
 
-def available_backends(x: Tensor, norm: str = "linf") -> dict[str, list[str]]:
-    """Every PGD backend's refusal reasons for inputs like ``x`` (empty list: it can run)."""
-    p = PGDProblem(x, norm)
+def available_backends(x: Tensor, norm: str = "linf", op: str = "step") -> dict[str, list[str]]:
+    """Every PGD backend's refusal reasons for ``op`` ("step" or "random_start") on inputs
+    like ``x`` (an empty list: it can run)."""
+    p = PGDProblem(x, norm, op)
     return {n: get_backend(n).not_supported_reasons(p) for n in BACKEND_NAMES if n != "auto"}
 
 
@@ -177,10 +180,11 @@ def pgd_step(
     """One PGD ascent step, in place on ``x_adv``, in one pass; returns ``x_adv``.
 
     L-inf (default): ``x_adv <- clamp(min(max(x_adv + alpha sign(grad), x - eps), x + eps), lo, hi)``
-    with ``sign(0) = sign(NaN) = 0``. L2 (``norm="l2"``, eager backend): a step of length alpha
+    with ``sign(0) = sign(NaN) = 0``. L2 (``norm="l2"``, triton and eager): a step of length alpha
     along grad / ||grad||, then projection onto the eps-ball around x and the box (see
     ``reference.pgd_step``). Arithmetic in float32 for float16 / bfloat16 inputs, rounded once
-    at the store: every backend gives the reference's bits (L-inf).
+    at the store: every backend gives the reference's bits (L-inf; the L2 norms are sums whose
+    order differs between backends).
 
     Args:
         x_adv, grad, x: same shape, device and dtype (float16, bfloat16, float32, float64).
@@ -238,7 +242,7 @@ def pgd_random_start(
 
     L-inf: ``clamp(x + eps (2u - 1), lo, hi)`` with u uniform in [0, 1) (24 random bits per
     element from Philox4x32-10, element i of x in row-major order is counter i), the same
-    bits on every backend. L2 (eager backend): uniform in the ball, a Gaussian direction
+    bits on every backend. L2 (eager backend only): uniform in the ball, a Gaussian direction
     scaled to radius ``eps r^(1/d)``, r ~ U[0, 1), d the elements per sample (torchattacks'
     PGDL2 takes radius ``eps r``, which crowds the centre).
 
@@ -269,7 +273,7 @@ def pgd_random_start(
         seed = v.check_int("seed", seed, minimum=0)
         if seed >= 2 ** 63:
             raise ValueError(f"seed must be < 2^63, got {seed}")
-    impl = select_backend(backend, PGDProblem(x, norm))
+    impl = select_backend(backend, PGDProblem(x, norm, "random_start"))
     with torch.no_grad():
         # Counters follow the row-major index, so the kernels see contiguous memory.
         xc = x.contiguous()

@@ -265,13 +265,34 @@ def test_l2_step_matches_torchattacks_formula():
     assert ((out - x).flatten(1).norm(dim=1) <= eps + 1e-12).all()
 
 
+@pytest.mark.parametrize("backend", cpu_backends()[:2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 3, 7, 9), (3, 2500), (4, 1)])
+def test_l2_step_backends(backend, dtype, shape):
+    """The Triton L2 step against the reference: equal up to the order of the norms' sums
+    (float32), or one rounding of the stored value (bfloat16)."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.rand(shape, generator=gen)
+    x_adv = (x + 0.2 * torch.randn(shape, generator=gen)).clamp(0, 1)
+    grad = torch.randn(shape, generator=gen)
+    grad[0] = 0.0
+    eps = torch.rand(shape[0], generator=gen) + 0.05
+    eps[1] = 0.0
+    x_adv, grad, x = x_adv.to(dtype), grad.to(dtype), x.to(dtype)
+    expected = R.pgd_step(x_adv.double(), grad.double(), x.double(), eps.double(), 0.3, norm="l2")
+    out = ak.pgd_step(x_adv.clone(), grad, x, eps, 0.3, norm="l2", backend=backend)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=tol)
+    assert ((out.double() - x.double()).flatten(1).norm(dim=1) <= eps + 10 * tol).all()
+
+
 def test_l2_random_start_in_ball():
     x = torch.rand(32, 3, 8, 8)
     eps = torch.linspace(0, 2, 32)
     out = ak.pgd_random_start(x, eps, seed=3, norm="l2")
     assert ((out - x).flatten(1).norm(dim=1) <= eps * (1 + 1e-6)).all()
     assert (out >= 0).all() and (out <= 1).all()
-    with pytest.raises(ValueError, match="only 'linf'"):
+    with pytest.raises(ValueError, match="L2 random start is implemented only in the eager"):
         ak.pgd_random_start(x, 0.1, norm="l2", backend="triton")
 
 
@@ -422,6 +443,13 @@ _COMPILE_SM90 = textwrap.dedent("""
                     dict(BLOCK=P.BLOCK, EPS_PER_SAMPLE=per_sample, INT64=i64), attrs(start_args)),
                     target=target, options={"num_warps": P.NUM_WARPS, "enable_fp_fusion": False})
                 assert k.asm["cubin"] and "fma" not in k.asm["ptx"], (dt, per_sample, i64)
+            l2_args = step_args[:9] + ["inner"]
+            s = sig(l2_args, dt, False)
+            s.update(BLOCK="constexpr", EPS_PER_SAMPLE="constexpr", ALPHA_PER_SAMPLE="constexpr")
+            k = triton.compile(triton.compiler.ASTSource(P._pgd_step_l2_kernel, s,
+                dict(BLOCK=P.L2_BLOCK, EPS_PER_SAMPLE=per_sample, ALPHA_PER_SAMPLE=per_sample),
+                attrs(l2_args)), target=target, options={"num_warps": 4})
+            assert k.asm["cubin"], (dt, per_sample, "l2")
     print("ok")
 """)
 
@@ -474,7 +502,23 @@ def test_random_start_bitwise_gpu(backend, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_l2_step_gpu(dtype):
+    gen = torch.Generator().manual_seed(13)
+    x = torch.rand(512, 3, 32, 32, generator=gen)
+    x_adv = (x + 0.05 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    grad = torch.randn(x.shape, generator=gen)
+    eps = torch.rand(512, generator=gen)
+    x_adv, grad, x = x_adv.to(dtype), grad.to(dtype), x.to(dtype)
+    expected = R.pgd_step(x_adv.double(), grad.double(), x.double(), eps.double(), 0.5, norm="l2")
+    out = ak.pgd_step(x_adv.cuda(), grad.cuda(), x.cuda(), eps.cuda(), 0.5, norm="l2", backend="triton")
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=0, atol=tol)
+
+
+@pytest.mark.gpu
 def test_auto_picks_a_fused_backend_gpu():
     x = torch.rand(8, 3, 4, 4, device="cuda")
     assert P.select_backend("auto", P.PGDProblem(x, "linf")).name == "triton"
-    assert P.select_backend("auto", P.PGDProblem(x, "l2")).name == "eager"
+    assert P.select_backend("auto", P.PGDProblem(x, "l2")).name == "triton"
+    assert P.select_backend("auto", P.PGDProblem(x, "l2", "random_start")).name == "eager"

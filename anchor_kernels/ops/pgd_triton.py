@@ -1,4 +1,5 @@
-"""Triton kernels of the fused PGD step and random start (L-inf), as in-place custom ops.
+"""Triton kernels of the fused PGD step (L-inf and L2) and random start (L-inf), as in-place
+custom ops.
 
 The maths is ``reference.pgd_step`` / ``reference.pgd_random_start``; each kernel is one
 pass over memory:
@@ -111,6 +112,55 @@ def _pgd_step_linf_kernel(
 
 
 @triton.jit
+def _pgd_step_l2_kernel(
+    xa_ptr, g_ptr, x_ptr,  # (B, inner) flat memory, one dtype
+    eps_ptr, alpha_ptr,  # (B,) float32, read only when *_PER_SAMPLE
+    eps, alpha, lo, hi,  # float32 scalars
+    inner,  # elements per sample
+    BLOCK: tl.constexpr, EPS_PER_SAMPLE: tl.constexpr, ALPHA_PER_SAMPLE: tl.constexpr,
+):
+    """One program per sample b, three passes over its row:
+    ||g||, then ||d|| with d = x_adv + alpha g / max(||g||, 1e-12) - x, then
+    x_adv = clamp(x + d min(1, eps / ||d||), lo, hi)."""
+    base = tl.program_id(0).to(tl.int64) * inner
+    if EPS_PER_SAMPLE:
+        e = tl.load(eps_ptr + tl.program_id(0))
+    else:
+        e = eps
+    if ALPHA_PER_SAMPLE:
+        a = tl.load(alpha_ptr + tl.program_id(0))
+    else:
+        a = alpha
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, inner, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        g = tl.load(g_ptr + base + offs, mask=offs < inner, other=0.0).to(tl.float32)
+        acc += g * g
+    scale = a / tl.maximum(tl.sqrt(tl.sum(acc, axis=0)), 1e-12)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, inner, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < inner
+        g = tl.load(g_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+        xa = tl.load(xa_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+        d = xa + scale * g - x
+        acc += d * d
+    dnorm = tl.sqrt(tl.sum(acc, axis=0))
+    factor = tl.where(dnorm > e, e / dnorm, 1.0)
+    for start in range(0, inner, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < inner
+        g = tl.load(g_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+        xa = tl.load(xa_ptr + base + offs, mask=m, other=0.0)
+        x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+        d = xa.to(tl.float32) + scale * g - x
+        y = tl.minimum(tl.maximum(x + d * factor, lo, propagate_nan=tl.PropagateNan.ALL), hi,
+                       propagate_nan=tl.PropagateNan.ALL)
+        tl.store(xa_ptr + base + offs, _round_to(y, xa_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _pgd_random_start_linf_kernel(
     out_ptr, x_ptr,  # (n,) contiguous row-major: the Philox counter is the logical index
     eps_ptr,  # (B,) float32, read only when EPS_PER_SAMPLE
@@ -184,6 +234,30 @@ def _(x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi) -> None:
     return None
 
 
+L2_BLOCK = 1024
+
+
+@torch.library.custom_op("anchor_kernels::pgd_step_l2_triton", mutates_args=("x_adv",))
+def pgd_step_l2_triton(x_adv: Tensor, grad: Tensor, x: Tensor, eps_t: Optional[Tensor],
+                       alpha_t: Optional[Tensor], eps: float, alpha: float, lo: float,
+                       hi: float) -> None:
+    """In-place L2 step; x_adv, grad, x: (B, ...) with one dense, batch-outer layout."""
+    n, inner, _, _ = _launch_args(x_adv)
+    if n == 0:
+        return
+    dummy = x_adv
+    with _device_guard(x_adv):
+        _pgd_step_l2_kernel[(n // inner,)](
+            x_adv, grad, x, dummy if eps_t is None else eps_t,
+            dummy if alpha_t is None else alpha_t, eps, alpha, lo, hi, inner, BLOCK=L2_BLOCK,
+            EPS_PER_SAMPLE=eps_t is not None, ALPHA_PER_SAMPLE=alpha_t is not None, num_warps=4)
+
+
+@pgd_step_l2_triton.register_fake
+def _(x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi) -> None:
+    return None
+
+
 @torch.library.custom_op("anchor_kernels::pgd_random_start_triton", mutates_args=("out",))
 def pgd_random_start_triton(out: Tensor, x: Tensor, eps_t: Optional[Tensor], eps: float,
                             seed: int, lo: float, hi: float) -> None:
@@ -216,12 +290,14 @@ class TritonPGD:
                            "(TRITON_INTERPRET=1 runs it on the CPU, for testing)")
         if p.x.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {p.x.dtype} is not supported (float16, bfloat16, float32)")
-        if p.norm != "linf":
-            reasons.append(f"norm={p.norm!r} is not implemented in Triton (only 'linf')")
+        if p.norm == "l2" and p.op == "random_start":
+            reasons.append("the L2 random start is implemented only in the eager backend")
         return reasons
 
     def step(self, x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi, norm) -> None:
-        torch.ops.anchor_kernels.pgd_step_triton(x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi)
+        op = torch.ops.anchor_kernels.pgd_step_triton if norm == "linf" else \
+            torch.ops.anchor_kernels.pgd_step_l2_triton
+        op(x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi)
 
     def random_start(self, out, x, eps_t, eps, seed, lo, hi, norm) -> None:
         torch.ops.anchor_kernels.pgd_random_start_triton(out, x, eps_t, eps, seed, lo, hi)
