@@ -63,7 +63,8 @@ class PGD:
     the fused step ``x_adv <- proj(x_adv + alpha sign(grad))`` (L-inf) or the L2 step.
 
     Args:
-        model: an ``nn.Module``; its forward gives logits (B, C) for ``loss="ce"``.
+        model: an ``nn.Module``; its forward gives logits (B, C) for ``loss="ce"``. A
+            ``DistributedDataParallel`` model is attacked through its ``.module``.
         eps: radius, float >= 0 or (B,) tensor (per-sample budgets).
         alpha: step size, float > 0 or (B,) tensor.
         steps: number of iterations, >= 0 (0 returns the start point).
@@ -137,6 +138,10 @@ class PGD:
         v.check_choice("backend", backend, BACKEND_NAMES)
         if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
             raise TypeError(f"autocast_dtype must be a torch.dtype, got {type(autocast_dtype).__name__}")
+        # DDP would wait for parameter gradients that the attack never computes: attack the
+        # wrapped module (the same parameters, no gradient sync).
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
         self.model, self.eps, self.alpha, self.random_start = model, eps, alpha, random_start
         self.loss, self.norm, self.eval_mode, self.embed = loss, norm, eval_mode, embed
         self.positives, self.supcon_kwargs = positives, dict(supcon_kwargs or {})

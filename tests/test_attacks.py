@@ -308,3 +308,23 @@ def test_attack_gpu_fused_equals_eager(monkeypatch):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         x_adv = PGD(model, steps=3, loss="supcon", embed=model.embed, loss_backend="triton")(x, y)
     assert_in_box_ball(x_adv, x, 8 / 255)
+
+
+def test_ddp_model_is_attacked_through_its_module(trained, tmp_path):
+    """A DDP-wrapped model: the attack takes no parameter gradients, so DDP's reducer must not
+    be armed by its forward (the next training step would fail otherwise)."""
+    import torch.distributed as dist
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group already running")
+    _, x, y = trained
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(SmallNet())
+        attack = PGD(ddp, eps=0.05, alpha=0.01, steps=2)
+        assert attack.model is ddp.module
+        for _ in range(2):
+            x_adv = attack(x[:16], y[:16])
+            F.cross_entropy(ddp(x_adv), y[:16]).backward()
+        assert all(p.grad is not None for p in ddp.parameters())
+    finally:
+        dist.destroy_process_group()
