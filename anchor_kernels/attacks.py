@@ -138,8 +138,8 @@ class PGD:
         v.check_choice("backend", backend, BACKEND_NAMES)
         if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
             raise TypeError(f"autocast_dtype must be a torch.dtype, got {type(autocast_dtype).__name__}")
-        # DDP would wait for parameter gradients that the attack never computes: attack the
-        # wrapped module (the same parameters, no gradient sync).
+        # DDP's forward arms its reducer for a backward with parameter gradients, which the
+        # attack never runs: attack the wrapped module (same parameters, no gradient sync).
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         self.model, self.eps, self.alpha, self.random_start = model, eps, alpha, random_start

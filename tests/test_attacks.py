@@ -311,8 +311,9 @@ def test_attack_gpu_fused_equals_eager(monkeypatch):
 
 
 def test_ddp_model_is_attacked_through_its_module(trained, tmp_path):
-    """A DDP-wrapped model: the attack takes no parameter gradients, so DDP's reducer must not
-    be armed by its forward (the next training step would fail otherwise)."""
+    """A DDP-wrapped model is attacked through its module, so the attack's forwards do not
+    go through DDP's reducer (which expects a backward with parameter gradients), and
+    training steps with the wrapped model still work after it."""
     import torch.distributed as dist
     if not dist.is_available() or dist.is_initialized():
         pytest.skip("needs torch.distributed and no process group already running")
