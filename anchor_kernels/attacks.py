@@ -219,6 +219,8 @@ class PGD:
         alpha = check_budget("alpha", self.alpha, x, allow_zero=False)[1]
         eps = self.eps if eps is None else eps
         alpha = self.alpha if alpha is None else alpha
+        if x.numel() == 0:
+            return x.detach().clone()
         self._check_inputs(x, y, eps, alpha)
         x = x.detach()
 

@@ -266,6 +266,7 @@ def test_bad_input(trained):
         PGD(model, eps=-torch.ones(x.shape[0]))(x, y)
     with pytest.raises(ValueError, match=r"eps as a tensor must have shape \(128,\)"):
         PGD(model, eps=torch.ones(3))(x, y)
+    assert PGD(model)(x[:0], y[:0]).shape == (0, 3, 8, 8)
     with pytest.raises(ValueError, match="the loss must be a scalar"):
         PGD(model, steps=1, loss=lambda out, t: out)(x, y)
 
