@@ -170,7 +170,7 @@ class PGD:
 
     # -----------------------------------------------------------------------------------
 
-    def _check_inputs(self, x: Tensor, y, eps, alpha) -> None:
+    def _check_inputs(self, x: Tensor, eps, alpha) -> None:
         """Values of x (in [lo, hi], no NaN) and of tensor budgets: one device sync per call."""
         checks = []
         lo_x, hi_x = torch.aminmax(x.detach())
@@ -221,7 +221,7 @@ class PGD:
         alpha = self.alpha if alpha is None else alpha
         if x.numel() == 0:
             return x.detach().clone()
-        self._check_inputs(x, y, eps, alpha)
+        self._check_inputs(x, eps, alpha)
         x = x.detach()
 
         with _EvalMode(self.model, self.eval_mode):
