@@ -466,6 +466,71 @@ def test_triton_kernels_compile_for_sm90():
 
 
 # ---------------------------------------------------------------------------------------
+# the CUDA kernels' device code, run on the host (tests/pgd_cuda_emulator.cpp)
+
+
+EMU_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+@pytest.fixture(scope="module")
+def cuda_emulator(tmp_path_factory):
+    import ctypes
+    import shutil
+
+    from torch.utils.cpp_extension import CUDA_HOME
+    include = next((os.path.join(r, "include") for r in (os.environ.get("CUDA_HOME"), CUDA_HOME,
+                    "/usr/local/cuda") if r and os.path.isfile(os.path.join(r, "include", "cuda_fp16.h"))),
+                   None)
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if include is None or cxx is None:
+        pytest.skip("needs a C++ compiler and the CUDA toolkit headers (cuda_fp16.h)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    lib = str(tmp_path_factory.mktemp("emu") / "pgd_emulator.so")
+    res = subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-I", include, "-I",
+                          os.path.join(os.path.dirname(here), "csrc"),
+                          os.path.join(here, "pgd_cuda_emulator.cpp"), "-o", lib],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    emu = ctypes.CDLL(lib)
+    p, d, i64, b, u = ctypes.c_void_p, ctypes.c_double, ctypes.c_int64, ctypes.c_bool, ctypes.c_uint
+    emu.emu_pgd_step.argtypes = [ctypes.c_int, p, p, p, p, p, d, d, d, d, i64, i64, b, u, b]
+    emu.emu_pgd_random_start.argtypes = [ctypes.c_int, p, p, p, d, ctypes.c_uint64, d, d, i64,
+                                         i64, b, u, b]
+    return emu
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", list(EMU_DTYPES))
+@pytest.mark.parametrize("shape", [(5, 3, 7, 9), (7,), (3, 1, 2, 2)])
+@pytest.mark.parametrize("vec,grid,index64", [(True, 1, False), (True, 3, True), (False, 2, False)])
+def test_cuda_kernels_emulated(cuda_emulator, dtype, shape, vec, grid, index64):
+    """Every path of the CUDA kernels: 128-bit packs with the n mod V tail or one element per
+    thread, a grid-stride loop over a small grid, 32- and 64-bit indices, per-sample eps and
+    alpha (both, one, none)."""
+    gen = torch.Generator().manual_seed(15)
+    ct = R.pgd_compute_dtype(dtype)
+    n, inner = math.prod(shape), math.prod(shape[1:])
+    for per_sample_eps, per_sample_alpha in ((True, True), (True, False), (False, True), (False, False)):
+        x_adv, grad, x, eps, alpha = step_inputs(shape, dtype, gen, per_sample=True)
+        eps_t = eps.to(ct) if per_sample_eps else None
+        alpha_t = alpha.to(ct) if per_sample_alpha else None
+        e = eps if per_sample_eps else 0.05
+        a = alpha if per_sample_alpha else 0.01
+        expected = R.pgd_step(x_adv, grad, x, e, a)
+        cuda_emulator.emu_pgd_step(EMU_DTYPES[dtype], _ptr(x_adv), _ptr(grad), _ptr(x), _ptr(eps_t),
+                                   _ptr(alpha_t), 0.05, 0.01, 0.0, 1.0, n, inner, vec, grid, index64)
+        assert_equal_bits(x_adv, expected, f"step eps={per_sample_eps} alpha={per_sample_alpha}")
+        out = torch.empty_like(x)
+        seed = 2 ** 63 - 25
+        cuda_emulator.emu_pgd_random_start(EMU_DTYPES[dtype], _ptr(out), _ptr(x), _ptr(eps_t), 0.05,
+                                           seed, 0.0, 1.0, n, inner, vec, grid, index64)
+        assert_equal_bits(out, R.pgd_random_start(x, e, seed), f"start eps={per_sample_eps}")
+
+
+# ---------------------------------------------------------------------------------------
 # tier 2: CUDA
 
 
