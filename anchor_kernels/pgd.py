@@ -68,6 +68,12 @@ _cache: dict[str, object] = {"eager": EagerPGD()}
 
 
 def get_backend(name: str):
+    if name not in _cache and torch.compiler.is_compiling():
+        # Dynamo cannot trace an import or a C++ build: a backend is loaded on its first eager
+        # use (Triton's with this module).
+        return UnavailableBackend(name, f"the {name} PGD backend is loaded on first eager use, "
+                                        "and this process had not used it before torch.compile "
+                                        "traced this call")
     if name not in _cache:
         module, attr = _LOCATIONS[name].split(":")
         try:
@@ -282,3 +288,6 @@ def pgd_random_start(
         if work is not out:
             out.copy_(work)
     return out
+
+
+get_backend("triton")  # cheap (triton is imported with the loss backends): found under torch.compile

@@ -394,6 +394,22 @@ def test_compile_fullgraph():
     assert_equal_bits(compiled(x_adv.clone(), grad, x), expected)
 
 
+def test_compile_before_any_eager_use(monkeypatch):
+    """A backend never used eagerly is not loaded inside a trace: "auto" takes another one,
+    an explicit one says why."""
+    monkeypatch.setattr(P, "_cache", {"eager": P.EagerPGD()})
+    gen = torch.Generator().manual_seed(16)
+    x_adv, grad, x, _, _ = step_inputs((3, 20), torch.float32, gen)
+    expected = R.pgd_step(x_adv, grad, x, 0.03, 0.01)
+    auto = torch.compile(lambda a, g, c: ak.pgd_step(a, g, c, 0.03, 0.01), fullgraph=True,
+                         backend="aot_eager")
+    assert_equal_bits(auto(x_adv.clone(), grad, x), expected)
+    explicit = torch.compile(lambda a, g, c: ak.pgd_step(a, g, c, 0.03, 0.01, backend="cpu"),
+                             fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="loaded on first eager use"):
+        explicit(x_adv.clone(), grad, x)
+
+
 # ---------------------------------------------------------------------------------------
 # the Triton kernels compile for Hopper with no GPU
 

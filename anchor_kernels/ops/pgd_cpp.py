@@ -33,16 +33,21 @@ def _register_fakes() -> None:
     _registered["fakes"] = True
 
 
+_load_errors: dict[str, str | None] = {}
+
+
 def load_error(device_type: str) -> str | None:
-    """None when the C++ PGD ops run on ``device_type`` tensors, else why not."""
-    err = _ext.load() if device_type == "cpu" else _ext.cuda_error()
-    if err is not None:
-        return err
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(
-            "anchor_kernels::pgd_step", device_type.upper()):
-        return f"the C++ extension was built without the {device_type} PGD kernels"
-    _register_fakes()
-    return None
+    """None when the C++ PGD ops run on ``device_type`` tensors, else why not. Found once,
+    eagerly; later calls (also under torch.compile) read the answer."""
+    if device_type not in _load_errors:
+        err = _ext.load() if device_type == "cpu" else _ext.cuda_error()
+        if err is None and not torch._C._dispatch_has_kernel_for_dispatch_key(
+                "anchor_kernels::pgd_step", device_type.upper()):
+            err = f"the C++ extension was built without the {device_type} PGD kernels"
+        if err is None:
+            _register_fakes()
+        _load_errors[device_type] = err
+    return _load_errors[device_type]
 
 
 class CppPGD:
