@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-cap-gb", type=_positive(float),
                    help="never run what is predicted to allocate more (default 4 on cpu)")
     p.add_argument("--time-budget", type=_positive(float), metavar="S",
-                   help="seconds for the sweep; later work is recorded as skipped")
+                   help="seconds for each op's sweep; later work is recorded as skipped")
     p.add_argument("--threads", type=_positive(int),
                    help="CPU threads for torch (default: torch's, usually one per core)")
     p.add_argument("--no-fit", action="store_true", help="skip the largest-batch search")

@@ -35,7 +35,7 @@ class RunConfig:
     min_reps: int = 5
     max_call_s: float = 2.0  # skip timing where one forward+backward call takes longer
     mem_cap_bytes: int | None = None  # CPU: never run what is predicted to exceed this
-    time_budget_s: float = 600.0
+    time_budget_s: float = 600.0  # per op
     fit: bool = True
     fit_max_n: int = 1 << 22
     fit_max_call_s: float = 5.0
@@ -90,10 +90,11 @@ class Sweep:
                         pass
 
     def run_sweep(self, cands_by_op: dict) -> None:
-        clock = _Clock(self.cfg.time_budget_s)
-        # dtype-major: with the dtypes in order of interest, a budget that runs out costs the
+        # One budget per op, so that one op's slow sizes never starve the next op. dtype-major
+        # within an op: with the dtypes in order of interest, a budget that runs out costs the
         # last dtype's largest sizes rather than every dtype's.
         for op, options, sizes in self.cfg.ops:
+            clock = _Clock(self.cfg.time_budget_s)
             for dtype in self.cfg.dtypes:
                 for n in sorted(sizes):
                     self._run_size(op, options, cands_by_op[op.NAME], n, dtype, clock)

@@ -16,7 +16,8 @@ import torch
 from benchmarks import cli, results, timing
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--dim", "8", "--warmup-ms", "1", "--rep-ms", "5", "--min-reps", "2", "--no-progress"]
+FAST = ["--ops", "supcon", "--dim", "8", "--warmup-ms", "1", "--rep-ms", "5", "--min-reps", "2",
+        "--no-progress"]
 
 
 def run_cli(*args) -> int:
@@ -43,7 +44,7 @@ def test_tiny_run_writes_valid_json_csv_and_png(tiny):
     results.validate(doc)
     meta = doc["meta"]
     assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and meta["date"]
-    assert meta["command"].startswith("python -m benchmarks --sizes 32 64 --candidates")
+    assert meta["command"].startswith("python -m benchmarks --sizes 32 64 --candidates eager")
     rows = {(r["candidate"], r["pass"], r["n"]): r for r in doc["results"]}
     for cand in ("eager", "compile"):
         for pass_ in ("fwd", "bwd", "fwd+bwd"):
@@ -69,6 +70,19 @@ def test_tiny_run_writes_valid_json_csv_and_png(tiny):
 
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_an_op_with_no_backward_is_timed_forward_only_in_gb_per_s(tmp_path):
+    out = tmp_path / "pgd.json"
+    assert run_cli("--ops", "pgd", "--sizes", 8, 16, "--candidates", "eager", "--warmup-ms", 1,
+                   "--rep-ms", 5, "--min-reps", 2, "--no-progress", "--out", out) == 0
+    doc = json.loads(out.read_text())
+    results.validate(doc)
+    assert {(r["pass"], r["status"]) for r in doc["results"]} == {("fwd", "ok")}
+    for r in doc["results"]:
+        moved = 4 * r["n"] * 3 * 32 * 32 * 4  # read x_adv, grad, x; write x_adv (float32)
+        assert r["gbps"] == pytest.approx(moved / (r["ms"] * 1e-3) / 1e9) and r["tflops"] is None
+    assert doc["largest_fit"] == []  # nothing to search: its memory is its inputs
 
 
 def test_eager_memory_is_at_least_its_n_by_n_logits(tiny):

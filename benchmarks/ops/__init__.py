@@ -21,6 +21,7 @@ from types import ModuleType
 
 OPS = {
     "supcon": "benchmarks.ops.supcon",
+    "pgd": "benchmarks.ops.pgd",
 }
 
 
