@@ -96,6 +96,8 @@ class TrainConfig:
                           choices=("auto", "bf16", "fp32"))
     channels_last: bool | None = _opt(None, "channels_last memory format (default: on for CUDA)")
     compile: bool = _opt(False, "torch.compile the model")
+    deterministic: bool = _opt(False, "deterministic kernels, so that --resume is bit-exact on a GPU "
+                               "too (slower; on the CPU runs are deterministic anyway)")
     sync_bn: bool = _opt(False, "SyncBatchNorm under torchrun")
     progress: bool = _opt(True, "tqdm progress bar with images/s (rank 0 only)")
     log_every: int = _opt(20, "steps between progress updates and NaN checks (each one synchronises)")

@@ -77,6 +77,12 @@ class Trainer:
         if state is None:
             self._claim_out_dir()
 
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
         self.channels_last = dev.type == "cuda" if cfg.channels_last is None else cfg.channels_last
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
