@@ -66,6 +66,9 @@ class TrainConfig:
     pgd_steps: int = _opt(10, "PGD steps K of the training attack")
     random_start: bool = _opt(True, "uniform random start in the eps-ball")
     attack_loss: str = _opt("ce", "objective the ANCHOR attack maximises", choices=("ce", "supcon"))
+    attack_bn: str = _opt("eval", "BatchNorm while crafting training attacks: 'eval' (running "
+                          "statistics, as TRADES) or 'train' (batch statistics, updating the "
+                          "running ones)", choices=("eval", "train"))
 
     # losses
     temperature: float = _opt(0.1, "SupCon temperature tau")

@@ -73,13 +73,37 @@ def trades_kl(logits_adv: Tensor, p_clean: Tensor) -> Tensor:
     return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), p_clean, reduction="sum")
 
 
-def build_attack(method: str, model: nn.Module, cfg: TrainConfig):
-    """The training attack: ``anchor_kernels.attacks.PGD`` with the run's eps, alpha, K."""
+def _pgd(model: nn.Module, cfg: TrainConfig, loss, **kw):
     from ..attacks import PGD
 
-    objective = {"anchor": cfg.attack_loss, "pgd-at": "ce", "trades": trades_kl}[method]
     return PGD(model, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.pgd_steps,
-               random_start=cfg.random_start, loss=objective)
+               random_start=cfg.random_start, loss=loss, eval_mode=cfg.attack_bn == "eval", **kw)
+
+
+class TradesAttack:
+    """``attack(x, p_clean) -> x_adv``: PGD maximising ``trades_kl`` against the clean
+    prediction ``p_clean`` (B, C) of this step."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig):
+        self.model, self.cfg = model, cfg
+
+    def __call__(self, x: Tensor, p_clean: Tensor) -> Tensor:
+        return _pgd(self.model, self.cfg, lambda logits, _: trades_kl(logits, p_clean))(x, None)
+
+
+def build_attack(method: str, model: nn.Module, cfg: TrainConfig):
+    """The training attack, ``anchor_kernels.attacks.PGD`` with the run's eps, alpha and K:
+    CE for pgd-at (and anchor by default), the SupCon loss of the projections for
+    ``--attack-loss supcon``, the TRADES KL for trades."""
+    if method == "trades":
+        return TradesAttack(model, cfg)
+    if method == "anchor" and cfg.attack_loss == "supcon":
+        return _pgd(model, cfg, "supcon", embed=lambda x: model(x, with_embedding=True)[1],
+                    supcon_kwargs=dict(temperature=cfg.temperature,
+                                       hard_positive_beta=cfg.hard_positive_beta,
+                                       hard_positive_topk=cfg.hard_positive_topk),
+                    loss_backend=cfg.loss_backend)
+    return _pgd(model, cfg, "ce")
 
 
 def _loss_and_backward(ctx: StepContext, outputs: tuple[Tensor, ...], loss_fn) -> dict[str, Tensor]:
@@ -136,9 +160,9 @@ def pgd_at_step(ctx: StepContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
 def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     b, beta = x.shape[0], ctx.cfg.trades_beta
     with ctx.timer.section("attack"), ctx.autocast():
-        # TRADES crafts x_adv against the eval-mode model's clean prediction.
+        # The KL target is the clean prediction in the mode the attack runs in.
         was_training = ctx.model.training
-        ctx.model.eval()
+        ctx.model.train(ctx.cfg.attack_bn == "train")
         with torch.no_grad():
             p_clean = F.softmax(ctx.model(x).float(), dim=1)
         ctx.model.train(was_training)

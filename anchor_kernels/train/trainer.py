@@ -297,7 +297,8 @@ class Trainer:
         loader = DeviceLoader(self.test_split, self.cfg.eval_batch_size, self.device, train=False,
                               rank=self.info.rank, world=self.info.world, limit=samples)
         t0 = time.perf_counter()
-        out = evaluate(self.attack_model, loader, self.info, self.autocast, self.channels_last)
+        out = evaluate(self.attack_model, loader, self.info,
+                       torch.bfloat16 if self.bf16 else None, self.channels_last)
         out["eval_s"] = time.perf_counter() - t0
         return out
 
@@ -330,7 +331,7 @@ class Trainer:
     def _print_row(self, row: dict) -> None:
         if not self.cfg.progress:
             return
-        keep = ("epoch", "loss", "clean_acc", "pgd20_acc", "images_per_s", "attack_ms",
+        keep = ("epoch", "loss", "clean_acc", "pgd20_trades_acc", "pgd20_acc", "images_per_s", "attack_ms",
                 "fwd_bwd_ms", "loss_ms")
         print(" ".join(f"{k}={_round(row[k])}" for k in keep if k in row), file=sys.stderr, flush=True)
 
