@@ -194,7 +194,7 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "epoch": self.epoch, "global_step": self.global_step,
                 "phase": self._phase, "config": self.cfg.to_dict(), "model": self.net.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": rng, "world_size": self.info.world,
-                "device_type": self.device.type, "torch_version": torch.__version__}
+                "device_type": self.device.type, "torch_version": str(torch.__version__)}
 
     # ---- training -------------------------------------------------------------------------
 
