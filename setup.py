@@ -11,4 +11,5 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"triton": ["triton>=3.0"], "train": ["tqdm", "matplotlib"]},
+    entry_points={"console_scripts": ["anchor-train=anchor_kernels.train.trainer:main"]},
 )
