@@ -120,6 +120,14 @@ def _loss_and_backward(ctx: StepContext, outputs: tuple[Tensor, ...], loss_fn) -
     return {"loss": total.detach(), **{k: v.detach() for k, v in parts.items()}}
 
 
+def _cat(x: Tensor, x_adv: Tensor) -> Tensor:
+    """(2B, C, H, W) in x's memory format (channels_last stays channels_last, a no-op copy
+    when the attack already kept it)."""
+    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+    return torch.cat([x, x_adv]).contiguous(memory_format=fmt)
+
+
 def _correct(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.detach().argmax(dim=1) == y).sum()
 
@@ -129,7 +137,7 @@ def anchor_step(ctx: StepContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     with ctx.timer.section("attack"), ctx.autocast():
         x_adv = ctx.attack(x, y)
     with ctx.timer.section("forward"), ctx.autocast():
-        logits, emb = ctx.train_model(torch.cat([x, x_adv]), with_embedding=True)
+        logits, emb = ctx.train_model(_cat(x, x_adv), with_embedding=True)
 
     def loss_fn(logits, emb):
         features = torch.stack([emb[:b], emb[b:]], dim=1)  # (B, 2, D): views (augmented, adversarial)
@@ -168,7 +176,7 @@ def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         ctx.model.train(was_training)
         x_adv = ctx.attack(x, p_clean)
     with ctx.timer.section("forward"), ctx.autocast():
-        logits = ctx.train_model(torch.cat([x, x_adv]))
+        logits = ctx.train_model(_cat(x, x_adv))
 
     def loss_fn(logits):
         clean, adv = logits[:b].float(), logits[b:].float()

@@ -131,6 +131,9 @@ class Trainer:
             raise ValueError(f"--out-dir {self.cfg.out_dir!r} already holds a run ({CHECKPOINT_NAME}); "
                              "pass --resume to continue it, --overwrite to start afresh, or "
                              "another --out-dir")
+        ddp.barrier(self.info)  # every process has looked before rank 0 removes anything
+        if os.path.exists(path) and self.info.is_main:
+            os.remove(path)  # --overwrite: never leave the old run's checkpoint beside new metrics
 
     def phase_of(self, epoch: int) -> int:
         return 1 if epoch <= self.cfg.epochs else 2
