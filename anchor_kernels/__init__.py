@@ -1,7 +1,7 @@
 """Fused kernels for ANCHOR: hard-positive-mined supervised contrastive learning with
 adversarial training. See README.md for the maths and the API."""
 
-from . import reference
+from . import distributed, reference
 from .backends import available_backends
 from .losses import HardMinedSupConLoss, PMLSupConLoss, SupConLoss
 from .supcon import supcon_loss
@@ -13,6 +13,7 @@ __all__ = [
     "PMLSupConLoss",
     "SupConLoss",
     "available_backends",
+    "distributed",
     "reference",
     "supcon_loss",
 ]

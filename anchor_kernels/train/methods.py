@@ -17,7 +17,6 @@ the step time be split into attack / forward / loss (forward and backward) / bac
 
 from __future__ import annotations
 
-import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Callable
@@ -46,19 +45,14 @@ def make_supcon(cfg: TrainConfig, world: int) -> Callable[[Tensor, Tensor], Tens
     """features (B, 2, D), labels (B,) -> the hard-mined SupCon loss.
 
     Under torchrun the loss sees the global batch through ``anchor_kernels.distributed``
-    (anchors local, contrast set gathered from every rank); if that module is missing, each
-    rank's loss sees only its local batch and a warning says so.
+    (anchors local, contrast set gathered from every rank; each rank's value is its share,
+    scaled so that DDP's gradient average is the single-process gradient of the global batch).
     """
     kwargs = dict(temperature=cfg.temperature, hard_positive_beta=cfg.hard_positive_beta,
                   hard_positive_topk=cfg.hard_positive_topk, backend=cfg.loss_backend)
-    loss_fn = None
     if world > 1:
-        try:
-            from ..distributed import supcon_loss as loss_fn
-        except ImportError as exc:
-            warnings.warn(f"anchor_kernels.distributed is unavailable ({exc}); the SupCon loss "
-                          "sees each process's local batch only", stacklevel=2)
-    if loss_fn is None:
+        from ..distributed import supcon_loss as loss_fn
+    else:
         from ..supcon import supcon_loss as loss_fn
 
     def supcon(features: Tensor, labels: Tensor) -> Tensor:
