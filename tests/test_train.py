@@ -172,7 +172,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     cmd = [sys.executable, "-m", "anchor_kernels.train", *args]
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     path = tmp_path / "killed" / checkpoint.CHECKPOINT_NAME
-    deadline = time.time() + 120
+    deadline = time.time() + 240
     while not path.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     alive = proc.poll() is None
