@@ -7,6 +7,7 @@ one CPU thread; GPU tests (tier 2) use the real sizes briefly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -20,12 +21,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from anchor_kernels import supcon_loss
 from anchor_kernels.train import Trainer, TrainingDiverged, main, parse_args
 from anchor_kernels.train import bench, checkpoint, data
 from anchor_kernels.train.augment import random_crop_flip
+from anchor_kernels.train.config import TrainConfig
+from anchor_kernels.train.methods import STEPS, StepContext
 from anchor_kernels.train.metrics import read_jsonl
 from anchor_kernels.train.models import AnchorNet
 from anchor_kernels.train.schedule import lr_at
+from anchor_kernels.train.timing import SectionTimer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED_LOSS_PARTS = {"anchor": {"loss_supcon", "loss_ce"}, "pgd-at": {"loss_ce"},
@@ -118,6 +123,53 @@ def test_anchor_supcon_attack_and_phase2_trains_only_the_classifier(tmp_path):
     after = t.net.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"classifier.weight", "classifier.bias"}  # incl. BN buffers unchanged
+
+
+class _RecordingOptimizer:
+    """Stands in for SGD: keeps the gradients of the step instead of applying them."""
+
+    def __init__(self, params):
+        self.params, self.grads = list(params), None
+
+    def step(self):
+        self.grads = [None if p.grad is None else p.grad.clone() for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+@pytest.mark.parametrize("method", ["anchor", "trades"])
+def test_split_loss_backward_gives_the_joint_gradient(method):
+    """The step computes the loss on detached outputs and then backpropagates their gradient
+    (to time the loss on its own); that must be the gradient of one joint backward."""
+    torch.manual_seed(0)
+    net = AnchorNet(10, 0.0625)
+    x, y = torch.rand(6, 3, 16, 16), torch.tensor([0, 1, 0, 2, 1, 0])
+    x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    cfg = TrainConfig(method=method, loss_backend="eager")
+    opt = _RecordingOptimizer(net.parameters())
+    ctx = StepContext(model=net, train_model=net, optimizer=opt, cfg=cfg,
+                      timer=SectionTimer(torch.device("cpu")), autocast=contextlib.nullcontext,
+                      attack=lambda *_: x_adv,
+                      supcon=lambda f, lab: supcon_loss(f, lab, hard_positive_beta=1.0, backend="eager"))
+    out = STEPS[method](ctx, x, y)
+
+    net.zero_grad()
+    if method == "anchor":
+        logits, emb = net(torch.cat([x, x_adv]), with_embedding=True)
+        loss = supcon_loss(torch.stack([emb[:6], emb[6:]], 1), y, hard_positive_beta=1.0,
+                           backend="eager") + F.cross_entropy(logits[6:], y)
+    else:
+        logits = net(torch.cat([x, x_adv]))
+        loss = F.cross_entropy(logits[:6], y) + 6.0 * F.kl_div(
+            F.log_softmax(logits[6:], 1), F.softmax(logits[:6], 1), reduction="batchmean")
+    loss.backward()
+    assert out["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
+    for (name, p), g in zip(net.named_parameters(), opt.grads):
+        assert (g is None) == (p.grad is None), name  # the baselines leave the head untouched
+        if g is not None:
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 # ---- exact resume ----------------------------------------------------------------------------
