@@ -93,17 +93,19 @@ def write_json(path: str, obj: dict) -> None:
 
 
 def plot_curves(rows: list[dict], path: str) -> None:
-    """Loss parts, accuracies and throughput against the epoch, one panel each."""
+    """Loss parts, accuracies, throughput and the step-time split against the epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    keys = _keys(rows)
     panels = [
-        ("loss", [k for k in _keys(rows) if k.startswith("loss")]),
-        ("accuracy", [k for k in _keys(rows) if k.endswith("_acc")]),
+        ("loss", [k for k in keys if k.startswith("loss") and not k.endswith("_ms")]),
+        ("accuracy", [k for k in keys if k.endswith("_acc")]),
         ("images/s", ["images_per_s"]),
+        ("ms per step", ["step_ms", "attack_ms", "fwd_bwd_ms", "loss_ms"]),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
     for ax, (title, keys) in zip(axes, panels):
         for key in keys:
             pts = [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
