@@ -35,7 +35,8 @@ from .timing import SectionTimer
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m anchor_kernels.train.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, nargs="+", default=[512, 4096], help="batch sizes B (2B rows in the loss)")
+    p.add_argument("--batch", type=int, nargs="+", default=[512, 4096],
+                   help="batch sizes B (2B rows in the loss)")
     p.add_argument("--loss-backend", nargs="+", default=["eager", "triton"], choices=BACKEND_NAMES)
     p.add_argument("--method", default="anchor", choices=METHODS)
     p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps K of the training attack")
@@ -123,7 +124,8 @@ def _sync(device: torch.device) -> None:
 def environment(device: torch.device) -> dict:
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"}
+           "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                           else platform.processor() or "cpu")}
     try:
         import triton
         env["triton"] = triton.__version__
@@ -137,14 +139,17 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     env = environment(device)
     print(f"# {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
-          f"{'bf16 autocast' if bf16 else 'fp32'} | {args.method}, PGD-{args.pgd_steps}, width {args.width}")
-    header = f"{'batch':>6} {'backend':>8} {'images/s':>10} {'step ms':>9} {'attack':>8} {'fwd+bwd':>8} {'loss':>8} {'speed-up':>8}"
+          f"{'bf16 autocast' if bf16 else 'fp32'} | {args.method}, PGD-{args.pgd_steps}, "
+          f"width {args.width}")
+    header = (f"{'batch':>6} {'backend':>8} {'images/s':>10} {'step ms':>9} {'attack':>8} "
+              f"{'fwd+bwd':>8} {'loss':>8} {'speed-up':>8}")
     print(header)
     rows = []
     for batch in args.batch:
@@ -168,8 +173,9 @@ def main(argv=None) -> int:
                 continue
             row["speedup_vs_eager"] = row["images_per_s"] / eager if eager else None
             sp = f"{row['speedup_vs_eager']:.3f}x" if eager else "-"
-            print(f"{batch:>6} {row['loss_backend']:>8} {row['images_per_s']:>10.1f} {row['step_ms']:>9.2f} "
-                  f"{row['attack_ms']:>8.2f} {row['fwd_bwd_ms']:>8.2f} {row['loss_ms']:>8.2f} {sp:>8}",
+            print(f"{batch:>6} {row['loss_backend']:>8} {row['images_per_s']:>10.1f} "
+                  f"{row['step_ms']:>9.2f} {row['attack_ms']:>8.2f} {row['fwd_bwd_ms']:>8.2f} "
+                  f"{row['loss_ms']:>8.2f} {sp:>8}",
                   flush=True)
         rows += group
     if args.out:

@@ -40,7 +40,8 @@ class TrainConfig:
     synthetic_train_size: int = _opt(2048, "training images of --dataset synthetic")
     synthetic_test_size: int = _opt(512, "test images of --dataset synthetic")
     synthetic_image_size: int = _opt(32, "side of the --dataset synthetic images (small for tests)")
-    out_dir: str = _opt("runs/anchor", "checkpoint, metrics.jsonl/.csv, curves.png and config.json go here")
+    out_dir: str = _opt("runs/anchor", "checkpoint, metrics.jsonl/.csv, curves.png and "
+                        "config.json go here")
     overwrite: bool = _opt(False, "start afresh in an --out-dir that already holds a run")
     resume: str | None = _opt(None, "continue a run: from OUT_DIR/checkpoint.pt (bare --resume) or "
                               "from the given checkpoint", nargs="?", const="auto")
@@ -115,13 +116,15 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value not in choices:
-                raise ValueError(f"--{flag_of(f.name)} must be one of {', '.join(choices)}; got {value!r}")
+                raise ValueError(f"--{flag_of(f.name)} must be one of {', '.join(choices)}; "
+                                 f"got {value!r}")
         for name in ("epochs", "phase2_epochs", "steps_per_epoch"):
             value = getattr(self, name)
             if value is not None:
                 need(isinstance(value, int) and value >= (0 if "epochs" in name else 1),
                      flag_of(name), "a non-negative int" if "epochs" in name else "an int >= 1", value)
-        need(self.epochs + self.phase2_epochs > 0, "epochs", "> 0 (or give --phase2-epochs)", self.epochs)
+        need(self.epochs + self.phase2_epochs > 0, "epochs", "> 0 (or give --phase2-epochs)",
+             self.epochs)
         for name in ("batch_size", "pgd_steps", "embed_dim", "eval_every", "eval_batch_size",
                      "log_every", "synthetic_train_size", "synthetic_test_size",
                      "synthetic_image_size"):

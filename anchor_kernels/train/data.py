@@ -42,9 +42,6 @@ class Split:
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def to(self, device) -> "Split":
-        return Split(self.x.to(device), self.y.to(device))
-
 
 def load_dataset(dataset: str, path: str, *, synthetic_sizes=(2048, 512), image_size: int = 32,
                  seed: int = 0):
@@ -68,7 +65,8 @@ def find_cifar10_folder(path: str) -> str:
         raise DataError(f"CIFAR-10 data not found: {path!r} does not exist; {EXPECTED}")
     if os.path.isfile(path):
         raise DataError(f"{path!r} is a file but not an .npz; {EXPECTED}")
-    folder = os.path.join(path, CIFAR_FOLDER) if os.path.isdir(os.path.join(path, CIFAR_FOLDER)) else path
+    nested = os.path.join(path, CIFAR_FOLDER)
+    folder = nested if os.path.isdir(nested) else path
     missing = [f for f in CIFAR_FILES if not os.path.isfile(os.path.join(folder, f))]
     raise DataError(f"CIFAR-10 data incomplete: {folder!r} lacks {', '.join(missing)}; {EXPECTED}")
 
@@ -130,14 +128,15 @@ def load_npz(path: str) -> tuple[Split, Split]:
         raise DataError(f"cannot read {path!r} as .npz: {exc}") from None
     missing = [k for k in NPZ_KEYS if k not in arrays.files]
     if missing:
-        raise DataError(f"{path!r} lacks array(s) {', '.join(missing)} (has {', '.join(arrays.files)}); "
-                        f"expected {', '.join(NPZ_KEYS)}")
+        raise DataError(f"{path!r} lacks array(s) {', '.join(missing)} "
+                        f"(has {', '.join(arrays.files)}); expected {', '.join(NPZ_KEYS)}")
     splits = []
     for xs, ys in (("x_train", "y_train"), ("x_test", "y_test")):
         x = _images(xs, arrays[xs], path)
         y = np.asarray(arrays[ys]).reshape(-1)
         if not np.issubdtype(y.dtype, np.integer) or y.shape[0] != x.shape[0]:
-            raise DataError(f"{path!r}: {ys} must hold {x.shape[0]} integer labels, got {y.dtype} {y.shape}")
+            raise DataError(f"{path!r}: {ys} must hold {x.shape[0]} integer labels, "
+                            f"got {y.dtype} {y.shape}")
         if y.size and y.min() < 0:
             raise DataError(f"{path!r}: {ys} has negative labels")
         splits.append(Split(x, torch.from_numpy(y.astype(np.int64))))
@@ -200,10 +199,6 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         return self.steps
-
-    @property
-    def num_images(self) -> int:
-        return self.x.shape[0]
 
     def epoch(self, epoch: int, channels_last: bool = False):
         """Yield (x (b, 3, H, W) float32 in [0, 1], y (b,)) for one epoch."""

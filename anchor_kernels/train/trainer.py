@@ -288,7 +288,8 @@ class Trainer:
                 row[f"train_{k.split('_')[1]}_acc"] = totals[k] / images
         row["images_per_s"] = images / wall
         row["step_ms"] = 1e3 * wall / n
-        attack, fwd, loss, bwd = (sections.get(k, 0.0) for k in ("attack", "forward", "loss", "backward"))
+        attack, fwd, loss, bwd = (sections.get(k, 0.0)
+                                  for k in ("attack", "forward", "loss", "backward"))
         row["attack_ms"] = 1e3 * attack / n
         row["fwd_bwd_ms"] = 1e3 * (fwd + bwd) / n
         row["loss_ms"] = 1e3 * loss / n
@@ -334,8 +335,8 @@ class Trainer:
     def _print_row(self, row: dict) -> None:
         if not self.cfg.progress:
             return
-        keep = ("epoch", "loss", "clean_acc", "pgd20_trades_acc", "pgd20_acc", "images_per_s", "attack_ms",
-                "fwd_bwd_ms", "loss_ms")
+        keep = ("epoch", "loss", "clean_acc", "pgd20_trades_acc", "pgd20_acc", "images_per_s",
+                "attack_ms", "fwd_bwd_ms", "loss_ms")
         print(" ".join(f"{k}={_round(row[k])}" for k in keep if k in row), file=sys.stderr, flush=True)
 
 
