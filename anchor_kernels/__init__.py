@@ -1,9 +1,10 @@
 """Fused kernels for ANCHOR: hard-positive-mined supervised contrastive learning with
 adversarial training. See README.md for the maths and the API."""
 
-from . import distributed, reference
+from . import attacks, distributed, reference
 from .backends import available_backends
 from .losses import HardMinedSupConLoss, PMLSupConLoss, SupConLoss
+from .pgd import pgd_random_start, pgd_step
 from .supcon import supcon_loss
 
 __version__ = "0.1.0"
@@ -12,8 +13,11 @@ __all__ = [
     "HardMinedSupConLoss",
     "PMLSupConLoss",
     "SupConLoss",
+    "attacks",
     "available_backends",
     "distributed",
+    "pgd_random_start",
+    "pgd_step",
     "reference",
     "supcon_loss",
 ]
