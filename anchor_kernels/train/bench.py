@@ -38,6 +38,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, nargs="+", default=[512, 4096],
                    help="batch sizes B (2B rows in the loss)")
     p.add_argument("--loss-backend", nargs="+", default=["eager", "triton"], choices=BACKEND_NAMES)
+    p.add_argument("--pgd-backend", default="auto", choices=BACKEND_NAMES,
+                   help="backend of the fused PGD step")
     p.add_argument("--method", default="anchor", choices=METHODS)
     p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps K of the training attack")
     p.add_argument("--hard-positive-beta", type=float, default=1.0)
@@ -63,7 +65,7 @@ def run_config(args, batch: int, backend: str, device: torch.device, bf16: bool)
     """One (batch, backend) measurement; the same seed gives the same weights and batches."""
     cfg = TrainConfig(method=args.method, pgd_steps=args.pgd_steps, width=args.width,
                       hard_positive_beta=args.hard_positive_beta, loss_backend=backend,
-                      batch_size=batch)
+                      pgd_backend=args.pgd_backend, batch_size=batch)
     torch.manual_seed(0)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     net = AnchorNet(10, cfg.width, cfg.embed_dim).to(device, memory_format=fmt)
@@ -106,7 +108,8 @@ def run_config(args, batch: int, backend: str, device: torch.device, bf16: bool)
     wall = time.perf_counter() - t0
     sections = timer.totals()
     n = args.steps
-    row = {"batch": batch, "loss_backend": backend, "method": cfg.method, "pgd_steps": cfg.pgd_steps,
+    row = {"batch": batch, "loss_backend": backend, "pgd_backend": cfg.pgd_backend,
+           "method": cfg.method, "pgd_steps": cfg.pgd_steps,
            "width": cfg.width, "images_per_s": batch * n / wall, "step_ms": 1e3 * wall / n,
            "attack_ms": 1e3 * sections.get("attack", 0) / n,
            "fwd_bwd_ms": 1e3 * (sections.get("forward", 0) + sections.get("backward", 0)) / n,

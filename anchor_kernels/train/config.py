@@ -67,6 +67,8 @@ class TrainConfig:
     pgd_steps: int = _opt(10, "PGD steps K of the training attack")
     random_start: bool = _opt(True, "uniform random start in the eps-ball")
     attack_loss: str = _opt("ce", "objective the ANCHOR attack maximises", choices=("ce", "supcon"))
+    pgd_backend: str = _opt("auto", "backend of the fused PGD step and random start (training "
+                            "and evaluation attacks)", choices=BACKEND_NAMES)
     attack_bn: str = _opt("eval", "BatchNorm while crafting training attacks: 'eval' (running "
                           "statistics, as TRADES) or 'train' (batch statistics, updating the "
                           "running ones)", choices=("eval", "train"))
@@ -164,7 +166,7 @@ def flag_of(name: str) -> str:
 # Fields that do not change the trajectory of a run: a resumed run may change them.
 RESUME_FREE = {"epochs", "phase2_epochs", "out_dir", "overwrite", "resume", "eval_every",
                "eval_samples", "final_eval_samples", "eval_batch_size", "progress", "log_every",
-               "compile", "data", "loss_backend"}
+               "compile", "data", "loss_backend", "pgd_backend"}
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:

@@ -15,14 +15,15 @@ from .data import DeviceLoader
 
 
 def evaluate(model: nn.Module, loader: DeviceLoader, info: ddp.DistInfo,
-             autocast_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict:
+             autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
+             pgd_backend: str = "auto") -> dict:
     """{"clean_acc", "pgd20_trades_acc", "pgd20_acc", "eval_images"} over every image of
     ``loader`` on every process (forwards and attacks under ``autocast_dtype`` if given)."""
     from ..attacks import evaluate as attacks_evaluate
     from ..attacks import pgd20, pgd20_trades
 
-    attacks = {"pgd20_trades": pgd20_trades(model, autocast_dtype=autocast_dtype),
-               "pgd20": pgd20(model, autocast_dtype=autocast_dtype)}
+    kw = dict(autocast_dtype=autocast_dtype, backend=pgd_backend)
+    attacks = {"pgd20_trades": pgd20_trades(model, **kw), "pgd20": pgd20(model, **kw)}
     names = ["clean", *attacks]
     counts = torch.zeros(len(names) + 1, dtype=torch.float64)
     if len(loader):  # a process can get no test image when there are fewer than processes

@@ -71,7 +71,8 @@ def _pgd(model: nn.Module, cfg: TrainConfig, loss, **kw):
     from ..attacks import PGD
 
     return PGD(model, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.pgd_steps,
-               random_start=cfg.random_start, loss=loss, eval_mode=cfg.attack_bn == "eval", **kw)
+               random_start=cfg.random_start, loss=loss, eval_mode=cfg.attack_bn == "eval",
+               backend=cfg.pgd_backend, **kw)
 
 
 class TradesAttack:

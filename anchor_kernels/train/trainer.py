@@ -301,8 +301,8 @@ class Trainer:
         loader = DeviceLoader(self.test_split, self.cfg.eval_batch_size, self.device, train=False,
                               rank=self.info.rank, world=self.info.world, limit=samples)
         t0 = time.perf_counter()
-        out = evaluate(self.attack_model, loader, self.info,
-                       torch.bfloat16 if self.bf16 else None, self.channels_last)
+        out = evaluate(self.attack_model, loader, self.info, torch.bfloat16 if self.bf16 else None,
+                       self.channels_last, self.cfg.pgd_backend)
         out["eval_s"] = time.perf_counter() - t0
         return out
 
