@@ -446,7 +446,7 @@ def test_gpu_run_bf16_channels_last(tmp_path, backend):
     t = trainer(tmp_path, width=0.25, synthetic_image_size=32, batch_size=64,
                 synthetic_train_size=256, loss_backend=backend, device="cuda")
     assert t.bf16 and t.channels_last
-    assert t.net.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert t.net.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     row = t.train_epoch()
     assert np.isfinite(row["loss"]) and row["images_per_s"] > 0 and row["loss_ms"] > 0
 
