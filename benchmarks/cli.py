@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -209,7 +210,7 @@ def _write(doc: dict, out: Path, plot: bool) -> None:
         written.append(draw(doc, out.with_suffix(".png")))
     print(results.table(doc))
     if doc["meta"]["interrupted"]:
-        print("\ninterrupted: the results hold what was measured before Ctrl-C")
+        print("\ninterrupted: the results hold what was measured before Ctrl-C or SIGTERM")
     print("\nwrote " + ", ".join(map(str, written)))
 
 
@@ -225,6 +226,8 @@ def _run(cfg, chosen: dict, progress: bool, preset, argv: list[str]) -> dict:
               desc="benchmarks", unit="case", dynamic_ncols=True) as bar:
         sweep = runner.Sweep(cfg, bar)
         interrupted = False
+        # `timeout` and job schedulers stop with SIGTERM: treat it as Ctrl-C, keeping the results.
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             sweep.discover(chosen)
             sweep.run_sweep(chosen)
@@ -232,6 +235,8 @@ def _run(cfg, chosen: dict, progress: bool, preset, argv: list[str]) -> dict:
                 sweep.run_fit(chosen)
         except KeyboardInterrupt:  # keep what was measured
             interrupted = True
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     config = {
         "preset": preset,
         "ops": {m.NAME: {"options": opts, "sizes": list(sizes), "size_label": m.SIZE_LABEL}
@@ -249,6 +254,10 @@ def _run(cfg, chosen: dict, progress: bool, preset, argv: list[str]) -> dict:
                  for op, cs in chosen.items()}
     meta = {**results.environment(cfg.device, argv), "interrupted": interrupted}
     return results.document(meta, config, described, sweep.rows, sweep.fits)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _apply_option(p, options: dict, item: str) -> None:

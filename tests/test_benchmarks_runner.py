@@ -297,3 +297,27 @@ def test_gpu_run_times_fused_eager_and_flash_attention(tmp_path):
     assert flash_fp32["status"] == "unsupported" and "bfloat16" in flash_fp32["reason"]
     for fit in doc["largest_fit"]:
         assert fit["stopped"] == "max-n" and fit["largest_n"] == 8192, fit
+
+
+def test_sigterm_keeps_what_was_measured(tmp_path):
+    out = tmp_path / "stopped.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", "--ops", "supcon", "--sizes", "32", "64", "128", "256",
+         "--candidates", "eager", "--dim", "8", "--rep-ms", "1000", "--no-fit", "--no-plot",
+         "--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        seen = ""
+        while "benchmarks:" not in seen and time.monotonic() < deadline:  # the bar has started
+            seen += proc.stderr.read(1)
+        time.sleep(4)
+        proc.terminate()
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stdout
+    doc = json.loads(out.read_text())
+    results.validate(doc)
+    assert doc["meta"]["interrupted"] is True
+    assert len(doc["results"]) < 4 * 3  # stopped before the end, what was measured is kept
+    assert "interrupted" in stdout
