@@ -22,7 +22,7 @@ DEFAULTS = {
 }
 PRESETS = {
     "quick": {
-        "cpu": dict(warmup_ms=25, rep_ms=150, min_reps=3, max_call_s=3, mem_cap_gb=2.0,
+        "cpu": dict(warmup_ms=50, rep_ms=250, min_reps=5, max_call_s=3, mem_cap_gb=2.0,
                     time_budget=45, fit_max_n=1 << 15, fit_max_call_s=1.0, fit_budget=15),
         "cuda": dict(warmup_ms=10, rep_ms=50, time_budget=90, fit_max_n=1 << 20,
                      fit_max_call_s=1, fit_budget=30),
