@@ -41,6 +41,14 @@ def test_every_source_is_compiled():
     assert not any(n.endswith(".cu") for n in cpu_only) and "supcon.cpp" in cpu_only
 
 
+def test_object_files_do_not_collide():
+    """torch's builder names each object after its source's base name (``x.cpp`` -> ``x.o``,
+    ``x.cu`` -> ``x.cuda.o``): two sources with one name would make ninja refuse the build."""
+    objects = [os.path.basename(p).replace(".cu", ".cuda").rsplit(".", 1)[0]
+               for p in _ext.sources(with_cuda=True)]
+    assert len(objects) == len(set(objects)), sorted(objects)
+
+
 @pytest.mark.skipif(torch.version.cuda is not None, reason="torch is a CUDA build here")
 def test_cpu_only_torch_skips_cuda_half_with_a_reason():
     assert "not a CUDA build" in _ext.cuda_skip_reason()

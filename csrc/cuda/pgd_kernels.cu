@@ -1,5 +1,5 @@
 // Launchers of the fused PGD kernels (csrc/cuda/pgd_kernels.cuh). CUDA headers only: the
-// torch glue is csrc/cuda/pgd.cpp.
+// torch glue is csrc/cuda/pgd_cuda.cpp.
 #include <cuda_runtime.h>
 
 #include <cstdint>
