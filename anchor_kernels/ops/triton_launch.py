@@ -1,0 +1,122 @@
+"""Launch plans for Triton kernels, and compiling a plan for a GPU that is not present.
+
+A launcher builds a :class:`Launch` (kernel, grid, runtime arguments, constexprs, warps,
+stages) and runs it. Because the plan is a value, CI can also hand the very plans the
+launchers choose to :func:`compile_launch`, which compiles them for Hopper (sm_90) with the
+same argument specialisation the Triton runtime would apply (ints equal to 1 become
+constexprs, pointers and ints divisible by 16 get ``tt.divisibility``). That catches kernels
+the interpreter accepts but the compiler rejects, with no GPU.
+
+Compiling needs real ``triton.jit`` kernels: run it in a process where ``TRITON_INTERPRET``
+is not set (the test suite does so in a subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def device_reasons(tensors, name: str = "the Triton kernels") -> list[str]:
+    """Why these tensors cannot run Triton kernels here (empty list: they can)."""
+    reasons = []
+    dev = tensors[0].device
+    if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
+        reasons.append(f"inputs are on {dev.type}; {name} need a CUDA device "
+                       "(or TRITON_INTERPRET=1 for CPU tensors)")
+    for t in tensors:
+        if t.dtype == torch.float64:
+            reasons.append(f"{name} do not support float64 (use backend='cpu' or 'eager')")
+            break
+    if dev.type == "cuda" and any(t.dtype == torch.bfloat16 for t in tensors):
+        if torch.cuda.get_device_capability(dev) < (8, 0):
+            reasons.append("bfloat16 needs compute capability >= 8.0")
+    return reasons
+
+
+def interpreter_upcast(dtype: torch.dtype) -> bool:
+    """Whether dot operands must be widened to float32 before ``tl.dot``.
+
+    Triton 3.9's interpreter multiplies bfloat16 ``tl.dot`` operands as their raw uint16
+    bits. Widening to float32 first gives the same products (a bf16 product is exact in
+    float32), so kernels do it under the interpreter only; compiled kernels never do.
+    """
+    return interpreting() and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision for float32 inputs, following torch's matmul setting.
+
+    ``torch.set_float32_matmul_precision("highest")`` (torch's default) gives exact float32
+    products ("ieee"), as ``torch.matmul`` does; "high"/"medium" allow TF32, as torch does.
+    Half-precision inputs always multiply exactly with float32 accumulation.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: ``kernel[grid](*args, **constexprs, num_warps=, num_stages=)``."""
+
+    kernel: object
+    grid: tuple
+    args: tuple  # runtime arguments in kernel order (constexprs come last in every kernel)
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def config(self) -> tuple:
+        """What makes a distinct compiled kernel, apart from argument specialisation."""
+        return (getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__,
+                tuple(sorted(self.constexprs.items())), self.num_warps, self.num_stages,
+                tuple(str(a.dtype) for a in self.args if isinstance(a, torch.Tensor)))
+
+    def __call__(self) -> None:
+        if all(g > 0 for g in self.grid):
+            self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
+                                   num_stages=self.num_stages)
+
+
+def compile_launch(launch: Launch, capability: int = 90):
+    """Compile ``launch`` for ``sm_<capability>`` as the runtime would; returns the kernel.
+
+    The result has ``.asm["ptx"]``, ``.asm["cubin"]`` and ``.metadata`` (shared memory,
+    warps), so register use and spills can be read with ``cuobjdump`` without a GPU.
+    """
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    kernel = launch.kernel
+    if not isinstance(kernel, triton.runtime.jit.JITFunction):
+        raise RuntimeError("compile_launch needs real triton.jit kernels; unset TRITON_INTERPRET")
+    runtime = [p for p in kernel.params if not p.is_constexpr]
+    if len(runtime) != len(launch.args):
+        raise ValueError(f"{kernel.__name__} takes {len(runtime)} runtime arguments, "
+                         f"the launch has {len(launch.args)}")
+    signature, constexprs, attrs = {}, {}, {}
+    for p, arg in zip(runtime, launch.args):
+        kind, attr = native_specialize_impl(CUDABackend, arg, False, not p.do_not_specialize,
+                                            not p.do_not_specialize_on_alignment)[:2]
+        signature[p.name] = kind
+        if kind == "constexpr":
+            constexprs[(p.num,)] = attr
+        elif isinstance(attr, str) and "D" in attr:
+            attrs[(p.num,)] = [["tt.divisibility", 16]]
+    for p in kernel.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[(p.num,)] = launch.constexprs[p.name]
+    src = triton.compiler.ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
