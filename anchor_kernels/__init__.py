@@ -3,7 +3,9 @@ adversarial training. See README.md for the maths and the API."""
 
 from . import reference
 from .backends import available_backends
+from .hard_positive import hard_positive_mining
 from .losses import HardMinedSupConLoss, PMLSupConLoss, SupConLoss
+from .similarity import pairwise_similarity
 from .supcon import supcon_loss
 
 __version__ = "0.1.0"
@@ -13,6 +15,8 @@ __all__ = [
     "PMLSupConLoss",
     "SupConLoss",
     "available_backends",
+    "hard_positive_mining",
+    "pairwise_similarity",
     "reference",
     "supcon_loss",
 ]

@@ -30,9 +30,14 @@ class EagerHardPositive:
         return idx, cos.to(cosine_dtype(z.dtype))
 
 
+def _load_triton():
+    from .ops.hard_positive_triton import BACKEND
+    return BACKEND
+
+
 DISPATCH = OpDispatch(
     "hard_positive_mining",
-    {"triton": "anchor_kernels.ops.hard_positive_triton:BACKEND"},
+    {"triton": _load_triton},
     EagerHardPositive(),
     {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpu", "eager")},
 )

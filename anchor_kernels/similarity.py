@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from . import _validate as v
 from . import reference
-from .backends import BACKEND_NAMES, UnavailableBackend
+from .backends import BACKEND_NAMES
+
+
+class Unavailable:
+    """Stands in for a backend that is not built or failed to import."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+
+    def not_supported_reasons(self, *args) -> list[str]:
+        return [self.reason]
 
 
 class OpDispatch:
@@ -18,25 +28,27 @@ class OpDispatch:
     An explicit backend that cannot run the inputs raises its reasons; ``"auto"`` takes the
     first that can in the device's preference order (the Triton interpreter is never in it),
     and raises every refusal when none can. Backends are imported on first use so that a
-    missing compiler or extension disables only that backend.
+    missing compiler or extension disables only that backend; each loader is a function with
+    a literal ``import`` statement, which torch.compile can trace (``importlib`` it cannot).
     """
 
-    def __init__(self, op: str, locations: dict[str, str], eager, auto_order: dict[str, tuple]):
-        self.op, self.locations, self.auto_order = op, locations, auto_order
+    def __init__(self, op: str, loaders: dict[str, Callable[[], object]], eager,
+                 auto_order: dict[str, tuple]):
+        self.op, self.loaders, self.auto_order = op, loaders, auto_order
         self.cache = {"eager": eager}
 
     def get(self, name: str):
         if name not in self.cache:
-            location = self.locations.get(name)
-            if location is None:
-                self.cache[name] = UnavailableBackend(
+            loader = self.loaders.get(name)
+            if loader is None:
+                self.cache[name] = Unavailable(
                     name, f"{self.op} has no {name} backend in this version")
             else:
-                module, attr = location.split(":")
                 try:
-                    self.cache[name] = getattr(importlib.import_module(module), attr)
+                    self.cache[name] = loader()
                 except Exception as exc:  # a missing compiler or library disables this backend
-                    self.cache[name] = UnavailableBackend(name, f"{module} failed to import: {exc}")
+                    self.cache[name] = Unavailable(
+                        name, f"the {name} backend failed to import: {exc}")
         return self.cache[name]
 
     def select(self, name: str, device: torch.device, *args):
@@ -74,9 +86,14 @@ class EagerSimilarity:
         return reference.pairwise_similarity(a, b, normalize=normalize, temperature=temperature)
 
 
+def _load_triton():
+    from .ops.similarity_triton import BACKEND
+    return BACKEND
+
+
 DISPATCH = OpDispatch(
     "pairwise_similarity",
-    {"triton": "anchor_kernels.ops.similarity_triton:BACKEND"},
+    {"triton": _load_triton},
     EagerSimilarity(),
     {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpu", "eager")},
 )

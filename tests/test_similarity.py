@@ -1,0 +1,273 @@
+"""pairwise_similarity: every backend against ``F.normalize(a) @ F.normalize(b).T / t``.
+
+Tier 1 (CPU): Triton under the interpreter on small shapes, eager, float64 gradcheck, opcheck,
+torch.compile, and every Triton configuration compiled for sm_90. Tier 2 (``gpu``): compiled
+Triton on CUDA at N = 4096 / 16384 / 65536.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anchor_kernels import pairwise_similarity, reference
+from anchor_kernels.ops.similarity_triton import similarity_bwd_triton, similarity_fwd_triton
+
+CPU_BACKENDS = ["triton", "eager"]
+LOW = [torch.bfloat16, torch.float16]
+
+
+def oracle(a, b, temperature, normalize=True):
+    """The formula of the issue, independent of the library."""
+    if b is None:
+        b = a
+    if normalize:
+        return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / temperature
+    return a @ b.T / temperature
+
+
+def assert_close(name, out, ref64, eager, atol):
+    """|out - ref64| <= 2 |eager - ref64| (eager's own error at that precision) + atol."""
+    err = (out.double() - ref64).abs()
+    bound = 2 * (eager.double() - ref64).abs().max().item() + atol
+    bad = err > bound
+    if bad.any():
+        first = [tuple(i) for i in bad.nonzero()[:5].tolist()]
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{err.numel()} elements above {bound:.3g} "
+            f"(first {first}); max err {err.max().item():.3g}, mean {err.mean().item():.3g}")
+
+
+def run(a, b, g, backend, temperature, normalize=True):
+    """S and (da, db) for dL/dS = g; db is None when b is None."""
+    a = a.detach().requires_grad_()
+    b = None if b is None else b.detach().requires_grad_()
+    s = pairwise_similarity(a, b, temperature=temperature, normalize=normalize, backend=backend)
+    grads = torch.autograd.grad(s, [a] if b is None else [a, b], g)
+    return s, grads[0], (None if b is None else grads[1])
+
+
+def check_against_oracle(a, b, backend, temperature=0.5, normalize=True):
+    m = a.shape[0]
+    n = m if b is None else b.shape[0]
+    g = torch.randn(m, n).to(a.dtype)
+    out = run(a, b, g, backend, temperature, normalize)
+    a64 = a.double()
+    b64 = None if b is None else b.double()
+    ref = run_oracle(a64, b64, g.double(), temperature, normalize)
+    eager = run_oracle(a, b, g, temperature, normalize)
+    scale = max(1.0, ref[0].abs().max().item())
+    atol = (1e-5 if a.dtype == torch.float32 else 2e-3) * scale
+    for name, o, r, e in zip(("S", "da", "db"), out, ref, eager):
+        if r is not None:
+            assert o.dtype == a.dtype and o.shape == r.shape, (name, o.dtype, o.shape)
+            assert torch.isfinite(o).all(), f"{name} has non-finite values"
+            assert_close(name, o, r, e, atol * max(1.0, r.abs().max().item() / scale))
+
+
+def run_oracle(a, b, g, temperature, normalize):
+    a = a.detach().requires_grad_()
+    b = None if b is None else b.detach().requires_grad_()
+    s = oracle(a, b, temperature, normalize)
+    grads = torch.autograd.grad(s, [a] if b is None else [a, b], g)
+    return s, grads[0], (None if b is None else grads[1])
+
+
+# Shapes cover: single rows, D below/at/above one backward feature block (64, 128), M and N
+# not multiples of any tile, D = 130 (two-pass normalisation backward).
+SHAPES = [(1, 1, 1), (2, 3, 3), (97, 33, 59), (33, 97, 100), (37, 20, 130)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("m,n,d", SHAPES)
+def test_float32_matches_oracle(backend, m, n, d):
+    check_against_oracle(torch.randn(m, d), torch.randn(n, d), backend)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("m,n,d", [(2, 3, 3), (37, 20, 130)])
+def test_low_precision_matches_oracle(dtype, m, n, d):
+    check_against_oracle(torch.randn(m, d).to(dtype), torch.randn(n, d).to(dtype), "triton")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_self_similarity(backend):
+    check_against_oracle(torch.randn(19, 59), None, backend, temperature=0.07)
+
+
+@pytest.mark.parametrize("d", [3, 130])
+def test_unnormalized(d):
+    check_against_oracle(torch.randn(9, d), torch.randn(11, d), "triton", temperature=2.0,
+                         normalize=False)
+
+
+def test_strided_inputs():
+    a = torch.randn(59, 40).T  # (40, 59), column-major
+    b = torch.randn(50, 59)[::2]  # (25, 59), row stride 2 D
+    assert not a.is_contiguous() and not b.is_contiguous()
+    check_against_oracle(a, b, "triton")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("d", [5, 130])
+def test_zero_rows_never_nan(backend, d):
+    a = torch.randn(6, d)
+    b = torch.randn(5, d)
+    a[2] = 0
+    b[0] = 0
+    b[3] = 1e-30  # below eps: scaled by 1/eps like F.normalize, no gradient to the norm
+    check_against_oracle(a, b, backend)
+    s, da, db = run(a, b, torch.ones(6, 5), backend, 0.1)
+    assert (s[2] == 0).all() and (s[:, 0] == 0).all()
+    for t in (s, da, db):
+        assert torch.isfinite(t).all()
+
+
+def test_gradcheck_float64():
+    a = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    # (zero rows sit on the kink of x / max(||x||, eps); test_zero_rows_never_nan covers them)
+    fn = lambda a, b: pairwise_similarity(a, b, temperature=0.3, backend="auto")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (a, b))
+    assert torch.autograd.gradcheck(lambda a: pairwise_similarity(a, temperature=0.3), (a,))
+
+
+def test_triton_gradients_match_float64_eager():
+    """The Triton backward against autograd through the float64 reference (not the oracle)."""
+    a = torch.randn(13, 70, dtype=torch.float64)
+    b = torch.randn(17, 70, dtype=torch.float64)
+    g = torch.randn(13, 17, dtype=torch.float64)
+    ref = run(a, b, g, "eager", 0.2)
+    out = run(a.float(), b.float(), g.float(), "triton", 0.2)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o.double(), r, rtol=1e-4, atol=1e-5)
+
+
+def test_opcheck():
+    a, b = torch.randn(5, 7), torch.randn(6, 7)
+    torch.library.opcheck(similarity_fwd_triton, (a, b, True, 0.5))
+    _, na, nb = similarity_fwd_triton(a, b, True, 0.5)
+    torch.library.opcheck(similarity_bwd_triton, (torch.randn(5, 6), a, b, na, nb, True, 0.5))
+
+
+def test_torch_compile_fullgraph():
+    a = torch.randn(9, 20, requires_grad=True)
+    b = torch.randn(7, 20, requires_grad=True)
+    fn = torch.compile(lambda a, b: pairwise_similarity(a, b, temperature=0.5, backend="triton"),
+                       fullgraph=True)
+    g = torch.randn(9, 7)
+    out = run(a, b, g, "eager", 0.5)
+    s = fn(a, b)
+    da, db = torch.autograd.grad(s, (a, b), g)
+    for o, r in zip((s, da, db), out):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_runs_in_low_precision():
+    a, b = torch.randn(6, 10), torch.randn(4, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = pairwise_similarity(a, b, backend="triton")
+    assert s.dtype == torch.bfloat16
+    torch.testing.assert_close(s.float(), oracle(a, b, 1.0), rtol=0, atol=2e-2)
+
+
+def test_empty_inputs():
+    s = pairwise_similarity(torch.randn(0, 4), torch.randn(3, 4), backend="triton")
+    assert s.shape == (0, 3)
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda: pairwise_similarity([1.0]), TypeError, "a must be a torch.Tensor"),
+    (lambda: pairwise_similarity(torch.randn(3)), ValueError, "a must be 2-D"),
+    (lambda: pairwise_similarity(torch.ones(3, 2, dtype=torch.int64)), TypeError, "a must be float"),
+    (lambda: pairwise_similarity(torch.randn(3, 2), torch.randn(3, 4)), ValueError, r"b must be \(N, 2\)"),
+    (lambda: pairwise_similarity(torch.randn(3, 2), torch.randn(3, 2).double()), TypeError, "b has dtype"),
+    (lambda: pairwise_similarity(torch.randn(3, 2), temperature=0), ValueError, "temperature"),
+    (lambda: pairwise_similarity(torch.randn(3, 2), normalize=1), TypeError, "normalize must be a bool"),
+    (lambda: pairwise_similarity(torch.randn(3, 2), backend="fast"), ValueError, "backend must be one of"),
+    (lambda: pairwise_similarity(torch.randn(3, 2).double(), backend="triton"), ValueError,
+     "triton.*float64"),
+])
+def test_bad_input(call, err, match):
+    with pytest.raises(err, match=match):
+        call()
+
+
+def test_reference_matches_oracle():
+    a, b = torch.randn(7, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(reference.pairwise_similarity(a, b, temperature=0.3),
+                               oracle(a, b, 0.3), rtol=0, atol=1e-14)
+    torch.testing.assert_close(reference.pairwise_similarity(a, normalize=False), a @ a.T)
+
+
+# Every configuration a launch can pick: the launch depends only on the dtype, torch's fp32
+# matmul precision, normalize and D's bucket (<= 64, <= 128, > 128); this spans all of them.
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import json, torch
+    from anchor_kernels.ops import similarity_triton as S
+    from anchor_kernels.ops.triton_launch import compile_launch
+    configs, out = set(), []
+    for dtype, precision in [("float32", "highest"), ("float32", "high"), ("bfloat16", "high"),
+                             ("float16", "high")]:
+        torch.set_float32_matmul_precision(precision)
+        dt = getattr(torch, dtype)
+        for d in (59, 100, 130):
+            for normalize in (True, False):
+                a, b = torch.randn(100, d, dtype=dt), torch.randn(80, d, dtype=dt)
+                s = torch.empty(100, 80, dtype=dt)
+                na, nb = torch.empty(100), torch.empty(80)
+                launches = [S.fwd_launch(a, b, s, na, nb, normalize, 0.1)]
+                launches += S.bwd_side_launches(s, a, b, na, nb, torch.empty_like(a), normalize, 0.1)
+                for launch in launches:
+                    key = launch.config()
+                    if key not in configs:
+                        configs.add(key)
+                        k = compile_launch(launch)
+                        assert k.asm["cubin"] and ".target sm_90" in k.asm["ptx"]
+                        out.append([str(key), k.metadata.num_warps, k.metadata.shared])
+    print(json.dumps(out))
+""")
+
+
+def test_every_triton_config_compiles_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True,
+                          env=env, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Per precision: forward + backward for D <= 64, D <= 128, D > 128 (4 x 4); the row kernel
+    # of the two-pass backward per input dtype (3; it has no dot); and for the two half dtypes
+    # the unnormalised D > 128 backward, which writes dx in the half dtype instead of dz in
+    # float32 (2).
+    assert len(compiled) == 4 * 4 + 3 + 2, compiled
+
+
+# ------------------------------------------------------------------------------- tier 2
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [4096, 16384, 65536])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_large(n, dtype):
+    """Whole S is checked on row and column slices: normalisation is per row, so a slice of
+    rows (or columns) is an exact sub-problem, and the float64 oracle stays small."""
+    torch.manual_seed(0)
+    d = 128
+    a = torch.randn(n, d, device="cuda").to(dtype)
+    b = torch.randn(n, d, device="cuda").to(dtype)
+    g = torch.randn(n, n, device="cuda", dtype=dtype)
+    s, da, db = run(a, b, g, "triton", 0.1)
+    rows = torch.randperm(n, device="cuda")[:256]
+    tol = dict(rtol=0, atol=1e-4 if dtype == torch.float32 else 3e-2)
+    ref_s, ref_da, _ = run_oracle(a[rows].double(), b.double(), g[rows].double(), 0.1, True)
+    torch.testing.assert_close(s[rows].double(), ref_s, **tol)
+    scale = ref_da.abs().max().item()
+    torch.testing.assert_close(da[rows].double() / scale, ref_da / scale, **tol)
+    _, _, ref_db = run_oracle(a.double(), b[rows].double(), g[:, rows].double(), 0.1, True)
+    scale = ref_db.abs().max().item()
+    torch.testing.assert_close(db[rows].double() / scale, ref_db / scale, **tol)
