@@ -78,6 +78,8 @@ class SelectedCosine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, c, idx, cos, normalize: bool):
+        # c is None when the contrast set is z itself (one tensor, gradients summed here:
+        # torch.compile cannot trace a Function given the same tensor twice).
         ctx.save_for_backward(z, c, idx)
         ctx.normalize = normalize
         return cos.clone()
@@ -85,27 +87,34 @@ class SelectedCosine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         z, c, idx = ctx.saved_tensors
+        same = c is None
         dtype = cosine_dtype(z.dtype)
         zn, nz = _normalized(z.to(dtype), ctx.normalize)
-        cn, nc = _normalized(c.to(dtype), ctx.normalize)
+        cn, nc = (zn, nz) if same else _normalized(c.to(dtype), ctx.normalize)
         chosen = idx >= 0
         w = torch.where(chosen, grad.to(dtype), torch.zeros((), dtype=dtype, device=grad.device))
         j = idx.clamp_min(0)
         dz = dc = None
         if ctx.needs_input_grad[0]:
             dzn = F.embedding_bag(j, cn, mode="sum", per_sample_weights=w)
+            if same:
+                dzn = dzn + _scatter_to_columns(j, w, zn, zn.shape[0])
             dz = _normalize_backward(dzn, zn, nz).to(z.dtype)
-        if ctx.needs_input_grad[1]:
-            m, k = idx.shape
-            flat_j = j.reshape(-1)
-            order = torch.argsort(flat_j)
-            rows = torch.arange(m, device=idx.device).repeat_interleave(k)[order]
-            counts = torch.bincount(flat_j, minlength=c.shape[0])
-            offsets = torch.cumsum(counts, 0) - counts
-            dcn = F.embedding_bag(rows, zn, offsets, mode="sum",
-                                  per_sample_weights=w.reshape(-1)[order])
+        if not same and ctx.needs_input_grad[1]:
+            dcn = _scatter_to_columns(j, w, zn, cn.shape[0])
             dc = _normalize_backward(dcn, cn, nc).to(c.dtype)
         return dz, dc, None, None, None  # z, c, idx, cos, normalize
+
+
+def _scatter_to_columns(j: Tensor, w: Tensor, zn: Tensor, n: int) -> Tensor:
+    """(n, D): row j sums w[i, r] zn[i] over the (i, r) with j[i, r] = j, by bags of sorted j."""
+    m, k = j.shape
+    flat_j = j.reshape(-1)
+    order = torch.argsort(flat_j)
+    rows = torch.arange(m, device=j.device).repeat_interleave(k)[order]
+    counts = torch.bincount(flat_j, minlength=n)
+    offsets = torch.cumsum(counts, 0) - counts
+    return F.embedding_bag(rows, zn, offsets, mode="sum", per_sample_weights=w.reshape(-1)[order])
 
 
 def mine(z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor, k: int, *, normalize: bool,
@@ -115,7 +124,7 @@ def mine(z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor, k: int, *, norm
     with torch.no_grad():
         idx, cos = impl(z.detach(), labels, c.detach(), c_labels, k, normalize, anchor_offset)
     if torch.is_grad_enabled() and (z.requires_grad or c.requires_grad):
-        cos = SelectedCosine.apply(z, c, idx, cos, normalize)
+        cos = SelectedCosine.apply(z, None if c is z else c, idx, cos, normalize)
     return idx, cos
 
 
