@@ -1,7 +1,7 @@
 """Fused kernels for ANCHOR: hard-positive-mined supervised contrastive learning with
 adversarial training. See README.md for the maths and the API."""
 
-from . import reference
+from . import distributed, reference
 from .backends import available_backends
 from .hard_positive import hard_positive_mining
 from .losses import HardMinedSupConLoss, PMLSupConLoss, SupConLoss
@@ -15,6 +15,7 @@ __all__ = [
     "PMLSupConLoss",
     "SupConLoss",
     "available_backends",
+    "distributed",
     "hard_positive_mining",
     "pairwise_similarity",
     "reference",

@@ -1,0 +1,46 @@
+"""Comparison helpers whose failures say how many elements differ, where, and by how much."""
+
+import torch
+
+import anchor_kernels as ak
+
+
+def assert_close(actual, expected, *, atol, rtol, what=""):
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values at {torch.nonzero(~torch.isfinite(actual))[:5].tolist()}"
+    err = (actual - expected).abs()
+    bad = err > atol + rtol * expected.abs()
+    if bad.any():
+        idx = torch.nonzero(bad)[:5].tolist()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements differ (atol={atol}, rtol={rtol}); "
+            f"first at {idx}; max err {err.max().item():.3e}, mean err {err.mean().item():.3e}")
+
+
+def labels_for(kind: str, n: int, generator=None) -> torch.Tensor:
+    """Label patterns that exercise the edge cases of the positive sets."""
+    if kind == "random":
+        return torch.randint(0, max(1, n // 4), (n,), generator=generator)
+    if kind == "one_class":
+        return torch.zeros(n, dtype=torch.int64)
+    if kind == "all_distinct":
+        return torch.arange(n)
+    if kind == "some_alone":  # a few classes of size > 1 plus singletons with no positive
+        y = torch.randint(0, 3, (n,), generator=generator)
+        y[::3] = torch.arange(100, 100 + len(y[::3]))
+        return y
+    raise ValueError(kind)
+
+
+def loss_and_grads(backend, f, y, g=None, y_g=None, *, dtype=None, weights=None, **kw):
+    """Per-anchor losses and the gradients of sum(weights * loss) w.r.t. f (and g)."""
+    dtype = dtype or f.dtype
+    fx = f.detach().to(dtype).requires_grad_()
+    gx = None if g is None else g.detach().to(dtype).requires_grad_()
+    per_anchor = ak.supcon_loss(fx, y, contrast=gx, contrast_labels=y_g, reduction="none",
+                                backend=backend, **kw)
+    if weights is None:
+        weights = torch.ones_like(per_anchor)
+    (per_anchor * weights.to(per_anchor.dtype)).sum().backward()
+    return per_anchor.detach(), fx.grad, (None if gx is None else gx.grad)
