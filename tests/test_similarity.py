@@ -5,11 +5,9 @@ torch.compile, and every Triton configuration compiled for sm_90. Tier 2 (``gpu`
 Triton on CUDA at N = 4096 / 16384 / 65536.
 """
 
-import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -205,47 +203,22 @@ def test_reference_matches_oracle():
     torch.testing.assert_close(reference.pairwise_similarity(a, normalize=False), a @ a.T)
 
 
-# Every configuration a launch can pick: the launch depends only on the dtype, torch's fp32
-# matmul precision, normalize and D's bucket (<= 64, <= 128, > 128); this spans all of them.
-_COMPILE_SCRIPT = textwrap.dedent("""
-    import json, torch
-    from anchor_kernels.ops import similarity_triton as S
-    from anchor_kernels.ops.triton_launch import compile_launch
-    configs, out = set(), []
-    for dtype, precision in [("float32", "highest"), ("float32", "high"), ("bfloat16", "high"),
-                             ("float16", "high")]:
-        torch.set_float32_matmul_precision(precision)
-        dt = getattr(torch, dtype)
-        for d in (59, 100, 130):
-            for normalize in (True, False):
-                a, b = torch.randn(100, d, dtype=dt), torch.randn(80, d, dtype=dt)
-                s = torch.empty(100, 80, dtype=dt)
-                na, nb = torch.empty(100), torch.empty(80)
-                launches = [S.fwd_launch(a, b, s, na, nb, normalize, 0.1)]
-                launches += S.bwd_side_launches(s, a, b, na, nb, torch.empty_like(a), normalize, 0.1)
-                for launch in launches:
-                    key = launch.config()
-                    if key not in configs:
-                        configs.add(key)
-                        k = compile_launch(launch)
-                        assert k.asm["cubin"] and ".target sm_90" in k.asm["ptx"]
-                        out.append([str(key), k.metadata.num_warps, k.metadata.shared])
-    print(json.dumps(out))
-""")
-
-
 def test_every_triton_config_compiles_for_sm90():
+    """Every variant the launchers can pick (``similarity_triton.sm90_compile_specs``, built from real
+    launch plans) compiles for sm_90 and half precision uses wgmma, with no GPU. Same tool and
+    cache as tests/test_triton_sm90.py, so the whole-package run recompiles nothing."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True,
-                          env=env, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
-    # Per precision: forward + backward for D <= 64, D <= 128, D > 128 (4 x 4); the row kernel
-    # of the two-pass backward per input dtype (3; it has no dot); and for the two half dtypes
-    # the unnormalised D > 128 backward, which writes dx in the half dtype instead of dz in
-    # float32 (2).
-    assert len(compiled) == 4 * 4 + 3 + 2, compiled
+    proc = subprocess.run(
+        [sys.executable, "-m", "anchor_kernels.ops.sm90_check", "--module",
+         "anchor_kernels.ops.similarity_triton"], capture_output=True, text=True, env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # Per precision (fp32 exact, fp32 TF32, bf16, fp16): forward + backward for D <= 64,
+    # D <= 128, D > 128 (16); the row kernel of the two-pass backward per input dtype (3; it
+    # has no dot); for the half dtypes the unnormalised D > 128 backward, which writes dx in
+    # the half dtype instead of dz in float32 (2).
+    assert "compiled 21 kernel variants" in proc.stdout, proc.stdout[-2000:]
 
 
 # ------------------------------------------------------------------------------- tier 2

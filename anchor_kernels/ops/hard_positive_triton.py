@@ -9,8 +9,8 @@ For anchors ``a`` (M, D) with labels ``y_a`` and contrast rows ``b`` (N, D) with
 ascending cosine order with ties to the lower j, exactly as ``reference.topk_hardest_mask``.
 
 Streaming: one program owns BM anchors and walks the contrast set in BN-column tiles; a tile
-is a dot over D (tensor cores) scaled by the inverse norms, and a running per-row top-k of
-size KP >= k is kept in registers. No M x N buffer exists.
+is a dot over D (tensor cores) of the raw rows scaled by precomputed inverse norms (O(M + N)),
+and a running per-row top-k of size KP >= k is kept in registers. No M x N buffer exists.
 
 Exact ordering with a single integer compare: each candidate becomes the int64 key
 ``(ordered(cos) << 32) | j``, where ``ordered`` maps the float32 bits to an int32 with the
@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .similarity_triton import dot_acc
+from . import triton_launch
 from .triton_launch import Launch, device_reasons, dot_precision, interpreter_upcast
 
 NORM_EPS = 1e-12
@@ -48,12 +49,12 @@ KEY_PAD: tl.constexpr = tl.constexpr(0x7FFFFFFF80000000)
 KEY_NEG: tl.constexpr = tl.constexpr(-0x7FFFFFFFFFFFFFFF)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k_eff", "stride_om"])  # k = 1 would compile twice
 def _hard_positive_kernel(
-    a_ptr, b_ptr, ya_ptr, yb_ptr, idx_ptr, cos_ptr,
+    a_ptr, b_ptr, ya_ptr, yb_ptr, ra_ptr, rb_ptr, idx_ptr, cos_ptr,
     M, N, D, k_eff,
     stride_am, stride_ad, stride_bn, stride_bd, stride_om,
-    self_offset, has_self, eps, normalize,
+    self_offset, has_self,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -64,17 +65,7 @@ def _hard_positive_kernel(
     a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
     ya = tl.load(ya_ptr + rm, mask=row_ok, other=0)
     self_col = tl.where(has_self, rm + self_offset, -1)
-
-    ssa = tl.zeros((BM,), dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        kk = k0 + rk
-        a = tl.load(a_rows + kk[None, :] * stride_ad, mask=row_ok[:, None] & (kk[None, :] < D),
-                    other=0.0).to(tl.float32)
-        ssa += tl.sum(a * a, axis=1)
-    if normalize:
-        inv_na = 1.0 / tl.maximum(tl.sqrt_rn(ssa), eps)
-    else:
-        inv_na = tl.full((BM,), 1.0, tl.float32)
+    inv_na = tl.load(ra_ptr + rm, mask=row_ok, other=1.0)
 
     slot = tl.arange(0, KP)
     slot64 = slot.to(tl.int64)
@@ -92,7 +83,6 @@ def _hard_positive_kernel(
         if tl.max(pos.to(tl.int32)) > 0:
             b_rows = b_ptr + rn.to(tl.int64)[:, None] * stride_bn
             acc = tl.zeros((BM, BN), dtype=tl.float32)
-            ssb = tl.zeros((BN,), dtype=tl.float32)
             for k0 in range(0, D, BK):
                 kk = k0 + rk
                 a = tl.load(a_rows + kk[None, :] * stride_ad,
@@ -100,12 +90,7 @@ def _hard_positive_kernel(
                 b = tl.load(b_rows + kk[None, :] * stride_bd,
                             mask=col_ok[:, None] & (kk[None, :] < D), other=0.0)
                 acc = dot_acc(a, tl.trans(b), acc, PRECISION, UPCAST)
-                bf = b.to(tl.float32)
-                ssb += tl.sum(bf * bf, axis=1)
-            if normalize:
-                inv_nb = 1.0 / tl.maximum(tl.sqrt_rn(ssb), eps)
-            else:
-                inv_nb = tl.full((BN,), 1.0, tl.float32)
+            inv_nb = tl.load(rb_ptr + rn, mask=col_ok, other=1.0)
             cos = acc * inv_na[:, None] * inv_nb[None, :]
             cos = tl.where(cos == 0.0, 0.0, cos)  # -0 -> +0: ties with +0 as in torch.sort
             bits = cos.to(tl.int32, bitcast=True)
@@ -144,15 +129,22 @@ def kp_for(k_eff: int) -> int:
     raise ValueError(f"k={k_eff} is above the Triton kernel's limit of {MAX_K}")
 
 
-def mining_launch(a: Tensor, ya: Tensor, b: Tensor, yb: Tensor, idx: Tensor, cos: Tensor,
-                  k_eff: int, normalize: bool, anchor_offset: int | None) -> Launch:
+def inv_norms(x: Tensor, normalize: bool) -> Tensor:
+    """(rows,) float32 1 / max(||x_i||, eps), or ones: the kernel scales dot tiles by these."""
+    if not normalize:
+        return torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal()
+
+
+def mining_launch(a: Tensor, ya: Tensor, b: Tensor, yb: Tensor, ra: Tensor, rb: Tensor,
+                  idx: Tensor, cos: Tensor, k_eff: int, anchor_offset: int | None) -> Launch:
     m, d = a.shape
     n = b.shape[0]
     kp = kp_for(k_eff)
     bk = 64 if a.dtype in (torch.float16, torch.bfloat16) else 32
-    args = (a, b, ya, yb, idx, cos, m, n, d, k_eff, a.stride(0), a.stride(1), b.stride(0),
-            b.stride(1), idx.stride(0), 0 if anchor_offset is None else anchor_offset,
-            anchor_offset is not None, NORM_EPS, bool(normalize))
+    args = (a, b, ya, yb, ra, rb, idx, cos, m, n, d, k_eff, a.stride(0), a.stride(1),
+            b.stride(0), b.stride(1), idx.stride(0), 0 if anchor_offset is None else anchor_offset,
+            anchor_offset is not None)
     # 8 warps: the int64 key tile and the running top-k fit in registers without spills
     # (sm_90 compile: <= 206 registers, no stack, HGMMA for half and TF32 inputs).
     return Launch(_hard_positive_kernel, (triton.cdiv(m, 64),), args,
@@ -181,7 +173,9 @@ def hard_positive_triton(z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor,
         return idx, cos
     ya = labels.to(torch.int64).contiguous()
     yb = c_labels.to(torch.int64).contiguous()
-    mining_launch(z, ya, c, yb, idx, cos, k_eff, normalize, anchor_offset)()
+    rz = inv_norms(z, normalize)
+    rc = rz if c is z else inv_norms(c, normalize)
+    mining_launch(z, ya, c, yb, rz, rc, idx, cos, k_eff, anchor_offset)()
     return idx, cos
 
 
@@ -207,3 +201,23 @@ class TritonHardPositive:
 
 
 BACKEND = TritonHardPositive()
+
+
+def sm90_compile_specs():
+    """Every configuration the launcher can pick, for ``anchor_kernels.ops.sm90_check``: one
+    per register size KP (every k up to MAX_K) and dot precision; nothing else varies."""
+    launches = []
+    before = torch.get_float32_matmul_precision()
+    try:
+        for dtype, precision in [(torch.float32, "highest"), (torch.float32, "high"),
+                                 (torch.bfloat16, "high"), (torch.float16, "high")]:
+            torch.set_float32_matmul_precision(precision)
+            z, c = torch.randn(100, 59).to(dtype), torch.randn(80, 59).to(dtype)
+            y, yc = torch.zeros(100, dtype=torch.int64), torch.zeros(80, dtype=torch.int64)
+            for k in range(1, MAX_K + 1):
+                idx, cos = torch.empty(100, k, dtype=torch.int64), torch.empty(100, k)
+                r = torch.ones(100)
+                launches.append(mining_launch(z, y, c, yc, r, r[:80], idx, cos, k, None))
+        yield from triton_launch.sm90_compile_specs(launches)
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -5,10 +5,11 @@ Forward, for ``a`` (M, D), ``b`` (N, D), temperature ``t``:
     n_a[i] = max(||a_i||, eps)      n_b[j] = max(||b_j||, eps)           (1 when not normalising)
     S[i, j] = (a_i . b_j) / (n_a[i] n_b[j] t)
 
-The dot tile is computed on the raw rows and scaled by the inverse norms in the epilogue; the
-sums of squares are accumulated in the same loop over D from the tiles already loaded, so no
-normalised copy of ``a`` or ``b`` is ever written. The clamped norms are returned (fp32,
-O(M + N)) for the backward.
+The dot tile is computed on the raw rows and scaled by the inverse norms in the epilogue, so
+no normalised copy of ``a`` or ``b`` is ever written. The clamped norms (fp32, O(M + N)) are
+computed first in one pass over the inputs and kept for the backward; accumulating them in
+the dot loop instead would pull every tile into registers and spill (sm_90 compile: 255
+registers and a 432-byte stack for bf16, against none without).
 
 Backward, for ``G = dL/dS`` (M, N), with ``z_a = a / n_a`` and ``z_b = b / n_b``:
 
@@ -30,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import triton_launch
 from .triton_launch import Launch, device_reasons, dot_precision, interpreter_upcast
 
 NORM_EPS = 1e-12
@@ -51,10 +53,11 @@ def _similarity_fwd_kernel(
     a_ptr, b_ptr, s_ptr, na_ptr, nb_ptr,
     M, N, D,
     stride_am, stride_ad, stride_bn, stride_bd, stride_sm, stride_sn,
-    inv_t, eps, normalize,
+    inv_t,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """S tile = (a b^T tile) / (n_a n_b^T t); the norms are precomputed (O(M + N))."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
@@ -71,8 +74,6 @@ def _similarity_fwd_kernel(
     a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
     b_rows = b_ptr + rn.to(tl.int64)[:, None] * stride_bn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    ssa = tl.zeros((BM,), dtype=tl.float32)
-    ssb = tl.zeros((BN,), dtype=tl.float32)
     for k0 in range(0, D, BK):
         kk = k0 + rk
         a = tl.load(a_rows + kk[None, :] * stride_ad, mask=(rm[:, None] < M) & (kk[None, :] < D),
@@ -80,22 +81,10 @@ def _similarity_fwd_kernel(
         b = tl.load(b_rows + kk[None, :] * stride_bd, mask=(rn[:, None] < N) & (kk[None, :] < D),
                     other=0.0)
         acc = dot_acc(a, tl.trans(b), acc, PRECISION, UPCAST)
-        af = a.to(tl.float32)
-        bf = b.to(tl.float32)
-        ssa += tl.sum(af * af, axis=1)
-        ssb += tl.sum(bf * bf, axis=1)
 
-    if normalize:
-        na = tl.maximum(tl.sqrt_rn(ssa), eps)
-        nb = tl.maximum(tl.sqrt_rn(ssb), eps)
-    else:
-        na = tl.full((BM,), 1.0, tl.float32)
-        nb = tl.full((BN,), 1.0, tl.float32)
+    na = tl.load(na_ptr + rm, mask=rm < M, other=1.0)
+    nb = tl.load(nb_ptr + rn, mask=rn < N, other=1.0)
     acc = acc * (inv_t / na)[:, None] * (1.0 / nb)[None, :]
-    if pid_n == 0:
-        tl.store(na_ptr + rm, na, mask=rm < M)
-    if pid_m == 0:
-        tl.store(nb_ptr + rn, nb, mask=rn < N)
     s_ptrs = s_ptr + rm.to(tl.int64)[:, None] * stride_sm + rn.to(tl.int64)[None, :] * stride_sn
     tl.store(s_ptrs, acc.to(s_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -184,19 +173,33 @@ def _norm_bwd_kernel(
 # compiles every configuration a launch can use (tests/test_similarity.py).
 
 
-def fwd_launch(a: Tensor, b: Tensor, s: Tensor, na: Tensor, nb: Tensor, normalize: bool,
+def clamped_norms(x: Tensor, normalize: bool) -> Tensor:
+    """(rows,) float32 max(||x_i||, eps), or ones when not normalising."""
+    if not normalize:
+        return torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS)
+
+
+def _exact_fp32(dtype: torch.dtype) -> bool:
+    """float32 multiplied in full precision runs on FMA units: smaller tiles, or it spills."""
+    return dot_precision(dtype) == "ieee"
+
+
+def fwd_launch(a: Tensor, b: Tensor, s: Tensor, na: Tensor, nb: Tensor,
                temperature: float) -> Launch:
     m, d = a.shape
     n = b.shape[0]
-    half = a.dtype in (torch.float16, torch.bfloat16)
-    bm, bn, bk = 128, 128, (64 if half else 32)
+    if _exact_fp32(a.dtype):
+        bm, bn, bk, warps = 64, 64, 32, 4
+    else:
+        bm, bn, bk, warps = 128, 128, (32 if a.dtype == torch.float32 else 64), 8
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     args = (a, b, s, na, nb, m, n, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            s.stride(0), s.stride(1), 1.0 / temperature, NORM_EPS, bool(normalize))
+            s.stride(0), s.stride(1), 1.0 / temperature)
     return Launch(_similarity_fwd_kernel, grid, args,
                   dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, PRECISION=dot_precision(a.dtype),
                        UPCAST=interpreter_upcast(a.dtype)),
-                  num_warps=8, num_stages=3)
+                  num_warps=warps, num_stages=3)
 
 
 def bwd_side_launches(g: Tensor, x: Tensor, y: Tensor, nx: Tensor, ny: Tensor, out: Tensor,
@@ -206,7 +209,7 @@ def bwd_side_launches(g: Tensor, x: Tensor, y: Tensor, nx: Tensor, ny: Tensor, o
     n = y.shape[0]
     bd = 64 if d <= 64 else 128
     fuse = d <= MAX_FUSED_D
-    bm, bn = 64, 64
+    bm, bn = (32, 32) if _exact_fp32(x.dtype) else (64, 64)
     two_pass = normalize and not fuse
     dz = torch.empty((m, d), dtype=torch.float32, device=x.device) if two_pass else out
     grid = (triton.cdiv(m, bm), triton.cdiv(d, bd))
@@ -237,9 +240,9 @@ def similarity_fwd_triton(a: Tensor, b: Tensor, normalize: bool,
     _check_2d(a, b)
     m, n = a.shape[0], b.shape[0]
     s = torch.empty((m, n), dtype=a.dtype, device=a.device)
-    na = torch.empty((m,), dtype=torch.float32, device=a.device)
-    nb = torch.empty((n,), dtype=torch.float32, device=a.device)
-    fwd_launch(a, b, s, na, nb, normalize, temperature)()
+    na = clamped_norms(a, normalize)
+    nb = clamped_norms(b, normalize)
+    fwd_launch(a, b, s, na, nb, temperature)()
     return s, na, nb
 
 
@@ -300,3 +303,28 @@ class TritonSimilarity:
 
 
 BACKEND = TritonSimilarity()
+
+
+def sm90_compile_specs():
+    """Every configuration the launchers can pick, for ``anchor_kernels.ops.sm90_check``.
+
+    A launch depends only on the dtype, torch's float32 matmul precision, ``normalize`` and
+    D's bucket (<= 64, <= 128, > 128); this spans all of them with real (CPU) arguments.
+    """
+    launches = []
+    before = torch.get_float32_matmul_precision()
+    try:
+        for dtype, precision in [(torch.float32, "highest"), (torch.float32, "high"),
+                                 (torch.bfloat16, "high"), (torch.float16, "high")]:
+            torch.set_float32_matmul_precision(precision)
+            for d in (59, 100, 130):
+                for normalize in (True, False):
+                    a, b = torch.randn(100, d).to(dtype), torch.randn(80, d).to(dtype)
+                    s = torch.empty(100, 80, dtype=dtype)
+                    na, nb = torch.empty(100), torch.empty(80)
+                    launches.append(fwd_launch(a, b, s, na, nb, 0.1))
+                    launches += bwd_side_launches(s, a, b, na, nb, torch.empty_like(a), normalize,
+                                                  0.1)
+        yield from triton_launch.sm90_compile_specs(launches)
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -2,13 +2,9 @@
 
 A launcher builds a :class:`Launch` (kernel, grid, runtime arguments, constexprs, warps,
 stages) and runs it. Because the plan is a value, CI can also hand the very plans the
-launchers choose to :func:`compile_launch`, which compiles them for Hopper (sm_90) with the
-same argument specialisation the Triton runtime would apply (ints equal to 1 become
-constexprs, pointers and ints divisible by 16 get ``tt.divisibility``). That catches kernels
-the interpreter accepts but the compiler rejects, with no GPU.
-
-Compiling needs real ``triton.jit`` kernels: run it in a process where ``TRITON_INTERPRET``
-is not set (the test suite does so in a subprocess).
+launchers choose to ``python -m anchor_kernels.ops.sm90_check`` (through
+:func:`sm90_compile_specs`), which compiles them for Hopper (sm_90) with no GPU. That
+catches kernels the interpreter accepts but the compiler rejects.
 """
 
 from __future__ import annotations
@@ -74,49 +70,45 @@ class Launch:
     num_warps: int = 4
     num_stages: int = 2
 
-    def config(self) -> tuple:
-        """What makes a distinct compiled kernel, apart from argument specialisation."""
-        return (getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__,
-                tuple(sorted(self.constexprs.items())), self.num_warps, self.num_stages,
-                tuple(str(a.dtype) for a in self.args if isinstance(a, torch.Tensor)))
-
     def __call__(self) -> None:
         if all(g > 0 for g in self.grid):
             self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
                                    num_stages=self.num_stages)
 
 
-def compile_launch(launch: Launch, capability: int = 90):
-    """Compile ``launch`` for ``sm_<capability>`` as the runtime would; returns the kernel.
+def sm90_compile_specs(launches):
+    """``(kernel, signature, constexprs, num_warps, num_stages)`` for each distinct
+    configuration among ``launches``, for ``anchor_kernels.ops.sm90_check``.
 
-    The result has ``.asm["ptx"]``, ``.asm["cubin"]`` and ``.metadata`` (shared memory,
-    warps), so register use and spills can be read with ``cuobjdump`` without a GPU.
+    The signature is what the Triton runtime derives from the launch's actual arguments
+    (tensor element types, ints equal to 1 become constexprs), so the compiled variants are
+    the ones the launchers run.
     """
     import triton
     from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
 
-    kernel = launch.kernel
-    if not isinstance(kernel, triton.runtime.jit.JITFunction):
-        raise RuntimeError("compile_launch needs real triton.jit kernels; unset TRITON_INTERPRET")
-    runtime = [p for p in kernel.params if not p.is_constexpr]
-    if len(runtime) != len(launch.args):
-        raise ValueError(f"{kernel.__name__} takes {len(runtime)} runtime arguments, "
-                         f"the launch has {len(launch.args)}")
-    signature, constexprs, attrs = {}, {}, {}
-    for p, arg in zip(runtime, launch.args):
-        kind, attr = native_specialize_impl(CUDABackend, arg, False, not p.do_not_specialize,
-                                            not p.do_not_specialize_on_alignment)[:2]
-        signature[p.name] = kind
-        if kind == "constexpr":
-            constexprs[(p.num,)] = attr
-        elif isinstance(attr, str) and "D" in attr:
-            attrs[(p.num,)] = [["tt.divisibility", 16]]
-    for p in kernel.params:
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            constexprs[(p.num,)] = launch.constexprs[p.name]
-    src = triton.compiler.ASTSource(kernel, signature, constexprs, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    seen = set()
+    for launch in launches:
+        kernel = launch.kernel
+        if not isinstance(kernel, triton.runtime.jit.JITFunction):
+            raise RuntimeError("compiling needs real triton.jit kernels; unset TRITON_INTERPRET")
+        runtime = [p for p in kernel.params if not p.is_constexpr]
+        if len(runtime) != len(launch.args):
+            raise ValueError(f"{kernel.__name__} takes {len(runtime)} runtime arguments, "
+                             f"the launch has {len(launch.args)}")
+        signature, constexprs = {}, dict(launch.constexprs)
+        for p, arg in zip(runtime, launch.args):
+            kind, value = native_specialize_impl(CUDABackend, arg, False, not p.do_not_specialize,
+                                                 not p.do_not_specialize_on_alignment)[:2]
+            signature[p.name] = kind
+            if kind == "constexpr":
+                constexprs[p.name] = value
+        for p in kernel.params:
+            if p.is_constexpr:
+                signature[p.name] = "constexpr"
+        key = (kernel.__name__, tuple(signature.items()), tuple(sorted(constexprs.items())),
+               launch.num_warps, launch.num_stages)
+        if key not in seen:
+            seen.add(key)
+            yield kernel, signature, constexprs, launch.num_warps, launch.num_stages
