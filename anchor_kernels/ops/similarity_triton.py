@@ -18,8 +18,8 @@ Backward, for ``G = dL/dS`` (M, N), with ``z_a = a / n_a`` and ``z_b = b / n_b``
 
 (the clamp passes no gradient to the norm below eps, as in ``x / x.norm().clamp_min(eps)``),
 and the same with the roles of ``a`` and ``b`` swapped and ``G`` transposed for ``db``. One
-kernel serves both sides: it scales the ``G`` tile by ``1 / n_b`` on load, multiplies by the
-raw ``b`` tile, and, when one program holds the whole feature dimension (D <= 128), applies
+kernel serves both sides: it scales the ``b`` tile by ``1 / n_b`` on load (entries stay in
+[-1, 1], safe in float16), multiplies ``G`` by it, and, when one program holds the whole feature dimension (D <= 128), applies
 the projection in its epilogue. For larger D it writes ``dz_a`` (fp32, M x D) and a row
 kernel applies the projection.
 """
@@ -112,11 +112,14 @@ def _similarity_bwd_kernel(
     for n0 in range(0, N, BN):
         rn = n0 + rn0
         g = tl.load(g_rows + rn.to(tl.int64)[None, :] * stride_gn,
-                    mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0).to(tl.float32)
+                    mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
         ny = tl.load(ny_ptr + rn, mask=rn < N, other=1.0)
         y = tl.load(y_ptr + rn.to(tl.int64)[:, None] * stride_yn + rd[None, :] * stride_yd,
                     mask=(rn[:, None] < N) & (rd[None, :] < D), other=0.0)
-        acc = dot_acc((g / ny[None, :]).to(y.dtype), y, acc, PRECISION, UPCAST)
+        # Scale the rows of y, not the columns of G: |y_j / n_j| <= 1 always (also below eps),
+        # while G / n_j overflows float16 for a zero row (1 / eps = 1e12) and gives inf * 0.
+        zy = (y.to(tl.float32) / ny[:, None]).to(y.dtype)
+        acc = dot_acc(g.to(y.dtype), zy, acc, PRECISION, UPCAST)
     dz = acc * inv_t
 
     out_mask = (rm[:, None] < M) & (rd[None, :] < D)
