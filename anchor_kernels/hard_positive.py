@@ -35,9 +35,19 @@ def _load_triton():
     return BACKEND
 
 
+def _load_cpu():
+    from .ops.hard_positive_cpp import CPU_BACKEND
+    return CPU_BACKEND
+
+
+def _load_cuda():
+    from .ops.hard_positive_cpp import CUDA_BACKEND
+    return CUDA_BACKEND
+
+
 DISPATCH = OpDispatch(
     "hard_positive_mining",
-    {"triton": _load_triton},
+    {"triton": _load_triton, "cpu": _load_cpu, "cuda": _load_cuda},
     EagerHardPositive(),
     {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpu", "eager")},
 )

@@ -91,9 +91,19 @@ def _load_triton():
     return BACKEND
 
 
+def _load_cpu():
+    from .ops.similarity_cpp import CPU_BACKEND
+    return CPU_BACKEND
+
+
+def _load_cuda():
+    from .ops.similarity_cpp import CUDA_BACKEND
+    return CUDA_BACKEND
+
+
 DISPATCH = OpDispatch(
     "pairwise_similarity",
-    {"triton": _load_triton},
+    {"triton": _load_triton, "cpu": _load_cpu, "cuda": _load_cuda},
     EagerSimilarity(),
     {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpu", "eager")},
 )
