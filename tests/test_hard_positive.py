@@ -17,6 +17,22 @@ from anchor_kernels.ops.hard_positive_triton import MAX_K, hard_positive_triton
 
 CPU_BACKENDS = ["triton", "eager"]
 INF = float("inf")
+# Triton runs compiled on CUDA tensors when a GPU is present (the same tests are then tier 2),
+# under the interpreter on CPU tensors otherwise. Results are compared on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_for(backend):
+    return DEVICE if backend in ("triton", "cuda") else "cpu"
+
+
+def mine(z, y, k, *, backend, contrast=None, contrast_labels=None, **kw):
+    """hard_positive_mining on the backend's device; (indices, cosines) on the CPU."""
+    dev = device_for(backend)
+    if contrast is not None:
+        kw.update(contrast=contrast.to(dev), contrast_labels=contrast_labels.to(dev))
+    idx, cos = hard_positive_mining(z.to(dev), y.to(dev), k, backend=backend, **kw)
+    return idx.cpu(), cos.cpu()
 
 
 def brute_force(z, y, k, c=None, yc=None, offset=0, normalize=True):
@@ -53,11 +69,10 @@ def assert_separated(z, y, c, yc, offset, normalize=True, gap=1e-6):
 
 def check(z, y, k, c=None, yc=None, offset=0, backend="triton", normalize=True):
     """Indices exactly as the float64 reference; cosines within float32 rounding."""
-    kw = dict(normalize=normalize, backend=backend)
+    kw = dict(normalize=normalize)
     if c is not None:
         kw.update(contrast=c, contrast_labels=yc, anchor_offset=offset)
-    idx, cos = hard_positive_mining(z, y, k, **kw)
-    kw.pop("backend")
+    idx, cos = mine(z, y, k, backend=backend, **kw)
     ref_idx, ref_cos = reference.hard_positive_mining(
         z.double(), y, k, **{**kw, **({"contrast": c.double()} if c is not None else {})})
     assert idx.shape == (z.shape[0], k) and idx.dtype == torch.int64
@@ -215,15 +230,16 @@ def test_triton_gradients_match_reference(separate):
     w = torch.randn(41, 5, dtype=torch.float64)
     inputs = (z, c) if separate else (z,)
     want = torch.autograd.grad(_loss(ref_idx, ref_cos, w), inputs)
-    zf = z.detach().float().requires_grad_()
-    cf = c.detach().float().requires_grad_() if separate else None
+    zf = z.detach().float().to(DEVICE).requires_grad_()
+    cf = c.detach().float().to(DEVICE).requires_grad_() if separate else None
     if separate:
-        kw.update(contrast=cf)
-    idx, cos = hard_positive_mining(zf, y, 5, backend="triton", **kw)
-    assert torch.equal(idx, ref_idx)
-    got = torch.autograd.grad(_loss(idx, cos, w.float()), (zf, cf) if separate else (zf,))
+        kw.update(contrast=cf, contrast_labels=yc.to(DEVICE))
+    idx, cos = hard_positive_mining(zf, y.to(DEVICE), 5, backend="triton", **kw)
+    assert torch.equal(idx.cpu(), ref_idx)
+    got = torch.autograd.grad(_loss(idx, cos, w.float().to(DEVICE)),
+                              (zf, cf) if separate else (zf,))
     for g, r in zip(got, want):
-        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g.double().cpu(), r, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -248,8 +264,8 @@ def test_gradcheck_float64(normalize):
 
 
 def test_padding_gets_no_gradient():
-    z = torch.randn(6, 4, requires_grad=True)
-    idx, cos = hard_positive_mining(z, torch.arange(6), 2, backend="triton")  # no positives
+    z = torch.randn(6, 4, device=DEVICE, requires_grad=True)
+    idx, cos = hard_positive_mining(z, torch.arange(6, device=DEVICE), 2, backend="triton")
     (dz,) = torch.autograd.grad(torch.where(idx >= 0, cos, 0.0).sum(), z)
     assert (dz == 0).all()
 
@@ -257,15 +273,16 @@ def test_padding_gets_no_gradient():
 # ------------------------------------------------------------------------ ops and errors
 
 def test_opcheck():
-    z, c = torch.randn(5, 7), torch.randn(6, 7)
-    y, yc = torch.tensor([0, 1, 0, 1, 2]), torch.tensor([0, 0, 1, 1, 2, 2])
+    z, c = torch.randn(5, 7, device=DEVICE), torch.randn(6, 7, device=DEVICE)
+    y = torch.tensor([0, 1, 0, 1, 2], device=DEVICE)
+    yc = torch.tensor([0, 0, 1, 1, 2, 2], device=DEVICE)
     torch.library.opcheck(hard_positive_triton, (z, y, c, yc, 2, True, None))
     torch.library.opcheck(hard_positive_triton, (z, y, z, y, 3, True, 0))
 
 
 def test_torch_compile_fullgraph():
-    z = torch.randn(12, 8, requires_grad=True)
-    y = labels(12, 3)
+    z = torch.randn(12, 8, device=DEVICE, requires_grad=True)
+    y = labels(12, 3).to(DEVICE)
 
     def fn(z):
         idx, cos = hard_positive_mining(z, y, 2, backend="triton")
@@ -280,13 +297,13 @@ def test_torch_compile_fullgraph():
 
 
 def test_triton_k_limit_and_auto():
-    z, y = torch.randn(100, 4), torch.zeros(100, dtype=torch.int64)
+    z, y = torch.randn(100, 4, device=DEVICE), torch.zeros(100, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match=f"limit of {MAX_K}"):
         hard_positive_mining(z, y, MAX_K + 1, backend="triton")
     idx, _ = hard_positive_mining(z[:50], y[:50], 1000, backend="triton")  # k capped by N
     assert idx.shape == (50, 1000) and (idx[:, 49:] == -1).all()
     idx, _ = hard_positive_mining(z, y, MAX_K + 1)  # auto: a backend that can run it
-    assert (idx[:, :99] >= 0).all()
+    assert (idx[:, :99] >= 0).all() and idx.device == z.device
 
 
 @pytest.mark.parametrize("call,err,match", [

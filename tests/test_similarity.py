@@ -18,6 +18,13 @@ from anchor_kernels.ops.similarity_triton import similarity_bwd_triton, similari
 
 CPU_BACKENDS = ["triton", "eager"]
 LOW = [torch.bfloat16, torch.float16]
+# Triton runs compiled on CUDA tensors when a GPU is present (the same tests are then tier 2),
+# under the interpreter on CPU tensors otherwise. Results are compared on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_for(backend):
+    return DEVICE if backend in ("triton", "cuda") else "cpu"
 
 
 def oracle(a, b, temperature, normalize=True):
@@ -42,12 +49,13 @@ def assert_close(name, out, ref64, eager, atol):
 
 
 def run(a, b, g, backend, temperature, normalize=True):
-    """S and (da, db) for dL/dS = g; db is None when b is None."""
-    a = a.detach().requires_grad_()
-    b = None if b is None else b.detach().requires_grad_()
+    """S and (da, db) for dL/dS = g, on the CPU; db is None when b is None."""
+    dev = device_for(backend)
+    a = a.detach().to(dev).requires_grad_()
+    b = None if b is None else b.detach().to(dev).requires_grad_()
     s = pairwise_similarity(a, b, temperature=temperature, normalize=normalize, backend=backend)
-    grads = torch.autograd.grad(s, [a] if b is None else [a, b], g)
-    return s, grads[0], (None if b is None else grads[1])
+    grads = torch.autograd.grad(s, [a] if b is None else [a, b], g.to(dev))
+    return s.cpu(), grads[0].cpu(), (None if b is None else grads[1].cpu())
 
 
 def check_against_oracle(a, b, backend, temperature=0.5, normalize=True):
@@ -172,35 +180,37 @@ def test_triton_gradients_match_float64_eager():
 
 
 def test_opcheck():
-    a, b = torch.randn(5, 7), torch.randn(6, 7)
+    a, b = torch.randn(5, 7, device=DEVICE), torch.randn(6, 7, device=DEVICE)
     torch.library.opcheck(similarity_fwd_triton, (a, b, True, 0.5))
     _, na, nb = similarity_fwd_triton(a, b, True, 0.5)
-    torch.library.opcheck(similarity_bwd_triton, (torch.randn(5, 6), a, b, na, nb, True, 0.5))
+    g = torch.randn(5, 6, device=DEVICE)
+    torch.library.opcheck(similarity_bwd_triton, (g, a, b, na, nb, True, 0.5))
 
 
 def test_torch_compile_fullgraph():
-    a = torch.randn(9, 20, requires_grad=True)
-    b = torch.randn(7, 20, requires_grad=True)
+    a = torch.randn(9, 20, device=DEVICE, requires_grad=True)
+    b = torch.randn(7, 20, device=DEVICE, requires_grad=True)
     fn = torch.compile(lambda a, b: pairwise_similarity(a, b, temperature=0.5, backend="triton"),
                        fullgraph=True)
-    g = torch.randn(9, 7)
-    out = run(a, b, g, "eager", 0.5)
+    g = torch.randn(9, 7, device=DEVICE)
+    out = run(a.cpu(), b.cpu(), g.cpu(), "eager", 0.5)
     s = fn(a, b)
     da, db = torch.autograd.grad(s, (a, b), g)
     for o, r in zip((s, da, db), out):
-        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o.cpu(), r, rtol=1e-5, atol=1e-5)
 
 
 def test_autocast_runs_in_low_precision():
-    a, b = torch.randn(6, 10), torch.randn(4, 10)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    a, b = torch.randn(6, 10, device=DEVICE), torch.randn(4, 10, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         s = pairwise_similarity(a, b, backend="triton")
     assert s.dtype == torch.bfloat16
     torch.testing.assert_close(s.float(), oracle(a, b, 1.0), rtol=0, atol=2e-2)
 
 
 def test_empty_inputs():
-    s = pairwise_similarity(torch.randn(0, 4), torch.randn(3, 4), backend="triton")
+    s = pairwise_similarity(torch.randn(0, 4, device=DEVICE), torch.randn(3, 4, device=DEVICE),
+                            backend="triton")
     assert s.shape == (0, 3)
 
 

@@ -90,18 +90,19 @@ def test_helper_with_triton_selection():
     assert_separated(f, y)
     f64 = f.double().requires_grad_()
     want, want_valid = reference.supcon_per_anchor(f64, y, temperature=0.1, hard_positive_topk=3)
-    fx = f.clone().requires_grad_()
-    got, valid = EagerLSE("triton").per_anchor(problem(fx, y, k=3))
-    assert torch.equal(valid, want_valid)
+    fx = f.to(DEVICE).requires_grad_()
+    got, valid = EagerLSE("triton").per_anchor(problem(fx, y.to(DEVICE), k=3))
+    assert torch.equal(valid.cpu(), want_valid)
     assert_close(got, want, atol=1e-5, rtol=1e-5, what="per-anchor loss")
     w = torch.rand(40, dtype=torch.float64)
     (dw,) = torch.autograd.grad((want * w).sum(), f64)
-    (dg,) = torch.autograd.grad((got * w.float()).sum(), fx)
+    (dg,) = torch.autograd.grad((got * w.float().to(DEVICE)).sum(), fx)
     assert_close(dg, dw, atol=1e-5, rtol=1e-4, what="grad f")
 
 
 def test_reasons_name_the_selection():
-    f, y = torch.randn(100, 8), torch.zeros(100, dtype=torch.int64)
+    f = torch.randn(100, 8, device=DEVICE)
+    y = torch.zeros(100, dtype=torch.int64, device=DEVICE)
     reasons = EagerLSE("triton").not_supported_reasons(problem(f, y, k=65))
     assert reasons and all(r.startswith("top-k selection:") for r in reasons), reasons
 
