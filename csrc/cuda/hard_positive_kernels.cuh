@@ -14,6 +14,8 @@
 // real key. At the end the thread sorts its keys and decodes them into indices and cosines.
 #pragma once
 
+#include <cstring>
+
 #include "hard_positive_kernels.h"
 #include "supcon_kernels.cuh"
 
@@ -28,16 +30,29 @@ using supcon_cuda::detail::kThreads;
 constexpr int64_t kKeyInf = 0x7FFFFFFFFFFFFFFFll;
 constexpr int64_t kKeyPad = 0x7FFFFFFF80000000ll;  // keys at or above it are empty slots
 
+// Bit casts by memcpy (a register move on the device; also compiles in the host emulation).
+__device__ __forceinline__ int32_t float_bits(float v) {
+  int32_t b;
+  memcpy(&b, &v, sizeof b);
+  return b;
+}
+
+__device__ __forceinline__ float bits_float(int32_t b) {
+  float v;
+  memcpy(&v, &b, sizeof v);
+  return v;
+}
+
 __device__ __forceinline__ int64_t make_key(float v, int64_t j) {
   if (v == 0.f) v = 0.f;  // -0 ties with +0, as in torch.sort
-  const int bits = __float_as_int(v);
-  const int ordered = bits >= 0 ? bits : bits ^ 0x7FFFFFFF;
+  const int32_t bits = float_bits(v);
+  const int32_t ordered = bits >= 0 ? bits : bits ^ 0x7FFFFFFF;
   return int64_t(uint64_t(int64_t(ordered)) << 32) | j;
 }
 
 __device__ __forceinline__ float key_cos(int64_t key) {
-  const int ordered = int(key >> 32);
-  return __int_as_float(ordered >= 0 ? ordered : ordered ^ 0x7FFFFFFF);
+  const int32_t ordered = int32_t(key >> 32);
+  return bits_float(ordered >= 0 ? ordered : ordered ^ 0x7FFFFFFF);
 }
 
 template <typename T, bool MMA>
@@ -111,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) hard_positive_kernel(const Args p) {
     const int64_t key = keys[s];
     const bool pad = key >= kKeyPad;
     p.idx[i * p.k + s] = pad ? -1 : (key & 0xFFFFFFFFll);
-    p.cos[i * p.k + s] = pad ? __int_as_float(0x7F800000) : key_cos(key);
+    p.cos[i * p.k + s] = pad ? INFINITY : key_cos(key);
   }
 }
 
