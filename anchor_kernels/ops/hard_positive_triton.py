@@ -38,7 +38,8 @@ from torch import Tensor
 
 from .similarity_triton import dot_acc
 from . import triton_launch
-from .triton_launch import Launch, device_reasons, dot_precision, interpreter_upcast
+from .triton_launch import (Launch, device_guard, device_reasons, dot_precision,
+                            interpreter_upcast)
 
 NORM_EPS = 1e-12
 # Largest k the kernel keeps in registers; larger k runs on the other backends.
@@ -175,7 +176,8 @@ def hard_positive_triton(z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor,
     yb = c_labels.to(torch.int64).contiguous()
     rz = inv_norms(z, normalize)
     rc = rz if c is z else inv_norms(c, normalize)
-    mining_launch(z, ya, c, yb, rz, rc, idx, cos, k_eff, anchor_offset)()
+    with device_guard(z):
+        mining_launch(z, ya, c, yb, rz, rc, idx, cos, k_eff, anchor_offset)()
     return idx, cos
 
 

@@ -32,7 +32,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import triton_launch
-from .triton_launch import Launch, device_reasons, dot_precision, interpreter_upcast
+from .triton_launch import (Launch, device_guard, device_reasons, dot_precision,
+                            interpreter_upcast)
 
 NORM_EPS = 1e-12
 # Widest feature block of the backward; above it the normalisation backward runs as a
@@ -245,7 +246,8 @@ def similarity_fwd_triton(a: Tensor, b: Tensor, normalize: bool,
     s = torch.empty((m, n), dtype=a.dtype, device=a.device)
     na = clamped_norms(a, normalize)
     nb = clamped_norms(b, normalize)
-    fwd_launch(a, b, s, na, nb, temperature)()
+    with device_guard(a):
+        fwd_launch(a, b, s, na, nb, temperature)()
     return s, na, nb
 
 
@@ -263,10 +265,11 @@ def similarity_bwd_triton(grad: Tensor, a: Tensor, b: Tensor, na: Tensor, nb: Te
     """(da (M, D), db (N, D)) for grad = dL/dS (M, N)."""
     da = torch.empty_like(a, memory_format=torch.contiguous_format)
     db = torch.empty_like(b, memory_format=torch.contiguous_format)
-    for launch in bwd_side_launches(grad, a, b, na, nb, da, normalize, temperature):
-        launch()
-    for launch in bwd_side_launches(grad.t(), b, a, nb, na, db, normalize, temperature):
-        launch()
+    with device_guard(a):
+        for launch in bwd_side_launches(grad, a, b, na, nb, da, normalize, temperature):
+            launch()
+        for launch in bwd_side_launches(grad.t(), b, a, nb, na, db, normalize, temperature):
+            launch()
     return da, db
 
 

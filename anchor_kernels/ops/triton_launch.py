@@ -9,6 +9,7 @@ catches kernels the interpreter accepts but the compiler rejects.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -35,6 +36,11 @@ def device_reasons(tensors, name: str = "the Triton kernels") -> list[str]:
         if torch.cuda.get_device_capability(dev) < (8, 0):
             reasons.append("bfloat16 needs compute capability >= 8.0")
     return reasons
+
+
+def device_guard(x: torch.Tensor):
+    """Make x's GPU current: Triton launches on the current device, not the tensors'."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def interpreter_upcast(dtype: torch.dtype) -> bool:
