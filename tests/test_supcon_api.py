@@ -178,5 +178,6 @@ def test_opcheck_triton_ops(single):
     y = labels_for("random", 20).to(DEVICE)
     g, y_g = (None, None) if single else (torch.randn(30, 8, device=DEVICE, requires_grad=True),
                                           labels_for("random", 30).to(DEVICE))
+    y, y_g = supcon_triton.dense_label_ids(y, y_g)
     args = (f, g, y, y_g, 0, 0.2, 1.5, True, False, True)
     torch.library.opcheck(torch.ops.anchor_kernels.supcon_fwd_triton.default, args)

@@ -182,3 +182,21 @@ def test_gpu_autocast():
         loss = ak.supcon_loss(emb, y, backend="triton")
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(f.grad).all()
+
+
+@pytest.mark.parametrize("two_sets", [False, True])
+@pytest.mark.parametrize("beta,detach", [(0.0, True), (2.0, False)])
+def test_chunked_passes(monkeypatch, two_sets, beta, detach):
+    """Small batches cut the streamed dimension into chunks merged afterwards (forced here)."""
+    from anchor_kernels.ops import supcon_triton
+
+    monkeypatch.setattr(supcon_triton, "num_splits", lambda rows, cols, device: 3)
+    assert supcon_triton.chunking(40, 300, torch.device(DEVICE)) == (3, 128)
+    if two_sets:
+        g = torch.randn(300, 20, device=DEVICE)
+        y_g = labels_for("random", 300).to(DEVICE)
+        compare(g[100:400], y_g[100:400], g, y_g, anchor_offset=100, hard_positive_beta=beta,
+                detach_weights=detach)
+    else:
+        compare(torch.randn(300, 20, device=DEVICE), labels_for("random", 300).to(DEVICE),
+                hard_positive_beta=beta, detach_weights=detach)

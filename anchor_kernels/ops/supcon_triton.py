@@ -34,8 +34,8 @@ def _config(block_m, block_n, warps, stages):
 CONFIGS = {
     "fwd_half": [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3),
                  _config(64, 128, 4, 3)],
-    "bwd_half": [_config(64, 64, 4, 2), _config(128, 64, 8, 2), _config(64, 128, 8, 2),
-                 _config(128, 32, 8, 3)],
+    "bwd_half": [_config(64, 64, 8, 2), _config(64, 64, 4, 2), _config(128, 64, 8, 2),
+                 _config(64, 128, 8, 2)],
     "fwd_fp32": [_config(64, 32, 4, 2), _config(32, 64, 4, 2), _config(64, 64, 8, 2)],
     "bwd_fp32": [_config(64, 32, 4, 2), _config(32, 64, 4, 2), _config(32, 32, 4, 2)],
 }
@@ -72,9 +72,29 @@ def _launcher(kernel: str, dtype: torch.dtype):
                                   num_stages=config.num_stages)
 
 
-def _launch(kernel: str, dtype: torch.dtype, rows: int, block: str, *args, **constexprs):
+def _launch(kernel: str, dtype: torch.dtype, rows: int, block: str, splits: int, *args,
+            **constexprs):
     fn, meta = _launcher(kernel, dtype)
-    fn[lambda m: (triton.cdiv(rows, m[block]),)](*args, **constexprs, **meta)
+    fn[lambda m: (triton.cdiv(rows, m[block]), splits)](*args, **constexprs, **meta)
+
+
+SPLIT_ALIGN = 128  # chunk boundaries on multiples of every BLOCK_M / BLOCK_N
+
+
+def num_splits(rows: int, cols: int, device: torch.device) -> int:
+    """Chunks to cut the streamed dimension into so that about two programs per SM run when
+    there are few row blocks (small batches); 1 for large batches."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_blocks = triton.cdiv(rows, 128)
+    return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(cols, 4 * SPLIT_ALIGN), 16))
+
+
+def chunking(rows: int, cols: int, device: torch.device) -> tuple[int, int]:
+    """(splits, streamed rows per split) with chunk starts aligned to SPLIT_ALIGN."""
+    per_split = triton.cdiv(triton.cdiv(cols, num_splits(rows, cols, device)), SPLIT_ALIGN) * SPLIT_ALIGN
+    return triton.cdiv(cols, per_split), per_split
 
 
 def block_d(d: int) -> int:
@@ -99,6 +119,16 @@ def inv_norms(x: Tensor, normalize: bool) -> Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal()
 
 
+def dense_label_ids(y_f: Tensor, y_g: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """int32 ids in [0, M + N), equal iff the labels are equal: the kernels compare 32-bit
+    ids (half the registers of int64) and use -1/-2 for padding. Sort + searchsorted, so no
+    host synchronisation."""
+    every = y_f if y_g is None else torch.cat([y_f, y_g])
+    table = torch.sort(every).values
+    ids = lambda y: torch.searchsorted(table, y, out_int32=True)  # noqa: E731
+    return ids(y_f), (None if y_g is None else ids(y_g))
+
+
 def _device_guard(x: Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
@@ -107,8 +137,8 @@ def _device_guard(x: Tensor):
 def supcon_fwd_triton(
     f: Tensor,  # (M, D)
     g: Optional[Tensor],  # (N, D); None: the contrast set is f itself
-    y_f: Tensor,  # (M,) int64
-    y_g: Optional[Tensor],  # (N,) int64
+    y_f: Tensor,  # (M,) int32 dense label ids (see dense_label_ids)
+    y_g: Optional[Tensor],  # (N,) int32
     self_offset: int,  # anchor i's own column is i + self_offset (N: none)
     temperature: float,
     beta: float,
@@ -125,13 +155,18 @@ def supcon_fwd_triton(
     rg = rf if single else inv_norms(g_, normalize)
     loss, lse, sbar, logz2 = (torch.empty(m, device=f.device, dtype=torch.float32) for _ in range(4))
     npos = torch.empty(m, device=f.device, dtype=torch.int32)
+    splits, per_split = chunking(m, n, f.device)
+    part = torch.empty(6, splits, m, device=f.device, dtype=torch.float32) if splits > 1 else loss
+    flags = dict(BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only)
     with _device_guard(f):
         _launch(
-            "fwd", f.dtype, m, "BLOCK_M", f, g_, y_f, y_g_, rf, rg, loss, lse, sbar, logz2, npos,
-            m, n, d, f.stride(0), f.stride(1), g_.stride(0), g_.stride(1), self_offset,
-            1.0 / temperature, beta,
-            BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only, **dot_flags(f.dtype),
-            BLOCK_D=block_d(d))
+            "fwd", f.dtype, m, "BLOCK_M", splits, f, g_, y_f, y_g_, rf, rg, loss, lse, sbar,
+            logz2, npos, part, m, n, d, f.stride(0), f.stride(1), g_.stride(0), g_.stride(1),
+            self_offset, 1.0 / temperature, beta, per_split, **flags, **dot_flags(f.dtype),
+            SPLIT=splits > 1, BLOCK_D=block_d(d))
+        if splits > 1:
+            kernels._supcon_fwd_combine_kernel[(triton.cdiv(m, 128),)](
+                part, loss, lse, sbar, logz2, npos, m, splits, **flags, BLOCK_M=128)
     rg_out = rf.new_empty(0) if single else rg  # outputs of a custom op may not alias
     return loss, lse, sbar, logz2, npos, rf, rg_out
 
@@ -163,20 +198,36 @@ def supcon_bwd_triton(
     flags = dict(NORMALIZE=normalize, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only,
                  EXACT=exact_weights and beta != 0.0, **dot_flags(f.dtype),
                  BLOCK_D=block_d(d))
-    scalars = (self_offset, 1.0 / temperature, beta, temperature)
+    scalars = (self_offset, 1.0 / temperature, beta)
     with _device_guard(f):
-        _launch(
-            "bwd_rows", f.dtype, m, "BLOCK_M", f, g_, y_f, y_g_, rf, rg_, lse, sbar, logz2, npos, grad, df,
-            m, n, d, f.stride(0), f.stride(1), g_.stride(0), g_.stride(1),
-            df.stride(0), df.stride(1), *scalars, SINGLE_SET=single, **flags)
+        _grad_pass("bwd_rows", f, m, n, "BLOCK_M", df, (f, g_, y_f, y_g_, rf, rg_, lse, sbar,
+                   logz2, npos, grad), scalars, rf, flags, SINGLE_SET=single)
         if single:
             return df, f.new_empty(0)
         dg = torch.empty(n, d, device=g.device, dtype=g.dtype)
-        _launch(
-            "bwd_cols", f.dtype, n, "BLOCK_N", f, g, y_f, y_g, rf, rg, lse, sbar, logz2, npos, grad, dg,
-            m, n, d, f.stride(0), f.stride(1), g.stride(0), g.stride(1),
-            dg.stride(0), dg.stride(1), *scalars, **flags)
+        _grad_pass("bwd_cols", g, n, m, "BLOCK_N", dg, (f, g, y_f, y_g, rf, rg, lse, sbar, logz2,
+                   npos, grad), scalars, rg, flags)
     return df, dg
+
+
+def _grad_pass(kernel, x, rows, streamed, block, out, tensors, scalars, r, flags, **extra):
+    """One gradient pass (rows: dQ, cols: dK) into ``out``, chunked along the streamed
+    dimension when ``rows`` alone cannot fill the GPU; ``x`` is the set being differentiated."""
+    d = x.shape[1]
+    f, g = tensors[0], tensors[1]
+    strides = (f.stride(0), f.stride(1), g.stride(0), g.stride(1))
+    m, n = f.shape[0], g.shape[0]
+    splits, per_split = chunking(rows, streamed, x.device)
+    if splits == 1:
+        _launch(kernel, x.dtype, rows, block, 1, *tensors, out, m, n, d, *strides,
+                out.stride(0), out.stride(1), *scalars, per_split, SPLIT=False, **flags, **extra)
+        return
+    part = torch.empty(splits, rows, d, device=x.device, dtype=torch.float32)
+    _launch(kernel, x.dtype, rows, block, splits, *tensors, part, m, n, d, *strides, d, 1,
+            *scalars, per_split, SPLIT=True, **flags, **extra)
+    kernels._supcon_bwd_finish_kernel[(triton.cdiv(rows, 16),)](
+        x, r, part, out, rows, d, splits, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        NORMALIZE=flags["NORMALIZE"], BLOCK_M=16, BLOCK_D=flags["BLOCK_D"])
 
 
 @supcon_bwd_triton.register_fake
@@ -231,9 +282,9 @@ class TritonSupCon:
             return supcon_topk.topk_per_anchor(self, p, "triton")
         n = p.f.shape[0] if p.g is None else p.g.shape[0]
         self_offset = n if p.anchor_offset is None else p.anchor_offset
-        y_g = None if p.y_g is None else p.y_g.to(torch.int64).contiguous()
+        y_f, y_g = dense_label_ids(p.y_f, p.y_g)
         loss, _, _, _, npos, _, _ = torch.ops.anchor_kernels.supcon_fwd_triton(
-            p.f, p.g, p.y_f.to(torch.int64).contiguous(), y_g, self_offset, p.temperature,
+            p.f, p.g, y_f, y_g, self_offset, p.temperature,
             p.beta, p.normalize, p.lse_only, not p.detach_weights)
         return loss, npos > 0
 
@@ -244,13 +295,12 @@ BACKEND = TritonSupCon()
 def sm90_compile_specs():
     """(kernel, signature, constexprs, num_warps, num_stages) for every kernel, dtype and
     autotuner configuration, for ``anchor_kernels.ops.sm90_check`` (compiled with no GPU)."""
-    kinds = {"F": "x", "G": "x", "DF": "x", "DG": "x", "YF": "*i64", "YG": "*i64",
-             "NPOS": "*i32", "inv_tau": "fp32", "beta": "fp32", "tau": "fp32"}
     flag_sets = {
-        "fwd": [dict(BETA_ZERO=False, LSE_ONLY=False)],
+        "fwd": [dict(BETA_ZERO=False, LSE_ONLY=False, SPLIT=split) for split in (False, True)],
         "bwd_rows": [dict(SINGLE_SET=single, NORMALIZE=True, BETA_ZERO=False, LSE_ONLY=False,
-                          EXACT=True) for single in (True, False)],
-        "bwd_cols": [dict(NORMALIZE=True, BETA_ZERO=False, LSE_ONLY=False, EXACT=True)],
+                          EXACT=True, SPLIT=single) for single in (True, False)],
+        "bwd_cols": [dict(NORMALIZE=True, BETA_ZERO=False, LSE_ONLY=False, EXACT=True,
+                          SPLIT=False)],
     }
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     for name, kernel in _KERNELS.items():
@@ -259,16 +309,35 @@ def sm90_compile_specs():
                 for config in configs_for(name, dtype):
                     constexprs = dict(flags, DOT_PRECISION=dot_precision(dtype), UPCAST=False,
                                       BLOCK_D=128, **config.kwargs)
-                    signature = {}
-                    for arg in kernel.arg_names:
-                        if arg in constexprs:
-                            signature[arg] = "constexpr"
-                        elif kinds.get(arg) == "x":
-                            signature[arg] = "*" + names[dtype]
-                        elif arg in kinds:
-                            signature[arg] = kinds[arg]
-                        elif arg in ("M", "N", "D", "SELF_OFFSET") or arg.startswith("stride"):
-                            signature[arg] = "i32"
-                        else:  # statistics and gradients: float32 vectors
-                            signature[arg] = "*fp32"
+                    signature = _signature(kernel, names[dtype], constexprs)
                     yield kernel, signature, constexprs, config.num_warps, config.num_stages
+    yield (kernels._supcon_fwd_combine_kernel, _signature(kernels._supcon_fwd_combine_kernel,
+           "fp32", dict(BETA_ZERO=False, LSE_ONLY=False, BLOCK_M=128)),
+           dict(BETA_ZERO=False, LSE_ONLY=False, BLOCK_M=128, USES_DOT=False), 4, 1)
+    for dtype in DTYPES:
+        constexprs = dict(NORMALIZE=True, BLOCK_M=16, BLOCK_D=128)
+        yield (kernels._supcon_bwd_finish_kernel,
+               _signature(kernels._supcon_bwd_finish_kernel, names[dtype], constexprs),
+               dict(constexprs, USES_DOT=False), 4, 1)
+
+
+def _signature(kernel, dtype_name: str, constexprs: dict) -> dict:
+    """Triton signature strings for a kernel's arguments, from their names."""
+    kinds = {"F": "x", "G": "x", "DF": "x", "DG": "x", "X": "x", "OUT": "x", "YF": "*i32",
+             "YG": "*i32", "NPOS": "*i32", "inv_tau": "fp32", "beta": "fp32"}
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in ("DF", "DG") and constexprs.get("SPLIT"):
+            signature[arg] = "*fp32"  # chunked passes write float32 partial sums
+        elif kinds.get(arg) == "x":
+            signature[arg] = "*" + dtype_name
+        elif arg in kinds:
+            signature[arg] = kinds[arg]
+        elif arg in ("M", "N", "D", "ROWS", "SPLITS", "SELF_OFFSET") \
+                or arg.startswith("stride") or arg.endswith("PER_SPLIT"):
+            signature[arg] = "i32"
+        else:  # statistics, partial sums and gradients: float32
+            signature[arg] = "*fp32"
+    return signature
