@@ -1,7 +1,46 @@
-"""Build script. The package is pure Python plus an optional C++/CUDA extension that is
-compiled just in time on first use (see anchor_kernels/_ext.py)."""
+"""Build script. The package is pure Python plus an optional C++/CUDA extension (csrc/) that
+is compiled just in time on first use (see anchor_kernels/_ext.py).
+
+To compile the extension ahead of time instead, with torch already installed:
+
+    ANCHOR_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .
+
+The CUDA half is built when torch is a CUDA build and a CUDA toolkit is found (torch.version.cuda
+and CUDA_HOME; no GPU is needed); otherwise the CPU half alone, with one line saying why.
+ANCHOR_KERNELS_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 picks the CPU vector ISA (default: this
+machine's), e.g. DEFAULT for a build that runs on any x86-64.
+"""
+
+import os
+import sys
 
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def extension_build():
+    """(ext_modules, cmdclass): empty unless ANCHOR_KERNELS_BUILD_EXT=1."""
+    if os.environ.get("ANCHOR_KERNELS_BUILD_EXT", "0") != "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sys.path.insert(0, HERE)
+    from anchor_kernels import _ext
+
+    skip = _ext.cuda_skip_reason()
+    if skip:
+        print(f"anchor_kernels: building the C++ extension for CPU only; CUDA half skipped: {skip}")
+    sources = [os.path.relpath(p, HERE) for p in _ext.sources(with_cuda=skip is None)]
+    kind = CppExtension if skip else CUDAExtension
+    ext = kind("anchor_kernels._C", sources, include_dirs=[_ext.CSRC_DIR],
+               extra_compile_args={"cxx": _ext.cxx_flags(), "nvcc": _ext.cuda_flags()},
+               extra_link_args=_ext.openmp_flags())
+    # The library registers torch ops and is loaded with torch.ops.load_library, not imported.
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+ext_modules, cmdclass = extension_build()
 
 setup(
     name="anchor_kernels",
@@ -11,4 +50,6 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"triton": ["triton>=3.0"], "train": ["tqdm", "matplotlib"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

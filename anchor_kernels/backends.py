@@ -22,6 +22,8 @@ BACKEND_NAMES = ("auto", "triton", "cuda", "cpu", "eager")
 # name -> "module:attribute" of the backend object; imported lazily.
 _LOCATIONS = {
     "triton": "anchor_kernels.ops.supcon_triton:BACKEND",
+    "cuda": "anchor_kernels.ops.supcon_cpp:CUDA_BACKEND",
+    "cpu": "anchor_kernels.ops.supcon_cpp:CPU_BACKEND",
 }
 
 # Preference of "auto", fastest first, per device type.

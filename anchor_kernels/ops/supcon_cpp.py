@@ -1,0 +1,102 @@
+"""The "cpu" and "cuda" backends of the SupCon loss: the C++ extension's ops
+``anchor_kernels::supcon_fwd`` / ``supcon_bwd`` (``csrc/supcon.cpp``, ``csrc/cuda/supcon*``)
+with their fake kernels and autograd registered here.
+
+Schemas (declared once, in ``csrc/supcon.cpp``; the dispatcher picks the CPU or CUDA kernel)::
+
+    supcon_fwd(features (M, D), labels (M,), contrast (N, D)?, contrast_labels (N,)?,
+               temperature, beta, detach_weights, normalize, anchor_offset?, lse_only)
+        -> loss (M,), valid (M,) bool, stats (M, 4) = (LSE_i, sbar_i, logW_i, |P(i)|)
+    supcon_bwd(grad_loss (M,), <the forward's inputs>, stats, ...)
+        -> grad_features (M, D), grad_contrast (N, D) ((0, D) when contrast is None)
+
+``loss`` and ``stats`` are float32 for half inputs, float64 for float64. ``detach_weights``
+is read by the backward only (it is a forward argument so that autograd can pass it on).
+With ``lse_only`` the per-anchor value is LSE_i, valid means A(i) is non-empty and stats[:, 3]
+holds |A(i)| (the top-k mode adds its own positive term).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from ..backends import SupConProblem
+
+LOAD_ERROR = _ext.load()
+
+
+def _fwd_fake(features, labels, contrast, contrast_labels, temperature, beta, detach_weights,
+              normalize, anchor_offset, lse_only):
+    m = features.shape[0]
+    acc = torch.promote_types(features.dtype, torch.float32)
+    return (features.new_empty((m,), dtype=acc), features.new_empty((m,), dtype=torch.bool),
+            features.new_empty((m, 4), dtype=acc))
+
+
+def _bwd_fake(grad_loss, features, labels, contrast, contrast_labels, stats, temperature, beta,
+              detach_weights, normalize, anchor_offset, lse_only):
+    dg = (features.new_empty((0, features.shape[1])) if contrast is None
+          else contrast.new_empty(contrast.shape))
+    return features.new_empty(features.shape), dg
+
+
+def _setup_context(ctx, inputs, output):
+    features, labels, contrast, contrast_labels, *scalars = inputs
+    _, valid, stats = output
+    ctx.mark_non_differentiable(valid, stats)
+    ctx.save_for_backward(features, labels, contrast, contrast_labels, stats)
+    ctx.scalars = scalars  # temperature, beta, detach_weights, normalize, anchor_offset, lse_only
+
+
+def _backward(ctx, grad_loss, grad_valid, grad_stats):
+    features, labels, contrast, contrast_labels, stats = ctx.saved_tensors
+    df, dg = torch.ops.anchor_kernels.supcon_bwd(grad_loss, features, labels, contrast,
+                                                 contrast_labels, stats, *ctx.scalars)
+    # Gradients of (features, labels, contrast, contrast_labels, temperature, beta,
+    # detach_weights, normalize, anchor_offset, lse_only).
+    return df, None, (None if contrast is None else dg), None, None, None, None, None, None, None
+
+
+if LOAD_ERROR is None:
+    torch.library.register_fake("anchor_kernels::supcon_fwd")(_fwd_fake)
+    torch.library.register_fake("anchor_kernels::supcon_bwd")(_bwd_fake)
+    torch.library.register_autograd("anchor_kernels::supcon_fwd", _backward,
+                                    setup_context=_setup_context)
+
+
+class CppSupCon:
+    """The extension's kernels on one device type: fused streaming forward and backward with
+    O(M + N) extra memory (per-thread tiles on CPU, per-block tiles on CUDA)."""
+
+    def __init__(self, name: str, device_type: str, dtypes: tuple[torch.dtype, ...]):
+        self.name, self.device_type, self.dtypes = name, device_type, dtypes
+
+    def load_error(self) -> str | None:
+        return LOAD_ERROR if self.device_type == "cpu" else _ext.cuda_error()
+
+    def not_supported_reasons(self, p: SupConProblem) -> list[str]:
+        reasons = []
+        error = self.load_error()
+        if error is not None:
+            reasons.append(error)
+        if p.f.device.type != self.device_type:
+            reasons.append(f"the {self.name} backend runs {self.device_type} tensors; "
+                           f"features are on {p.f.device}")
+        if p.f.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"dtype {p.f.dtype} is not supported by the {self.name} kernels ({names})")
+        if p.topk is not None and not p.lse_only:
+            reasons.append("top-k mining (hard_positive_topk) is not computed by these kernels")
+        return reasons
+
+    def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:
+        loss, valid, _ = torch.ops.anchor_kernels.supcon_fwd(
+            p.f, p.y_f, p.g, p.y_g, p.temperature, p.beta, p.detach_weights, p.normalize,
+            p.anchor_offset, p.lse_only)
+        return loss, valid
+
+
+CPU_BACKEND = CppSupCon("cpu", "cpu", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+CUDA_BACKEND = CppSupCon("cuda", "cuda", (torch.float16, torch.bfloat16, torch.float32))

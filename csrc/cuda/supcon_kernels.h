@@ -1,0 +1,69 @@
+// Launchers of the CUDA SupCon kernels (supcon_kernels.cu): raw pointers, sizes, strides and
+// a stream, so that the kernels compile with CUDA headers only and the torch glue
+// (supcon.cpp) stays small. See csrc/supcon.cpp for the maths.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace anchor_kernels::supcon_cuda {
+
+enum class Dtype { kFloat32, kFloat16, kBFloat16 };
+
+// Row statistics modes; the numbering is shared with the CPU kernels.
+enum FwdMode { kFwdLse = 0, kFwdUniform = 1, kFwdSoft = 2 };
+enum BwdMode { kBwdLse = 0, kBwdUniform = 1, kBwdSoftDetached = 2, kBwdSoftExact = 3 };
+
+// A matrix of `rows` rows, D columns, element (r, d) at data[r * s0 + d * s1].
+struct Matrix {
+  const void* data;
+  int64_t rows, s0, s1;
+};
+
+struct FwdArgs {
+  Matrix x;           // anchors (M, D)
+  Matrix y;           // contrast set (N, D)
+  int64_t D;
+  const int64_t* lx;  // (M,) labels
+  const int64_t* ly;  // (N,)
+  const float* rnx;   // (M,) 1 / max(||x_i||, eps), or ones without normalisation
+  const float* rny;   // (N,)
+  bool has_self;      // anchor i is column i + shift
+  int64_t shift;
+  float inv_tau, nbt;  // 1 / tau and -beta * tau
+  int mode;            // FwdMode
+  float* loss;         // (M,)
+  bool* valid;         // (M,)
+  float* stats;        // (M, 4): LSE, sbar, logW, |P| (|A| with lse_only)
+};
+
+// dX (R, D) fp32 = sum_y H_xy c_y / tau over the inner rows y (c_y = y row times rny), where
+// H_xy = G(x, y) with anchor x's statistics (outer) + G(y, x) with anchor y's (inner), and
+// H = 0 on the self pair y = x + shift.
+struct BwdArgs {
+  Matrix x;            // outer rows (R, D)
+  Matrix y;            // inner rows (Q, D)
+  int64_t D;
+  const int64_t* lx;   // (R,)
+  const int64_t* ly;   // (Q,)
+  const float* rnx;    // (R,)
+  const float* rny;    // (Q,)
+  const float* anchor; // (4, M): g_i (0 if invalid), LSE_i (+inf), q_i, sbar_i per anchor
+  int64_t M;
+  const float* gmax;   // device scalar: max |g_i| (1 when all are 0); keeps half tiles in range
+  bool outer, inner;   // which of x / y are the anchors whose statistics enter H
+  bool has_self;
+  int64_t shift;
+  float inv_tau, nbt;
+  int mode;            // BwdMode
+  float* dx;           // (R, D) contiguous
+};
+
+// bf16 / fp16 products run on the tensor cores (WMMA, fp32 accumulation) where the binary is
+// built for sm_80 or newer, and as fp32 FMA elsewhere; fp32 inputs always take the FMA path.
+// Returns the launch error, if any.
+cudaError_t launch_supcon_fwd(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
+cudaError_t launch_supcon_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
+
+}  // namespace anchor_kernels::supcon_cuda

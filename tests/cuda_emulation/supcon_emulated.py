@@ -1,0 +1,155 @@
+"""The CUDA SupCon kernels run on the host (``emulator.cpp``), driven like ``csrc/cuda/supcon.cpp``
+drives them on a GPU: same per-row inputs, same launches, same chain rule through the norm.
+
+The emulation compiles the kernels' device code without WMMA, so it checks everything but the
+tensor-core tile products (indexing, tiling, masks, self column, online statistics, pair
+reductions, barriers, the backward's H tile and second product, scaling, both-set passes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
+NORM_EPS = 1e-12
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FWD_LSE, FWD_UNIFORM, FWD_SOFT = 0, 1, 2
+BWD_LSE, BWD_UNIFORM, BWD_SOFT_DETACHED, BWD_SOFT_EXACT = 0, 1, 2, 3
+
+_p = ctypes.c_void_p
+
+
+class Matrix(ctypes.Structure):
+    _fields_ = [("data", _p), ("rows", ctypes.c_int64), ("s0", ctypes.c_int64),
+                ("s1", ctypes.c_int64)]
+
+
+class FwdArgs(ctypes.Structure):
+    _fields_ = [("x", Matrix), ("y", Matrix), ("D", ctypes.c_int64), ("lx", _p), ("ly", _p),
+                ("rnx", _p), ("rny", _p), ("has_self", ctypes.c_bool), ("shift", ctypes.c_int64),
+                ("inv_tau", ctypes.c_float), ("nbt", ctypes.c_float), ("mode", ctypes.c_int),
+                ("loss", _p), ("valid", _p), ("stats", _p)]
+
+
+class BwdArgs(ctypes.Structure):
+    _fields_ = [("x", Matrix), ("y", Matrix), ("D", ctypes.c_int64), ("lx", _p), ("ly", _p),
+                ("rnx", _p), ("rny", _p), ("anchor", _p), ("M", ctypes.c_int64), ("gmax", _p),
+                ("outer", ctypes.c_bool), ("inner", ctypes.c_bool), ("has_self", ctypes.c_bool),
+                ("shift", ctypes.c_int64), ("inv_tau", ctypes.c_float), ("nbt", ctypes.c_float),
+                ("mode", ctypes.c_int), ("dx", _p)]
+
+
+def cuda_include_dir() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    for root in (os.environ.get("CUDA_HOME"), CUDA_HOME, "/usr/local/cuda"):
+        if root and os.path.isfile(os.path.join(root, "include", "cuda_fp16.h")):
+            return os.path.join(root, "include")
+    return None
+
+
+def build(out_dir: str) -> str:
+    """Compile emulator.cpp with the kernels into a shared library; returns its path."""
+    include = cuda_include_dir()
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if include is None or cxx is None:
+        raise FileNotFoundError("needs a C++ compiler and the CUDA toolkit headers (cuda_fp16.h)")
+    lib = os.path.join(out_dir, "supcon_emulator.so")
+    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-I", include, "-I", CSRC,
+                    "-include", os.path.join(HERE, "cuda_host_shim.h"),
+                    os.path.join(HERE, "emulator.cpp"), "-o", lib],
+                   check=True, capture_output=True, text=True)
+    return lib
+
+
+class Emulator:
+    def __init__(self, lib_path: str):
+        self.lib = ctypes.CDLL(lib_path)
+        assert self.lib.emu_sizeof_fwd_args() == ctypes.sizeof(FwdArgs)
+        assert self.lib.emu_sizeof_bwd_args() == ctypes.sizeof(BwdArgs)
+
+    @staticmethod
+    def _matrix(x: torch.Tensor) -> Matrix:
+        return Matrix(x.data_ptr(), x.shape[0], x.stride(0), x.stride(1))
+
+    @staticmethod
+    def _norms(x, normalize):
+        n = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
+        return n, (n.clamp_min(NORM_EPS).reciprocal() if normalize else torch.ones_like(n))
+
+    def forward(self, f, y, g, y_g, *, temperature, beta, normalize, anchor_offset, lse_only,
+                order=0):
+        """(loss (M,), valid (M,), stats (M, 4)) as supcon_fwd returns them."""
+        single = g is None
+        gg = f if single else g
+        lf = y.long().contiguous()
+        lg = lf if single else y_g.long().contiguous()
+        _, rnf = self._norms(f, normalize)
+        rng = rnf if single else self._norms(gg, normalize)[1]
+        m = f.shape[0]
+        loss, stats = torch.empty(m), torch.empty(m, 4)
+        valid = torch.empty(m, dtype=torch.bool)
+        has_self = anchor_offset is not None
+        mode = FWD_LSE if lse_only else (FWD_UNIFORM if beta == 0 else FWD_SOFT)
+        args = FwdArgs(self._matrix(f), self._matrix(gg), f.shape[1], lf.data_ptr(), lg.data_ptr(),
+                       rnf.data_ptr(), rng.data_ptr(), has_self,
+                       anchor_offset if has_self else 0, 1.0 / temperature, -beta * temperature,
+                       mode, loss.data_ptr(), valid.data_ptr(), stats.data_ptr())
+        rc = self.lib.emu_supcon_fwd(DTYPE_CODES[f.dtype], ctypes.byref(args), order)
+        assert rc == 0, "threads of a block passed different numbers of barriers"
+        return loss, valid, stats
+
+    def backward(self, grad, f, y, g, y_g, stats, *, temperature, beta, detach_weights,
+                 normalize, anchor_offset, lse_only, order=0):
+        """(grad f (M, D), grad g (N, D) or None) as supcon_bwd returns them."""
+        single = g is None
+        gg = f if single else g
+        lf = y.long().contiguous()
+        lg = lf if single else y_g.long().contiguous()
+        nf, rnf = self._norms(f, normalize)
+        ng, rng = (nf, rnf) if single else self._norms(gg, normalize)
+        mode = (BWD_LSE if lse_only else BWD_UNIFORM if beta == 0
+                else BWD_SOFT_DETACHED if detach_weights else BWD_SOFT_EXACT)
+        inf = float("inf")
+        ok = stats[:, 3] > 0
+        ga = torch.where(ok, grad.float(), 0.0)
+        q = (torch.where(ok, stats[:, 3].reciprocal(), 0.0) if mode == BWD_UNIFORM
+             else torch.where(ok, stats[:, 2], inf))
+        anchor = torch.stack([ga, torch.where(ok, stats[:, 0], inf), q,
+                              torch.where(ok, stats[:, 1], 0.0)]).contiguous()
+        amax = ga.abs().max()
+        gmax = torch.where(amax > 0, amax, torch.ones_like(amax)).contiguous()
+        has_self = anchor_offset is not None
+        m, d = f.shape
+
+        def launch(x, lx, rnx, yy, ly, rny, outer, inner, shift):
+            dx = torch.empty(x.shape[0], d)
+            args = BwdArgs(self._matrix(x), self._matrix(yy), d, lx.data_ptr(), ly.data_ptr(),
+                           rnx.data_ptr(), rny.data_ptr(), anchor.data_ptr(), m, gmax.data_ptr(),
+                           outer, inner, has_self, shift if has_self else 0, 1.0 / temperature,
+                           -beta * temperature, mode, dx.data_ptr())
+            rc = self.lib.emu_supcon_bwd(DTYPE_CODES[f.dtype], ctypes.byref(args), order)
+            assert rc == 0, "threads of a block passed different numbers of barriers"
+            return dx
+
+        dzf = launch(f, lf, rnf, gg, lg, rng, True, single, anchor_offset or 0)
+        df = _normalize_backward(f, nf, dzf, normalize)
+        if single:
+            return df, None
+        dzg = launch(gg, lg, rng, f, lf, rnf, False, True, -(anchor_offset or 0))
+        return df, _normalize_backward(gg, ng, dzg, normalize)
+
+
+def _normalize_backward(x, norms, dz, normalize):
+    if not normalize:
+        return dz.to(x.dtype)
+    rn = norms.clamp_min(NORM_EPS).reciprocal().unsqueeze(1)
+    z = x.float() * rn
+    projected = dz - z * (z * dz).sum(1, keepdim=True)
+    return (torch.where((norms >= NORM_EPS).unsqueeze(1), projected, dz) * rn).to(x.dtype)
