@@ -12,10 +12,13 @@ import sys
 import pytest
 import torch
 
-from anchor_kernels import hard_positive_mining, reference
+from anchor_kernels import _ext, hard_positive_mining, reference
+from anchor_kernels.hard_positive import DISPATCH
 from anchor_kernels.ops.hard_positive_triton import MAX_K, hard_positive_triton
 
-CPU_BACKENDS = ["triton", "eager"]
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the CUDA C++ kernel: tier 2
+CPU_BACKENDS = ["triton", "cpu", "eager", CUDA]
+FUSED = ["triton", "cpu", CUDA]
 INF = float("inf")
 # Triton runs compiled on CUDA tensors when a GPU is present (the same tests are then tier 2),
 # under the interpreter on CPU tensors otherwise. Results are compared on the CPU.
@@ -24,6 +27,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def device_for(backend):
     return DEVICE if backend in ("triton", "cuda") else "cpu"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    """The C++ extension must build on every tier-1 machine; fail with the reason if not."""
+    assert _ext.load() is None, _ext.load()
+    DISPATCH.get("cpu")  # resolved eagerly, so that torch.compile traces no import
 
 
 def mine(z, y, k, *, backend, contrast=None, contrast_labels=None, **kw):
@@ -194,23 +204,33 @@ def test_unnormalized(backend):
     check(z, y, 5, backend=backend, normalize=False)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(dtype):
+def test_low_precision(backend, dtype):
     """Half inputs are multiplied exactly with float32 accumulation: same selection as the
     float64 reference on the same (rounded) inputs when the data has no near-ties."""
     z, y = torch.randn(97, 59).to(dtype), labels(97, 4)
     c, yc = torch.randn(80, 59).to(dtype), labels(80, 4)
     assert_separated(z, y, c, yc, None)
-    check(z, y, 5, c, yc, None)
+    check(z, y, 5, c, yc, None, backend=backend)
 
 
-def test_strided_inputs():
+def test_float64_cpu_kernel():
+    """The C++ CPU kernel ranks float64 cosines: same as the reference to the last bit."""
+    z, y = torch.randn(97, 33, dtype=torch.float64), labels(97, 4)
+    c, yc = torch.randn(300, 33, dtype=torch.float64), labels(300, 4)
+    idx, cos = check(z, y, 7, c, yc, None, backend="cpu")
+    assert cos.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_strided_inputs(backend):
     z = torch.randn(59, 40).T
     c = torch.randn(100, 59)[::2]
     y, yc = labels(40, 3), labels(100, 3)[::2]
     assert not z.is_contiguous() and not c.is_contiguous() and not yc.is_contiguous()
     assert_separated(z, y, c, yc, None)
-    check(z, y, 4, c, yc, None)
+    check(z, y, 4, c, yc, None, backend=backend)
 
 
 # ------------------------------------------------------------------------ gradients
@@ -242,21 +262,22 @@ def test_triton_gradients_match_reference(separate):
         torch.testing.assert_close(g.double().cpu(), r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_gradcheck_float64(normalize):
-    """Through the shared sparse backward (the eager backend selects, SelectedCosine
-    differentiates), self column and a separate contrast set with the anchors inside it."""
+def test_gradcheck_float64(backend, normalize):
+    """Through the shared sparse backward (the backend selects in float64, SelectedCosine
+    differentiates), with the self column and with a separate contrast set."""
     z = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
     c = torch.randn(14, 5, dtype=torch.float64, requires_grad=True)
     y, yc = labels(9, 3), labels(14, 3)
 
     def self_set(z):
-        idx, cos = hard_positive_mining(z, y, 3, normalize=normalize, backend="eager")
+        idx, cos = hard_positive_mining(z, y, 3, normalize=normalize, backend=backend)
         return torch.where(idx >= 0, cos, torch.zeros_like(cos))
 
     def contrast_set(z, c):
         idx, cos = hard_positive_mining(z, y, 3, contrast=c, contrast_labels=yc, anchor_offset=None,
-                                        normalize=normalize, backend="eager")
+                                        normalize=normalize, backend=backend)
         return torch.where(idx >= 0, cos, torch.zeros_like(cos))
 
     assert torch.autograd.gradcheck(self_set, (z,))
@@ -278,14 +299,18 @@ def test_opcheck():
     yc = torch.tensor([0, 0, 1, 1, 2, 2], device=DEVICE)
     torch.library.opcheck(hard_positive_triton, (z, y, c, yc, 2, True, None))
     torch.library.opcheck(hard_positive_triton, (z, y, z, y, 3, True, 0))
+    z, c, y, yc = z.cpu(), c.cpu(), y.cpu(), yc.cpu()
+    torch.library.opcheck(torch.ops.anchor_kernels.hard_positive, (z, y, c, yc, 2, True, None))
+    torch.library.opcheck(torch.ops.anchor_kernels.hard_positive, (z, y, z, y, 9, False, 0))
 
 
-def test_torch_compile_fullgraph():
-    z = torch.randn(12, 8, device=DEVICE, requires_grad=True)
-    y = labels(12, 3).to(DEVICE)
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_fullgraph(backend):
+    z = torch.randn(12, 8, device=device_for(backend), requires_grad=True)
+    y = labels(12, 3).to(z.device)
 
     def fn(z):
-        idx, cos = hard_positive_mining(z, y, 2, backend="triton")
+        idx, cos = hard_positive_mining(z, y, 2, backend=backend)
         return torch.where(idx >= 0, cos, 0.0).sum()
 
     out = torch.compile(fn, fullgraph=True, backend="aot_eager")(z)
@@ -326,6 +351,15 @@ def test_triton_k_limit_and_auto():
      ValueError, "past the end"),
     (lambda z, y: hard_positive_mining(z, y, 1, backend="gpu"), ValueError, "backend must be one of"),
     (lambda z, y: hard_positive_mining(z.double(), y, 1, backend="triton"), ValueError, "float64"),
+    # the C++ op checks its arguments too, for direct calls
+    (lambda z, y: torch.ops.anchor_kernels.hard_positive(z, y, z, y, 0, True, None), RuntimeError,
+     "k must be >= 1"),
+    (lambda z, y: torch.ops.anchor_kernels.hard_positive(z, y[:3], z, y, 1, True, None),
+     RuntimeError, r"labels must have shape \(4,\)"),
+    (lambda z, y: torch.ops.anchor_kernels.hard_positive(z, y, z[:, :2], y, 1, True, None),
+     RuntimeError, r"c must have shape \(N, 3\)"),
+    (lambda z, y: torch.ops.anchor_kernels.hard_positive(z, y, z, y, 1, True, 1), RuntimeError,
+     "anchor_offset=1 puts the 4 anchors outside"),
 ])
 def test_bad_input(call, err, match):
     with pytest.raises(err, match=match):
@@ -350,17 +384,39 @@ def test_every_triton_config_compiles_for_sm90():
 # ------------------------------------------------------------------------------- tier 2
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("n", [4096, 16384, 65536])
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_gpu_exact_integer_embeddings(backend, n, k):
+    """Integer embeddings, no normalisation: every dot product is exact in float32 (and
+    bf16 holds the inputs exactly), so the selection, ties included, must equal the
+    reference's index for index."""
+    torch.manual_seed(0)
+    z = torch.randint(-1, 2, (n, 128), device="cuda").to(torch.bfloat16)
+    y = torch.randint(0, 10, (n,), device="cuda")
+    idx, cos = hard_positive_mining(z, y, k, normalize=False, backend=backend)
+    for r0 in range(0, n, 4096):
+        r1 = min(n, r0 + 4096)
+        ref_idx, ref_cos = reference.hard_positive_mining(
+            z[r0:r1].float(), y[r0:r1], k, contrast=z.float(), contrast_labels=y,
+            anchor_offset=r0, normalize=False)
+        assert torch.equal(idx[r0:r1], ref_idx)
+        assert torch.equal(cos[r0:r1], ref_cos)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("n", [4096, 16384, 65536])
 @pytest.mark.parametrize("k", [1, 4, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_large(n, k, dtype):
+def test_gpu_large(backend, n, k, dtype):
     """At this size random data has near-ties, so the check is by value: the kernel's picks
     are distinct positives, their reported cosines are right, and the sorted cosines equal the
     reference's k lowest; indices must agree except inside near-ties."""
     torch.manual_seed(0)
     z = torch.randn(n, 128, device="cuda").to(dtype)
     y = torch.randint(0, 10, (n,), device="cuda")
-    idx, cos = hard_positive_mining(z, y, k, backend="triton")
+    idx, cos = hard_positive_mining(z, y, k, backend=backend)
     torch.cuda.synchronize()
     zn = reference.normalize_rows(z.double())
     rows = torch.arange(n, device="cuda")[:, None].expand_as(idx)

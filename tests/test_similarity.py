@@ -1,8 +1,10 @@
 """pairwise_similarity: every backend against ``F.normalize(a) @ F.normalize(b).T / t``.
 
-Tier 1 (CPU): Triton under the interpreter on small shapes, eager, float64 gradcheck, opcheck,
-torch.compile, and every Triton configuration compiled for sm_90. Tier 2 (``gpu``): compiled
-Triton on CUDA at N = 4096 / 16384 / 65536.
+Tier 1 (CPU): Triton under the interpreter on small shapes, the C++ "cpu" kernels, eager,
+float64 gradcheck (eager and C++), opcheck, torch.compile, every Triton configuration compiled
+for sm_90, and the CUDA kernels' device code under the host emulation. Tier 2 (``gpu``): the
+same tests with compiled Triton on CUDA tensors, and Triton and CUDA C++ at N = 4096 / 16384 /
+65536.
 """
 
 import os
@@ -13,10 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anchor_kernels import pairwise_similarity, reference
+from anchor_kernels import _ext, pairwise_similarity, reference
 from anchor_kernels.ops.similarity_triton import similarity_bwd_triton, similarity_fwd_triton
+from anchor_kernels.similarity import DISPATCH
 
-CPU_BACKENDS = ["triton", "eager"]
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the CUDA C++ kernels: tier 2
+CPU_BACKENDS = ["triton", "cpu", "eager", CUDA]
+FUSED = ["triton", "cpu", CUDA]
 LOW = [torch.bfloat16, torch.float16]
 # Triton runs compiled on CUDA tensors when a GPU is present (the same tests are then tier 2),
 # under the interpreter on CPU tensors otherwise. Results are compared on the CPU.
@@ -25,6 +30,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def device_for(backend):
     return DEVICE if backend in ("triton", "cuda") else "cpu"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    """The C++ extension must build on every tier-1 machine; fail with the reason if not."""
+    assert _ext.load() is None, _ext.load()
+    DISPATCH.get("cpu")  # resolved eagerly, so that torch.compile traces no import
 
 
 def oracle(a, b, temperature, normalize=True):
@@ -95,10 +107,11 @@ def test_float32_matches_oracle(backend, m, n, d):
     check_against_oracle(torch.randn(m, d), torch.randn(n, d), backend)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("m,n,d", [(2, 3, 3), (37, 20, 130)])
-def test_low_precision_matches_oracle(dtype, m, n, d):
-    check_against_oracle(torch.randn(m, d).to(dtype), torch.randn(n, d).to(dtype), "triton")
+def test_low_precision_matches_oracle(backend, dtype, m, n, d):
+    check_against_oracle(torch.randn(m, d).to(dtype), torch.randn(n, d).to(dtype), backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -106,17 +119,19 @@ def test_self_similarity(backend):
     check_against_oracle(torch.randn(19, 59), None, backend, temperature=0.07)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("d", [3, 130])
-def test_unnormalized(d):
-    check_against_oracle(torch.randn(9, d), torch.randn(11, d), "triton", temperature=2.0,
+def test_unnormalized(backend, d):
+    check_against_oracle(torch.randn(9, d), torch.randn(11, d), backend, temperature=2.0,
                          normalize=False)
 
 
-def test_strided_inputs():
+@pytest.mark.parametrize("backend", FUSED)
+def test_strided_inputs(backend):
     a = torch.randn(59, 40).T  # (40, 59), column-major
     b = torch.randn(50, 59)[::2]  # (25, 59), row stride 2 D
     assert not a.is_contiguous() and not b.is_contiguous()
-    check_against_oracle(a, b, "triton")
+    check_against_oracle(a, b, backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -134,8 +149,9 @@ def test_zero_rows_never_nan(backend, d):
         assert torch.isfinite(t).all()
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", LOW)
-def test_zero_rows_never_nan_low_precision(dtype):
+def test_zero_rows_never_nan_low_precision(backend, dtype):
     """Never NaN, and the kernels never form G / n_b (1 / eps = 1e12 overflows float16).
 
     The true gradient of a zero row is dz / eps, about 1e12: finite in bfloat16, beyond
@@ -145,7 +161,7 @@ def test_zero_rows_never_nan_low_precision(dtype):
     a, b = torch.randn(6, 5).to(dtype), torch.randn(5, 5).to(dtype)
     a[2], b[0] = 0, 0
     g = torch.randn(6, 5).to(dtype)
-    s, da, db = run(a, b, g, "triton", 0.1)
+    s, da, db = run(a, b, g, backend, 0.1)
     ref = run_oracle(a.double(), b.double(), g.double(), 0.1, True)
     assert torch.isfinite(s).all()
     for got, want, zero in ((da, ref[1], 2), (db, ref[2], 0)):
@@ -159,13 +175,16 @@ def test_zero_rows_never_nan_low_precision(dtype):
     torch.testing.assert_close(s.double(), ref[0], rtol=1e-2, atol=1e-2)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck_float64(backend, normalize):
+    """Through the C++ backward (float64 kernels) and through autograd of the reference.
+    Zero rows sit on the kink of x / max(||x||, eps); test_zero_rows_never_nan covers them."""
     a = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    # (zero rows sit on the kink of x / max(||x||, eps); test_zero_rows_never_nan covers them)
-    fn = lambda a, b: pairwise_similarity(a, b, temperature=0.3, backend="auto")  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (a, b))
-    assert torch.autograd.gradcheck(lambda a: pairwise_similarity(a, temperature=0.3), (a,))
+    b = torch.randn(300, 4, dtype=torch.float64, requires_grad=True)  # more than one C++ tile
+    kw = dict(temperature=0.3, normalize=normalize, backend=backend)
+    assert torch.autograd.gradcheck(lambda a, b: pairwise_similarity(a, b, **kw), (a, b))
+    assert torch.autograd.gradcheck(lambda a: pairwise_similarity(a, **kw), (a,))
 
 
 def test_triton_gradients_match_float64_eager():
@@ -185,14 +204,21 @@ def test_opcheck():
     _, na, nb = similarity_fwd_triton(a, b, True, 0.5)
     g = torch.randn(5, 6, device=DEVICE)
     torch.library.opcheck(similarity_bwd_triton, (g, a, b, na, nb, True, 0.5))
+    ops = torch.ops.anchor_kernels
+    a, b, g = a.cpu().double(), b.cpu().double(), g.cpu().double()
+    torch.library.opcheck(ops.similarity_fwd, (a.requires_grad_(), b, True, 0.5))
+    _, na, nb = ops.similarity_fwd(a, b, True, 0.5)
+    torch.library.opcheck(ops.similarity_bwd, (g, a.detach(), b, na, nb, True, 0.5))
 
 
-def test_torch_compile_fullgraph():
-    a = torch.randn(9, 20, device=DEVICE, requires_grad=True)
-    b = torch.randn(7, 20, device=DEVICE, requires_grad=True)
-    fn = torch.compile(lambda a, b: pairwise_similarity(a, b, temperature=0.5, backend="triton"),
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_fullgraph(backend):
+    dev = device_for(backend)
+    a = torch.randn(9, 20, device=dev, requires_grad=True)
+    b = torch.randn(7, 20, device=dev, requires_grad=True)
+    fn = torch.compile(lambda a, b: pairwise_similarity(a, b, temperature=0.5, backend=backend),
                        fullgraph=True)
-    g = torch.randn(9, 7, device=DEVICE)
+    g = torch.randn(9, 7, device=dev)
     out = run(a.cpu(), b.cpu(), g.cpu(), "eager", 0.5)
     s = fn(a, b)
     da, db = torch.autograd.grad(s, (a, b), g)
@@ -225,6 +251,15 @@ def test_empty_inputs():
     (lambda: pairwise_similarity(torch.randn(3, 2), backend="fast"), ValueError, "backend must be one of"),
     (lambda: pairwise_similarity(torch.randn(3, 2).double(), backend="triton"), ValueError,
      "triton.*float64"),
+    # the C++ ops check their arguments too, for direct calls
+    (lambda: torch.ops.anchor_kernels.similarity_fwd(torch.randn(3, 2), torch.randn(4, 3), True, 1.0),
+     RuntimeError, r"b must have shape \(N, 2\)"),
+    (lambda: torch.ops.anchor_kernels.similarity_fwd(torch.randn(3, 2), torch.randn(4, 2), True, 0.0),
+     RuntimeError, "temperature must be finite and > 0"),
+    (lambda: torch.ops.anchor_kernels.similarity_bwd(torch.randn(3, 3), torch.randn(3, 2),
+                                                     torch.randn(4, 2), torch.ones(3), torch.ones(4),
+                                                     True, 1.0),
+     RuntimeError, r"grad must have shape \(3, 4\)"),
 ])
 def test_bad_input(call, err, match):
     with pytest.raises(err, match=match):
@@ -259,23 +294,27 @@ def test_every_triton_config_compiles_for_sm90():
 # ------------------------------------------------------------------------------- tier 2
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("n", [4096, 16384, 65536])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_large(n, dtype):
-    """Whole S is checked on row and column slices: normalisation is per row, so a slice of
-    rows (or columns) is an exact sub-problem, and the float64 oracle stays small."""
+def test_gpu_large(backend, n, dtype):
+    """S and both gradients, checked on row and column slices against the float64 formula:
+    normalisation is per row, so a slice of rows (or columns) is an exact sub-problem and the
+    oracle stays small. Everything stays on the GPU."""
     torch.manual_seed(0)
     d = 128
-    a = torch.randn(n, d, device="cuda").to(dtype)
-    b = torch.randn(n, d, device="cuda").to(dtype)
+    a = torch.randn(n, d, device="cuda").to(dtype).requires_grad_()
+    b = torch.randn(n, d, device="cuda").to(dtype).requires_grad_()
     g = torch.randn(n, n, device="cuda", dtype=dtype)
-    s, da, db = run(a, b, g, "triton", 0.1)
+    s = pairwise_similarity(a, b, temperature=0.1, backend=backend)
+    da, db = torch.autograd.grad(s, (a, b), g)
     rows = torch.randperm(n, device="cuda")[:256]
-    tol = dict(rtol=0, atol=1e-4 if dtype == torch.float32 else 3e-2)
+    atol = 1e-4 if dtype == torch.float32 else 3e-2  # bf16: output and operand rounding
     ref_s, ref_da, _ = run_oracle(a[rows].double(), b.double(), g[rows].double(), 0.1, True)
-    torch.testing.assert_close(s[rows].double(), ref_s, **tol)
+    s_atol = 1e-4 if dtype == torch.float32 else 5e-2  # |S| <= 1 / t = 10; bf16 keeps 8 bits
+    torch.testing.assert_close(s[rows].double(), ref_s, rtol=0, atol=s_atol)
     scale = ref_da.abs().max().item()
-    torch.testing.assert_close(da[rows].double() / scale, ref_da / scale, **tol)
+    torch.testing.assert_close(da[rows].double() / scale, ref_da / scale, rtol=0, atol=atol)
     _, _, ref_db = run_oracle(a.double(), b[rows].double(), g[:, rows].double(), 0.1, True)
     scale = ref_db.abs().max().item()
-    torch.testing.assert_close(db[rows].double() / scale, ref_db / scale, **tol)
+    torch.testing.assert_close(db[rows].double() / scale, ref_db / scale, rtol=0, atol=atol)

@@ -12,13 +12,25 @@ import pytest
 import torch
 
 import anchor_kernels as ak
-from anchor_kernels import reference
-from anchor_kernels.backends import SupConProblem
+from anchor_kernels import _ext, reference
+from anchor_kernels.backends import SupConProblem, get_backend, select_backend
 from anchor_kernels.ops import supcon_topk
 
 from .utils import assert_close, labels_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FUSED = ["triton", "cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def device_for(backend):
+    return DEVICE if backend in ("triton", "cuda") else "cpu"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    """The C++ extension must build on every tier-1 machine; fail with the reason if not."""
+    assert _ext.load() is None, _ext.load()
+    get_backend("cpu")
 
 
 class EagerLSE:
@@ -107,11 +119,16 @@ def test_reasons_name_the_selection():
     assert reasons and all(r.startswith("top-k selection:") for r in reasons), reasons
 
 
-# ------------------------------------------------------------ the triton backend, end to end
+# ------------------------------------------------------------ fused backends, end to end
 
-def compare(f, y, g=None, y_g=None, *, dtype=torch.float32, offset=0, **kw):
-    """supcon_loss(backend="triton") vs the float64 reference: per-anchor loss and every
-    gradient; half inputs by the 2x-eager-error rule."""
+def compare(backend, f, y, g=None, y_g=None, *, dtype=torch.float32, offset=0, **kw):
+    """supcon_loss(backend=...) vs the float64 reference: per-anchor loss and every gradient;
+    float64 to 1e-9, float32 to 1e-4, half inputs by the 2x-eager-error rule. The inputs are
+    moved to the backend's device."""
+    dev = device_for(backend)
+    f, y = f.to(dev), y.to(dev)
+    g = None if g is None else g.to(dev)
+    y_g = None if y_g is None else y_g.to(dev)
     kw.setdefault("temperature", 0.1)
     kw.update(reduction="none")
     contrast = {} if g is None else dict(contrast_labels=y_g, anchor_offset=offset)
@@ -125,11 +142,13 @@ def compare(f, y, g=None, y_g=None, *, dtype=torch.float32, offset=0, **kw):
         return [loss] + list(grads)
 
     ref = run("eager", torch.float64)
-    out = run("triton", dtype)
+    out = run(backend, dtype)
     names = ["loss", "grad f", "grad contrast"]
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.float64):
+        tol = 2e-5 if dtype == torch.float32 else 1e-9
         for name, a, e in zip(names, out, ref):
-            assert_close(a, e, atol=2e-5 * (1 + e.abs().max().item()), rtol=1e-4, what=name)
+            assert_close(a, e, atol=tol * (1 + e.abs().max().item()), rtol=5 * tol,
+                         what=f"{backend} {name}")
         return
     low = run("eager", dtype)
     for name, a, e, lo in zip(names, out, ref, low):
@@ -139,6 +158,7 @@ def compare(f, y, g=None, y_g=None, *, dtype=torch.float32, offset=0, **kw):
             f"{name}: kernel error {err:.3e} > 2 x eager error {eager_err:.3e}")
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("m,d,kind,k", [
     (2, 3, "one_class", 1),
     (3, 59, "one_class", 2),
@@ -146,51 +166,86 @@ def compare(f, y, g=None, y_g=None, *, dtype=torch.float32, offset=0, **kw):
     (41, 24, "some_alone", 4),  # anchors without positives
     (41, 130, "random", 16),  # k larger than any class
 ])
-def test_single_set(m, d, kind, k):
-    f, y = torch.randn(m, d, device=DEVICE), labels_for(kind, m).to(DEVICE)
+def test_single_set(backend, m, d, kind, k):
+    f, y = torch.randn(m, d), labels_for(kind, m)
     assert_separated(f, y)
-    compare(f, y, hard_positive_topk=k)
+    compare(backend, f, y, hard_positive_topk=k)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("offset", [None, 7])
-def test_separate_contrast(offset):
-    f, y = torch.randn(30, 20, device=DEVICE), labels_for("random", 30).to(DEVICE)
-    g, y_g = torch.randn(50, 20, device=DEVICE), labels_for("random", 50).to(DEVICE)
+def test_separate_contrast(backend, offset):
+    f, y = torch.randn(30, 20), labels_for("random", 30)
+    g, y_g = torch.randn(50, 20), labels_for("random", 50)
     if offset is not None:
         g[offset:offset + 30], y_g[offset:offset + 30] = f, y
     assert_separated(f, y, g, y_g, offset)
-    compare(f, y, g, y_g, offset=offset, hard_positive_topk=3)
+    compare(backend, f, y, g, y_g, offset=offset, hard_positive_topk=3)
 
 
-def test_ties_and_unnormalized():
-    base = torch.randn(10, 6, device=DEVICE)
+@pytest.mark.parametrize("backend", FUSED)
+def test_ties_and_unnormalized(backend):
+    base = torch.randn(10, 6)
     f = torch.cat([base, base, base])  # every cosine appears three times
-    y = torch.zeros(30, dtype=torch.int64, device=DEVICE)
-    compare(f, y, hard_positive_topk=4)
-    compare(f, y, hard_positive_topk=4, normalize=False, temperature=2.0)
+    y = torch.zeros(30, dtype=torch.int64)
+    compare(backend, f, y, hard_positive_topk=4)
+    compare(backend, f, y, hard_positive_topk=4, normalize=False, temperature=2.0)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(dtype):
-    f, y = torch.randn(41, 24, device=DEVICE).to(dtype), labels_for("random", 41).to(DEVICE)
+def test_low_precision(backend, dtype):
+    f, y = torch.randn(41, 24).to(dtype), labels_for("random", 41)
     assert_separated(f, y)
-    compare(f, y, dtype=dtype, hard_positive_topk=3)
+    compare(backend, f, y, dtype=dtype, hard_positive_topk=3)
 
 
-def test_no_positives_anywhere_is_zero_not_nan():
-    f = torch.randn(9, 5, device=DEVICE, requires_grad=True)
-    loss = ak.supcon_loss(f, torch.arange(9, device=DEVICE), hard_positive_topk=2, backend="triton")
+@pytest.mark.parametrize("separate", [False, True])
+def test_cpu_float64_exact_and_gradcheck(separate):
+    """The C++ CPU backend in float64: LSE_i from its kernels, selection in float64, to 1e-9;
+    and a float64 gradcheck through both C++ backwards and the sparse cosine backward."""
+    f, y = torch.randn(41, 24, dtype=torch.float64), labels_for("some_alone", 41)
+    g = torch.randn(50, 24, dtype=torch.float64) if separate else None
+    y_g = labels_for("random", 50) if separate else None
+    compare("cpu", f, y, g, y_g, dtype=torch.float64, offset=None, hard_positive_topk=3)
+    f, y = f[:9].clone().requires_grad_(), y[:9]
+    g = g[:12].clone().requires_grad_() if separate else None
+    y_g = y_g[:12] if separate else None
+    kw = dict(contrast=g, contrast_labels=y_g, anchor_offset=None) if separate else {}
+
+    def loss(*x):
+        if separate:
+            kw["contrast"] = x[1]
+        return ak.supcon_loss(x[0], y, hard_positive_topk=2, reduction="none", backend="cpu", **kw)
+
+    assert torch.autograd.gradcheck(loss, (f, g) if separate else (f,))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_no_positives_anywhere_is_zero_not_nan(backend):
+    dev = device_for(backend)
+    f = torch.randn(9, 5, device=dev, requires_grad=True)
+    loss = ak.supcon_loss(f, torch.arange(9, device=dev), hard_positive_topk=2, backend=backend)
     (df,) = torch.autograd.grad(loss, f)
     assert loss.item() == 0.0 and (df == 0).all()
 
 
-def test_mean_reduction_and_module():
-    f, y = torch.randn(20, 8, device=DEVICE), labels_for("random", 20).to(DEVICE)
+@pytest.mark.parametrize("backend", FUSED)
+def test_mean_reduction_and_module(backend):
+    dev = device_for(backend)
+    f, y = torch.randn(20, 8, device=dev), labels_for("random", 20).to(dev)
     want = reference.supcon_loss(f.double(), y, temperature=0.2, hard_positive_topk=2)
-    got = ak.supcon_loss(f, y, temperature=0.2, hard_positive_topk=2, backend="triton")
+    got = ak.supcon_loss(f, y, temperature=0.2, hard_positive_topk=2, backend=backend)
     assert_close(got, want, atol=1e-5, rtol=1e-5, what="mean loss")
-    module = ak.HardMinedSupConLoss(temperature=0.2, hard_positive_topk=2, backend="triton")
+    module = ak.HardMinedSupConLoss(temperature=0.2, hard_positive_topk=2, backend=backend)
     assert_close(module(f, y), want, atol=1e-5, rtol=1e-5, what="module loss")
+
+
+def test_auto_picks_a_fused_backend_for_topk():
+    f, y = torch.randn(20, 8), labels_for("random", 20)
+    p = problem(f, y, k=2)
+    assert select_backend("auto", p).name == "cpu"
+    assert ak.supcon_loss(f, y, hard_positive_topk=2).isfinite()
 
 
 def test_triton_refuses_k_above_kernel_limit_with_reason():
@@ -217,9 +272,10 @@ def chunked_reference(f, y, k, tau, normalize, w, chunk=2048):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("n", [4096, 16384, 65536])
 @pytest.mark.parametrize("k", [1, 4, 16])
-def test_gpu_exact_integer_embeddings(n, k):
+def test_gpu_exact_integer_embeddings(backend, n, k):
     """Integer embeddings, no normalisation: every dot product is exact in float32, so the
     selection (ties included) must equal the float64 reference's, and so must the gradient."""
     torch.manual_seed(0)
@@ -228,7 +284,7 @@ def test_gpu_exact_integer_embeddings(n, k):
     w = torch.rand(n, device="cuda", dtype=torch.float64)
     fx = f.clone().requires_grad_()
     loss = ak.supcon_loss(fx, y, temperature=10.0, hard_positive_topk=k, normalize=False,
-                          reduction="none", backend="triton")
+                          reduction="none", backend=backend)
     (df,) = torch.autograd.grad((loss * w.float()).sum(), fx)
     want, want_df = chunked_reference(f, y, k, 10.0, False, w)
     assert_close(loss, want, atol=1e-4, rtol=1e-5, what="per-anchor loss")
@@ -236,15 +292,16 @@ def test_gpu_exact_integer_embeddings(n, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("n", [4096, 16384, 65536])
 @pytest.mark.parametrize("k", [1, 4, 16])
-def test_gpu_random_bf16_loss(n, k):
+def test_gpu_random_bf16_loss(backend, n, k):
     """Random bf16 embeddings at scale have near-ties, so only the loss is compared: a swap
     of two positives within float32 rounding moves L_i by at most that rounding / tau."""
     torch.manual_seed(0)
     f = torch.randn(n, 128, device="cuda").bfloat16()
     y = torch.randint(0, 10, (n,), device="cuda")
     loss = ak.supcon_loss(f, y, temperature=0.1, hard_positive_topk=k, reduction="none",
-                          backend="triton")
+                          backend=backend)
     want, _ = chunked_reference(f, y, k, 0.1, True, torch.zeros(n, device="cuda", dtype=torch.float64))
     assert_close(loss, want, atol=2e-3, rtol=1e-3, what="per-anchor loss")
