@@ -16,6 +16,9 @@ from anchor_kernels import _ext, hard_positive_mining, reference
 from anchor_kernels.hard_positive import DISPATCH
 from anchor_kernels.ops.hard_positive_triton import MAX_K, hard_positive_triton
 
+from .cuda_emulation import hard_positive_emulated as emu
+from .cuda_emulation.similarity_emulated import build_emulator
+
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the CUDA C++ kernel: tier 2
 CPU_BACKENDS = ["triton", "cpu", "eager", CUDA]
 FUSED = ["triton", "cpu", CUDA]
@@ -379,6 +382,51 @@ def test_every_triton_config_compiles_for_sm90():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     # 4 precisions x register sizes KP in (4, 16, 64): nothing else changes the compiled code.
     assert "compiled 12 kernel variants" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    try:
+        path = build_emulator("hard_positive_emulator.cpp", str(tmp_path_factory.mktemp("emu")))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return emu.Emulator(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,d,k,classes,offset", [
+    (70, 130, 6, 5, 3, None),  # separate contrast set, several tiles
+    (70, 70, 20, 16, 3, 0),  # self set
+    (10, 10, 4, 40, 2, 0),  # k above every class and above N
+    (66, 66, 5, 1, 66, 0),  # no positives at all: every tile skipped
+    (1, 1, 3, 1, 1, 0),  # a lone anchor
+])
+def test_cuda_kernel_emulated(emulator, dtype, m, n, d, k, classes, offset):
+    """The CUDA kernel's device code on the host (FMA path), both thread orders (bitwise
+    equal), against the float64 reference; plus exact ties from duplicated rows."""
+    z, y = torch.randn(m, d).to(dtype), labels(m, classes)
+    c, yc = (z, y) if offset == 0 else (torch.randn(n, d).to(dtype), labels(n, classes))
+    assert_separated(z, y, c, yc, offset)
+    outs = [emulator.select(z, y, c, yc, k, True, offset, order) for order in (0, 1)]
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    idx, cos = outs[0]
+    ref_idx, ref_cos = reference.hard_positive_mining(z.double(), y, k, contrast=c.double(),
+                                                      contrast_labels=yc, anchor_offset=offset)
+    assert torch.equal(idx, ref_idx)
+    real = idx >= 0
+    assert torch.equal(cos == INF, ~real)
+    torch.testing.assert_close(cos[real].double(), ref_cos[real], rtol=0, atol=2e-6)
+
+
+def test_cuda_kernel_emulated_ties(emulator):
+    base = torch.randn(40, 12)
+    c, yc = torch.cat([base, base, base]), torch.zeros(120, dtype=torch.int64)
+    c[5] = 0  # a zero row: cosine exactly 0 with every anchor
+    z, y = torch.randn(9, 12), torch.zeros(9, dtype=torch.int64)
+    idx, _ = emulator.select(z, y, c, yc, 20, True, None)
+    ref_idx, _ = reference.hard_positive_mining(z.double(), y, 20, contrast=c.double(),
+                                                contrast_labels=yc, anchor_offset=None)
+    assert torch.equal(idx, ref_idx)
 
 
 # ------------------------------------------------------------------------------- tier 2

@@ -19,6 +19,8 @@ from anchor_kernels import _ext, pairwise_similarity, reference
 from anchor_kernels.ops.similarity_triton import similarity_bwd_triton, similarity_fwd_triton
 from anchor_kernels.similarity import DISPATCH
 
+from .cuda_emulation import similarity_emulated as emu
+
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the CUDA C++ kernels: tier 2
 CPU_BACKENDS = ["triton", "cpu", "eager", CUDA]
 FUSED = ["triton", "cpu", CUDA]
@@ -289,6 +291,40 @@ def test_every_triton_config_compiles_for_sm90():
     # has no dot); for the half dtypes the unnormalised D > 128 backward, which writes dx in
     # the half dtype instead of dz in float32 (2).
     assert "compiled 21 kernel variants" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    try:
+        path = emu.build_emulator("similarity_emulator.cpp", str(tmp_path_factory.mktemp("emu")))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return emu.Emulator(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,d,normalize", [(1, 1, 1, True), (70, 130, 59, True),
+                                             (65, 3, 130, True), (9, 70, 20, False)])
+def test_cuda_kernels_emulated(emulator, dtype, m, n, d, normalize):
+    """The CUDA kernels' device code on the host (FMA paths; the tensor-core products are
+    tier 2): S and both gradients, with G strided as for db (G^T), in both thread orders
+    (bitwise equal: no missing barrier), against the float64 formula by the 2x-eager rule."""
+    a, b = torch.randn(m, d).to(dtype), torch.randn(n, d).to(dtype)
+    if dtype != torch.float16 and m > 2:
+        a[2] = 0  # (in float16 the true gradient of a zero row, 1e12, is out of range)
+    g = torch.randn(n, m).to(dtype).T
+    outs = []
+    for order in (0, 1):
+        s, na, nb = emulator.forward(a, b, normalize, 0.5, order)
+        outs.append((s, *emulator.backward(g, a, b, na, nb, normalize, 0.5, order)))
+    for x, y in zip(*outs):
+        assert torch.equal(x, y), "thread orders disagree: a barrier is missing"
+    ref = run_oracle(a.double(), b.double(), g.double(), 0.5, normalize)
+    eager = run_oracle(a, b, g, 0.5, normalize)
+    atol = 1e-5 if dtype == torch.float32 else 2e-3
+    for name, o, r, e in zip(("S", "da", "db"), outs[0], ref, eager):
+        assert o.dtype == dtype and torch.isfinite(o).all(), name
+        assert_close(name, o, r, e, atol * max(1.0, r.abs().max().item()))
 
 
 # ------------------------------------------------------------------------------- tier 2
