@@ -88,12 +88,12 @@ class CppSupCon:
         if p.f.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             reasons.append(f"dtype {p.f.dtype} is not supported by the {self.name} kernels ({names})")
-        if p.topk is not None:
+        if p.topk is not None and not p.lse_only:
             reasons += supcon_topk.topk_reasons(p, self.name)
         return reasons
 
     def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:
-        if p.topk is not None:  # LSE_i from these kernels' lse_only mode + sparse sbar_i
+        if p.topk is not None and not p.lse_only:  # LSE_i from these kernels' lse_only mode + sparse sbar_i
             return supcon_topk.topk_per_anchor(self, p, self.name)
         loss, valid, _ = torch.ops.anchor_kernels.supcon_fwd(
             p.f, p.y_f, p.g, p.y_g, p.temperature, p.beta, p.detach_weights, p.normalize,

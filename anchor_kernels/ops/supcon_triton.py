@@ -273,12 +273,12 @@ class TritonSupCon:
             reasons.append(f"dtype {p.f.dtype} is not supported (float16, bfloat16, float32)")
         if p.f.shape[1] > MAX_D:
             reasons.append(f"feature dimension D={p.f.shape[1]} is over the {MAX_D} this kernel holds per tile")
-        if p.topk is not None:
+        if p.topk is not None and not p.lse_only:
             reasons += supcon_topk.topk_reasons(p, "triton")
         return reasons
 
     def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:
-        if p.topk is not None:  # LSE_i from this backend's lse_only kernels + sparse sbar_i
+        if p.topk is not None and not p.lse_only:  # LSE_i from this backend's lse_only kernels + sparse sbar_i
             return supcon_topk.topk_per_anchor(self, p, "triton")
         n = p.f.shape[0] if p.g is None else p.g.shape[0]
         self_offset = n if p.anchor_offset is None else p.anchor_offset
