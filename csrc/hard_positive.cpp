@@ -36,8 +36,8 @@ namespace anchor_kernels::hard_positive {
 namespace {
 
 constexpr double kNormEps = 1e-12;  // reference.NORM_EPS
-constexpr int64_t kRowBlock = 64;
-constexpr int64_t kColBlock = 256;
+constexpr int64_t kRowBlock = 128;
+constexpr int64_t kColBlock = 512;  // a 128 x 512 fp32 tile is 256 KiB: stays in L2
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;

@@ -65,9 +65,10 @@ def brute_force(z, y, k, c=None, yc=None, offset=0, normalize=True):
     return idx, cos
 
 
-def assert_separated(z, y, c, yc, offset, normalize=True, gap=1e-6):
+def assert_separated(z, y, c, yc, offset, normalize=True, gap=1e-6, k=None):
     """The data has no near-ties: distinct positives of a row differ in cosine by > gap
-    (ten times the float32 error of a cosine at these D)."""
+    (ten times the float32 error of a cosine at these D); with k, only among the k + 1
+    lowest of each row, which decide the selection and its order."""
     z = z.double()
     c = z if c is None else c.double()
     yc = y if yc is None else yc
@@ -75,7 +76,7 @@ def assert_separated(z, y, c, yc, offset, normalize=True, gap=1e-6):
         z, c = reference.normalize_rows(z), reference.normalize_rows(c)
     _, pos = reference.self_and_positive_masks(y, yc, offset)
     cos = (z @ c.T).masked_fill(~pos, INF).sort(dim=1).values
-    d = cos.diff(dim=1)
+    d = (cos if k is None else cos[:, :k + 1]).diff(dim=1)
     d = d[torch.isfinite(d)]
     assert d.numel() == 0 or d.min() > gap, f"test data has near-ties ({d.min().item():.2e})"
 
@@ -218,12 +219,19 @@ def test_low_precision(backend, dtype):
     check(z, y, 5, c, yc, None, backend=backend)
 
 
-def test_float64_cpu_kernel():
-    """The C++ CPU kernel ranks float64 cosines: same as the reference to the last bit."""
-    z, y = torch.randn(97, 33, dtype=torch.float64), labels(97, 4)
-    c, yc = torch.randn(300, 33, dtype=torch.float64), labels(300, 4)
-    idx, cos = check(z, y, 7, c, yc, None, backend="cpu")
+def test_cpu_kernel_across_tiles():
+    """The C++ CPU kernel over 2 row blocks x 3 column tiles (128 x 512), with the anchors
+    inside the contrast set. float64 is ranked in float64 (errors ~1e-16); float32 on small
+    integers without normalisation, where every dot product is exact (ties included)."""
+    z, y = torch.randn(200, 16, dtype=torch.float64), labels(200, 6)
+    c, yc = torch.randn(1100, 16, dtype=torch.float64), labels(1100, 6)
+    c[700:900], yc[700:900] = z, y
+    assert_separated(z, y, c, yc, 700, gap=1e-12, k=7)
+    _, cos = check(z, y, 7, c, yc, 700, backend="cpu")
     assert cos.dtype == torch.float64
+    zi, ci = torch.randint(-2, 3, (200, 16)).float(), torch.randint(-2, 3, (1100, 16)).float()
+    ci[700:900] = zi
+    check(zi, y, 7, ci, yc, 700, backend="cpu", normalize=False)
 
 
 @pytest.mark.parametrize("backend", FUSED)
