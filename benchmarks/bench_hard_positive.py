@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+import triton
 import torch.nn.functional as F
 
 import anchor_kernels as ak
@@ -90,6 +91,7 @@ def test_hard_positive(benchmark, candidate, n, dtype, k):
     estimate = time.perf_counter() - start
     benchmark.group = f"hard_positive {str(dtype).replace('torch.', '')} N={n} k={k} D={D}"
     benchmark.extra_info.update(candidate=candidate, peak_mem_bytes=peak_memory(run),
-                                device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu")
+                                device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
+                                torch=torch.__version__, triton=triton.__version__)
     benchmark.pedantic(run, warmup_rounds=1, iterations=1,
                        rounds=max(3, min(100, int(TARGET_S / max(estimate, 1e-6)))))

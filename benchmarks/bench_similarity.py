@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+import triton
 import torch.nn.functional as F
 
 import anchor_kernels as ak
@@ -90,7 +91,8 @@ def test_similarity(benchmark, candidate, n, dtype, pass_):
     flops = (2 if pass_ == "fwd" else 6) * n * n * D
     benchmark.group = f"similarity {pass_} {str(dtype).replace('torch.', '')} N={n} D={D}"
     benchmark.extra_info.update(candidate=candidate, peak_mem_bytes=peak, flops=flops,
-                                device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu")
+                                device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
+                                torch=torch.__version__, triton=triton.__version__)
     benchmark.pedantic(run, warmup_rounds=1, iterations=1,
                        rounds=max(3, min(100, int(TARGET_S / max(estimate, 1e-6)))))
     benchmark.extra_info["tflops"] = flops / benchmark.stats.stats.median / 1e12
