@@ -52,4 +52,5 @@ setup(
     extras_require={"triton": ["triton>=3.0"], "train": ["tqdm", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    entry_points={"console_scripts": ["anchor-train=anchor_kernels.train.trainer:main"]},
 )

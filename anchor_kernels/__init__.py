@@ -1,10 +1,11 @@
 """Fused kernels for ANCHOR: hard-positive-mined supervised contrastive learning with
 adversarial training. See README.md for the maths and the API."""
 
-from . import distributed, reference
+from . import attacks, distributed, reference
 from .backends import available_backends
 from .hard_positive import hard_positive_mining
 from .losses import HardMinedSupConLoss, PMLSupConLoss, SupConLoss
+from .pgd import pgd_random_start, pgd_step
 from .similarity import pairwise_similarity
 from .supcon import supcon_loss
 
@@ -14,10 +15,13 @@ __all__ = [
     "HardMinedSupConLoss",
     "PMLSupConLoss",
     "SupConLoss",
+    "attacks",
     "available_backends",
     "distributed",
     "hard_positive_mining",
     "pairwise_similarity",
+    "pgd_random_start",
+    "pgd_step",
     "reference",
     "supcon_loss",
 ]

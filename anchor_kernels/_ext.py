@@ -2,7 +2,7 @@
 C++ ops with ``torch.library``.
 
 Layout: ``csrc/<stem>.cpp`` holds an op's schemas (``TORCH_LIBRARY_FRAGMENT``) and CPU kernels,
-``csrc/cuda/<stem>_kernels.cu`` its CUDA kernels (CUDA headers only) and ``csrc/cuda/<stem>.cpp``
+``csrc/cuda/<stem>_kernels.cu`` its CUDA kernels (CUDA headers only) and ``csrc/cuda/<stem>_cuda.cpp``
 the torch glue for them. Every ``csrc/*.cpp`` is compiled into one library; the CUDA files join
 it when torch is a CUDA build and a CUDA toolkit is found (``torch.version.cuda`` and
 ``CUDA_HOME``; a visible GPU is not needed). Adding an op is adding its files.

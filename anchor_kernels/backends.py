@@ -91,6 +91,12 @@ _cache: dict[str, object] = {"eager": EagerBackend()}
 
 
 def get_backend(name: str):
+    if name not in _cache and torch.compiler.is_compiling():
+        # Dynamo cannot trace an import or a C++ build; the Triton backend is imported with
+        # this module, the extension's on its first eager use.
+        return UnavailableBackend(name, f"the {name} backend is loaded on first eager use, and "
+                                        "this process has not used it before torch.compile "
+                                        "traced this call")
     if name not in _cache:
         location = _LOCATIONS.get(name)
         if location is None:
@@ -125,3 +131,6 @@ def select_backend(name: str, p: SupConProblem):
 def available_backends(p: SupConProblem) -> dict[str, list[str]]:
     """Every backend's refusal reasons for ``p`` (an empty list means it can run)."""
     return {n: get_backend(n).not_supported_reasons(p) for n in BACKEND_NAMES if n != "auto"}
+
+
+get_backend("triton")  # cheap (no build); loaded here so that torch.compile finds it

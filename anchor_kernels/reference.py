@@ -207,8 +207,111 @@ def hard_positive_mining(
     return idx, vals
 
 
+def _per_sample(value, x: Tensor, dtype: torch.dtype):
+    """A float, or a (B,) tensor cast to ``dtype`` and shaped (B, 1, ..., 1) to broadcast over x."""
+    if isinstance(value, Tensor):
+        return value.to(dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return value
+
+
+def pgd_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """PGD arithmetic runs in float32 for half inputs (one rounding, at the store), else in dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def pgd_step(x_adv: Tensor, grad: Tensor, x: Tensor, eps, alpha, lo: float = 0.0,
-             hi: float = 1.0) -> Tensor:
-    """clamp(clamp(x_adv + alpha sign(grad), x - eps, x + eps), lo, hi), out of place."""
-    step = x_adv + alpha * torch.sign(grad)
-    return torch.clamp(torch.minimum(torch.maximum(step, x - eps), x + eps), lo, hi)
+             hi: float = 1.0, *, norm: str = "linf") -> Tensor:
+    """One projected gradient ascent step, out of place (the fused kernels do it in place).
+
+    Shapes: x_adv, grad, x (B, ...); eps and alpha floats or (B,) per-sample tensors.
+    Arithmetic in ``pgd_compute_dtype`` (float32 for half inputs), rounded once at the end:
+
+        L-inf:  sign(g) = [g > 0] - [g < 0]      (so sign(0) = sign(NaN) = 0)
+                x_adv' = clamp(min(max(x_adv + alpha sign(g), x - eps), x + eps), lo, hi)
+        L2:     u = g / max(||g_b||, 1e-12)       (per sample b; zero gradient, zero step)
+                d = x_adv + alpha u - x
+                x_adv' = clamp(x + d min(1, eps / ||d_b||), lo, hi)
+
+    ``alpha sign(g)`` is exact (+-alpha or 0), so a fused multiply-add gives the same bits.
+    Clamping to [lo, hi] after projecting never leaves the ball: x is in the box, so the
+    clamp only shrinks each |d_i|.
+    """
+    ct = pgd_compute_dtype(x_adv.dtype)
+    xa, g, x0 = x_adv.to(ct), grad.to(ct), x.to(ct)
+    e, a = _per_sample(eps, x, ct), _per_sample(alpha, x, ct)
+    if norm == "linf":
+        step = xa + a * ((g > 0).to(ct) - (g < 0).to(ct))
+        out = torch.minimum(torch.maximum(step, x0 - e), x0 + e)
+    elif norm == "l2":
+        b = x.shape[0]
+        gnorm = g.reshape(b, -1).norm(dim=1).clamp_min(1e-12)
+        d = xa + a * (g / _per_sample(gnorm, x, ct)) - x0
+        dnorm = d.reshape(b, -1).norm(dim=1)
+        e_b = e.reshape(-1) if isinstance(e, Tensor) else torch.full_like(dnorm, e)
+        factor = torch.where(dnorm > e_b, e_b / dnorm, torch.ones_like(dnorm))
+        out = x0 + d * _per_sample(factor, x, ct)
+    else:
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    return torch.clamp(out, lo, hi).to(x_adv.dtype)
+
+
+PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def philox_4x32_10(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: int) -> tuple:
+    """Philox4x32-10 (Salmon et al., SC 2011; Random123, cuRAND and Triton's ``tl.randint4x``).
+
+    Counters are int64 tensors holding uint32 values, the key two Python ints; returns the
+    four uint32 output words. int64 products of two uint32 wrap but keep all 64 bits, so
+    the high and low words come out exact.
+    """
+    for _ in range(10):
+        p0 = c0 * PHILOX_ROUND_A
+        p2 = c2 * PHILOX_ROUND_B
+        hi0, lo0 = (p0 >> 32) & _U32, p0 & _U32
+        hi2, lo2 = (p2 >> 32) & _U32, p2 & _U32
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_KEY_A) & _U32, (k1 + PHILOX_KEY_B) & _U32
+    return c0, c1, c2, c3
+
+
+def philox_uniform(seed: int, n: int, device=None) -> Tensor:
+    """n float32 uniforms in [0, 1): element i is ``(word0 >> 8) * 2^-24`` of Philox with
+    counter (i mod 2^32, i div 2^32, 0, 0) and key (seed mod 2^32, seed div 2^32).
+
+    24 random bits make every value exact in float32, so every backend gives the same bits.
+    """
+    i = torch.arange(n, device=device, dtype=torch.int64)
+    zero = torch.zeros_like(i)
+    seed &= (1 << 64) - 1
+    r, _, _, _ = philox_4x32_10(i & _U32, i >> 32, zero, zero, seed & _U32, seed >> 32)
+    return (r >> 8).to(torch.float32) * 2.0 ** -24
+
+
+def pgd_random_start(x: Tensor, eps, seed: int, lo: float = 0.0, hi: float = 1.0, *,
+                     norm: str = "linf") -> Tensor:
+    """A random start in the eps-ball around x, clamped to [lo, hi]. Shapes: x (B, ...), eps
+    float or (B,).
+
+    L-inf: ``clamp(x + eps (2u - 1), lo, hi)``, u = ``philox_uniform(seed)`` over x's elements
+    in row-major order. ``2u - 1`` is exact; the product ``eps (2u - 1)`` is rounded before
+    the sum (kernels must not contract it into a fused multiply-add).
+    L2: uniform in the ball: ``x + eps r^(1/d) z / ||z||`` per sample, z Gaussian, r ~ U[0, 1),
+    d = elements per sample, drawn from a ``torch.Generator`` seeded with ``seed``.
+    """
+    ct = pgd_compute_dtype(x.dtype)
+    if norm == "linf":
+        u = philox_uniform(seed, x.numel(), x.device).reshape(x.shape).to(ct)
+        noise = _per_sample(eps, x, ct) * (2.0 * u - 1.0)
+    elif norm == "l2":
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        b = x.shape[0]
+        z = torch.randn(x.shape, generator=gen, device=x.device, dtype=ct)
+        radius = torch.rand(b, generator=gen, device=x.device, dtype=ct) ** (1.0 / max(x[0].numel(), 1))
+        scale = radius / z.reshape(b, -1).norm(dim=1).clamp_min(1e-12)
+        noise = _per_sample(eps, x, ct) * z * _per_sample(scale, x, ct)
+    else:
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    return torch.clamp(x.to(ct) + noise, lo, hi).to(x.dtype)

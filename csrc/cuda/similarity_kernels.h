@@ -1,6 +1,6 @@
 // Launchers of the CUDA similarity kernels (similarity_kernels.cu): raw pointers, sizes,
 // strides and a stream, so that the kernels compile with CUDA headers only and the torch glue
-// (similarity.cpp) stays small. See csrc/similarity.cpp for the maths.
+// (similarity_cuda.cpp) stays small. See csrc/similarity.cpp for the maths.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -1,5 +1,5 @@
 """The CUDA hard-positive selection kernel runs on the host (``hard_positive_emulator.cpp``),
-driven like ``csrc/cuda/hard_positive.cpp`` drives it on a GPU. The device code is compiled
+driven like ``csrc/cuda/hard_positive_cuda.cpp`` drives it on a GPU. The device code is compiled
 without WMMA (see ``similarity_emulated.py``): this checks the tile skipping, masks, self
 column, the running top-k with its int64 keys, the final sort and the decoding."""
 

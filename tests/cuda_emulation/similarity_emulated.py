@@ -1,5 +1,5 @@
 """The CUDA similarity kernels run on the host (``similarity_emulator.cpp``), driven like
-``csrc/cuda/similarity.cpp`` drives them on a GPU: same inverse norms, same launches, same
+``csrc/cuda/similarity_cuda.cpp`` drives them on a GPU: same inverse norms, same launches, same
 chain rule through the normalisation.
 
 As for the SupCon kernels (``supcon_emulated.py``), the device code is compiled without WMMA:

@@ -1,4 +1,4 @@
-"""The CUDA SupCon kernels run on the host (``emulator.cpp``), driven like ``csrc/cuda/supcon.cpp``
+"""The CUDA SupCon kernels run on the host (``emulator.cpp``), driven like ``csrc/cuda/supcon_cuda.cpp``
 drives them on a GPU: same per-row inputs, same launches, same chain rule through the norm.
 
 The emulation compiles the kernels' device code without WMMA, so it checks everything but the

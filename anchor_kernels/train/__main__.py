@@ -1,0 +1,7 @@
+"""``python -m anchor_kernels.train --help``"""
+
+import sys
+
+from .trainer import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""SupCon / ANCHOR loss (``anchor_kernels.supcon_loss``): single set, M = N anchors.
+
+Inputs: features (N, D) with ``requires_grad``, labels (N,) drawn from ``classes`` classes.
+Work: the similarity matmul, 2 M N D flops forward and 4 M N D backward (dz and dc); the
+normalisation, exps and a fused backend's recomputation of the tile are not counted, so
+TFLOP/s is useful work per second, comparable across backends.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from anchor_kernels import backends, reference, supcon_loss
+
+from ..records import Candidate, Problem, Settings, Work
+from . import _common
+
+NAME = "supcon"
+SIZE_LABEL = "N (batch rows; M = N anchors)"
+# beta > 0: soft hard-positive mining; topk > 0: the top-k mode (0: off); beta = topk = 0 is
+# standard SupCon.
+OPTIONS = {"d": 128, "classes": 10, "temperature": 0.1, "beta": 0.0, "topk": 0,
+           "detach_weights": True}
+
+_SIZES = {
+    ("cpu", True): (256, 512, 1024, 2048),
+    ("cpu", False): (512, 1024, 2048, 4096, 8192),
+    ("cuda", True): (1024, 4096, 16384),
+    ("cuda", False): tuple(1024 * 2 ** k for k in range(7)),  # 1024 .. 65536
+}
+
+
+def sizes(device_type: str, quick: bool) -> tuple[int, ...]:
+    return _SIZES[(device_type, quick)]
+
+
+def make_problem(n: int, dtype: torch.dtype, device: torch.device, options: dict) -> Problem:
+    gen = torch.Generator(device=device).manual_seed(n)
+    f = torch.randn(n, options["d"], device=device, dtype=dtype, generator=gen)
+    labels = torch.randint(0, options["classes"], (n,), device=device, generator=gen)
+    f.requires_grad_()
+    return Problem(op=NAME, n=n, m=n, d=options["d"], dtype=dtype, device=device,
+                   inputs={"features": f, "labels": labels}, grad_inputs=(f,))
+
+
+def work(p: Problem, pass_: str) -> Work:
+    mnd = float(p.m) * p.n * p.d
+    return Work(flops={"fwd": 2 * mnd, "bwd": 4 * mnd, "fwd+bwd": 6 * mnd}[pass_])
+
+
+def _loss_kwargs(options: dict) -> dict:
+    return dict(temperature=options["temperature"], hard_positive_beta=options["beta"],
+                hard_positive_topk=options["topk"] or None,
+                detach_weights=options["detach_weights"])
+
+
+def _backend_reasons(name: str, options: dict, extra: list[str]):
+    def reasons(p: Problem) -> list[str]:
+        if extra:
+            return list(extra)
+        problem = backends.SupConProblem(
+            f=p.inputs["features"], y_f=p.inputs["labels"], g=None, y_g=None,
+            temperature=options["temperature"], beta=options["beta"], topk=options["topk"] or None,
+            detach_weights=options["detach_weights"], normalize=True, anchor_offset=0)
+        return backends.available_backends(problem)[name]
+    return reasons
+
+
+def _backend_build(name: str, options: dict):
+    kwargs = _loss_kwargs(options)
+
+    def build(p: Problem):
+        f, y = p.inputs["features"], p.inputs["labels"]
+        return functools.partial(supcon_loss, f, y, backend=name, **kwargs), p.grad_inputs
+    return build
+
+
+def _compiled_build(options: dict, settings: Settings):
+    kwargs = _loss_kwargs(options)
+    fn = _common.compiled((NAME, tuple(sorted(kwargs.items()))),
+                          functools.partial(reference.supcon_loss, **kwargs), settings)
+
+    def build(p: Problem):
+        return functools.partial(fn, p.inputs["features"], p.inputs["labels"]), p.grad_inputs
+    return build
+
+
+def candidates(device: torch.device, options: dict, settings: Settings) -> list[Candidate]:
+    """Every anchor_kernels backend (eager is the baseline), torch.compile of the reference,
+    and on CUDA the flash-attention neighbour."""
+    out = []
+    for name in backends.BACKEND_NAMES:
+        if name in ("auto", "eager"):
+            continue
+        label, kind, extra = name, "backend", []
+        if name == "triton":
+            label, kind, extra = _common.triton_label(name, device, settings)
+        out.append(Candidate(label, kind, _backend_build(name, options),
+                             _backend_reasons(name, options, extra),
+                             note=f'supcon_loss(backend="{name}")'))
+    out.append(Candidate("eager", "baseline", _backend_build("eager", options),
+                         note='supcon_loss(backend="eager"): the reference, O(M N) memory'))
+    out.append(Candidate("compile", "baseline", _compiled_build(options, settings),
+                         note=_common.compile_note(settings)))
+    if device.type == "cuda":
+        out.append(_common.ATTENTION)
+    return out
