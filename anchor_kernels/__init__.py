@@ -3,8 +3,10 @@ adversarial training. See README.md for the maths and the API."""
 
 from . import attacks, distributed, reference
 from .backends import available_backends
+from .hard_positive import hard_positive_mining
 from .losses import HardMinedSupConLoss, PMLSupConLoss, SupConLoss
 from .pgd import pgd_random_start, pgd_step
+from .similarity import pairwise_similarity
 from .supcon import supcon_loss
 
 __version__ = "0.1.0"
@@ -16,6 +18,8 @@ __all__ = [
     "attacks",
     "available_backends",
     "distributed",
+    "hard_positive_mining",
+    "pairwise_similarity",
     "pgd_random_start",
     "pgd_step",
     "reference",

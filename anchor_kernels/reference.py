@@ -163,10 +163,48 @@ def supcontrast_loss(features: Tensor, labels: Tensor | None = None, mask: Tenso
 
 def pairwise_similarity(a: Tensor, b: Tensor | None = None, *, normalize: bool = True,
                         temperature: float = 1.0) -> Tensor:
-    """S = norm(a) norm(b)^T / t, (M, N)."""
+    """S = norm(a) norm(b)^T / t, (M, N), for a (M, D) and b (N, D) (None: b = a)."""
     za = normalize_rows(a) if normalize else a
     zb = za if b is None else (normalize_rows(b) if normalize else b)
     return za @ zb.T / temperature
+
+
+def hard_positive_mining(
+    z: Tensor,  # (M, D)
+    labels: Tensor,  # (M,)
+    k: int,
+    *,
+    normalize: bool = True,
+    contrast: Tensor | None = None,  # (N, D); None means the anchors themselves
+    contrast_labels: Tensor | None = None,  # (N,)
+    anchor_offset: int | None = 0,
+) -> tuple[Tensor, Tensor]:
+    """Per anchor, its k hardest positives: (indices (M, k) int64, cosines (M, k)).
+
+    Row i lists the positives ``P(i)`` (same label, not the self column ``anchor_offset + i``)
+    with the k lowest ``cos_ij``, ascending, ties to the lower j: the set is exactly
+    ``topk_hardest_mask(cos, pos, k)``. Rows with fewer than k positives are padded with index
+    -1 and cosine +inf (a padded entry sorts after every real one). Cosines are in z's dtype
+    and differentiable with respect to ``z`` and ``contrast``.
+    """
+    zn = normalize_rows(z) if normalize else z
+    if contrast is None:
+        c, y_c = zn, labels
+    else:
+        c = normalize_rows(contrast) if normalize else contrast
+        y_c = contrast_labels
+    cos = zn @ c.T
+    _, pos = self_and_positive_masks(labels, y_c, anchor_offset)
+    key = cos.detach().masked_fill(~pos, float("inf"))
+    order = torch.argsort(key, dim=1, stable=True)[:, :k]
+    chosen = pos.gather(1, order)
+    idx = torch.where(chosen, order, torch.full_like(order, -1))
+    vals = cos.gather(1, order).masked_fill(~chosen, float("inf"))
+    pad = k - order.shape[1]  # k > N: no row can fill k slots
+    if pad > 0:
+        idx = torch.cat([idx, idx.new_full((idx.shape[0], pad), -1)], dim=1)
+        vals = torch.cat([vals, vals.new_full((vals.shape[0], pad), float("inf"))], dim=1)
+    return idx, vals
 
 
 def _per_sample(value, x: Tensor, dtype: torch.dtype):

@@ -24,26 +24,26 @@ stage() {  # stage NAME SECONDS COMMAND...: run if selected, append its log, rec
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   date -u +%Y-%m-%dT%H:%M:%SZ; } | tee "$OUT/env.txt"
 
-stage ext_build 240 python3 -c "from anchor_kernels import _ext; print('cpu:', _ext.load()); print('cuda:', _ext.cuda_error())"
+stage ext_build 150 python3 -c "from anchor_kernels import _ext; print('cpu:', _ext.load()); print('cuda:', _ext.cuda_error())"
 stage tests_triton 150 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
     tests/test_supcon_triton.py tests/test_supcon_api.py
 stage tests_triton_chunked 60 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x \
     tests/test_supcon_triton.py -k "chunked or two_sets or lse_only"
-stage tests_cuda_ext 100 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_cpp.py
-stage tests_pgd 60 python3 -m pytest -q -ra -x tests/test_pgd.py tests/test_attacks.py -m gpu
-stage tests_sim 100 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
+stage tests_cuda_ext 90 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_cpp.py
+stage tests_pgd 45 python3 -m pytest -q -ra -x tests/test_pgd.py tests/test_attacks.py -m gpu
+stage tests_sim 90 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
     tests/test_similarity.py tests/test_hard_positive.py tests/test_supcon_topk.py
 stage tests_train 80 python3 -m pytest -q -ra -x tests/test_train.py -m gpu -k "not compile"
 stage bench_supcon 110 python3 benchmarks/supcon_gpu_table.py --backends triton cuda eager \
     --out "$OUT/supcon_gpu_bf16.json"
-stage bench_supcon_cuda 90 python3 benchmarks/supcon_gpu_table.py --backends cuda triton \
+stage bench_supcon_cuda 70 python3 benchmarks/supcon_gpu_table.py --backends cuda triton \
     --n 4096 16384 65536 --out "$OUT/supcon_gpu_cuda_bf16.json"
 stage bench_supcon_fp32 90 python3 benchmarks/supcon_gpu_table.py --dtype float32 \
     --backends triton cuda eager --n 4096 16384 --out "$OUT/supcon_gpu_fp32.json"
 stage bench_pgd 45 python3 benchmarks/bench_pgd.py --gpu --out "$OUT/pgd_gpu.json"
 stage bench_train 80 python3 -m anchor_kernels.train.bench --batch 512 4096 \
     --loss-backend eager triton --steps 5 --warmup 2 --out "$OUT/train_step.json"
-stage runner_sweep 200 python3 -m benchmarks --gpu-sweep --time-budget 70 --fit-budget 40 \
+stage runner_sweep 140 python3 -m benchmarks --gpu-sweep --time-budget 60 --fit-budget 30 \
     --no-progress --out "$OUT/sweep_h100.json"
 
 echo; cat "$SUMMARY"

@@ -16,7 +16,8 @@ import sys
 import tempfile
 import time
 
-MODULES = ["anchor_kernels.ops.supcon_triton"]
+MODULES = ["anchor_kernels.ops.supcon_triton", "anchor_kernels.ops.similarity_triton",
+           "anchor_kernels.ops.hard_positive_triton"]
 
 
 def compile_spec(kernel, signature, constexprs, num_warps, num_stages):

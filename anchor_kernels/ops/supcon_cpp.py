@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..backends import SupConProblem
+from . import supcon_topk
 
 LOAD_ERROR = _ext.load()
 
@@ -88,10 +89,12 @@ class CppSupCon:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             reasons.append(f"dtype {p.f.dtype} is not supported by the {self.name} kernels ({names})")
         if p.topk is not None and not p.lse_only:
-            reasons.append("top-k mining (hard_positive_topk) is not computed by these kernels")
+            reasons += supcon_topk.topk_reasons(p, self.name)
         return reasons
 
     def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:
+        if p.topk is not None and not p.lse_only:  # LSE_i from these kernels' lse_only mode + sparse sbar_i
+            return supcon_topk.topk_per_anchor(self, p, self.name)
         loss, valid, _ = torch.ops.anchor_kernels.supcon_fwd(
             p.f, p.y_f, p.g, p.y_g, p.temperature, p.beta, p.detach_weights, p.normalize,
             p.anchor_offset, p.lse_only)

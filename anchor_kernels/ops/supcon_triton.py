@@ -17,6 +17,7 @@ from torch import Tensor
 from ..backends import SupConProblem
 from ..reference import NORM_EPS
 from . import supcon_kernels_triton as kernels
+from . import supcon_topk
 
 MAX_D = 256  # a row block of f stays in registers: whole feature dimension per tile
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -272,11 +273,13 @@ class TritonSupCon:
             reasons.append(f"dtype {p.f.dtype} is not supported (float16, bfloat16, float32)")
         if p.f.shape[1] > MAX_D:
             reasons.append(f"feature dimension D={p.f.shape[1]} is over the {MAX_D} this kernel holds per tile")
-        if p.topk is not None:
-            reasons.append("top-k mining is not available in this backend")
+        if p.topk is not None and not p.lse_only:
+            reasons += supcon_topk.topk_reasons(p, "triton")
         return reasons
 
     def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:
+        if p.topk is not None and not p.lse_only:  # LSE_i from this backend's lse_only kernels + sparse sbar_i
+            return supcon_topk.topk_per_anchor(self, p, "triton")
         n = p.f.shape[0] if p.g is None else p.g.shape[0]
         self_offset = n if p.anchor_offset is None else p.anchor_offset
         y_f, y_g = dense_label_ids(p.y_f, p.y_g)

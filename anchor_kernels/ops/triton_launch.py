@@ -1,0 +1,120 @@
+"""Launch plans for Triton kernels, and compiling a plan for a GPU that is not present.
+
+A launcher builds a :class:`Launch` (kernel, grid, runtime arguments, constexprs, warps,
+stages) and runs it. Because the plan is a value, CI can also hand the very plans the
+launchers choose to ``python -m anchor_kernels.ops.sm90_check`` (through
+:func:`sm90_compile_specs`), which compiles them for Hopper (sm_90) with no GPU. That
+catches kernels the interpreter accepts but the compiler rejects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def device_reasons(tensors, name: str = "the Triton kernels") -> list[str]:
+    """Why these tensors cannot run Triton kernels here (empty list: they can)."""
+    reasons = []
+    dev = tensors[0].device
+    if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
+        reasons.append(f"inputs are on {dev.type}; {name} need a CUDA device "
+                       "(or TRITON_INTERPRET=1 for CPU tensors)")
+    for t in tensors:
+        if t.dtype == torch.float64:
+            reasons.append(f"{name} do not support float64 (use backend='cpu' or 'eager')")
+            break
+    if dev.type == "cuda" and any(t.dtype == torch.bfloat16 for t in tensors):
+        if torch.cuda.get_device_capability(dev) < (8, 0):
+            reasons.append("bfloat16 needs compute capability >= 8.0")
+    return reasons
+
+
+def device_guard(x: torch.Tensor):
+    """Make x's GPU current: Triton launches on the current device, not the tensors'."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def interpreter_upcast(dtype: torch.dtype) -> bool:
+    """Whether dot operands must be widened to float32 before ``tl.dot``.
+
+    Triton 3.9's interpreter multiplies bfloat16 ``tl.dot`` operands as their raw uint16
+    bits. Widening to float32 first gives the same products (a bf16 product is exact in
+    float32), so kernels do it under the interpreter only; compiled kernels never do.
+    """
+    return interpreting() and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision for float32 inputs, following torch's matmul setting.
+
+    ``torch.set_float32_matmul_precision("highest")`` (torch's default) gives exact float32
+    products ("ieee"), as ``torch.matmul`` does; "high"/"medium" allow TF32, as torch does.
+    Half-precision inputs always multiply exactly with float32 accumulation.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: ``kernel[grid](*args, **constexprs, num_warps=, num_stages=)``."""
+
+    kernel: object
+    grid: tuple
+    args: tuple  # runtime arguments in kernel order (constexprs come last in every kernel)
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __call__(self) -> None:
+        if all(g > 0 for g in self.grid):
+            self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
+                                   num_stages=self.num_stages)
+
+
+def sm90_compile_specs(launches):
+    """``(kernel, signature, constexprs, num_warps, num_stages)`` for each distinct
+    configuration among ``launches``, for ``anchor_kernels.ops.sm90_check``.
+
+    The signature is what the Triton runtime derives from the launch's actual arguments
+    (tensor element types, ints equal to 1 become constexprs), so the compiled variants are
+    the ones the launchers run.
+    """
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    seen = set()
+    for launch in launches:
+        kernel = launch.kernel
+        if not isinstance(kernel, triton.runtime.jit.JITFunction):
+            raise RuntimeError("compiling needs real triton.jit kernels; unset TRITON_INTERPRET")
+        runtime = [p for p in kernel.params if not p.is_constexpr]
+        if len(runtime) != len(launch.args):
+            raise ValueError(f"{kernel.__name__} takes {len(runtime)} runtime arguments, "
+                             f"the launch has {len(launch.args)}")
+        signature, constexprs = {}, dict(launch.constexprs)
+        for p, arg in zip(runtime, launch.args):
+            kind, value = native_specialize_impl(CUDABackend, arg, False, not p.do_not_specialize,
+                                                 not p.do_not_specialize_on_alignment)[:2]
+            signature[p.name] = kind
+            if kind == "constexpr":
+                constexprs[p.name] = value
+        for p in kernel.params:
+            if p.is_constexpr:
+                signature[p.name] = "constexpr"
+        key = (kernel.__name__, tuple(signature.items()), tuple(sorted(constexprs.items())),
+               launch.num_warps, launch.num_stages)
+        if key not in seen:
+            seen.add(key)
+            yield kernel, signature, constexprs, launch.num_warps, launch.num_stages

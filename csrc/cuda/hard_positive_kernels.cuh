@@ -1,0 +1,133 @@
+// CUDA kernel of hard-positive selection (rule in csrc/hard_positive.cpp). CUDA headers
+// only; kept in a header, like supcon_kernels.cuh whose 64 x 64 tile product (dot_tile: WMMA
+// on bf16/fp16, FMA on fp32) it reuses.
+//
+// One CTA of 128 threads owns 64 anchors and streams over 64-column tiles of the contrast set.
+// A tile with no positive for any of its anchors is skipped before the product. Otherwise
+// cos = (z_i . c_j) rnz[i] rnc[j] in fp32, and thread r (< 64) folds row r of the tile into
+// its anchor's running top-k. Each candidate is the int64 key (ordered(cos) << 32) | j, where
+// ordered() maps the float bits to an int32 of the same order (-0 folded into +0), so one
+// integer compare orders by cosine and then by index, and keys are unique. The anchor's keff
+// keys live in a global scratch row only its thread touches (L1-resident); the thread keeps
+// the largest key (the threshold) and its slot in registers, so a candidate costs one
+// compare, and an insertion a rescan of keff keys. Empty slots hold distinct keys above any
+// real key. At the end the thread sorts its keys and decodes them into indices and cosines.
+#pragma once
+
+#include <cstring>
+
+#include "hard_positive_kernels.h"
+#include "supcon_kernels.cuh"
+
+namespace anchor_kernels::hard_positive_cuda::detail {
+
+using supcon_cuda::detail::dot_tile;
+using supcon_cuda::detail::kBlock;
+using supcon_cuda::detail::kOpsBytes;
+using supcon_cuda::detail::kSLd;
+using supcon_cuda::detail::kThreads;
+
+constexpr int64_t kKeyInf = 0x7FFFFFFFFFFFFFFFll;
+constexpr int64_t kKeyPad = 0x7FFFFFFF80000000ll;  // keys at or above it are empty slots
+
+// Bit casts by memcpy (a register move on the device; also compiles in the host emulation).
+__device__ __forceinline__ int32_t float_bits(float v) {
+  int32_t b;
+  memcpy(&b, &v, sizeof b);
+  return b;
+}
+
+__device__ __forceinline__ float bits_float(int32_t b) {
+  float v;
+  memcpy(&v, &b, sizeof v);
+  return v;
+}
+
+__device__ __forceinline__ int64_t make_key(float v, int64_t j) {
+  if (v == 0.f) v = 0.f;  // -0 ties with +0, as in torch.sort
+  const int32_t bits = float_bits(v);
+  const int32_t ordered = bits >= 0 ? bits : bits ^ 0x7FFFFFFF;
+  return int64_t(uint64_t(int64_t(ordered)) << 32) | j;
+}
+
+__device__ __forceinline__ float key_cos(int64_t key) {
+  const int32_t ordered = int32_t(key >> 32);
+  return bits_float(ordered >= 0 ? ordered : ordered ^ 0x7FFFFFFF);
+}
+
+template <typename T, bool MMA>
+__global__ void __launch_bounds__(kThreads) hard_positive_kernel(const Args p) {
+  __shared__ __align__(128) unsigned char ops[kOpsBytes];
+  __shared__ __align__(128) float Ss[kBlock][kSLd];
+  __shared__ int64_t slc[kBlock];
+  __shared__ float srnc[kBlock];
+  __shared__ int any_positive;
+
+  const int64_t M = p.z.rows, N = p.c.rows;
+  const int64_t x0 = int64_t(blockIdx.x) * kBlock;
+  const int tid = threadIdx.x;
+  const int64_t i = x0 + tid;
+  const bool row = tid < kBlock && i < M;  // this thread selects for anchor i
+  const int64_t yi = row ? p.lz[i] : 0;
+  const float rni = row ? p.rnz[i] : 0.f;
+  const int64_t self = (row && p.has_self) ? i + p.offset : -1;
+  int64_t* keys = p.keys + (row ? i : 0) * p.keff;
+  int64_t thr = kKeyInf;
+  int64_t thr_slot = 0;
+  if (row)
+    for (int64_t s = 0; s < p.keff; ++s) keys[s] = kKeyInf - s;
+
+  for (int64_t y0 = 0; y0 < N; y0 += kBlock) {
+    __syncthreads();  // the previous tile's labels and products are consumed
+    if (tid < kBlock) {
+      const int64_t j = y0 + tid;
+      slc[tid] = j < N ? p.lc[j] : 0;
+      srnc[tid] = j < N ? p.rnc[j] : 0.f;
+    }
+    if (tid == 0) any_positive = 0;
+    __syncthreads();
+    const int cols = int(N - y0 < kBlock ? N - y0 : kBlock);
+    if (row) {
+      for (int c = 0; c < cols; ++c)
+        if (slc[c] == yi && y0 + c != self) {
+          any_positive = 1;
+          break;
+        }
+    }
+    __syncthreads();
+    if (!any_positive) continue;  // the same value in every thread of the CTA
+    dot_tile<T, MMA>(p.z, x0, p.c, y0, p.D, ops, Ss);
+    if (row) {
+      for (int c = 0; c < cols; ++c) {
+        const int64_t j = y0 + c;
+        if (slc[c] != yi || j == self) continue;
+        const int64_t key = make_key(Ss[tid][c] * rni * srnc[c], j);
+        if (key >= thr) continue;
+        keys[thr_slot] = key;
+        thr = keys[0];
+        thr_slot = 0;
+        for (int64_t s = 1; s < p.keff; ++s)
+          if (keys[s] > thr) {
+            thr = keys[s];
+            thr_slot = s;
+          }
+      }
+    }
+  }
+
+  if (!row) return;
+  for (int64_t s = 1; s < p.keff; ++s) {  // insertion sort, ascending
+    const int64_t key = keys[s];
+    int64_t t = s;
+    for (; t > 0 && keys[t - 1] > key; --t) keys[t] = keys[t - 1];
+    keys[t] = key;
+  }
+  for (int64_t s = 0; s < p.keff; ++s) {
+    const int64_t key = keys[s];
+    const bool pad = key >= kKeyPad;
+    p.idx[i * p.k + s] = pad ? -1 : (key & 0xFFFFFFFFll);
+    p.cos[i * p.k + s] = pad ? INFINITY : key_cos(key);
+  }
+}
+
+}  // namespace anchor_kernels::hard_positive_cuda::detail

@@ -1,0 +1,47 @@
+// Launchers of the CUDA similarity kernels (similarity_kernels.cu): raw pointers, sizes,
+// strides and a stream, so that the kernels compile with CUDA headers only and the torch glue
+// (similarity_cuda.cpp) stays small. See csrc/similarity.cpp for the maths.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "supcon_kernels.h"  // Dtype, Matrix
+
+namespace anchor_kernels::similarity_cuda {
+
+using supcon_cuda::Dtype;
+using supcon_cuda::Matrix;
+
+// S (M, N) in the input dtype, S_ij = (a_i . b_j) rna[i] rnb[j] inv_t, rows ld_s apart.
+struct FwdArgs {
+  Matrix a;          // (M, D)
+  Matrix b;          // (N, D)
+  int64_t D;
+  const float* rna;  // (M,) 1 / max(||a_i||, eps), or ones
+  const float* rnb;  // (N,)
+  float inv_t;
+  void* s;
+  int64_t ld_s;
+};
+
+// dz (R, D) fp32 contiguous, dz_r = inv_t sum_q G(r, q) y_q rny[q], G(r, q) = g[r gr + q gq]
+// in the input dtype: one side of the backward (da with G, db with G^T: swapped strides).
+struct BwdArgs {
+  const void* g;
+  int64_t gr, gq;
+  int64_t R;
+  Matrix y;          // (Q, D)
+  int64_t D;
+  const float* rny;  // (Q,)
+  float inv_t;
+  float* dz;
+};
+
+// bf16 / fp16 products run on the tensor cores (WMMA, fp32 accumulation) where the binary is
+// built for sm_80 or newer, and as fp32 FMA elsewhere; fp32 inputs always take the FMA path.
+cudaError_t launch_similarity_fwd(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
+cudaError_t launch_similarity_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
+
+}  // namespace anchor_kernels::similarity_cuda
