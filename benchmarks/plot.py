@@ -55,6 +55,11 @@ def plot(doc: dict, path: Path) -> Path:
             ax.grid(True, which="both", alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=7)
+            else:  # every candidate skipped, refused or failed here: the table says why
+                ax.text(0.5, 0.5, "nothing measured", ha="center", va="center",
+                        transform=ax.transAxes, color="grey")
+                ax.set_xticks([])
+                ax.set_yticks([])
     meta = doc["meta"]
     fig.suptitle(f"{meta['device_name']} | torch {meta['torch']} | {meta['date']}", fontsize=9)
     fig.tight_layout()

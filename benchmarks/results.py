@@ -55,11 +55,14 @@ def slug(text: str) -> str:
 def _git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10)
+        sha = head.stdout.strip()
+        if head.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40}", sha):
+            return None  # not a git checkout (a copied tree, an installed package)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) or None
+        return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -193,6 +196,13 @@ def write_csv(doc: dict, path: Path) -> None:
         writer.writerows(lines)
 
 
+def _ran_somewhere(candidate: str, op_rows: list[dict]) -> bool:
+    """False for a candidate that cannot run this op here (the cpu backend on a GPU run),
+    even where a budget skipped it before it was asked; it is listed under "not run"."""
+    statuses = {r["status"] for r in op_rows if r["candidate"] == candidate}
+    return not (statuses <= {"unsupported", "skipped"} and "unsupported" in statuses)
+
+
 def full_pass(rows: list[dict]) -> str:
     """The pass that runs the whole op: forward+backward, or the forward of an op with no
     backward."""
@@ -223,8 +233,7 @@ def table(doc: dict) -> str:
     for op, dtype in groups:
         mine = [r for r in rows if (r["op"], r["dtype"]) == (op, dtype)]
         names = list(dict.fromkeys(r["candidate"] for r in mine))
-        shown = [c for c in names if any(r["candidate"] == c and r["status"] != "unsupported"
-                                         for r in mine)]
+        shown = [c for c in names if _ran_somewhere(c, [r for r in rows if r["op"] == op])]
         sizes = sorted({r["n"] for r in mine})
         full = full_pass(mine)
         blocks = [(p, "ms", f"{p} ms (median; Nx = speed-up over eager)") for p in PASSES]

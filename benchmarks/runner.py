@@ -55,12 +55,24 @@ def _passes_of(cand: Candidate, passes) -> tuple:
 
 
 class _Clock:
-    def __init__(self, budget_s: float):
-        self.budget_s = budget_s
-        self.deadline = time.monotonic() + budget_s
+    """A deadline for one share of a budget; ``why`` says which, for the skipped rows."""
+
+    def __init__(self, seconds: float, why: str):
+        self.deadline = time.monotonic() + seconds
+        self.why = why
 
     def over(self) -> bool:
         return time.monotonic() > self.deadline
+
+
+def _shares(budget_s: float, parts: list, what: str):
+    """Yield (part, clock): each part gets an equal share of what is left of the budget, so
+    time one part leaves unused goes to the parts after it, and no part starves the rest."""
+    deadline = time.monotonic() + budget_s
+    for i, part in enumerate(parts):
+        share = max(0.0, deadline - time.monotonic()) / (len(parts) - i)
+        yield part, _Clock(share, f"its share ({share:.0f} s) of {what} ({budget_s:g} s) was "
+                                  "used up")
 
 
 class Sweep:
@@ -90,12 +102,11 @@ class Sweep:
                         pass
 
     def run_sweep(self, cands_by_op: dict) -> None:
-        # One budget per op, so that one op's slow sizes never starve the next op. dtype-major
-        # within an op: with the dtypes in order of interest, a budget that runs out costs the
-        # last dtype's largest sizes rather than every dtype's.
+        # One budget per op, shared between its dtypes (see _shares), so that no op or dtype
+        # starves the others; sizes in increasing order within a share.
         for op, options, sizes in self.cfg.ops:
-            clock = _Clock(self.cfg.time_budget_s)
-            for dtype in self.cfg.dtypes:
+            for dtype, clock in _shares(self.cfg.time_budget_s, list(self.cfg.dtypes),
+                                        f"{op.NAME}'s --time-budget"):
                 for n in sorted(sizes):
                     self._run_size(op, options, cands_by_op[op.NAME], n, dtype, clock)
 
@@ -112,8 +123,7 @@ class Sweep:
         for cand in cands:
             self._tick(f"{op.NAME} {cand.name} n={n} {dtype_name(dtype)}")
             if clock.over():
-                self._skip_all(op, cand, n, dtype, options,
-                               f"time budget ({clock.budget_s:g} s, --time-budget) used up")
+                self._skip_all(op, cand, n, dtype, options, f"not run: {clock.why}")
             elif problem is None:
                 self._record_all(op, cand, n, dtype, options, "oom", why)
             else:
@@ -193,14 +203,15 @@ class Sweep:
 
     # -- the largest batch that fits ---------------------------------------------------------
     def run_fit(self, cands_by_op: dict) -> None:
-        clock = _Clock(self.cfg.fit_budget_s)
-        for op, options, sizes in self.cfg.ops:
-            for dtype in self.cfg.dtypes:
-                for cand in cands_by_op[op.NAME]:
-                    if cand.kind == "neighbour" or not cand.differentiable:
-                        continue
-                    self._tick(f"fit {op.NAME} {cand.name} {dtype_name(dtype)}")
-                    self.fits.append(self._fit_one(op, options, min(sizes), dtype, cand, clock))
+        parts = [(op, options, sizes, dtype) for op, options, sizes in self.cfg.ops
+                 for dtype in self.cfg.dtypes]
+        for (op, options, sizes, dtype), clock in _shares(self.cfg.fit_budget_s, parts,
+                                                          "--fit-budget"):
+            for cand in cands_by_op[op.NAME]:
+                if cand.kind == "neighbour" or not cand.differentiable:
+                    continue
+                self._tick(f"fit {op.NAME} {cand.name} {dtype_name(dtype)}")
+                self.fits.append(self._fit_one(op, options, min(sizes), dtype, cand, clock))
 
     def _fit_one(self, op, options, n, dtype, cand: Candidate, clock) -> Fit:
         cfg, probes = self.cfg, []
@@ -212,8 +223,7 @@ class Sweep:
 
         while True:
             if clock.over():
-                return done("budget", f"fit budget ({clock.budget_s:g} s, --fit-budget) used up "
-                                      f"before n={n}")
+                return done("budget", f"n={n} not run: {clock.why}")
             points = [(q["n"], q["peak_mem_bytes"]) for q in probes]
             predicted = timing.grow(points, n)
             if cfg.mem_cap_bytes is not None and predicted is not None \

@@ -115,6 +115,7 @@ def test_time_budget_skips_the_rest_and_still_writes(tmp_path):
     results.validate(doc)
     assert doc["results"] and all(r["status"] == "skipped" and "--time-budget" in r["reason"]
                                   for r in doc["results"])
+    assert "--fit-budget" in doc["largest_fit"][0]["detail"]
     assert [f["stopped"] for f in doc["largest_fit"]] == ["budget"]
 
 
