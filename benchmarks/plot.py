@@ -60,6 +60,8 @@ def plot(doc: dict, path: Path) -> Path:
                         transform=ax.transAxes, color="grey")
                 ax.set_xticks([])
                 ax.set_yticks([])
+                ax.minorticks_off()
+                ax.grid(False, which="both")
     meta = doc["meta"]
     fig.suptitle(f"{meta['device_name']} | torch {meta['torch']} | {meta['date']}", fontsize=9)
     fig.tight_layout()
