@@ -1,9 +1,10 @@
 """``python -m benchmarks``: time every op's backends against eager PyTorch, torch.compile and
 (on CUDA) flash attention; write JSON + CSV + PNG and print a table.
 
-Presets: ``--quick`` (this machine in under two minutes), ``--gpu-sweep`` (the supcon sweep on
-one GPU: N = 1024 .. 131072, D = 128, bf16 and fp32, plus the largest-batch search, bounded
-to about four and a half minutes). Explicit arguments override a preset.
+Presets: ``--quick`` (the loss, small sizes: under two minutes on a 2-core CPU; ``--ops`` adds
+the others), ``--gpu-sweep`` (the loss on one GPU: N = 1024 .. 131072, D = 128, bf16 and fp32,
+plus the largest-batch search, bounded to about four and a half minutes). Explicit arguments
+override a preset.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="short run with small sizes")
+    mode.add_argument("--quick", action="store_true",
+                      help="short run of the loss at small sizes (--ops for the others)")
     mode.add_argument("--gpu-sweep", action="store_true",
                       help="supcon sweep on CUDA: N 1024..131072, D 128, bf16 + fp32, <= ~4.5 min")
     mode.add_argument("--list", action="store_true", help="list ops and candidates, then exit")
@@ -57,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-cap-gb", type=_positive(float),
                    help="never run what is predicted to allocate more (default 4 on cpu)")
     p.add_argument("--time-budget", type=_positive(float), metavar="S",
-                   help="seconds for each op's sweep; later work is recorded as skipped")
+                   help="seconds for the sweep, shared between ops and dtypes; work past a "
+                        "share is recorded as skipped")
     p.add_argument("--threads", type=_positive(int),
                    help="CPU threads for torch (default: torch's, usually one per core)")
     p.add_argument("--no-fit", action="store_true", help="skip the largest-batch search")

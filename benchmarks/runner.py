@@ -35,7 +35,7 @@ class RunConfig:
     min_reps: int = 5
     max_call_s: float = 2.0  # skip timing where one forward+backward call takes longer
     mem_cap_bytes: int | None = None  # CPU: never run what is predicted to exceed this
-    time_budget_s: float = 600.0  # per op
+    time_budget_s: float = 600.0  # the whole sweep's
     fit: bool = True
     fit_max_n: int = 1 << 22
     fit_max_call_s: float = 5.0
@@ -102,13 +102,14 @@ class Sweep:
                         pass
 
     def run_sweep(self, cands_by_op: dict) -> None:
-        # One budget per op, shared between its dtypes (see _shares), so that no op or dtype
+        # The budget is shared between the (op, dtype) pairs (see _shares), so that none
         # starves the others; sizes in increasing order within a share.
-        for op, options, sizes in self.cfg.ops:
-            for dtype, clock in _shares(self.cfg.time_budget_s, list(self.cfg.dtypes),
-                                        f"{op.NAME}'s --time-budget"):
-                for n in sorted(sizes):
-                    self._run_size(op, options, cands_by_op[op.NAME], n, dtype, clock)
+        parts = [(op, options, sizes, dtype) for op, options, sizes in self.cfg.ops
+                 for dtype in self.cfg.dtypes]
+        for (op, options, sizes, dtype), clock in _shares(self.cfg.time_budget_s, parts,
+                                                          "--time-budget"):
+            for n in sorted(sizes):
+                self._run_size(op, options, cands_by_op[op.NAME], n, dtype, clock)
 
     def _run_size(self, op: ModuleType, options, cands, n, dtype, clock) -> None:
         problem, why = None, ""

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from benchmarks import cli, results, timing
+from benchmarks import ops as ops_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--ops", "supcon", "--dim", "8", "--warmup-ms", "1", "--rep-ms", "5", "--min-reps", "2",
@@ -70,6 +71,19 @@ def test_tiny_run_writes_valid_json_csv_and_png(tiny):
 
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.parametrize("op", sorted(ops_registry.OPS))
+def test_every_registered_op_runs_its_eager_baseline(op, tmp_path):
+    out = tmp_path / f"{op}.json"
+    assert run_cli("--ops", op, "--sizes", 8, 16, "--dim", 8, "--candidates", "eager",
+                   "--no-fit", "--no-plot", "--warmup-ms", 1, "--rep-ms", 5, "--min-reps", 2,
+                   "--no-progress", "--out", out) == 0
+    doc = json.loads(out.read_text())
+    results.validate(doc)
+    assert {r["op"] for r in doc["results"]} == {op}
+    assert doc["results"] and all(r["status"] == "ok" for r in doc["results"])
+    assert all((r["tflops"] or 0) > 0 or (r["gbps"] or 0) > 0 for r in doc["results"])
 
 
 def test_an_op_with_no_backward_is_timed_forward_only_in_gb_per_s(tmp_path):

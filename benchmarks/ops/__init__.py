@@ -21,6 +21,8 @@ from types import ModuleType
 
 OPS = {
     "supcon": "benchmarks.ops.supcon",
+    "similarity": "benchmarks.ops.similarity",
+    "hard_positive": "benchmarks.ops.hard_positive",
     "pgd": "benchmarks.ops.pgd",
 }
 
