@@ -121,6 +121,15 @@ def test_unavailable_backends_are_recorded_with_their_reason(tmp_path):
         assert by["cpu"]["reason"]
 
 
+def test_the_triton_interpreter_is_timed_only_when_asked_and_labelled(tmp_path):
+    out = tmp_path / "r.json"
+    assert run_cli("--sizes", 16, "--include-interpreter", "--candidates", "triton[interpreter]",
+                   "--passes", "fwd", "--no-fit", "--no-plot", "--out", out, *FAST) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert (row["candidate"], row["kind"], row["status"]) == ("triton[interpreter]",
+                                                              "interpreter", "ok")
+
+
 def test_time_budget_skips_the_rest_and_still_writes(tmp_path):
     out = tmp_path / "r.json"
     assert run_cli("--sizes", 16, 32, "--candidates", "eager", "--time-budget", 1e-9,

@@ -30,6 +30,25 @@ def triton_label(name: str, device: torch.device, settings: Settings) -> tuple[s
     return name, "backend", [INTERPRETER_REFUSAL]
 
 
+def backend_candidates(names, device: torch.device, settings: Settings, reasons_for: Callable,
+                       build_for: Callable, note: str, differentiable: bool = True) -> list:
+    """One candidate per library backend in ``names`` but "auto" and "eager" (the baseline):
+    ``reasons_for(name)`` and ``build_for(name)`` give its ``reasons`` and ``build``; a Triton
+    backend that would run in the interpreter is refused, or labelled so when asked for."""
+    out = []
+    for name in names:
+        if name in ("auto", "eager"):
+            continue
+        label, kind, extra = name, "backend", []
+        if name == "triton":
+            label, kind, extra = triton_label(name, device, settings)
+        reasons = reasons_for(name)
+        out.append(Candidate(label, kind, build_for(name),
+                             (lambda p, extra=extra, reasons=reasons: list(extra) or reasons(p)),
+                             differentiable=differentiable, note=note.format(name=name)))
+    return out
+
+
 # One compiled callable per (function, settings): a new torch.compile wrapper of the same
 # function would re-trace, and every size shares the dynamic-shape graph.
 _COMPILED: dict = {}

@@ -59,15 +59,18 @@ def _reference_cosines(z, labels, k, normalize):
     return reference.hard_positive_mining(z, labels, k, normalize=normalize)[1]
 
 
-def _backend(name: str, options: dict, extra: list[str]):
+def _backend_reasons(name: str, options: dict):
     def reasons(p: Problem) -> list[str]:
         z = p.inputs["z"]
-        return list(extra) or hp.DISPATCH.available(z, z, options["k"])[name]
+        return hp.DISPATCH.available(z, z, options["k"])[name]
+    return reasons
 
+
+def _backend_build(name: str, options: dict):
     def build(p: Problem):
         return functools.partial(_cosines, p.inputs["z"], p.inputs["labels"], options["k"],
                                  options["normalize"], name), p.grad_inputs
-    return reasons, build
+    return build
 
 
 def _compiled_build(options: dict, settings: Settings):
@@ -81,18 +84,10 @@ def _compiled_build(options: dict, settings: Settings):
 
 
 def candidates(device: torch.device, options: dict, settings: Settings) -> list[Candidate]:
-    out = []
-    for name in BACKEND_NAMES:
-        if name in ("auto", "eager"):
-            continue
-        label, kind, extra = name, "backend", []
-        if name == "triton":
-            label, kind, extra = _common.triton_label(name, device, settings)
-        reasons, build = _backend(name, options, extra)
-        out.append(Candidate(label, kind, build, reasons,
-                             note=f'hard_positive_mining(backend="{name}")'))
-    _, eager = _backend("eager", options, [])
-    out.append(Candidate("eager", "baseline", eager,
+    out = _common.backend_candidates(
+        BACKEND_NAMES, device, settings, lambda name: _backend_reasons(name, options),
+        lambda name: _backend_build(name, options), note='hard_positive_mining(backend="{name}")')
+    out.append(Candidate("eager", "baseline", _backend_build("eager", options),
                          note="hard_positive_mining(backend=\"eager\"): topk over the masked "
                               "N x N cosine matrix"))
     out.append(Candidate("compile", "baseline", _compiled_build(options, settings),

@@ -54,13 +54,16 @@ def _step(p: Problem, options: dict, backend: str):
                              options["alpha"], backend=backend)
 
 
-def _backend(name: str, options: dict, extra: list[str]):
+def _backend_reasons(name: str):
     def reasons(p: Problem) -> list[str]:
-        return list(extra) or P.available_backends(p.inputs["x"])[name]
+        return P.available_backends(p.inputs["x"])[name]
+    return reasons
 
+
+def _backend_build(name: str, options: dict):
     def build(p: Problem):
         return _step(p, options, name), ()
-    return reasons, build
+    return build
 
 
 def _update(x_adv, grad, x, eps, alpha):
@@ -78,18 +81,12 @@ def _compiled_build(options: dict, settings: Settings):
 
 
 def candidates(device: torch.device, options: dict, settings: Settings) -> list[Candidate]:
-    out = []
-    for name in P.BACKEND_NAMES:
-        if name in ("auto", "eager"):
-            continue
-        label, kind, extra = name, "backend", []
-        if name == "triton":
-            label, kind, extra = _common.triton_label(name, device, settings)
-        reasons, build = _backend(name, options, extra)
-        out.append(Candidate(label, kind, build, reasons, differentiable=False,
-                             note=f'pgd_step(backend="{name}")'))
-    _, eager = _backend("eager", options, [])
-    out.append(Candidate("eager", "baseline", eager, differentiable=False,
+    out = _common.backend_candidates(
+        P.BACKEND_NAMES, device, settings, _backend_reasons,
+        lambda name: _backend_build(name, options), note='pgd_step(backend="{name}")',
+        differentiable=False)
+    out.append(Candidate("eager", "baseline", _backend_build("eager", options),
+                         differentiable=False,
                          note='pgd_step(backend="eager"): the reference formula, then a copy'))
     out.append(Candidate("compile", "baseline", _compiled_build(options, settings),
                          differentiable=False, note=_common.compile_note(settings)))

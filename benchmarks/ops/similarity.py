@@ -54,15 +54,18 @@ def work(p: Problem, pass_: str) -> Work:
     return Work(flops=flops, bytes=moved)
 
 
-def _backend(name: str, options: dict, extra: list[str]):
+def _backend_reasons(name: str):
     def reasons(p: Problem) -> list[str]:
-        return list(extra) or sim.DISPATCH.available(p.inputs["a"], p.inputs["a"])[name]
+        return sim.DISPATCH.available(p.inputs["a"], p.inputs["a"])[name]
+    return reasons
 
+
+def _backend_build(name: str, options: dict):
     def build(p: Problem):
         return functools.partial(sim.pairwise_similarity, p.inputs["a"],
                                  normalize=options["normalize"],
                                  temperature=options["temperature"], backend=name), p.grad_inputs
-    return reasons, build
+    return build
 
 
 def _compiled_build(options: dict, settings: Settings):
@@ -81,18 +84,10 @@ def _matmul_build(p: Problem):
 
 
 def candidates(device: torch.device, options: dict, settings: Settings) -> list[Candidate]:
-    out = []
-    for name in BACKEND_NAMES:
-        if name in ("auto", "eager"):
-            continue
-        label, kind, extra = name, "backend", []
-        if name == "triton":
-            label, kind, extra = _common.triton_label(name, device, settings)
-        reasons, build = _backend(name, options, extra)
-        out.append(Candidate(label, kind, build, reasons,
-                             note=f'pairwise_similarity(backend="{name}")'))
-    _, eager = _backend("eager", options, [])
-    out.append(Candidate("eager", "baseline", eager,
+    out = _common.backend_candidates(
+        BACKEND_NAMES, device, settings, _backend_reasons,
+        lambda name: _backend_build(name, options), note='pairwise_similarity(backend="{name}")')
+    out.append(Candidate("eager", "baseline", _backend_build("eager", options),
                          note='pairwise_similarity(backend="eager"): F.normalize, mm, scale'))
     out.append(Candidate("compile", "baseline", _compiled_build(options, settings),
                          note=_common.compile_note(settings)))

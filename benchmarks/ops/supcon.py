@@ -56,10 +56,8 @@ def _loss_kwargs(options: dict) -> dict:
                 detach_weights=options["detach_weights"])
 
 
-def _backend_reasons(name: str, options: dict, extra: list[str]):
+def _backend_reasons(name: str, options: dict):
     def reasons(p: Problem) -> list[str]:
-        if extra:
-            return list(extra)
         problem = backends.SupConProblem(
             f=p.inputs["features"], y_f=p.inputs["labels"], g=None, y_g=None,
             temperature=options["temperature"], beta=options["beta"], topk=options["topk"] or None,
@@ -90,16 +88,9 @@ def _compiled_build(options: dict, settings: Settings):
 def candidates(device: torch.device, options: dict, settings: Settings) -> list[Candidate]:
     """Every anchor_kernels backend (eager is the baseline), torch.compile of the reference,
     and on CUDA the flash-attention neighbour."""
-    out = []
-    for name in backends.BACKEND_NAMES:
-        if name in ("auto", "eager"):
-            continue
-        label, kind, extra = name, "backend", []
-        if name == "triton":
-            label, kind, extra = _common.triton_label(name, device, settings)
-        out.append(Candidate(label, kind, _backend_build(name, options),
-                             _backend_reasons(name, options, extra),
-                             note=f'supcon_loss(backend="{name}")'))
+    out = _common.backend_candidates(
+        backends.BACKEND_NAMES, device, settings, lambda name: _backend_reasons(name, options),
+        lambda name: _backend_build(name, options), note='supcon_loss(backend="{name}")')
     out.append(Candidate("eager", "baseline", _backend_build("eager", options),
                          note='supcon_loss(backend="eager"): the reference, O(M N) memory'))
     out.append(Candidate("compile", "baseline", _compiled_build(options, settings),
