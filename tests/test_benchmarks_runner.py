@@ -301,9 +301,10 @@ def test_out_of_memory_and_errors_are_recorded_and_bounded():
 def test_gpu_run_times_fused_eager_and_flash_attention(tmp_path):
     """Tier 2: the CUDA paths (do_bench, the CUDA-event timer of the backward, CUDA memory)."""
     out = tmp_path / "gpu.json"
-    assert run_cli("--device", "cuda", "--sizes", 1024, 2048, "--dim", 128, "--dtypes", "bf16",
-                   "fp32", "--candidates", "triton", "eager", "sdpa-flash", "--fit-max-n", 8192,
-                   "--warmup-ms", 5, "--rep-ms", 20, "--no-progress", "--out", out) == 0
+    assert run_cli("--device", "cuda", "--ops", "supcon", "--sizes", 1024, 2048, "--dim", 128,
+                   "--dtypes", "bf16", "fp32", "--candidates", "triton", "eager", "sdpa-flash",
+                   "--fit-max-n", 8192, "--warmup-ms", 5, "--rep-ms", 20, "--no-progress",
+                   "--out", out) == 0
     doc = json.loads(out.read_text())
     results.validate(doc)
     assert doc["meta"]["device"] == "cuda" and doc["meta"]["cuda"]
