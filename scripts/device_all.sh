@@ -43,6 +43,13 @@ stage bench_supcon_fp32 90 python3 benchmarks/supcon_gpu_table.py --dtype float3
 stage bench_pgd 45 python3 benchmarks/bench_pgd.py --gpu --out "$OUT/pgd_gpu.json"
 stage bench_train 80 python3 -m anchor_kernels.train.bench --batch 512 4096 \
     --loss-backend eager triton --steps 5 --warmup 2 --out "$OUT/train_step.json"
+stage errors 90 python3 scripts/supcon_errors.py --n 4096 --backends triton cuda
+stage bench_hard_positive 90 python3 -m pytest -q benchmarks/bench_hard_positive.py \
+    -k "bfloat16 and k4 and (triton or eager or compiled)" --benchmark-columns=median,iqr,rounds \
+    --benchmark-json "$OUT/hard_positive_gpu.json"
+stage bench_similarity 60 python3 -m pytest -q benchmarks/bench_similarity.py \
+    -k "bfloat16 and (triton or eager or compiled)" --benchmark-columns=median,iqr,rounds \
+    --benchmark-json "$OUT/similarity_gpu.json"
 stage runner_sweep 140 python3 -m benchmarks --gpu-sweep --time-budget 60 --fit-budget 30 \
     --no-progress --out "$OUT/sweep_h100.json"
 

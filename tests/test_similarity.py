@@ -293,6 +293,34 @@ def test_every_triton_config_compiles_for_sm90():
     assert "compiled 21 kernel variants" in proc.stdout, proc.stdout[-2000:]
 
 
+_SPEC_SCRIPT = """
+import torch
+from unittest import mock
+import triton._C.libtriton as lib
+from anchor_kernels.ops import hard_positive_triton as H, similarity_triton as S
+def specs():
+    return [(k.__name__, tuple((n, 'i1' if t == 'u1' else t) for n, t in sig.items()),
+             tuple(sorted(c.items()))) for k, sig, c, w, st in
+            list(S.sm90_compile_specs()) + list(H.sm90_compile_specs())]
+native = specs()
+with mock.patch.object(lib, 'native_specialize_impl', side_effect=TypeError):
+    fallback = specs()
+print(len(native), native == fallback)
+"""
+
+
+def test_specialization_fallback_matches_triton():
+    """triton_launch derives launch signatures with Triton's own routine where it exists and
+    with the same rules in Python otherwise (older Triton, e.g. 3.6 on the GPU machine): on
+    every launch the kernels make, both give the same signature (bool is u1 or i1 by version)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _SPEC_SCRIPT], capture_output=True, text=True,
+                          env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["33", "True"], proc.stdout
+
+
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     try:

@@ -82,6 +82,37 @@ class Launch:
                                    num_stages=self.num_stages)
 
 
+_POINTER_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                  torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+
+
+def _specialize(arg, param) -> tuple[str, object]:
+    """(signature type, constexpr value or None) of one runtime argument, as the Triton
+    runtime derives it: Triton's own C++ routine where this Triton has it (3.5 and newer),
+    else the same rules in Python (pointer element types; ints equal to 1 become constexprs
+    unless do_not_specialize; i32 or i64 by range; Python floats are fp32)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.nvidia.compiler import CUDABackend
+
+        kind, value = native_specialize_impl(CUDABackend, arg, False, not param.do_not_specialize,
+                                             not param.do_not_specialize_on_alignment)[:2]
+        return kind, (value if kind == "constexpr" else None)
+    except (ImportError, TypeError):
+        pass
+    if isinstance(arg, torch.Tensor):
+        return "*" + _POINTER_TYPES[arg.dtype], None
+    if isinstance(arg, bool):
+        return "i1", None
+    if isinstance(arg, int):
+        if arg == 1 and not param.do_not_specialize:
+            return "constexpr", 1
+        return ("i32" if -2**31 <= arg < 2**31 else "i64"), None
+    if isinstance(arg, float):
+        return "fp32", None
+    raise TypeError(f"cannot specialise argument {param.name} of type {type(arg).__name__}")
+
+
 def sm90_compile_specs(launches):
     """``(kernel, signature, constexprs, num_warps, num_stages)`` for each distinct
     configuration among ``launches``, for ``anchor_kernels.ops.sm90_check``.
@@ -91,8 +122,6 @@ def sm90_compile_specs(launches):
     the ones the launchers run.
     """
     import triton
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.nvidia.compiler import CUDABackend
 
     seen = set()
     for launch in launches:
@@ -105,8 +134,7 @@ def sm90_compile_specs(launches):
                              f"the launch has {len(launch.args)}")
         signature, constexprs = {}, dict(launch.constexprs)
         for p, arg in zip(runtime, launch.args):
-            kind, value = native_specialize_impl(CUDABackend, arg, False, not p.do_not_specialize,
-                                                 not p.do_not_specialize_on_alignment)[:2]
+            kind, value = _specialize(arg, p)
             signature[p.name] = kind
             if kind == "constexpr":
                 constexprs[p.name] = value
