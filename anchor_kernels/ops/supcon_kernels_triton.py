@@ -220,6 +220,17 @@ def _normalize_backward(x, r, dz, NORMALIZE: tl.constexpr):
 
 
 @triton.jit
+def _load_anchor_stats(idx, mask, LSE, SBAR, LOGZ2, NPOS, GL):
+    """The forward's statistics and dL/dL_i of anchors ``idx``; padding loads NPOS = 0, GL = 0."""
+    lse2 = tl.load(LSE + idx, mask=mask, other=0.0) * 1.4426950408889634
+    sbar = tl.load(SBAR + idx, mask=mask, other=0.0)
+    logz2 = tl.load(LOGZ2 + idx, mask=mask, other=0.0)
+    npos = tl.load(NPOS + idx, mask=mask, other=0)
+    gl = tl.load(GL + idx, mask=mask, other=0.0)
+    return lse2, sbar, logz2, npos, gl
+
+
+@triton.jit
 def _supcon_bwd_rows_kernel(
     F, G, YF, YG, RF, RG, LSE, SBAR, LOGZ2, NPOS, GL,  # inputs
     DF,  # (M, D) output; with SPLIT, (SPLITS, M, D) float32 partial dz
@@ -250,11 +261,7 @@ def _supcon_bwd_rows_kernel(
     rf = tl.load(RF + rows, mask=rmask, other=0.0)
     row_scale = rf * (inv_tau * 1.4426950408889634)
     yf = tl.load(YF + rows, mask=rmask, other=-2)
-    lse2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
-    sbar = tl.load(SBAR + rows, mask=rmask, other=0.0)
-    logz2 = tl.load(LOGZ2 + rows, mask=rmask, other=0.0)
-    npos = tl.load(NPOS + rows, mask=rmask, other=0)
-    gl = tl.load(GL + rows, mask=rmask, other=0.0)
+    lse2, sbar, logz2, npos, gl = _load_anchor_stats(rows, rmask, LSE, SBAR, LOGZ2, NPOS, GL)
     beta_tau = beta / inv_tau
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
@@ -274,11 +281,8 @@ def _supcon_bwd_rows_kernel(
             # The column rows are anchors too: add their terms G_ji, read off the same tile
             # (t, A and P are symmetric when the sets coincide). Padded rows i give finite
             # junk in row i of h only, which is never stored.
-            c_lse2 = tl.load(LSE + cols, mask=cmask, other=0.0) * 1.4426950408889634
-            c_sbar = tl.load(SBAR + cols, mask=cmask, other=0.0)
-            c_logz2 = tl.load(LOGZ2 + cols, mask=cmask, other=0.0)
-            c_npos = tl.load(NPOS + cols, mask=cmask, other=0)
-            c_gl = tl.load(GL + cols, mask=cmask, other=0.0)
+            c_lse2, c_sbar, c_logz2, c_npos, c_gl = _load_anchor_stats(
+                cols, cmask, LSE, SBAR, LOGZ2, NPOS, GL)
             h += _grad_tile(t, pos, c_lse2[None, :], c_sbar[None, :], c_logz2[None, :],
                             c_npos[None, :], c_gl[None, :], beta_tau, BETA_ZERO, LSE_ONLY, EXACT)
         acc += _dot((h * rg[None, :]).to(g.dtype), g, DOT_PRECISION, UPCAST)
@@ -356,11 +360,7 @@ def _supcon_bwd_cols_kernel(
                     mask=rmask[:, None] & dmask, other=0.0)
         rf = tl.load(RF + rows, mask=rmask, other=0.0)
         yf = tl.load(YF + rows, mask=rmask, other=-2)
-        lse2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
-        sbar = tl.load(SBAR + rows, mask=rmask, other=0.0)
-        logz2 = tl.load(LOGZ2 + rows, mask=rmask, other=0.0)
-        npos = tl.load(NPOS + rows, mask=rmask, other=0)
-        gl = tl.load(GL + rows, mask=rmask, other=0.0)
+        lse2, sbar, logz2, npos, gl = _load_anchor_stats(rows, rmask, LSE, SBAR, LOGZ2, NPOS, GL)
         t, not_self = _logits_tile(f, g, rf * (inv_tau * 1.4426950408889634), rg, cols, N, rows,
                                    SELF_OFFSET, DOT_PRECISION, UPCAST)
         pos = (yf[:, None] == yg[None, :]) & not_self
