@@ -33,6 +33,8 @@ stage tests_cuda_ext 90 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_cpp
 stage tests_pgd 45 python3 -m pytest -q -ra -x tests/test_pgd.py tests/test_attacks.py -m gpu
 stage tests_sim 90 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
     tests/test_similarity.py tests/test_hard_positive.py tests/test_supcon_topk.py
+stage tests_sim_all 300 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x \
+    tests/test_similarity.py tests/test_hard_positive.py tests/test_supcon_topk.py
 stage tests_train 80 python3 -m pytest -q -ra -x tests/test_train.py -m gpu -k "not compile"
 stage bench_supcon 110 python3 benchmarks/supcon_gpu_table.py --backends triton cuda eager \
     --out "$OUT/supcon_gpu_bf16.json"
