@@ -144,5 +144,8 @@ def supcon_loss(
 
     problem = SupConProblem(f, y_f, g, y_g, temperature, beta, hard_positive_topk,
                             detach_weights, normalize, anchor_offset)
-    per_anchor, valid = select_backend(backend, problem).per_anchor(problem)
+    chosen = select_backend(backend, problem)
+    if hasattr(chosen, "loss"):  # the reduction fused into the backend's own launch
+        return chosen.loss(problem, temperature / base, reduction)
+    per_anchor, valid = chosen.per_anchor(problem)
     return reduce_loss(per_anchor, valid, temperature / base, reduction)

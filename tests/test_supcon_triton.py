@@ -191,7 +191,7 @@ def test_chunked_passes(monkeypatch, two_sets, beta, detach):
     from anchor_kernels.ops import supcon_triton
 
     monkeypatch.setattr(supcon_triton, "num_splits", lambda rows, cols, device: 3)
-    assert supcon_triton.chunking(40, 300, torch.device(DEVICE)) == (3, 128)
+    assert supcon_triton.chunk(300, 3) == 128
     if two_sets:
         g = torch.randn(300, 20, device=DEVICE)
         y_g = labels_for("random", 300).to(DEVICE)
@@ -200,3 +200,96 @@ def test_chunked_passes(monkeypatch, two_sets, beta, detach):
     else:
         compare(torch.randn(300, 20, device=DEVICE), labels_for("random", 300).to(DEVICE),
                 hard_positive_beta=beta, detach_weights=detach)
+
+
+def reduced_loss_and_grads(backend, f, y, g=None, y_g=None, **kw):
+    fx = f.detach().clone().requires_grad_()
+    gx = None if g is None else g.detach().clone().requires_grad_()
+    loss = ak.supcon_loss(fx, y, contrast=gx, contrast_labels=y_g, backend=backend, **kw)
+    (3.0 * loss).backward()
+    return loss.detach(), fx.grad, (None if gx is None else gx.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("two_sets", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 1.5])
+def test_fused_reduction(monkeypatch, reduction, splits, two_sets, beta):
+    """The reduction finished inside the forward launch (last row block to finish, fixed
+    order) and the incoming gradient read on the device, with and without column chunks."""
+    from anchor_kernels.ops import supcon_triton
+
+    monkeypatch.setattr(supcon_triton, "num_splits", lambda rows, cols, device: splits)
+    g = torch.randn(260, 20, device=DEVICE)
+    y_g = labels_for("some_alone", 260).to(DEVICE)
+    kw = dict(hard_positive_beta=beta, reduction=reduction, base_temperature=0.07)
+    if two_sets:
+        args = (g[100:170], y_g[100:170], g, y_g)
+        kw["anchor_offset"] = 100
+    else:
+        args = (g, y_g)
+    ref = reduced_loss_and_grads("eager", *(a.double() if a.is_floating_point() else a for a in args), **kw)
+    out = reduced_loss_and_grads("triton", *args, **kw)
+    for name, a, e in zip(("loss", "grad f", "grad contrast"), out, ref):
+        if e is not None:
+            assert_close(a, e, atol=1e-4, rtol=1e-4, what=name)
+
+
+@pytest.mark.parametrize("two_sets", [False, True])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_streaming_path(monkeypatch, two_sets, splits):
+    """Large batches: norms from their own small kernel, plain SupCon's positive term from
+    class sums around a log-sum-exp-only kernel (forced here on a small batch)."""
+    from anchor_kernels.ops import supcon_triton
+
+    monkeypatch.setattr(supcon_triton, "STREAMING_MIN_LOGITS", 1)
+    monkeypatch.setattr(supcon_triton, "num_splits", lambda rows, cols, device: splits)
+    g = torch.randn(300, 20, device=DEVICE)
+    y_g = labels_for("some_alone", 300).to(DEVICE) * 1000 - 7  # any integer range
+    if two_sets:
+        compare(g[100:250], y_g[100:250], g, y_g, anchor_offset=100)
+        compare(g[:40], y_g[:40], g, y_g, anchor_offset=None)
+    else:
+        compare(g, y_g)
+        compare(g, y_g, hard_positive_beta=1.0)  # soft mining: per-logit positives, norms given
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_label_dtypes(dtype):
+    """Labels are compared as they come: any integer dtype, no densifying pre-pass."""
+    f = torch.randn(40, 16, device=DEVICE)
+    y = labels_for("random", 40)
+    if dtype == torch.int64:
+        y = y + 2**40  # beyond 32 bits
+    compare(f, y.to(dtype).to(DEVICE), hard_positive_beta=1.0)
+
+
+def test_huge_and_tiny_norms_stay_exact():
+    """Rows of norm 1e20 and 1e-30 (float32): the norms are taken on rows scaled by a power
+    of two, so nothing overflows or underflows (a row under eps = 1e-12 is divided by eps,
+    as F.normalize does)."""
+    f = torch.randn(24, 16, device=DEVICE, dtype=torch.float64)
+    y = labels_for("random", 24).to(DEVICE)
+    f[::3] *= 1e20
+    f[1::3] *= 1e-30
+    ref = ak.supcon_loss(f, y, backend="eager")
+    out = ak.supcon_loss(f.float(), y, backend="triton")
+    assert_close(out, ref, atol=1e-5, rtol=1e-5, what="loss")
+
+
+def test_huge_beta_is_finite():
+    """beta = 1e10: the soft weights collapse on the hardest positive, finite everywhere."""
+    f = torch.randn(40, 16, device=DEVICE)
+    y = labels_for("random", 40).to(DEVICE)
+    compare(f, y, hard_positive_beta=1e10)
+    compare(f, y, hard_positive_beta=1e10, detach_weights=False)
+
+
+def test_double_backward_is_refused_with_its_reason():
+    f = torch.randn(20, 8, device=DEVICE, requires_grad=True)
+    y = labels_for("random", 20).to(DEVICE)
+    loss = ak.supcon_loss(f, y, backend="triton")
+    (grad,) = torch.autograd.grad(loss, f, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not "
+                                           r"supported by backend='triton'"):
+        grad.sum().backward()

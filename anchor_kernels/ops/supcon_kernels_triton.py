@@ -1,32 +1,56 @@
 """Triton kernels of the hard-mined SupCon loss (README "The loss"; FlashAttention-style
-streaming over column blocks, never an M x N buffer).
+streaming over column blocks, never an M x N buffer). One launch computes the forward,
+reduction included; one launch computes every input gradient.
 
 Conventions shared by every kernel:
-- ``F`` (M, D) anchors, ``G`` (N, D) contrast rows, ``RF``/``RG`` their inverse norms
-  ``1 / max(||x||, eps)`` (1 when not normalising). The normalisation is fused by scaling
-  the fp32 dot tile, so no normalised copy is stored.
-- Logits live in base 2: ``t_ij = s_ij log2(e) = (f_i . g_j) RF_i RG_j / tau log2(e)``, and
-  columns outside the denominator set (the anchor's own column, padding) are ``t = -inf``,
-  so ``exp2`` zeroes them without a separate mask. ``-beta cos_ij log2 e = -beta tau t_ij``.
-- Labels arrive as dense int32 ids (equal iff the labels are equal; >= 0). Padded columns
-  load id -1 and padded rows -2, so they are never positives.
-- Anchor i's own column is ``i + SELF_OFFSET``; the launcher passes ``SELF_OFFSET = N`` when
-  the anchors are not part of the contrast set, so that no column matches.
-- Per-row statistics written by the forward and read by the backward:
-  ``LSE`` (natural log, 0 where A(i) is empty), ``SBAR`` (sum_j w_ij s_ij), ``LOGZ2``
-  (base-2 log of the soft-weight normaliser sum_{j in P} 2^(-beta cos_ij log2 e)), ``NPOS``
-  (|P(i)|, or |A(i)| in log-sum-exp-only mode: the row is in the loss iff NPOS > 0).
-- Padded rows are computed but never stored; their gradient weight is 0.
+- ``F`` (M, D) anchors, ``G`` (N, D) contrast rows (``G`` is ``F`` for one set). Labels are
+  compared as they come (any integer dtype); padded rows and columns are masked.
+- Logits live in base 2: ``t_ij = s_ij log2(e) = (f_i . g_j) RF_i RG_j / tau log2(e)``.
+  Columns outside the denominator set (the anchor's own column, padding) get ``t = -inf``,
+  and only the tiles that can hold one are masked: the self column can only be in the tiles
+  that cross the diagonal band ``[row0 + SELF_OFFSET, row0 + SELF_OFFSET + BLOCK_M)``, padding
+  only in the last tile; every other tile runs without masks.
+- Anchor i's own column is ``i + SELF_OFFSET``; ``SELF_OFFSET = N`` when the anchors are not
+  part of the contrast set, so that no column matches.
+- Norms: ``RF = 1 / max(||f||, eps)`` is computed on a copy of the row scaled by a power of two
+  (its largest component in [1, 2), an exact scaling), so no finite input overflows or
+  underflows. The resident block of a program (its anchors, or its contrast rows in the dK
+  part) is multiplied by that power of two before the dot, so dot products of rows of norm
+  up to ~1e36 stay finite; the streamed operand is used as stored.
+- ``FIXED_SHIFT``: with normalised rows every logit is at most ``shift2 = log2(e)/tau`` (times
+  1 + 2^-8 for rounding), so the log-sum-exp uses that bound as its shift instead of a
+  running maximum. The launcher enables it only where ``2 shift2 + log2(N) <= 96``: no term
+  that matters underflows and ``2^(shift2 - LSE)`` cannot overflow.
+- Soft weights ``w_ij = 2^(beta tau (tmin_i - t_ij)) / Z_i`` over positives, with ``tmin_i`` the
+  smallest positive logit: the exponent is <= 0 for every positive, so they are finite for
+  any finite beta (``-beta cos`` written as a difference before the product).
+- Per-anchor statistics, rows of the float32 workspace ``WS`` (see ``ws_layout``): loss_i,
+  ``LSE`` (natural log, 0 where A(i) is empty), ``SBAR`` (sum_j w_ij s_ij), ``TMIN``, ``LZ``
+  (log2 Z_i), ``NPOS`` (|P(i)|, or |A(i)| in log-sum-exp-only mode: anchor i is in the loss
+  iff NPOS > 0), then RF, RG and the number of anchors in the loss.
+- Column chunks (``SPLIT``): small batches cut the streamed dimension into chunks, one per
+  program along grid axis 1. Each program writes its partial state; the last program of a
+  row block to finish (a counter in ``LOCKS``, acquire/release) merges every chunk in chunk
+  order, so the result does not depend on which program finishes last, and resets the
+  counter to 0 for the next launch. The forward's reduction over anchors works the same way.
 """
 
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+NORM_EPS = 1e-12
+# Stats rows of the workspace (each M floats), then RF (M), RG (N; none for one set), count (1).
+LOSS_ROW, LSE_ROW, SBAR_ROW, TMIN_ROW, LZ_ROW, NPOS_ROW, STAT_ROWS = 0, 1, 2, 3, 4, 5, 6
+# Partial state of a column chunk: m, l, tmin, wl, ws, n.
+PART_ROWS = 6
+
 
 @triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with fp32 accumulation. UPCAST is set only under the interpreter for bfloat16,
-    whose tl.dot there returns garbage (triton 3.9); compiled kernels never take it."""
+    whose tl.dot there multiplies raw bits; compiled kernels never take it."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
@@ -34,339 +58,551 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(f, g, row_scale, rg, cols, N, rows, SELF_OFFSET, DOT_PRECISION: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    """Base-2 logits t (BLOCK_M, BLOCK_N), -inf outside A(i), and the not-self mask.
-
-    row_scale = RF log2(e) / tau; the column bias (0 or -inf) removes padded columns with
-    the same fused multiply-add that scales the tile."""
-    bias = tl.where(cols < N, 0.0, float("-inf"))
-    t = _dot(f, tl.trans(g), DOT_PRECISION, UPCAST) * row_scale[:, None] * rg[None, :] + bias[None, :]
-    not_self = cols[None, :] != (rows + SELF_OFFSET)[:, None]
-    return tl.where(not_self, t, float("-inf")), not_self
+def _load_block(X, idx, imask, offs_d, D, stride_r, stride_d, EVEN_D: tl.constexpr):
+    if EVEN_D:
+        mask = imask[:, None]
+    else:
+        mask = imask[:, None] & (offs_d[None, :] < D)
+    return tl.load(X + idx[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask, other=0.0)
 
 
 @triton.jit
-def _grad_tile(t, pos, lse2, sbar, logz2, npos, gl, beta_tau,
-               BETA_ZERO: tl.constexpr, LSE_ONLY: tl.constexpr, EXACT: tl.constexpr):
-    """G_ij = dL/ds_ij for one tile. The anchor statistics come pre-broadcast: (BLOCK_M, 1)
-    when the anchors are the tile's rows, (1, BLOCK_N) when they are its columns.
-
-    detached weights: g_i (p_ij - w_ij); exact soft weights: g_i (p_ij - w_ij (1 - beta tau (s_ij - sbar_i))).
-    """
-    p = tl.exp2(t - lse2)  # 0 where t = -inf
-    if LSE_ONLY:
-        gt = p
+def _row_scales(x, NORMALIZE: tl.constexpr):
+    """(p, r) per row of x: p a power of two with max |x p| in [1, 2) (1 for a zero row), and
+    r = 1 / max(||x||, eps) (1 without normalisation), computed from x p so that no finite
+    input overflows or underflows."""
+    xf = x.to(tl.float32)
+    a = tl.max(tl.abs(xf), axis=1)
+    e = tl.minimum(tl.maximum(-tl.floor(tl.log2(a)), -126.0), 126.0)
+    p = tl.where(a > 0, tl.exp2(e), 1.0)
+    if NORMALIZE:
+        y = xf * p[:, None]
+        norm_p = tl.sqrt(tl.sum(y * y, axis=1))  # ||x|| p
+        r = p / tl.maximum(norm_p, NORM_EPS * p)
     else:
+        r = tl.full(p.shape, 1.0, tl.float32)
+    return p, r
+
+
+@triton.jit
+def _scale_rows(x, p):
+    """x p in x's dtype: exact, p being a power of two that keeps every component in range."""
+    return (x.to(tl.float32) * p[:, None]).to(x.dtype)
+
+
+@triton.jit
+def _band(row0, lo, hi, SELF_OFFSET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile starts [band_lo, band_hi) (on the grid lo + k BLOCK_N, within [lo, hi]) of the
+    tiles that can hold the self column of rows row0 .. row0 + BLOCK_M - 1."""
+    first = row0 + SELF_OFFSET
+    band_lo = lo + tl.maximum(first - lo, 0) // BLOCK_N * BLOCK_N
+    band_hi = lo + tl.cdiv(tl.maximum(first + BLOCK_M - lo, 0), BLOCK_N) * BLOCK_N
+    band_lo = tl.minimum(band_lo, hi)
+    band_hi = tl.maximum(tl.minimum(band_hi, hi), band_lo)
+    return band_lo, band_hi
+
+
+@triton.jit
+def _logits(a, b, row_scale, col_scale, rows, cols, col_hi, SELF_OFFSET,
+            MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Base-2 logits of a tile, a (BLOCK_M, D) @ b (BLOCK_N, D)^T scaled; -inf at the self
+    column and at padded columns, which only MASKED tiles can hold."""
+    t = _dot(a, tl.trans(b), DOT_PRECISION, UPCAST) * row_scale[:, None] * col_scale[None, :]
+    if MASKED:
+        keep = (cols[None, :] < col_hi) & (cols[None, :] != (rows + SELF_OFFSET)[:, None])
+        t = tl.where(keep, t, float("-inf"))
+    return t
+
+
+@triton.jit
+def _fwd_tile(f, yf, row_scale, rows, start, col_hi, G, YG, RG, stride_gn, stride_gd, offs_d, D,
+              SELF_OFFSET, beta_tau, shift2, m_i, l_i, tmin_i, wl_i, ws_i, n_i, RG_OUT, write_rg,
+              MASKED: tl.constexpr, NORMALIZE: tl.constexpr, NORMS_GIVEN: tl.constexpr,
+              WRITE_RG: tl.constexpr, FIXED_SHIFT: tl.constexpr, BETA_ZERO: tl.constexpr, LSE_ONLY: tl.constexpr,
+              EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """One column tile of the forward: updates the running log-sum-exp (m, l) over A(i) and,
+    unless LSE_ONLY, the positive-set state (tmin, wl, ws, n)."""
+    cols = start + tl.arange(0, BLOCK_N)
+    cmask = cols < col_hi
+    g = _load_block(G, cols, cmask, offs_d, D, stride_gn, stride_gd, EVEN_D)
+    if NORMS_GIVEN:
+        rg = tl.load(RG + cols, mask=cmask, other=0.0)
+    else:
+        _, rg = _row_scales(g, NORMALIZE)
+        if WRITE_RG:
+            tl.store(RG_OUT + cols, rg, mask=cmask & write_rg)
+    t = _logits(f, g, row_scale, rg, rows, cols, col_hi, SELF_OFFSET, MASKED, DOT_PRECISION,
+                UPCAST)
+    if FIXED_SHIFT:
+        l_i += tl.sum(tl.exp2(t - shift2), axis=1)
+    else:
+        m_new = tl.maximum(m_i, tl.max(t, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), axis=1)
+        m_i = m_new
+    if not LSE_ONLY:
+        yg = tl.load(YG + cols, mask=cmask, other=0)
+        pos = yf[:, None] == yg[None, :]
+        if MASKED:
+            pos = pos & (t > float("-inf"))
+        n_i += tl.sum(pos.to(tl.int32), axis=1)
         if BETA_ZERO:
-            w = tl.where(pos, 1.0 / tl.maximum(npos, 1).to(tl.float32), 0.0)
+            ws_i += tl.sum(tl.where(pos, t, 0.0), axis=1)
         else:
-            w = tl.exp2(-beta_tau * t - logz2)
-            if EXACT:
-                w = w * (1.0 - beta_tau * (t * 0.6931471805599453 - sbar))
-            w = tl.where(pos, w, 0.0)  # after the product: t = -inf off P would give 0 * inf
-        gt = p - w
-    # gl is 0 on anchors outside the loss; where(), not a product, keeps a stray inf out.
-    return tl.where(npos > 0, gt * gl, 0.0)
+            tmin_new = tl.minimum(tmin_i, tl.min(tl.where(pos, t, float("inf")), axis=1))
+            alpha = tl.exp2(beta_tau * (tmin_new - tmin_i))
+            e = tl.where(pos, tl.exp2(beta_tau * (tmin_new[:, None] - t)), 0.0)
+            wl_i = wl_i * alpha + tl.sum(e, axis=1)
+            ws_i = ws_i * alpha + tl.sum(e * tl.where(pos, t, 0.0), axis=1)
+            tmin_i = tmin_new
+    return m_i, l_i, tmin_i, wl_i, ws_i, n_i
+
+
+@triton.jit
+def _acquire_last(LOCKS, idx, total):
+    """Whether this program is the last of ``total`` to arrive at counter ``idx`` (every
+    program's earlier stores are then visible to it); the last one resets the counter."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(LOCKS + idx, 1, sem="acq_rel")
+    last = arrived == total - 1
+    if last:
+        tl.atomic_xchg(LOCKS + idx, 0, sem="relaxed")
+    return last
 
 
 @triton.jit
 def _supcon_fwd_kernel(
-    F, G, YF, YG, RF, RG,  # inputs
-    LOSS, LSE, SBAR, LOGZ2, NPOS,  # (M,) outputs
-    PART,  # (6, SPLITS, M) float32 partial statistics when SPLIT
+    F, G, YF, YG,  # inputs
+    WS,  # float32 workspace: stats rows, RF, RG, count (see the module docstring)
+    LOSS_ROWS,  # (M,) per-anchor loss (the output with reduction "none", else WS's loss row)
+    OUT,  # the reduced loss (sum or mean), when REDUCE > 0
+    PART, LOCKS,  # chunk partials (PART_ROWS, SPLITS, M) and counters, when SPLIT / REDUCE
     M, N, D, stride_fm, stride_fd, stride_gn, stride_gd, SELF_OFFSET,
-    inv_tau, beta, COLS_PER_SPLIT,
-    BETA_ZERO: tl.constexpr, LSE_ONLY: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    inv_tau, beta, shift2, scale, COLS_PER_SPLIT,
+    M_BUCKET, N_BUCKET,  # autotuning keys only
+    NORMALIZE: tl.constexpr, NORMS_GIVEN: tl.constexpr, SINGLE_SET: tl.constexpr,
+    BETA_ZERO: tl.constexpr, LSE_ONLY: tl.constexpr, FIXED_SHIFT: tl.constexpr,
+    REDUCE: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per BLOCK_M anchors and column chunk, one pass over its contrast rows: an
-    online log-sum-exp over A(i) and an online softmax of -beta cos over P(i) with its
-    weighted logit sum, so L_i = LSE_i - sbar_i is finished without revisiting any tile.
-    With SPLIT (small M: too few row blocks to fill the GPU) the columns are cut into
-    chunks, one per program along grid axis 1, and _supcon_fwd_combine_kernel merges them."""
+    """One program per BLOCK_M anchors (and column chunk): an online log-sum-exp over A(i)
+    and an online softmax of -beta cos over P(i) with its weighted logit sum, so that
+    L_i = LSE_i - sbar_i is finished without revisiting a tile; then (REDUCE 1: sum,
+    2: mean over anchors with a positive) the loss, by the last row block to finish."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    splits = tl.num_programs(1)
     col_lo = split * COLS_PER_SPLIT
-    col_hi = tl.minimum(N, col_lo + COLS_PER_SPLIT)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_hi = tl.maximum(tl.minimum(N, col_lo + COLS_PER_SPLIT), col_lo)
+    row0 = pid * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rmask = rows < M
-    f = tl.load(F + rows[:, None] * stride_fm + offs_d[None, :] * stride_fd,
-                mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0)
-    row_scale = tl.load(RF + rows, mask=rmask, other=0.0) * (inv_tau * 1.4426950408889634)
-    yf = tl.load(YF + rows, mask=rmask, other=-2)
-    beta_tau = beta / inv_tau
+    RF = WS + STAT_ROWS * M
+    if SINGLE_SET:
+        RG = RF
+    else:
+        RG = RF + M
 
-    # Running maxima start finite, so exp2(m_old - m_new) never sees -inf - -inf.
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # running max of t over A
-    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of 2^(t - m_i)
-    wm_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # running max of -beta tau t over P
-    wl_i = tl.zeros([BLOCK_M], tl.float32)  # running soft-weight normaliser
-    ws_i = tl.zeros([BLOCK_M], tl.float32)  # running weighted sum of t
+    f = _load_block(F, rows, rmask, offs_d, D, stride_fm, stride_fd, EVEN_D)
+    if NORMS_GIVEN:
+        p, _ = _row_scales(f, False)
+        rf = tl.load(RF + rows, mask=rmask, other=1.0)
+    else:
+        p, rf = _row_scales(f, NORMALIZE)
+        tl.store(RF + rows, rf, mask=rmask & (split == 0))
+    f = _scale_rows(f, p)
+    row_scale = rf / p * (inv_tau * LOG2E)
+    yf = tl.load(YF + rows, mask=rmask, other=0)
+    beta_tau = beta / inv_tau
+    write_rg = pid == 0  # with WRITE_RG: row block 0 visits every column once
+    WRITE_RG: tl.constexpr = (not SINGLE_SET) and (not NORMS_GIVEN)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # running max of t (finite start)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of 2^(t - m_i) (or 2^(t - shift2))
+    tmin_i = tl.full([BLOCK_M], 1.0e30, tl.float32)  # running min of t over P
+    wl_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of 2^(beta tau (tmin_i - t)) over P
+    ws_i = tl.zeros([BLOCK_M], tl.float32)  # running weighted sum of t over P
     n_i = tl.zeros([BLOCK_M], tl.int32)
 
-    for start in range(col_lo, col_hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < col_hi
-        g = tl.load(G + cols[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-                    mask=cmask[:, None] & (offs_d[None, :] < D), other=0.0)
-        rg = tl.load(RG + cols, mask=cmask, other=0.0)
-        yg = tl.load(YG + cols, mask=cmask, other=-1)
-        t, not_self = _logits_tile(f, g, row_scale, rg, cols, col_hi, rows, SELF_OFFSET,
-                                   DOT_PRECISION, UPCAST)
-        m_new = tl.maximum(m_i, tl.max(t, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), axis=1)
-        m_i = m_new
-        if LSE_ONLY:
-            n_i += tl.sum((t > float("-inf")).to(tl.int32), axis=1)
-        else:
-            pos = (yf[:, None] == yg[None, :]) & not_self
-            n_i += tl.sum(pos.to(tl.int32), axis=1)
-            if BETA_ZERO:
-                ws_i += tl.sum(tl.where(pos, t, 0.0), axis=1)
-            else:
-                u = tl.where(pos, -beta_tau * t, float("-inf"))
-                wm_new = tl.maximum(wm_i, tl.max(u, axis=1))
-                alpha = tl.exp2(wm_i - wm_new)
-                e = tl.exp2(u - wm_new[:, None])
-                wl_i = wl_i * alpha + tl.sum(e, axis=1)
-                ws_i = ws_i * alpha + tl.sum(tl.where(pos, e * t, 0.0), axis=1)
-                wm_i = wm_new
+    # Tiles before the diagonal band, the band, after it, then the last partial tile.
+    full_hi = col_lo + (col_hi - col_lo) // BLOCK_N * BLOCK_N
+    band_lo, band_hi = _band(row0, col_lo, full_hi, SELF_OFFSET, BLOCK_M, BLOCK_N)
+    for start in range(col_lo, band_lo, BLOCK_N):
+        m_i, l_i, tmin_i, wl_i, ws_i, n_i = _fwd_tile(
+            f, yf, row_scale, rows, start, col_hi, G, YG, RG, stride_gn, stride_gd, offs_d, D,
+            SELF_OFFSET, beta_tau, shift2, m_i, l_i, tmin_i, wl_i, ws_i, n_i, RG, write_rg,
+            False, NORMALIZE, NORMS_GIVEN, WRITE_RG, FIXED_SHIFT, BETA_ZERO, LSE_ONLY, EVEN_D,
+            DOT_PRECISION, UPCAST, BLOCK_N)
+    for start in range(band_lo, band_hi, BLOCK_N):
+        m_i, l_i, tmin_i, wl_i, ws_i, n_i = _fwd_tile(
+            f, yf, row_scale, rows, start, col_hi, G, YG, RG, stride_gn, stride_gd, offs_d, D,
+            SELF_OFFSET, beta_tau, shift2, m_i, l_i, tmin_i, wl_i, ws_i, n_i, RG, write_rg,
+            True, NORMALIZE, NORMS_GIVEN, WRITE_RG, FIXED_SHIFT, BETA_ZERO, LSE_ONLY, EVEN_D,
+            DOT_PRECISION, UPCAST, BLOCK_N)
+    for start in range(band_hi, full_hi, BLOCK_N):
+        m_i, l_i, tmin_i, wl_i, ws_i, n_i = _fwd_tile(
+            f, yf, row_scale, rows, start, col_hi, G, YG, RG, stride_gn, stride_gd, offs_d, D,
+            SELF_OFFSET, beta_tau, shift2, m_i, l_i, tmin_i, wl_i, ws_i, n_i, RG, write_rg,
+            False, NORMALIZE, NORMS_GIVEN, WRITE_RG, FIXED_SHIFT, BETA_ZERO, LSE_ONLY, EVEN_D,
+            DOT_PRECISION, UPCAST, BLOCK_N)
+    for start in range(full_hi, col_hi, BLOCK_N):
+        m_i, l_i, tmin_i, wl_i, ws_i, n_i = _fwd_tile(
+            f, yf, row_scale, rows, start, col_hi, G, YG, RG, stride_gn, stride_gd, offs_d, D,
+            SELF_OFFSET, beta_tau, shift2, m_i, l_i, tmin_i, wl_i, ws_i, n_i, RG, write_rg,
+            True, NORMALIZE, NORMS_GIVEN, WRITE_RG, FIXED_SHIFT, BETA_ZERO, LSE_ONLY, EVEN_D,
+            DOT_PRECISION, UPCAST, BLOCK_N)
+    if LSE_ONLY:  # |A(i)|: the chunk's columns less the anchor's own
+        own = rows + SELF_OFFSET
+        n_i = (col_hi - col_lo) - ((own >= col_lo) & (own < col_hi)).to(tl.int32)
+    if FIXED_SHIFT:
+        m_i = tl.full([BLOCK_M], 0.0, tl.float32) + shift2
 
+    finished = True
     if SPLIT:
         part = PART + split * M + rows
-        stride = tl.num_programs(1) * M
+        stride = splits * M
         tl.store(part, m_i, mask=rmask)
         tl.store(part + stride, l_i, mask=rmask)
-        tl.store(part + 2 * stride, wm_i, mask=rmask)
+        tl.store(part + 2 * stride, tmin_i, mask=rmask)
         tl.store(part + 3 * stride, wl_i, mask=rmask)
         tl.store(part + 4 * stride, ws_i, mask=rmask)
         tl.store(part + 5 * stride, n_i.to(tl.float32), mask=rmask)
-    else:
-        _finish_row_stats(rows, rmask, m_i, l_i, wm_i, wl_i, ws_i, n_i,
-                          LOSS, LSE, SBAR, LOGZ2, NPOS, BETA_ZERO, LSE_ONLY)
+        finished = _acquire_last(LOCKS, pid, splits)
+        if finished:
+            m_i, l_i, tmin_i, wl_i, ws_i, n_i = _merge_chunks(PART, rows, rmask, M, splits,
+                                                              beta_tau, BETA_ZERO, BLOCK_M)
+    if finished:
+        _finish_rows(rows, rmask, m_i, l_i, tmin_i, wl_i, ws_i, n_i, WS, LOSS_ROWS, M, scale,
+                     BETA_ZERO, LSE_ONLY)
+        if REDUCE > 0:
+            if _acquire_last(LOCKS, tl.num_programs(0), tl.num_programs(0)):
+                _reduce_loss(WS, LOSS_ROWS, OUT, M, N, SINGLE_SET, REDUCE)
 
 
 @triton.jit
-def _finish_row_stats(rows, rmask, m_i, l_i, wm_i, wl_i, ws_i, n_i,
-                      LOSS, LSE, SBAR, LOGZ2, NPOS, BETA_ZERO: tl.constexpr, LSE_ONLY: tl.constexpr):
-    """Per-anchor loss and the statistics the backward reads, from the running sums."""
-    valid = n_i > 0
-    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.maximum(l_i, 1e-30))) * 0.6931471805599453, 0.0)
-    if LSE_ONLY:
-        sbar = tl.zeros_like(lse)
-        logz2 = tl.zeros_like(lse)
-    elif BETA_ZERO:
-        sbar = ws_i * 0.6931471805599453 / tl.maximum(n_i, 1).to(tl.float32)
-        logz2 = tl.zeros_like(lse)
-    else:
-        sbar = tl.where(valid, ws_i * 0.6931471805599453 / tl.maximum(wl_i, 1e-30), 0.0)
-        logz2 = tl.where(valid, wm_i + tl.log2(tl.maximum(wl_i, 1e-30)), 0.0)
-    tl.store(LOSS + rows, tl.where(valid, lse - sbar, 0.0), mask=rmask)
-    tl.store(LSE + rows, lse, mask=rmask)
-    tl.store(SBAR + rows, sbar, mask=rmask)
-    tl.store(LOGZ2 + rows, logz2, mask=rmask)
-    tl.store(NPOS + rows, n_i, mask=rmask)
-
-
-@triton.jit
-def _supcon_fwd_combine_kernel(
-    PART, LOSS, LSE, SBAR, LOGZ2, NPOS, M, SPLITS,
-    BETA_ZERO: tl.constexpr, LSE_ONLY: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Merges the column chunks' running statistics (log-sum-exp style rescaling)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    stride = SPLITS * M
+def _merge_chunks(PART, rows, rmask, M, splits, beta_tau, BETA_ZERO: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """The running state of all column chunks merged in chunk order (log-sum-exp style)."""
+    stride = splits * M
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    wm_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    for split in range(0, SPLITS):
-        part = PART + split * M + rows
-        m_i = tl.maximum(m_i, tl.load(part, mask=rmask, other=-1.0e30))
-        wm_i = tl.maximum(wm_i, tl.load(part + 2 * stride, mask=rmask, other=-1.0e30))
+    tmin_i = tl.full([BLOCK_M], 1.0e30, tl.float32)
+    for s in range(0, splits):
+        part = PART + s * M + rows
+        m_i = tl.maximum(m_i, tl.load(part, mask=rmask, other=-1.0e30, cache_modifier=".cg"))
+        tmin_i = tl.minimum(tmin_i, tl.load(part + 2 * stride, mask=rmask, other=1.0e30,
+                                            cache_modifier=".cg"))
     l_i = tl.zeros([BLOCK_M], tl.float32)
     wl_i = tl.zeros([BLOCK_M], tl.float32)
     ws_i = tl.zeros([BLOCK_M], tl.float32)
     n_i = tl.zeros([BLOCK_M], tl.int32)
-    for split in range(0, SPLITS):
-        part = PART + split * M + rows
-        scale = tl.exp2(tl.load(part, mask=rmask, other=-1.0e30) - m_i)
-        l_i += tl.load(part + stride, mask=rmask, other=0.0) * scale
-        wscale = tl.exp2(tl.load(part + 2 * stride, mask=rmask, other=-1.0e30) - wm_i)
-        wl_i += tl.load(part + 3 * stride, mask=rmask, other=0.0) * wscale
-        ws = tl.load(part + 4 * stride, mask=rmask, other=0.0)
+    for s in range(0, splits):
+        part = PART + s * M + rows
+        m_s = tl.load(part, mask=rmask, other=-1.0e30, cache_modifier=".cg")
+        l_i += tl.load(part + stride, mask=rmask, other=0.0, cache_modifier=".cg") * tl.exp2(m_s - m_i)
+        ws = tl.load(part + 4 * stride, mask=rmask, other=0.0, cache_modifier=".cg")
         if BETA_ZERO:
             ws_i += ws
         else:
-            ws_i += ws * wscale
-        n_i += tl.load(part + 5 * stride, mask=rmask, other=0.0).to(tl.int32)
-    _finish_row_stats(rows, rmask, m_i, l_i, wm_i, wl_i, ws_i, n_i,
-                      LOSS, LSE, SBAR, LOGZ2, NPOS, BETA_ZERO, LSE_ONLY)
+            tmin_s = tl.load(part + 2 * stride, mask=rmask, other=1.0e30, cache_modifier=".cg")
+            alpha = tl.exp2(beta_tau * (tmin_i - tmin_s))
+            wl_i += tl.load(part + 3 * stride, mask=rmask, other=0.0, cache_modifier=".cg") * alpha
+            ws_i += ws * alpha
+        n_i += tl.load(part + 5 * stride, mask=rmask, other=0.0, cache_modifier=".cg").to(tl.int32)
+    return m_i, l_i, tmin_i, wl_i, ws_i, n_i
 
 
 @triton.jit
-def _normalize_backward(x, r, dz, NORMALIZE: tl.constexpr):
-    """df = r (dz - z (z . dz)) with z = x r; the projection vanishes where ||x|| <= eps
-    (there max(||x||, eps) is the constant eps, as in reference.NORM_EPS)."""
-    if NORMALIZE:
-        xf = x.to(tl.float32)
-        projected = tl.sum(xf * xf, axis=1) > 1e-24  # ||x|| > eps = 1e-12
-        zdz = tl.where(projected, tl.sum(xf * dz, axis=1) * r, 0.0)
-        return r[:, None] * (dz - (zdz * r)[:, None] * xf)
+def _finish_rows(rows, rmask, m_i, l_i, tmin_i, wl_i, ws_i, n_i, WS, LOSS_ROWS, M, scale,
+                 BETA_ZERO: tl.constexpr, LSE_ONLY: tl.constexpr):
+    """Per-anchor loss (times ``scale`` = tau / base_tau) and the statistics the backward reads."""
+    valid = n_i > 0
+    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.maximum(l_i, 1e-30))) * LN2, 0.0)
+    lz = tl.zeros_like(lse)
+    if LSE_ONLY:
+        sbar = tl.zeros_like(lse)
+    elif BETA_ZERO:
+        sbar = ws_i * LN2 / tl.maximum(n_i, 1).to(tl.float32)
     else:
-        return dz
+        sbar = tl.where(valid, ws_i * LN2 / tl.maximum(wl_i, 1e-30), 0.0)
+        lz = tl.where(valid, tl.log2(tl.maximum(wl_i, 1e-30)), 0.0)
+    loss = tl.where(valid, lse - sbar, 0.0) * scale
+    tl.store(LOSS_ROWS + rows, loss, mask=rmask)
+    tl.store(WS + LSE_ROW * M + rows, lse, mask=rmask)
+    tl.store(WS + SBAR_ROW * M + rows, sbar, mask=rmask)
+    tl.store(WS + TMIN_ROW * M + rows, tmin_i, mask=rmask)
+    tl.store(WS + LZ_ROW * M + rows, lz, mask=rmask)
+    tl.store(WS + NPOS_ROW * M + rows, n_i.to(tl.float32), mask=rmask)
 
 
 @triton.jit
-def _load_anchor_stats(idx, mask, LSE, SBAR, LOGZ2, NPOS, GL):
-    """The forward's statistics and dL/dL_i of anchors ``idx``; padding loads NPOS = 0, GL = 0."""
-    lse2 = tl.load(LSE + idx, mask=mask, other=0.0) * 1.4426950408889634
-    sbar = tl.load(SBAR + idx, mask=mask, other=0.0)
-    logz2 = tl.load(LOGZ2 + idx, mask=mask, other=0.0)
-    npos = tl.load(NPOS + idx, mask=mask, other=0)
-    gl = tl.load(GL + idx, mask=mask, other=0.0)
-    return lse2, sbar, logz2, npos, gl
+def _reduce_loss(WS, LOSS_ROWS, OUT, M, N, SINGLE_SET: tl.constexpr, REDUCE: tl.constexpr):
+    """Sum (REDUCE 1) or mean over anchors with a positive (2) of the per-anchor losses, in a
+    fixed order; the count of those anchors goes to the workspace for the backward."""
+    RBLOCK: tl.constexpr = 1024
+    total = tl.zeros([RBLOCK], tl.float32)
+    count = tl.zeros([RBLOCK], tl.float32)
+    for start in range(0, M, RBLOCK):
+        idx = start + tl.arange(0, RBLOCK)
+        mask = idx < M
+        total += tl.load(LOSS_ROWS + idx, mask=mask, other=0.0, cache_modifier=".cg")
+        npos = tl.load(WS + NPOS_ROW * M + idx, mask=mask, other=0.0, cache_modifier=".cg")
+        count += (npos > 0).to(tl.float32)
+    loss = tl.sum(total, axis=0)
+    n_valid = tl.sum(count, axis=0)
+    if REDUCE == 2:
+        loss = loss / tl.maximum(n_valid, 1.0)
+    tl.store(OUT, loss)
+    tl.store(_count_ptr(WS, M, N, SINGLE_SET), n_valid)
 
 
 @triton.jit
-def _supcon_bwd_rows_kernel(
-    F, G, YF, YG, RF, RG, LSE, SBAR, LOGZ2, NPOS, GL,  # inputs
-    DF,  # (M, D) output; with SPLIT, (SPLITS, M, D) float32 partial dz
-    M, N, D, stride_fm, stride_fd, stride_gn, stride_gd, stride_dfm, stride_dfd, SELF_OFFSET,
-    inv_tau, beta, COLS_PER_SPLIT,
-    SINGLE_SET: tl.constexpr, NORMALIZE: tl.constexpr, BETA_ZERO: tl.constexpr,
-    LSE_ONLY: tl.constexpr, EXACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Gradient of the anchors, one program per BLOCK_M rows, recomputing each S tile.
+def _count_ptr(WS, M, N, SINGLE_SET: tl.constexpr):
+    if SINGLE_SET:
+        return WS + (STAT_ROWS + 1) * M
+    else:
+        return WS + (STAT_ROWS + 1) * M + N
 
-    Two sets: dz_i = sum_j G_ij c_j / tau (the dQ pass). One set (G is F, stats shared):
-    dz_k = sum_j (G_kj + G_jk) z_j / tau, with G_jk from the same tile and the column rows'
-    statistics, so the whole gradient comes from this one pass with no atomics.
-    With SPLIT each program sums one column chunk into its own slice of DF, and
-    _supcon_bwd_finish_kernel adds the slices and applies the normalisation backward."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    col_lo = split * COLS_PER_SPLIT
-    col_hi = tl.minimum(N, col_lo + COLS_PER_SPLIT)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+
+@triton.jit
+def _supcon_norms_kernel(F, G, WS, M, N, D, stride_fm, stride_fd, stride_gn, stride_gd,
+                         NORMALIZE: tl.constexpr, SINGLE_SET: tl.constexpr,
+                         EVEN_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """RF and RG into the workspace (large batches: read by every program instead of
+    recomputed per tile)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
-    rmask = rows < M
-    dmask = offs_d[None, :] < D
-    f = tl.load(F + rows[:, None] * stride_fm + offs_d[None, :] * stride_fd,
-                mask=rmask[:, None] & dmask, other=0.0)
-    rf = tl.load(RF + rows, mask=rmask, other=0.0)
-    row_scale = rf * (inv_tau * 1.4426950408889634)
-    yf = tl.load(YF + rows, mask=rmask, other=-2)
-    lse2, sbar, logz2, npos, gl = _load_anchor_stats(rows, rmask, LSE, SBAR, LOGZ2, NPOS, GL)
-    beta_tau = beta / inv_tau
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    RF = WS + STAT_ROWS * M
+    mask = rows < M
+    _, r = _row_scales(_load_block(F, rows, mask, offs_d, D, stride_fm, stride_fd, EVEN_D), NORMALIZE)
+    tl.store(RF + rows, r, mask=mask)
+    if not SINGLE_SET:
+        mask = rows < N
+        _, r = _row_scales(_load_block(G, rows, mask, offs_d, D, stride_gn, stride_gd, EVEN_D),
+                           NORMALIZE)
+        tl.store(RF + M + rows, r, mask=mask)
 
-    for start in range(col_lo, col_hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < col_hi
-        g = tl.load(G + cols[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-                    mask=cmask[:, None] & dmask, other=0.0)
-        rg = tl.load(RG + cols, mask=cmask, other=0.0)
-        yg = tl.load(YG + cols, mask=cmask, other=-1)
-        t, not_self = _logits_tile(f, g, row_scale, rg, cols, col_hi, rows, SELF_OFFSET,
-                                   DOT_PRECISION, UPCAST)
-        pos = (yf[:, None] == yg[None, :]) & not_self
-        h = _grad_tile(t, pos, lse2[:, None], sbar[:, None], logz2[:, None], npos[:, None],
-                       gl[:, None], beta_tau, BETA_ZERO, LSE_ONLY, EXACT)
+
+@triton.jit
+def _anchor_weights(idx, mask, WS, GRAD, M, N, grad_scale, SINGLE_SET: tl.constexpr,
+                    GRAD_MODE: tl.constexpr):
+    """dLoss/dL_i of anchors ``idx`` (0 outside the loss and for padding) and their stats.
+
+    GRAD_MODE 0: per-anchor incoming gradient (reduction "none"); 1: sum; 2: mean (divided
+    by the forward's count). ``grad_scale`` is tau / base_tau."""
+    npos = tl.load(WS + NPOS_ROW * M + idx, mask=mask, other=0.0)
+    if GRAD_MODE == 0:
+        gl = tl.load(GRAD + idx, mask=mask, other=0.0).to(tl.float32) * grad_scale
+    else:
+        gl = tl.load(GRAD).to(tl.float32) * grad_scale + tl.zeros_like(npos)
+        if GRAD_MODE == 2:
+            gl = gl / tl.maximum(tl.load(_count_ptr(WS, M, N, SINGLE_SET)), 1.0)
+    gl = tl.where(npos > 0, gl, 0.0)
+    lse2 = tl.load(WS + LSE_ROW * M + idx, mask=mask, other=0.0) * LOG2E
+    sbar = tl.load(WS + SBAR_ROW * M + idx, mask=mask, other=0.0)
+    tmin = tl.load(WS + TMIN_ROW * M + idx, mask=mask, other=0.0)
+    lz = tl.load(WS + LZ_ROW * M + idx, mask=mask, other=0.0)
+    return gl, lse2, sbar, tmin, lz, npos
+
+
+@triton.jit
+def _positive_grad(t, gl, sbar, tmin, lz, npos, beta_tau, BETA_ZERO: tl.constexpr,
+                   EXACT: tl.constexpr):
+    """gl_i w_ij (times 1 - beta tau (s_ij - sbar_i) through the softmax with EXACT), for one
+    tile; the anchor statistics come broadcast ((BLOCK, 1) or (1, BLOCK)). Finite everywhere,
+    to be selected by the positive mask."""
+    if BETA_ZERO:
+        return gl / tl.maximum(npos, 1.0) + tl.zeros_like(t)
+    else:
+        w = tl.exp2(tl.minimum(beta_tau * (tmin - t), 0.0) - lz)
+        if EXACT:
+            w = w * (1.0 - beta_tau * (t * LN2 - sbar))
+        return gl * w
+
+
+@triton.jit
+def _bwd_tile(acc, a, ya, a_scale, a_idx, stats_a, B, YB, RB, start, hi, stride_bn, stride_bd,
+              offs_d, D, SELF_OFFSET, WS, GRAD, M, N, grad_scale, beta_tau, shift2,
+              MASKED: tl.constexpr, ANCHORS_ARE_ROWS: tl.constexpr, SINGLE_SET: tl.constexpr,
+              BETA_ZERO: tl.constexpr, LSE_ONLY: tl.constexpr, EXACT: tl.constexpr,
+              FIXED_SHIFT: tl.constexpr, GRAD_MODE: tl.constexpr, EVEN_D: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One streamed tile of the backward: acc (resident rows, D) += G-tile @ streamed rows.
+
+    ANCHORS_ARE_ROWS: the resident block ``a`` holds anchors and the streamed rows ``B`` are
+    contrast rows (dQ; with SINGLE_SET the streamed rows are anchors too, and their terms
+    G_ji are read off the same tile). Otherwise ``a`` holds contrast rows and ``B`` anchors
+    (dK). The logit tile is always laid out (resident, streamed)."""
+    b_idx = start + tl.arange(0, BLOCK_B)
+    bmask = b_idx < hi
+    b = _load_block(B, b_idx, bmask, offs_d, D, stride_bn, stride_bd, EVEN_D)
+    rb = tl.load(RB + b_idx, mask=bmask, other=0.0)
+    yb = tl.load(YB + b_idx, mask=bmask, other=0)
+    if ANCHORS_ARE_ROWS:
+        t = _logits(a, b, a_scale, rb, a_idx, b_idx, hi, SELF_OFFSET, MASKED, DOT_PRECISION,
+                    UPCAST)
+    else:  # resident contrast row j is the own column of streamed anchor j - SELF_OFFSET
+        t = _logits(a, b, a_scale, rb, a_idx, b_idx, hi, -SELF_OFFSET, MASKED, DOT_PRECISION,
+                    UPCAST)
+    gl_a, lse2_a, sbar_a, tmin_a, lz_a, npos_a = stats_a
+    if ANCHORS_ARE_ROWS:
+        gl_r, lse2_r, sbar_r, tmin_r, lz_r, npos_r = (gl_a[:, None], lse2_a[:, None], sbar_a[:, None],
+                                                      tmin_a[:, None], lz_a[:, None], npos_a[:, None])
+    else:
+        gl_b, lse2_b, sbar_b, tmin_b, lz_b, npos_b = _anchor_weights(
+            b_idx, bmask, WS, GRAD, M, N, grad_scale, SINGLE_SET, GRAD_MODE)
+        gl_r, lse2_r, sbar_r, tmin_r, lz_r, npos_r = (gl_b[None, :], lse2_b[None, :], sbar_b[None, :],
+                                                      tmin_b[None, :], lz_b[None, :], npos_b[None, :])
+    if SINGLE_SET:
+        gl_c, lse2_c, sbar_c, tmin_c, lz_c, npos_c = _anchor_weights(
+            b_idx, bmask, WS, GRAD, M, N, grad_scale, SINGLE_SET, GRAD_MODE)
+        if FIXED_SHIFT:  # one exponential for both terms: p_ij = 2^(t - shift2) 2^(shift2 - LSE_i)
+            e = tl.exp2(t - shift2)
+            h = e * (gl_r * tl.exp2(shift2 - lse2_r) + (gl_c * tl.exp2(shift2 - lse2_c))[None, :])
+        else:
+            h = gl_r * tl.exp2(t - lse2_r) + gl_c[None, :] * tl.exp2(t - lse2_c[None, :])
+    else:
+        h = gl_r * tl.exp2(t - lse2_r)
+    if not LSE_ONLY:
+        pos = ya[:, None] == yb[None, :]
+        if MASKED:
+            pos = pos & (t > float("-inf"))
+        w = _positive_grad(t, gl_r, sbar_r, tmin_r, lz_r, npos_r, beta_tau, BETA_ZERO, EXACT)
         if SINGLE_SET:
-            # The column rows are anchors too: add their terms G_ji, read off the same tile
-            # (t, A and P are symmetric when the sets coincide). Padded rows i give finite
-            # junk in row i of h only, which is never stored.
-            c_lse2, c_sbar, c_logz2, c_npos, c_gl = _load_anchor_stats(
-                cols, cmask, LSE, SBAR, LOGZ2, NPOS, GL)
-            h += _grad_tile(t, pos, c_lse2[None, :], c_sbar[None, :], c_logz2[None, :],
-                            c_npos[None, :], c_gl[None, :], beta_tau, BETA_ZERO, LSE_ONLY, EXACT)
-        acc += _dot((h * rg[None, :]).to(g.dtype), g, DOT_PRECISION, UPCAST)
-
-    _store_grad(DF, split, rows, offs_d, rmask[:, None] & dmask, f, rf, acc * inv_tau, M, D,
-                stride_dfm, stride_dfd, NORMALIZE, SPLIT)
+            w += _positive_grad(t, gl_c[None, :], sbar_c[None, :], tmin_c[None, :], lz_c[None, :],
+                                npos_c[None, :], beta_tau, BETA_ZERO, EXACT)
+        h = h - tl.where(pos, w, 0.0)
+    # acc_r += sum_b h_rb c_b with c_b = b_b RB_b (the normalised streamed row)
+    return acc + _dot((h * rb[None, :]).to(b.dtype), b, DOT_PRECISION, UPCAST)
 
 
 @triton.jit
-def _store_grad(OUT, split, rows, offs_d, mask, x, r, dz, ROWS, D, stride_om, stride_od,
-                NORMALIZE: tl.constexpr, SPLIT: tl.constexpr):
-    """The finished gradient, or (SPLIT) this chunk's dz into the (SPLITS, ROWS, D) buffer."""
-    if SPLIT:
-        tl.store(OUT + split * ROWS * D + rows[:, None] * D + offs_d[None, :], dz, mask=mask)
-    else:
-        dx = _normalize_backward(x, r, dz, NORMALIZE)
-        tl.store(OUT + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
-                 dx.to(OUT.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _supcon_bwd_finish_kernel(
-    X, R, PART, OUT, ROWS, D, SPLITS, stride_xm, stride_xd, stride_om, stride_od,
-    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Sums the chunks' dz and applies the normalisation backward."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _bwd_block(pid, split, splits, X, YX, RX, B, YB, RB, OUT, PART, LOCKS, lock, WS, GRAD,
+               M, N, D, X_ROWS, B_ROWS, stride_xn, stride_xd, stride_bn, stride_bd, stride_on,
+               stride_od, SELF_OFFSET, inv_tau, beta, shift2, grad_scale, PER_SPLIT,
+               ANCHORS_ARE_ROWS: tl.constexpr, SINGLE_SET: tl.constexpr, NORMALIZE: tl.constexpr,
+               BETA_ZERO: tl.constexpr, LSE_ONLY: tl.constexpr, EXACT: tl.constexpr,
+               FIXED_SHIFT: tl.constexpr, GRAD_MODE: tl.constexpr, SPLIT: tl.constexpr,
+               EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_X: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The gradient of BLOCK_X resident rows of X (anchors, or contrast rows in the dK part),
+    streaming over a chunk of B, then through the normalisation into OUT."""
+    lo = split * PER_SPLIT
+    hi = tl.maximum(tl.minimum(B_ROWS, lo + PER_SPLIT), lo)
+    row0 = pid * BLOCK_X
+    idx = row0 + tl.arange(0, BLOCK_X)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < ROWS) & (offs_d[None, :] < D)
-    dz = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for split in range(0, SPLITS):
-        dz += tl.load(PART + split * ROWS * D + rows[:, None] * D + offs_d[None, :], mask=mask,
-                      other=0.0)
-    x = tl.load(X + rows[:, None] * stride_xm + offs_d[None, :] * stride_xd, mask=mask, other=0.0)
-    r = tl.load(R + rows, mask=rows < ROWS, other=0.0)
-    dx = _normalize_backward(x, r, dz, NORMALIZE)
-    tl.store(OUT + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
-             dx.to(OUT.dtype.element_ty), mask=mask)
+    xmask = idx < X_ROWS
+    x = _load_block(X, idx, xmask, offs_d, D, stride_xn, stride_xd, EVEN_D)
+    p, _ = _row_scales(x, False)
+    rx = tl.load(RX + idx, mask=xmask, other=0.0)
+    a = _scale_rows(x, p)
+    a_scale = rx / p * (inv_tau * LOG2E)
+    ya = tl.load(YX + idx, mask=xmask, other=0)
+    beta_tau = beta / inv_tau
+    if ANCHORS_ARE_ROWS:
+        stats = _anchor_weights(idx, xmask, WS, GRAD, M, N, grad_scale, SINGLE_SET, GRAD_MODE)
+    else:
+        stats = (a_scale, a_scale, a_scale, a_scale, a_scale, a_scale)  # unused
+    acc = tl.zeros([BLOCK_X, BLOCK_D], tl.float32)
+    full_hi = lo + (hi - lo) // BLOCK_B * BLOCK_B
+    if ANCHORS_ARE_ROWS:
+        band_lo, band_hi = _band(row0, lo, full_hi, SELF_OFFSET, BLOCK_X, BLOCK_B)
+    else:  # streamed anchors i with i + SELF_OFFSET in [row0, row0 + BLOCK_X)
+        band_lo, band_hi = _band(row0, lo, full_hi, -SELF_OFFSET, BLOCK_X, BLOCK_B)
+    for start in range(lo, band_lo, BLOCK_B):
+        acc = _bwd_tile(acc, a, ya, a_scale, idx, stats, B, YB, RB, start, hi, stride_bn,
+                        stride_bd, offs_d, D, SELF_OFFSET, WS, GRAD, M, N, grad_scale, beta_tau,
+                        shift2, False, ANCHORS_ARE_ROWS, SINGLE_SET, BETA_ZERO, LSE_ONLY, EXACT,
+                        FIXED_SHIFT, GRAD_MODE, EVEN_D, DOT_PRECISION, UPCAST, BLOCK_B)
+    for start in range(band_lo, band_hi, BLOCK_B):
+        acc = _bwd_tile(acc, a, ya, a_scale, idx, stats, B, YB, RB, start, hi, stride_bn,
+                        stride_bd, offs_d, D, SELF_OFFSET, WS, GRAD, M, N, grad_scale, beta_tau,
+                        shift2, True, ANCHORS_ARE_ROWS, SINGLE_SET, BETA_ZERO, LSE_ONLY, EXACT,
+                        FIXED_SHIFT, GRAD_MODE, EVEN_D, DOT_PRECISION, UPCAST, BLOCK_B)
+    for start in range(band_hi, full_hi, BLOCK_B):
+        acc = _bwd_tile(acc, a, ya, a_scale, idx, stats, B, YB, RB, start, hi, stride_bn,
+                        stride_bd, offs_d, D, SELF_OFFSET, WS, GRAD, M, N, grad_scale, beta_tau,
+                        shift2, False, ANCHORS_ARE_ROWS, SINGLE_SET, BETA_ZERO, LSE_ONLY, EXACT,
+                        FIXED_SHIFT, GRAD_MODE, EVEN_D, DOT_PRECISION, UPCAST, BLOCK_B)
+    for start in range(full_hi, hi, BLOCK_B):
+        acc = _bwd_tile(acc, a, ya, a_scale, idx, stats, B, YB, RB, start, hi, stride_bn,
+                        stride_bd, offs_d, D, SELF_OFFSET, WS, GRAD, M, N, grad_scale, beta_tau,
+                        shift2, True, ANCHORS_ARE_ROWS, SINGLE_SET, BETA_ZERO, LSE_ONLY, EXACT,
+                        FIXED_SHIFT, GRAD_MODE, EVEN_D, DOT_PRECISION, UPCAST, BLOCK_B)
+    dz = acc * inv_tau
+
+    if SPLIT:
+        mask = xmask[:, None] & (offs_d[None, :] < D)
+        part = PART + (split * X_ROWS + idx[:, None]) * BLOCK_D + offs_d[None, :]
+        tl.store(part, dz, mask=mask)
+        if _acquire_last(LOCKS, lock, splits):
+            dz = tl.zeros([BLOCK_X, BLOCK_D], tl.float32)
+            for s in range(0, splits):
+                dz += tl.load(PART + (s * X_ROWS + idx[:, None]) * BLOCK_D + offs_d[None, :],
+                              mask=mask, other=0.0, cache_modifier=".cg")
+            _store_grad(OUT, idx, xmask, offs_d, D, x, rx, dz, stride_on, stride_od, NORMALIZE)
+    else:
+        _store_grad(OUT, idx, xmask, offs_d, D, x, rx, dz, stride_on, stride_od, NORMALIZE)
 
 
 @triton.jit
-def _supcon_bwd_cols_kernel(
-    F, G, YF, YG, RF, RG, LSE, SBAR, LOGZ2, NPOS, GL,  # inputs
-    DG,  # (N, D) output; with SPLIT, (SPLITS, N, D) float32 partial dc
-    M, N, D, stride_fm, stride_fd, stride_gn, stride_gd, stride_dgn, stride_dgd, SELF_OFFSET,
-    inv_tau, beta, ROWS_PER_SPLIT,
-    NORMALIZE: tl.constexpr, BETA_ZERO: tl.constexpr, LSE_ONLY: tl.constexpr,
-    EXACT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    SPLIT: tl.constexpr,
+def _store_grad(OUT, idx, xmask, offs_d, D, x, r, dz, stride_on, stride_od, NORMALIZE: tl.constexpr):
+    """dx = r (dz - z (z . dz)) with z = x r; the projection vanishes where ||x|| <= eps
+    (r = 1/eps there: max(||x||, eps) is the constant eps)."""
+    if NORMALIZE:
+        z = x.to(tl.float32) * r[:, None]
+        zdz = tl.where(r < 1.0 / NORM_EPS, tl.sum(z * dz, axis=1), 0.0)
+        dz = r[:, None] * (dz - zdz[:, None] * z)
+    tl.store(OUT + idx[:, None] * stride_on + offs_d[None, :] * stride_od,
+             dz.to(OUT.dtype.element_ty), mask=xmask[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _supcon_bwd_kernel(
+    F, G, YF, YG, WS, GRAD,  # inputs (GRAD: the incoming gradient, read on the device)
+    DF, DG,  # outputs
+    PART, LOCKS,  # chunk partials (SPLITS, rows, BLOCK_D) float32 and counters, when SPLIT
+    M, N, D, stride_fm, stride_fd, stride_gn, stride_gd, stride_dfm, stride_dfd,
+    stride_dgn, stride_dgd, SELF_OFFSET, inv_tau, beta, shift2, grad_scale,
+    COLS_PER_SPLIT, ROWS_PER_SPLIT, M_BUCKET, N_BUCKET,
+    NORMALIZE: tl.constexpr, SINGLE_SET: tl.constexpr, BETA_ZERO: tl.constexpr,
+    LSE_ONLY: tl.constexpr, EXACT: tl.constexpr, FIXED_SHIFT: tl.constexpr,
+    GRAD_MODE: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Gradient of the contrast rows (two sets; the dK pass): dc_j = sum_i G_ij z_i / tau,
-    one program per BLOCK_N contrast rows, looping over anchor blocks and recomputing S.
-    Padded anchor rows have NPOS = 0, so their G is 0. SPLIT cuts the anchors into chunks
-    as the rows kernel cuts the columns."""
+    """Every input gradient in one launch, recomputing each logit tile.
+
+    Programs [0, ROW_PROGRAMS): BLOCK_M anchors each, dz_i = sum_j G_ij c_j / tau (dQ); with
+    one set G_ji is added from the same tile (t, A and P are symmetric), so this is the whole
+    gradient, with no atomics. Two sets: the programs after them take BLOCK_N contrast rows
+    each, dc_j = sum_i G_ij z_i / tau (dK)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    row_lo = split * ROWS_PER_SPLIT
-    row_hi = tl.minimum(M, row_lo + ROWS_PER_SPLIT)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    cmask = cols < N
-    dmask = offs_d[None, :] < D
-    g = tl.load(G + cols[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-                mask=cmask[:, None] & dmask, other=0.0)
-    rg = tl.load(RG + cols, mask=cmask, other=0.0)
-    yg = tl.load(YG + cols, mask=cmask, other=-1)
-    beta_tau = beta / inv_tau
-    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-
-    for start in range(row_lo, row_hi, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        rmask = rows < row_hi
-        f = tl.load(F + rows[:, None] * stride_fm + offs_d[None, :] * stride_fd,
-                    mask=rmask[:, None] & dmask, other=0.0)
-        rf = tl.load(RF + rows, mask=rmask, other=0.0)
-        yf = tl.load(YF + rows, mask=rmask, other=-2)
-        lse2, sbar, logz2, npos, gl = _load_anchor_stats(rows, rmask, LSE, SBAR, LOGZ2, NPOS, GL)
-        t, not_self = _logits_tile(f, g, rf * (inv_tau * 1.4426950408889634), rg, cols, N, rows,
-                                   SELF_OFFSET, DOT_PRECISION, UPCAST)
-        pos = (yf[:, None] == yg[None, :]) & not_self
-        h = _grad_tile(t, pos, lse2[:, None], sbar[:, None], logz2[:, None], npos[:, None],
-                       gl[:, None], beta_tau, BETA_ZERO, LSE_ONLY, EXACT)
-        acc += _dot(tl.trans(h * rf[:, None]).to(f.dtype), f, DOT_PRECISION, UPCAST)
-
-    _store_grad(DG, split, cols, offs_d, cmask[:, None] & dmask, g, rg, acc * inv_tau, N, D,
-                stride_dgn, stride_dgd, NORMALIZE, SPLIT)
+    splits = tl.num_programs(1)
+    RF = WS + STAT_ROWS * M
+    if SINGLE_SET:
+        _bwd_block(pid, split, splits, F, YF, RF, F, YF, RF, DF, PART, LOCKS, pid, WS, GRAD,
+                   M, N, D, M, N, stride_fm, stride_fd, stride_fm, stride_fd, stride_dfm,
+                   stride_dfd, SELF_OFFSET, inv_tau, beta, shift2, grad_scale, COLS_PER_SPLIT,
+                   True, True, NORMALIZE, BETA_ZERO, LSE_ONLY, EXACT, FIXED_SHIFT, GRAD_MODE,
+                   SPLIT, EVEN_D, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        RG = RF + M
+        ROW_PROGRAMS = tl.cdiv(M, BLOCK_M)
+        if pid < ROW_PROGRAMS:
+            _bwd_block(pid, split, splits, F, YF, RF, G, YG, RG, DF, PART, LOCKS, pid, WS,
+                       GRAD, M, N, D, M, N, stride_fm, stride_fd, stride_gn, stride_gd,
+                       stride_dfm, stride_dfd, SELF_OFFSET, inv_tau, beta, shift2, grad_scale,
+                       COLS_PER_SPLIT, True, False, NORMALIZE, BETA_ZERO, LSE_ONLY, EXACT,
+                       FIXED_SHIFT, GRAD_MODE, SPLIT, EVEN_D, DOT_PRECISION, UPCAST, BLOCK_M,
+                       BLOCK_N, BLOCK_D)
+        else:
+            _bwd_block(pid - ROW_PROGRAMS, split, splits, G, YG, RG, F, YF, RF, DG,
+                       PART + splits * M * BLOCK_D, LOCKS, pid, WS, GRAD, M, N, D, N, M,
+                       stride_gn, stride_gd, stride_fm, stride_fd, stride_dgn, stride_dgd,
+                       SELF_OFFSET, inv_tau, beta, shift2, grad_scale, ROWS_PER_SPLIT, False,
+                       False, NORMALIZE, BETA_ZERO, LSE_ONLY, EXACT, FIXED_SHIFT, GRAD_MODE,
+                       SPLIT, EVEN_D, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)

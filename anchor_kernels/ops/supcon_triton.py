@@ -1,12 +1,15 @@
-"""The "triton" backend of the SupCon loss: launchers, ``torch.library`` custom ops with
-registered fake kernels and autograd, and the backend object used by ``supcon_loss``.
+"""The "triton" backend of the SupCon loss: one kernel launch forward (reduction included)
+and one backward, behind a thin ``torch.autograd.Function`` over two ``torch.library`` ops
+(fake kernels registered, so ``torch.compile(fullgraph=True)`` traces them).
 
-The kernels themselves are in ``supcon_kernels_triton.py``.
+The kernels are in ``supcon_kernels_triton.py``. Every launch goes through :func:`_run`, so
+tests can count launches and benchmarks can stub them to measure the host cost alone.
 """
 
 from __future__ import annotations
 
-import contextlib
+import inspect
+import math
 import os
 from typing import Optional
 
@@ -15,34 +18,45 @@ import triton
 from torch import Tensor
 
 from ..backends import SupConProblem
-from ..reference import NORM_EPS
+from . import supcon_classsum, supcon_topk
 from . import supcon_kernels_triton as kernels
-from . import supcon_topk
+from .triton_launch import device_guard, dot_precision, interpreter_upcast, interpreting
 
 MAX_D = 256  # a row block of f stays in registers: whole feature dimension per tile
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DOUBLE_BACKWARD = ("anchor_kernels: double backward (create_graph=True) is not supported by "
+                   "backend='{}'; use backend='eager'")
 
 
 def _config(block_m, block_n, warps, stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# Every configuration the autotuner may pick on a GPU; the tests compile each one for sm_90.
-# Half precision runs on the tensor cores (wgmma); fp32 at "highest" precision is an FMA
-# loop, where large tiles only spill, so it gets its own smaller tiles.
+# Every configuration the autotuner may pick on a GPU; the sm_90 tests compile each one and
+# assert no spills. Half precision runs on the tensor cores (wgmma). 8 warps need 128 rows
+# per block: with 64, both warpgroups would compute the same wgmma tile. fp32 at "highest"
+# precision is an FMA loop, where large tiles only spill, so it gets smaller ones.
 CONFIGS = {
-    "fwd_half": [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3),
-                 _config(64, 128, 4, 3)],
-    "bwd_half": [_config(64, 64, 8, 2), _config(64, 64, 4, 2), _config(128, 64, 8, 2),
-                 _config(64, 128, 8, 2)],
+    "fwd_half": [_config(128, 64, 8, 3), _config(128, 64, 4, 3), _config(64, 64, 4, 3),
+                 _config(128, 128, 8, 2)],
+    "bwd_half": [_config(128, 64, 8, 2), _config(64, 64, 4, 2), _config(128, 32, 8, 2),
+                 _config(64, 32, 4, 2)],
     "fwd_fp32": [_config(64, 32, 4, 2), _config(32, 64, 4, 2), _config(64, 64, 8, 2)],
     "bwd_fp32": [_config(64, 32, 4, 2), _config(32, 64, 4, 2), _config(32, 32, 4, 2)],
 }
 # The interpreter runs one numpy program per block: fewer, larger blocks are faster there.
 INTERPRET_META = {"BLOCK_M": 32, "BLOCK_N": 32}
-_KERNELS = {"fwd": kernels._supcon_fwd_kernel, "bwd_rows": kernels._supcon_bwd_rows_kernel,
-            "bwd_cols": kernels._supcon_bwd_cols_kernel}
+MIN_BLOCK = 32
+SPLIT_ALIGN = 128  # chunk boundaries on multiples of every BLOCK_M / BLOCK_N
+_KERNELS = {"fwd": kernels._supcon_fwd_kernel, "bwd": kernels._supcon_bwd_kernel}
+# Constexprs that select a kernel variant: part of the autotuning key, so that each variant
+# is tuned on its own.
+VARIANT_KEYS = ("NORMALIZE", "SINGLE_SET", "BETA_ZERO", "LSE_ONLY", "FIXED_SHIFT", "SPLIT", "EVEN_D")
+# From this many logits (M N) on, the norms are computed by a small kernel before the main
+# one (instead of per tile), and plain SupCon takes its positive term from class sums
+# (supcon_classsum.py), leaving the O(M N) kernels a bare log-sum-exp. Below it, one
+# launch each way, which is what matters where the host cost dominates.
+STREAMING_MIN_LOGITS = 8192 * 8192
 
 
 def config_family(dtype: torch.dtype) -> str:
@@ -50,35 +64,34 @@ def config_family(dtype: torch.dtype) -> str:
 
 
 def configs_for(kernel: str, dtype: torch.dtype) -> list:
-    return CONFIGS[("fwd_" if kernel == "fwd" else "bwd_") + config_family(dtype)]
+    return CONFIGS[kernel + "_" + config_family(dtype)]
 
 
-# ANCHOR_KERNELS_AUTOTUNE=0 launches the first configuration of each list without tuning
-# (used by the GPU tests, where tuning every new shape would dominate the run).
+# ANCHOR_KERNELS_AUTOTUNE=0 launches the first configuration of each list without tuning.
 AUTOTUNE = os.environ.get("ANCHOR_KERNELS_AUTOTUNE", "1") == "1"
-_autotuned = {(k, fam): triton.autotune(CONFIGS[("fwd_" if k == "fwd" else "bwd_") + fam],
-                                        key=["M", "N", "D"])(fn)
+# Tuning keys: the batch sizes bucketed to powers of two (a ragged last batch reuses the
+# choice), D and the variant; the choice is cached on disk where this Triton can.
+_TUNE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+_autotuned = {(k, fam): triton.autotune(CONFIGS[k + "_" + fam],
+                                        key=["M_BUCKET", "N_BUCKET", "D", *VARIANT_KEYS], **_TUNE_KW)(fn)
               for k, fn in _KERNELS.items() for fam in ("half", "fp32")}
 
 
-def _launcher(kernel: str, dtype: torch.dtype):
-    """(launchable kernel, extra launch arguments) for this kernel and dtype."""
-    if INTERPRET:
-        return _KERNELS[kernel], INTERPRET_META
-    if AUTOTUNE:
-        return _autotuned[(kernel, config_family(dtype))], {}
-    config = configs_for(kernel, dtype)[0]
-    return _KERNELS[kernel], dict(config.kwargs, num_warps=config.num_warps,
-                                  num_stages=config.num_stages)
+def _run(kernel, grid, args: tuple, constexprs: dict) -> None:
+    """Every Triton launch of this module (patched by the launch-count test and the host-cost
+    benchmark)."""
+    kernel[grid](*args, **constexprs)
 
 
-def _launch(kernel: str, dtype: torch.dtype, rows: int, block: str, splits: int, *args,
-            **constexprs):
-    fn, meta = _launcher(kernel, dtype)
-    fn[lambda m: (triton.cdiv(rows, m[block]), splits)](*args, **constexprs, **meta)
-
-
-SPLIT_ALIGN = 128  # chunk boundaries on multiples of every BLOCK_M / BLOCK_N
+def _launch(name: str, dtype: torch.dtype, grid, args: tuple, constexprs: dict) -> None:
+    if interpreting():
+        _run(_KERNELS[name], grid, args, dict(constexprs, **INTERPRET_META))
+    elif AUTOTUNE:
+        _run(_autotuned[(name, config_family(dtype))], grid, args, constexprs)
+    else:
+        config = configs_for(name, dtype)[0]
+        _run(_KERNELS[name], grid, args, dict(constexprs, **config.kwargs, num_warps=config.num_warps,
+                                              num_stages=config.num_stages))
 
 
 def num_splits(rows: int, cols: int, device: torch.device) -> int:
@@ -91,169 +104,198 @@ def num_splits(rows: int, cols: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(cols, 4 * SPLIT_ALIGN), 16))
 
 
-def chunking(rows: int, cols: int, device: torch.device) -> tuple[int, int]:
-    """(splits, streamed rows per split) with chunk starts aligned to SPLIT_ALIGN."""
-    per_split = triton.cdiv(triton.cdiv(cols, num_splits(rows, cols, device)), SPLIT_ALIGN) * SPLIT_ALIGN
-    return triton.cdiv(cols, per_split), per_split
+def chunk(length: int, splits: int) -> int:
+    """Streamed rows per chunk, a multiple of SPLIT_ALIGN, so that ``splits`` chunks cover ``length``."""
+    return triton.cdiv(triton.cdiv(max(length, 1), splits), SPLIT_ALIGN) * SPLIT_ALIGN
 
 
-def block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's matmul precision setting ("highest" means no TF32)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
-def dot_flags(dtype: torch.dtype) -> dict:
-    return dict(DOT_PRECISION=dot_precision(dtype), UPCAST=INTERPRET and dtype == torch.bfloat16)
-
-
-def inv_norms(x: Tensor, normalize: bool) -> Tensor:
-    """(rows,) float32 1 / max(||x_i||, eps), or ones: the kernels scale dot tiles by these."""
+def fixed_shift(temperature: float, normalize: bool, n: int) -> float:
+    """The fixed log-sum-exp shift 2^shift2 >= every 2^t_ij, or 0.0 when the online form is
+    needed: without normalisation (no bound), or when 2 shift2 + log2 N > 96 (tau below about
+    0.04 at N = 65536), where terms that matter could underflow."""
     if not normalize:
-        return torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
-    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal()
+        return 0.0
+    shift2 = math.log2(math.e) / temperature * (1.0 + 2.0 ** -8)
+    return shift2 if 2.0 * shift2 + math.log2(max(n, 2)) <= 96.0 else 0.0
 
 
-def dense_label_ids(y_f: Tensor, y_g: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-    """int32 ids in [0, M + N), equal iff the labels are equal: the kernels compare 32-bit
-    ids (half the registers of int64) and use -1/-2 for padding. Sort + searchsorted, so no
-    host synchronisation."""
-    every = y_f if y_g is None else torch.cat([y_f, y_g])
-    table = torch.sort(every).values
-    ids = lambda y: torch.searchsorted(table, y, out_int32=True)  # noqa: E731
-    return ids(y_f), (None if y_g is None else ids(y_g))
+def ws_size(m: int, n: int, single: bool) -> int:
+    """float32 workspace: STAT_ROWS rows of M stats, RF (M), RG (N, two sets), the count."""
+    return (kernels.STAT_ROWS + 1) * m + (0 if single else n) + 1
 
 
-def _device_guard(x: Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+def _bucket(x: int) -> int:
+    return triton.next_power_of_2(max(x, 1))
 
 
-@torch.library.custom_op("anchor_kernels::supcon_fwd_triton", mutates_args=())
-def supcon_fwd_triton(
-    f: Tensor,  # (M, D)
-    g: Optional[Tensor],  # (N, D); None: the contrast set is f itself
-    y_f: Tensor,  # (M,) int32 dense label ids (see dense_label_ids)
-    y_g: Optional[Tensor],  # (N,) int32
-    self_offset: int,  # anchor i's own column is i + self_offset (N: none)
-    temperature: float,
-    beta: float,
-    normalize: bool,
-    lse_only: bool,
-    exact_weights: bool,  # read by the backward only
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (loss_i, LSE_i, sbar_i, log2 Z_i, npos_i, 1/||f_i||, 1/||g_j||), all O(M + N)."""
+_locks: dict = {}
+
+
+def _lock_buffer(device: torch.device, size: int) -> Tensor:
+    """Zeroed int32 counters for the last-program-done merges. The kernels leave them at 0,
+    so one buffer per device and stream serves every launch; under CUDA graph capture each
+    launch gets its own (its zero-fill is captured with it)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(size, device=device, dtype=torch.int32)
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
+    buf = _locks.get(key)
+    if buf is None or buf.numel() < size:
+        buf = torch.zeros(max(size, 1024), device=device, dtype=torch.int32)
+        _locks[key] = buf
+    return buf
+
+
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+
+
+def _common(f: Tensor, g: Optional[Tensor], normalize: bool, temperature: float):
     single = g is None
-    g_, y_g_ = (f, y_f) if single else (g, y_g)
+    g_ = f if single else g
     m, d = f.shape
     n = g_.shape[0]
-    rf = inv_norms(f, normalize)
-    rg = rf if single else inv_norms(g_, normalize)
-    loss, lse, sbar, logz2 = (torch.empty(m, device=f.device, dtype=torch.float32) for _ in range(4))
-    npos = torch.empty(m, device=f.device, dtype=torch.int32)
-    splits, per_split = chunking(m, n, f.device)
-    part = torch.empty(6, splits, m, device=f.device, dtype=torch.float32) if splits > 1 else loss
-    flags = dict(BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only)
-    with _device_guard(f):
-        _launch(
-            "fwd", f.dtype, m, "BLOCK_M", splits, f, g_, y_f, y_g_, rf, rg, loss, lse, sbar,
-            logz2, npos, part, m, n, d, f.stride(0), f.stride(1), g_.stride(0), g_.stride(1),
-            self_offset, 1.0 / temperature, beta, per_split, **flags, **dot_flags(f.dtype),
-            SPLIT=splits > 1, BLOCK_D=block_d(d))
-        if splits > 1:
-            kernels._supcon_fwd_combine_kernel[(triton.cdiv(m, 128),)](
-                part, loss, lse, sbar, logz2, npos, m, splits, **flags, BLOCK_M=128)
-    rg_out = rf.new_empty(0) if single else rg  # outputs of a custom op may not alias
-    return loss, lse, sbar, logz2, npos, rf, rg_out
+    block_d = max(16, triton.next_power_of_2(d))
+    streaming = m * n >= STREAMING_MIN_LOGITS
+    constexprs = dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=block_d == d,
+                      DOT_PRECISION=dot_precision(f.dtype), UPCAST=interpreter_upcast(f.dtype),
+                      BLOCK_D=block_d)
+    return single, g_, m, n, d, block_d, streaming, constexprs
 
 
-@supcon_fwd_triton.register_fake
-def _(f, g, y_f, y_g, self_offset, temperature, beta, normalize, lse_only, exact_weights):
-    m = f.shape[0]
-    vec = lambda n, dt=torch.float32: f.new_empty(n, dtype=dt)  # noqa: E731
-    return (vec(m), vec(m), vec(m), vec(m), vec(m, torch.int32), vec(m),
-            vec(0 if g is None else g.shape[0]))
+def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor], self_offset: int,
+               temperature: float, beta: float, scale: float, normalize: bool, lse_only: bool,
+               reduction: int) -> tuple[Tensor, Tensor]:
+    """(loss, workspace): the loss reduced (0-d; reduction 1 sum, 2 mean) or per anchor (M,),
+    times ``scale``; the float32 workspace holds what the backward reads."""
+    single, g_, m, n, d, block_d, streaming, cx = _common(f, g, normalize, temperature)
+    y_g_ = y_f if single else y_g
+    ws = torch.empty(ws_size(m, n, single), device=f.device, dtype=torch.float32)
+    loss = torch.empty((m,) if reduction == 0 else (), device=f.device, dtype=torch.float32)
+    loss_rows = loss if reduction == 0 else ws[:m]
+    splits = num_splits(m, n, f.device)
+    per_split = chunk(n, splits)
+    splits = triton.cdiv(n, per_split)
+    part = torch.empty(kernels.PART_ROWS * splits * m if splits > 1 else 1, device=f.device,
+                       dtype=torch.float32)
+    locks = _lock_buffer(f.device, triton.cdiv(m, MIN_BLOCK) + 1)
+    shift2 = fixed_shift(temperature, normalize, n)
+    with device_guard(f):
+        if streaming:
+            _run(kernels._supcon_norms_kernel, (triton.cdiv(max(m, n), 64),),
+                 (f, g_, ws, m, n, d, f.stride(0), f.stride(1), g_.stride(0), g_.stride(1)),
+                 dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=cx["EVEN_D"], BLOCK_R=64,
+                      BLOCK_D=block_d))
+        _launch("fwd", f.dtype, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits),
+                (f, g_, y_f, y_g_, ws, loss_rows, loss, part, locks, m, n, d, f.stride(0),
+                 f.stride(1), g_.stride(0), g_.stride(1), self_offset, 1.0 / temperature, beta,
+                 shift2, scale, per_split, _bucket(m), _bucket(n)),
+                dict(cx, NORMS_GIVEN=streaming, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only,
+                     FIXED_SHIFT=shift2 > 0.0, REDUCE=reduction, SPLIT=splits > 1))
+    return loss, ws
 
 
-@torch.library.custom_op("anchor_kernels::supcon_bwd_triton", mutates_args=())
-def supcon_bwd_triton(
-    grad: Tensor,  # (M,) dL/dL_i
-    f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor],
-    lse: Tensor, sbar: Tensor, logz2: Tensor, npos: Tensor, rf: Tensor, rg: Tensor,
-    self_offset: int, temperature: float, beta: float, normalize: bool, lse_only: bool,
-    exact_weights: bool,
-) -> tuple[Tensor, Tensor]:
-    """Returns (df (M, D), dg (N, D)); dg is empty when g is None (its part is in df)."""
-    single = g is None
-    g_, y_g_ = (f, y_f) if single else (g, y_g)
-    rg_ = rf if single else rg
-    m, d = f.shape
-    n = g_.shape[0]
-    grad = grad.to(torch.float32).contiguous()
+def supcon_bwd(grad: Tensor, f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor],
+               ws: Tensor, self_offset: int, temperature: float, beta: float, scale: float,
+               normalize: bool, lse_only: bool, exact: bool, reduction: int) -> tuple[Tensor, Tensor]:
+    """(df (M, D), dg (N, D); dg empty for one set, whose whole gradient is df)."""
+    single, g_, m, n, d, block_d, _, cx = _common(f, g, normalize, temperature)
+    y_g_ = y_f if single else y_g
+    grad = grad.contiguous()  # e.g. the stride-0 gradient of a sum
     df = torch.empty(m, d, device=f.device, dtype=f.dtype)
-    flags = dict(NORMALIZE=normalize, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only,
-                 EXACT=exact_weights and beta != 0.0, **dot_flags(f.dtype),
-                 BLOCK_D=block_d(d))
-    scalars = (self_offset, 1.0 / temperature, beta)
-    with _device_guard(f):
-        _grad_pass("bwd_rows", f, m, n, "BLOCK_M", df, (f, g_, y_f, y_g_, rf, rg_, lse, sbar,
-                   logz2, npos, grad), scalars, rf, flags, SINGLE_SET=single)
-        if single:
-            return df, f.new_empty(0)
-        dg = torch.empty(n, d, device=g.device, dtype=g.dtype)
-        _grad_pass("bwd_cols", g, n, m, "BLOCK_N", dg, (f, g, y_f, y_g, rf, rg, lse, sbar, logz2,
-                   npos, grad), scalars, rg, flags)
+    dg = f.new_empty(0) if single else torch.empty(n, d, device=g.device, dtype=g.dtype)
+    splits = num_splits(m if single else m + n, n if single else max(m, n), f.device)
+    cols_per_split, rows_per_split = chunk(n, splits), chunk(m, splits)
+    splits = max(triton.cdiv(n, cols_per_split), 1 if single else triton.cdiv(m, rows_per_split))
+    part = torch.empty(splits * (m + (0 if single else n)) * block_d if splits > 1 else 1,
+                       device=f.device, dtype=torch.float32)
+    locks = _lock_buffer(f.device, triton.cdiv(m, MIN_BLOCK) + triton.cdiv(n, MIN_BLOCK) + 1)
+    shift2 = fixed_shift(temperature, normalize, n)
+    dg_ = df if single else dg
+    programs = (lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)) if single else \
+        (lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + triton.cdiv(n, meta["BLOCK_N"]), splits))
+    with device_guard(f):
+        _launch("bwd", f.dtype, programs,
+                (f, g_, y_f, y_g_, ws, grad, df, dg_, part, locks, m, n, d, f.stride(0),
+                 f.stride(1), g_.stride(0), g_.stride(1), df.stride(0), df.stride(1),
+                 dg_.stride(0), dg_.stride(1), self_offset, 1.0 / temperature, beta, shift2,
+                 scale, cols_per_split, rows_per_split, _bucket(m), _bucket(n)),
+                dict(cx, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only, EXACT=exact and beta != 0.0,
+                     FIXED_SHIFT=shift2 > 0.0, GRAD_MODE=reduction, SPLIT=splits > 1))
     return df, dg
 
 
-def _grad_pass(kernel, x, rows, streamed, block, out, tensors, scalars, r, flags, **extra):
-    """One gradient pass (rows: dQ, cols: dK) into ``out``, chunked along the streamed
-    dimension when ``rows`` alone cannot fill the GPU; ``x`` is the set being differentiated."""
-    d = x.shape[1]
-    f, g = tensors[0], tensors[1]
-    strides = (f.stride(0), f.stride(1), g.stride(0), g.stride(1))
-    m, n = f.shape[0], g.shape[0]
-    splits, per_split = chunking(rows, streamed, x.device)
-    if splits == 1:
-        _launch(kernel, x.dtype, rows, block, 1, *tensors, out, m, n, d, *strides,
-                out.stride(0), out.stride(1), *scalars, per_split, SPLIT=False, **flags, **extra)
-        return
-    part = torch.empty(splits, rows, d, device=x.device, dtype=torch.float32)
-    _launch(kernel, x.dtype, rows, block, splits, *tensors, part, m, n, d, *strides, d, 1,
-            *scalars, per_split, SPLIT=True, **flags, **extra)
-    kernels._supcon_bwd_finish_kernel[(triton.cdiv(rows, 16),)](
-        x, r, part, out, rows, d, splits, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        NORMALIZE=flags["NORMALIZE"], BLOCK_M=16, BLOCK_D=flags["BLOCK_D"])
+_lib = torch.library.Library("anchor_kernels", "FRAGMENT")
+_lib.define("supcon_fwd_triton(Tensor f, Tensor? g, Tensor y_f, Tensor? y_g, int self_offset, "
+            "float temperature, float beta, float scale, bool normalize, bool lse_only, "
+            "int reduction) -> (Tensor, Tensor)")
+_lib.define("supcon_bwd_triton(Tensor grad, Tensor f, Tensor? g, Tensor y_f, Tensor? y_g, "
+            "Tensor ws, int self_offset, float temperature, float beta, float scale, "
+            "bool normalize, bool lse_only, bool exact, int reduction) -> (Tensor, Tensor)")
+for _key in ("CUDA", "CPU"):  # CPU: under TRITON_INTERPRET=1 only (the backend says so)
+    _lib.impl("supcon_fwd_triton", supcon_fwd, _key)
+    _lib.impl("supcon_bwd_triton", supcon_bwd, _key)
 
 
-@supcon_bwd_triton.register_fake
-def _(grad, f, g, y_f, y_g, lse, sbar, logz2, npos, rf, rg, self_offset, temperature, beta,
-      normalize, lse_only, exact_weights):
-    return torch.empty_like(f, memory_format=torch.contiguous_format), (
-        f.new_empty(0) if g is None else torch.empty_like(g, memory_format=torch.contiguous_format))
+@torch.library.register_fake("anchor_kernels::supcon_fwd_triton")
+def _(f, g, y_f, y_g, self_offset, temperature, beta, scale, normalize, lse_only, reduction):
+    m = f.shape[0]
+    n = m if g is None else g.shape[0]
+    return (f.new_empty((m,) if reduction == 0 else (), dtype=torch.float32),
+            f.new_empty(ws_size(m, n, g is None), dtype=torch.float32))
 
 
-def _setup_context(ctx, inputs, output):
-    f, g, y_f, y_g, self_offset, temperature, beta, normalize, lse_only, exact = inputs
-    _, lse, sbar, logz2, npos, rf, rg = output
-    ctx.mark_non_differentiable(lse, sbar, logz2, npos, rf, rg)
-    ctx.save_for_backward(f, g, y_f, y_g, lse, sbar, logz2, npos, rf, rg)
-    ctx.scalars = (self_offset, temperature, beta, normalize, lse_only, exact)
+@torch.library.register_fake("anchor_kernels::supcon_bwd_triton")
+def _(grad, f, g, y_f, y_g, ws, self_offset, temperature, beta, scale, normalize, lse_only, exact,
+      reduction):
+    return (torch.empty_like(f, memory_format=torch.contiguous_format),
+            f.new_empty(0) if g is None else torch.empty_like(g, memory_format=torch.contiguous_format))
 
 
-def _backward(ctx, grad_loss, *unused_stat_grads):
-    f, g, y_f, y_g, lse, sbar, logz2, npos, rf, rg = ctx.saved_tensors
-    df, dg = supcon_bwd_triton(grad_loss, f, g, y_f, y_g, lse, sbar, logz2, npos, rf, rg,
-                               *ctx.scalars)
-    # Gradients of (f, g, y_f, y_g, self_offset, temperature, beta, normalize, lse_only, exact).
-    return df, (None if g is None else dg), None, None, None, None, None, None, None, None
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes a gradient through; differentiating it again raises DOUBLE_BACKWARD."""
+
+    @staticmethod
+    def forward(ctx, value, anchor):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD.format("triton"))
 
 
-supcon_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
+class SupConTriton(torch.autograd.Function):
+    """The loss (and the workspace, not differentiable) with the fused backward. No zero
+    gradients are materialised for the workspace output."""
+
+    @staticmethod
+    def forward(ctx, f, g, y_f, y_g, self_offset, temperature, beta, scale, normalize, lse_only,
+                exact, reduction):
+        loss, ws = torch.ops.anchor_kernels.supcon_fwd_triton(
+            f, g, y_f, y_g, self_offset, temperature, beta, scale, normalize, lse_only, reduction)
+        ctx.save_for_backward(f, g, y_f, y_g, ws)
+        ctx.args = (self_offset, temperature, beta, scale, normalize, lse_only, exact, reduction)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(ws)
+        return loss, ws
+
+    @staticmethod
+    def backward(ctx, grad, _ws_grad):
+        if grad is None:
+            return (None,) * 12
+        f, g, y_f, y_g, ws = ctx.saved_tensors
+        with torch.no_grad():
+            df, dg = torch.ops.anchor_kernels.supcon_bwd_triton(grad, f, g, y_f, y_g, ws, *ctx.args)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient's own graph is refused
+            df = _NoDoubleBackward.apply(df, f)
+            dg = dg if g is None else _NoDoubleBackward.apply(dg, g)
+        return (df, None if g is None else dg) + (None,) * 10
+
+
+def _labels(y: Optional[Tensor]) -> Optional[Tensor]:
+    """Labels as the kernels compare them: any signed integer dtype as it is (unsigned and
+    bool widened to int64, which Triton pointers of those types do not all support)."""
+    if y is None or (y.is_signed() and y.dtype != torch.bool):
+        return y
+    return y.to(torch.int64)
 
 
 class TritonSupCon:
@@ -264,7 +306,7 @@ class TritonSupCon:
     def not_supported_reasons(self, p: SupConProblem) -> list[str]:
         reasons = []
         device = p.f.device
-        if device.type != "cuda" and not INTERPRET:
+        if device.type != "cuda" and not interpreting():
             reasons.append(f"tensors are on {device.type}; Triton needs CUDA tensors "
                            "(TRITON_INTERPRET=1 runs it on the CPU, for testing)")
         elif device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
@@ -277,67 +319,78 @@ class TritonSupCon:
             reasons += supcon_topk.topk_reasons(p, "triton")
         return reasons
 
-    def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:
-        if p.topk is not None and not p.lse_only:  # LSE_i from this backend's lse_only kernels + sparse sbar_i
-            return supcon_topk.topk_per_anchor(self, p, "triton")
+    def _apply(self, p: SupConProblem, scale: float, reduction: int) -> tuple[Tensor, Tensor]:
         n = p.f.shape[0] if p.g is None else p.g.shape[0]
         self_offset = n if p.anchor_offset is None else p.anchor_offset
-        y_f, y_g = dense_label_ids(p.y_f, p.y_g)
-        loss, _, _, _, npos, _, _ = torch.ops.anchor_kernels.supcon_fwd_triton(
-            p.f, p.g, y_f, y_g, self_offset, p.temperature,
-            p.beta, p.normalize, p.lse_only, not p.detach_weights)
-        return loss, npos > 0
+        return SupConTriton.apply(p.f, p.g, _labels(p.y_f), _labels(p.y_g), self_offset,
+                                  p.temperature, p.beta, scale, p.normalize, p.lse_only,
+                                  not p.detach_weights, reduction)
+
+    def _composite(self, p: SupConProblem):
+        """Modes whose positive term is computed outside the O(M N) kernel: top-k, and plain
+        SupCon on large batches (class sums)."""
+        if p.lse_only:
+            return None
+        if p.topk is not None:
+            return lambda: supcon_topk.topk_per_anchor(self, p, "triton")
+        n = p.f.shape[0] if p.g is None else p.g.shape[0]
+        if p.beta == 0.0 and p.f.shape[0] * n >= STREAMING_MIN_LOGITS:
+            return lambda: supcon_classsum.classsum_per_anchor(self, p)
+        return None
+
+    def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:
+        composite = self._composite(p)
+        if composite is not None:
+            return composite()
+        loss, ws = self._apply(p, 1.0, 0)
+        m = p.f.shape[0]
+        return loss, ws[kernels.NPOS_ROW * m:(kernels.NPOS_ROW + 1) * m] > 0
+
+    def loss(self, p: SupConProblem, scale: float, reduction: str) -> Tensor:
+        """The reduced loss in one launch (``reduction`` "mean", "sum" or "none")."""
+        composite = self._composite(p)
+        if composite is not None:
+            from ..reference import reduce_loss
+
+            per_anchor, valid = composite()
+            return reduce_loss(per_anchor, valid, scale, reduction)
+        return self._apply(p, scale, REDUCTIONS[reduction])[0]
 
 
 BACKEND = TritonSupCon()
 
 
 def sm90_compile_specs():
-    """(kernel, signature, constexprs, num_warps, num_stages) for every kernel, dtype and
-    autotuner configuration, for ``anchor_kernels.ops.sm90_check`` (compiled with no GPU)."""
-    flag_sets = {
-        "fwd": [dict(BETA_ZERO=False, LSE_ONLY=False, SPLIT=split) for split in (False, True)],
-        "bwd_rows": [dict(SINGLE_SET=single, NORMALIZE=True, BETA_ZERO=False, LSE_ONLY=False,
-                          EXACT=True, SPLIT=single) for single in (True, False)],
-        "bwd_cols": [dict(NORMALIZE=True, BETA_ZERO=False, LSE_ONLY=False, EXACT=True,
-                          SPLIT=False)],
-    }
-    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    for name, kernel in _KERNELS.items():
-        for dtype in DTYPES:
-            for flags in flag_sets[name]:
-                for config in configs_for(name, dtype):
-                    constexprs = dict(flags, DOT_PRECISION=dot_precision(dtype), UPCAST=False,
-                                      BLOCK_D=128, **config.kwargs)
-                    signature = _signature(kernel, names[dtype], constexprs)
-                    yield kernel, signature, constexprs, config.num_warps, config.num_stages
-    yield (kernels._supcon_fwd_combine_kernel, _signature(kernels._supcon_fwd_combine_kernel,
-           "fp32", dict(BETA_ZERO=False, LSE_ONLY=False, BLOCK_M=128)),
-           dict(BETA_ZERO=False, LSE_ONLY=False, BLOCK_M=128, USES_DOT=False), 4, 1)
+    """(kernel, signature, constexprs, num_warps, num_stages) for every kernel variant that
+    the launchers run (flags, dtypes, autotuner configurations), specialised as the Triton
+    runtime specialises the real launch arguments, for ``anchor_kernels.ops.sm90_check``."""
+    from .triton_launch import Launch, sm90_compile_specs as specs
+
+    launches = []
+    m, n, d = 4096, 4096, 128
     for dtype in DTYPES:
-        constexprs = dict(NORMALIZE=True, BLOCK_M=16, BLOCK_D=128)
-        yield (kernels._supcon_bwd_finish_kernel,
-               _signature(kernels._supcon_bwd_finish_kernel, names[dtype], constexprs),
-               dict(constexprs, USES_DOT=False), 4, 1)
-
-
-def _signature(kernel, dtype_name: str, constexprs: dict) -> dict:
-    """Triton signature strings for a kernel's arguments, from their names."""
-    kinds = {"F": "x", "G": "x", "DF": "x", "DG": "x", "X": "x", "OUT": "x", "YF": "*i32",
-             "YG": "*i32", "NPOS": "*i32", "inv_tau": "fp32", "beta": "fp32"}
-    signature = {}
-    for arg in kernel.arg_names:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in ("DF", "DG") and constexprs.get("SPLIT"):
-            signature[arg] = "*fp32"  # chunked passes write float32 partial sums
-        elif kinds.get(arg) == "x":
-            signature[arg] = "*" + dtype_name
-        elif arg in kinds:
-            signature[arg] = kinds[arg]
-        elif arg in ("M", "N", "D", "ROWS", "SPLITS", "SELF_OFFSET") \
-                or arg.startswith("stride") or arg.endswith("PER_SPLIT"):
-            signature[arg] = "i32"
-        else:  # statistics, partial sums and gradients: float32
-            signature[arg] = "*fp32"
-    return signature
+        f = torch.empty(m, d, dtype=dtype)
+        y = torch.empty(m, dtype=torch.int64)
+        ws = torch.empty(ws_size(m, n, True), dtype=torch.float32)
+        loss = torch.empty((), dtype=torch.float32)
+        part = torch.empty(16, dtype=torch.float32)
+        locks = torch.empty(16, dtype=torch.int32)
+        cx = dict(NORMALIZE=True, SINGLE_SET=True, EVEN_D=True, DOT_PRECISION=dot_precision(dtype),
+                  UPCAST=False, BLOCK_D=d)
+        fwd_args = (f, f, y, y, ws, ws, loss, part, locks, m, n, d, d, 1, d, 1, 0, 10.0, 0.0,
+                    14.5, 1.0, n, m, n)
+        bwd_args = (f, f, y, y, ws, loss, f, f, part, locks, m, n, d, d, 1, d, 1, d, 1, d, 1, 0,
+                    10.0, 0.0, 14.5, 1.0, n, m, m, n)
+        # (streaming, beta = 0, lse_only): the variants supcon_loss runs at large and small N
+        variants = [(True, True, True), (True, False, False), (False, True, False),
+                    (False, False, False)]
+        for config_f, config_b in zip(configs_for("fwd", dtype), configs_for("bwd", dtype)):
+            for streaming, beta_zero, lse_only in variants:
+                flags = dict(BETA_ZERO=beta_zero, LSE_ONLY=lse_only, FIXED_SHIFT=True)
+                launches.append(Launch(_KERNELS["fwd"], (1, 1), fwd_args, dict(
+                    cx, **flags, NORMS_GIVEN=streaming, REDUCE=0 if lse_only else 2,
+                    SPLIT=not streaming, **config_f.kwargs), config_f.num_warps, config_f.num_stages))
+                launches.append(Launch(_KERNELS["bwd"], (1, 1), bwd_args, dict(
+                    cx, **flags, EXACT=False, GRAD_MODE=0 if lse_only else 2,
+                    SPLIT=not streaming, **config_b.kwargs), config_b.num_warps, config_b.num_stages))
+    yield from specs(launches)
