@@ -278,11 +278,13 @@ def test_huge_and_tiny_norms_stay_exact():
 
 
 def test_huge_beta_is_finite():
-    """beta = 1e10: the soft weights collapse on the hardest positive, finite everywhere."""
+    """beta = 1e10: the soft weights collapse on the hardest positive, finite everywhere. Which
+    positive is hardest is decided in float32 (as eager float32 decides it), hence the
+    precision rule against float64."""
     f = torch.randn(40, 16, device=DEVICE)
     y = labels_for("random", 40).to(DEVICE)
-    compare(f, y, hard_positive_beta=1e10)
-    compare(f, y, hard_positive_beta=1e10, detach_weights=False)
+    compare(f, y, hard_positive_beta=1e10, low_precision_rule=True)
+    compare(f, y, hard_positive_beta=1e10, detach_weights=False, low_precision_rule=True)
 
 
 def test_double_backward_is_refused_with_its_reason():

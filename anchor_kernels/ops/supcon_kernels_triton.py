@@ -25,7 +25,8 @@ Conventions shared by every kernel:
   smallest positive logit: the exponent is <= 0 for every positive, so they are finite for
   any finite beta (``-beta cos`` written as a difference before the product).
 - Per-anchor statistics, rows of the float32 workspace ``WS`` (see ``ws_layout``): loss_i,
-  ``LSE`` (natural log, 0 where A(i) is empty), ``SBAR`` (sum_j w_ij s_ij), ``TMIN``, ``LZ``
+  ``LSE`` (natural log, 0 where A(i) is empty), ``SBAR`` (sum_j w_ij s_ij; with beta > 0
+  relative to the hardest positive, sum_j w_ij s_ij - tmin_i ln 2), ``TMIN``, ``LZ``
   (log2 Z_i), ``NPOS`` (|P(i)|, or |A(i)| in log-sum-exp-only mode: anchor i is in the loss
   iff NPOS > 0), then RF, RG and the number of anchors in the loss.
 - Column chunks (``SPLIT``): small batches cut the streamed dimension into chunks, one per
@@ -149,11 +150,14 @@ def _fwd_tile(f, yf, row_scale, rows, start, col_hi, G, YG, RG, stride_gn, strid
         if BETA_ZERO:
             ws_i += tl.sum(tl.where(pos, t, 0.0), axis=1)
         else:
+            # ws is kept relative to the running minimum, sum_j w_j (t_j - tmin), so that
+            # s - sbar has no cancellation in the backward, even for a huge beta.
             tmin_new = tl.minimum(tmin_i, tl.min(tl.where(pos, t, float("inf")), axis=1))
             alpha = tl.exp2(beta_tau * (tmin_new - tmin_i))
-            e = tl.where(pos, tl.exp2(beta_tau * (tmin_new[:, None] - t)), 0.0)
+            d = tl.where(pos, t - tmin_new[:, None], 0.0)
+            e = tl.where(pos, tl.exp2(-beta_tau * d), 0.0)
+            ws_i = (ws_i + wl_i * (tmin_i - tmin_new)) * alpha + tl.sum(e * d, axis=1)
             wl_i = wl_i * alpha + tl.sum(e, axis=1)
-            ws_i = ws_i * alpha + tl.sum(e * tl.where(pos, t, 0.0), axis=1)
             tmin_i = tmin_new
     return m_i, l_i, tmin_i, wl_i, ws_i, n_i
 
@@ -307,8 +311,9 @@ def _merge_chunks(PART, rows, rmask, M, splits, beta_tau, BETA_ZERO: tl.constexp
         else:
             tmin_s = tl.load(part + 2 * stride, mask=rmask, other=1.0e30, cache_modifier=".cg")
             alpha = tl.exp2(beta_tau * (tmin_i - tmin_s))
-            wl_i += tl.load(part + 3 * stride, mask=rmask, other=0.0, cache_modifier=".cg") * alpha
-            ws_i += ws * alpha
+            wl_s = tl.load(part + 3 * stride, mask=rmask, other=0.0, cache_modifier=".cg")
+            ws_i += (ws + wl_s * (tmin_s - tmin_i)) * alpha
+            wl_i += wl_s * alpha
         n_i += tl.load(part + 5 * stride, mask=rmask, other=0.0, cache_modifier=".cg").to(tl.int32)
     return m_i, l_i, tmin_i, wl_i, ws_i, n_i
 
@@ -324,10 +329,13 @@ def _finish_rows(rows, rmask, m_i, l_i, tmin_i, wl_i, ws_i, n_i, WS, LOSS_ROWS, 
         sbar = tl.zeros_like(lse)
     elif BETA_ZERO:
         sbar = ws_i * LN2 / tl.maximum(n_i, 1).to(tl.float32)
-    else:
+    else:  # SBAR holds sbar - tmin ln 2 here (see _fwd_tile)
         sbar = tl.where(valid, ws_i * LN2 / tl.maximum(wl_i, 1e-30), 0.0)
         lz = tl.where(valid, tl.log2(tl.maximum(wl_i, 1e-30)), 0.0)
+        lse = lse - tl.where(valid, tmin_i * LN2, 0.0)  # loss = (LSE - tmin ln 2) - SBAR
     loss = tl.where(valid, lse - sbar, 0.0) * scale
+    if not (BETA_ZERO or LSE_ONLY):
+        lse = lse + tl.where(valid, tmin_i * LN2, 0.0)
     tl.store(LOSS_ROWS + rows, loss, mask=rmask)
     tl.store(WS + LSE_ROW * M + rows, lse, mask=rmask)
     tl.store(WS + SBAR_ROW * M + rows, sbar, mask=rmask)
@@ -415,9 +423,13 @@ def _positive_grad(t, gl, sbar, tmin, lz, npos, beta_tau, BETA_ZERO: tl.constexp
     if BETA_ZERO:
         return gl / tl.maximum(npos, 1.0) + tl.zeros_like(t)
     else:
-        w = tl.exp2(tl.minimum(beta_tau * (tmin - t), 0.0) - lz)
-        if EXACT:
-            w = w * (1.0 - beta_tau * (t * LN2 - sbar))
+        # The recomputed t may differ from the forward's in the last bits (tile orientation,
+        # norms); a positive within that of tmin counts as the hardest, or a huge beta would
+        # turn an ulp into a weight of 0.
+        d = tl.maximum(t - tmin - 4e-6 * tl.maximum(tl.abs(tmin), 1.0), 0.0)
+        w = tl.exp2(-beta_tau * d - lz)
+        if EXACT:  # s - sbar = (t - tmin) ln 2 - SBAR, SBAR relative to tmin
+            w = w * (1.0 - beta_tau * (d * LN2 - sbar))
         return gl * w
 
 
