@@ -39,13 +39,13 @@ Conventions shared by every kernel:
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-NORM_EPS = 1e-12
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+NORM_EPS = tl.constexpr(1e-12)
 # Stats rows of the workspace (each M floats), then RF (M), RG (N; none for one set), count (1).
-LOSS_ROW, LSE_ROW, SBAR_ROW, TMIN_ROW, LZ_ROW, NPOS_ROW, STAT_ROWS = 0, 1, 2, 3, 4, 5, 6
+LOSS_ROW, LSE_ROW, SBAR_ROW, TMIN_ROW, LZ_ROW, NPOS_ROW, STAT_ROWS = (tl.constexpr(i) for i in range(7))
 # Partial state of a column chunk: m, l, tmin, wl, ws, n.
-PART_ROWS = 6
+PART_ROWS = tl.constexpr(6)
 
 
 @triton.jit
@@ -59,12 +59,13 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_block(X, idx, imask, offs_d, D, stride_r, stride_d, EVEN_D: tl.constexpr):
-    if EVEN_D:
-        mask = imask[:, None]
+def _load_block(X, idx, imask, offs_d, D, stride_r, stride_d, UNMASKED: tl.constexpr):
+    """Rows ``idx`` of X (padding 0); UNMASKED: every row in range and D a power of two."""
+    ptrs = X + idx[:, None] * stride_r + offs_d[None, :] * stride_d
+    if UNMASKED:
+        return tl.load(ptrs)
     else:
-        mask = imask[:, None] & (offs_d[None, :] < D)
-    return tl.load(X + idx[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+        return tl.load(ptrs, mask=imask[:, None] & (offs_d[None, :] < D), other=0.0)
 
 
 @triton.jit
@@ -125,8 +126,8 @@ def _fwd_tile(f, yf, row_scale, rows, start, col_hi, G, YG, RG, stride_gn, strid
     """One column tile of the forward: updates the running log-sum-exp (m, l) over A(i) and,
     unless LSE_ONLY, the positive-set state (tmin, wl, ws, n)."""
     cols = start + tl.arange(0, BLOCK_N)
-    cmask = cols < col_hi
-    g = _load_block(G, cols, cmask, offs_d, D, stride_gn, stride_gd, EVEN_D)
+    cmask = (cols < col_hi) | (not MASKED)  # only the last tile can hold padding
+    g = _load_block(G, cols, cmask, offs_d, D, stride_gn, stride_gd, EVEN_D and not MASKED)
     if NORMS_GIVEN:
         rg = tl.load(RG + cols, mask=cmask, other=0.0)
     else:
@@ -209,7 +210,7 @@ def _supcon_fwd_kernel(
     else:
         RG = RF + M
 
-    f = _load_block(F, rows, rmask, offs_d, D, stride_fm, stride_fd, EVEN_D)
+    f = _load_block(F, rows, rmask, offs_d, D, stride_fm, stride_fd, False)
     if NORMS_GIVEN:
         p, _ = _row_scales(f, False)
         rf = tl.load(RF + rows, mask=rmask, other=1.0)
@@ -383,11 +384,11 @@ def _supcon_norms_kernel(F, G, WS, M, N, D, stride_fm, stride_fd, stride_gn, str
     offs_d = tl.arange(0, BLOCK_D)
     RF = WS + STAT_ROWS * M
     mask = rows < M
-    _, r = _row_scales(_load_block(F, rows, mask, offs_d, D, stride_fm, stride_fd, EVEN_D), NORMALIZE)
+    _, r = _row_scales(_load_block(F, rows, mask, offs_d, D, stride_fm, stride_fd, False), NORMALIZE)
     tl.store(RF + rows, r, mask=mask)
     if not SINGLE_SET:
         mask = rows < N
-        _, r = _row_scales(_load_block(G, rows, mask, offs_d, D, stride_gn, stride_gd, EVEN_D),
+        _, r = _row_scales(_load_block(G, rows, mask, offs_d, D, stride_gn, stride_gd, False),
                            NORMALIZE)
         tl.store(RF + M + rows, r, mask=mask)
 
@@ -447,8 +448,8 @@ def _bwd_tile(acc, a, ya, a_scale, a_idx, stats_a, B, YB, RB, start, hi, stride_
     G_ji are read off the same tile). Otherwise ``a`` holds contrast rows and ``B`` anchors
     (dK). The logit tile is always laid out (resident, streamed)."""
     b_idx = start + tl.arange(0, BLOCK_B)
-    bmask = b_idx < hi
-    b = _load_block(B, b_idx, bmask, offs_d, D, stride_bn, stride_bd, EVEN_D)
+    bmask = (b_idx < hi) | (not MASKED)  # only the last tile can hold padding
+    b = _load_block(B, b_idx, bmask, offs_d, D, stride_bn, stride_bd, EVEN_D and not MASKED)
     rb = tl.load(RB + b_idx, mask=bmask, other=0.0)
     yb = tl.load(YB + b_idx, mask=bmask, other=0)
     if ANCHORS_ARE_ROWS:
@@ -506,7 +507,7 @@ def _bwd_block(pid, split, splits, X, YX, RX, B, YB, RB, OUT, PART, LOCKS, lock,
     idx = row0 + tl.arange(0, BLOCK_X)
     offs_d = tl.arange(0, BLOCK_D)
     xmask = idx < X_ROWS
-    x = _load_block(X, idx, xmask, offs_d, D, stride_xn, stride_xd, EVEN_D)
+    x = _load_block(X, idx, xmask, offs_d, D, stride_xn, stride_xd, False)
     p, _ = _row_scales(x, False)
     rx = tl.load(RX + idx, mask=xmask, other=0.0)
     a = _scale_rows(x, p)

@@ -121,7 +121,7 @@ def fixed_shift(temperature: float, normalize: bool, n: int) -> float:
 
 def ws_size(m: int, n: int, single: bool) -> int:
     """float32 workspace: STAT_ROWS rows of M stats, RF (M), RG (N, two sets), the count."""
-    return (kernels.STAT_ROWS + 1) * m + (0 if single else n) + 1
+    return (kernels.STAT_ROWS.value + 1) * m + (0 if single else n) + 1
 
 
 def _bucket(x: int) -> int:
@@ -174,7 +174,7 @@ def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor
     splits = num_splits(m, n, f.device)
     per_split = chunk(n, splits)
     splits = triton.cdiv(n, per_split)
-    part = torch.empty(kernels.PART_ROWS * splits * m if splits > 1 else 1, device=f.device,
+    part = torch.empty(kernels.PART_ROWS.value * splits * m if splits > 1 else 1, device=f.device,
                        dtype=torch.float32)
     locks = _lock_buffer(f.device, triton.cdiv(m, MIN_BLOCK) + 1)
     shift2 = fixed_shift(temperature, normalize, n)
@@ -344,7 +344,8 @@ class TritonSupCon:
             return composite()
         loss, ws = self._apply(p, 1.0, 0)
         m = p.f.shape[0]
-        return loss, ws[kernels.NPOS_ROW * m:(kernels.NPOS_ROW + 1) * m] > 0
+        npos = kernels.NPOS_ROW.value
+        return loss, ws[npos * m:(npos + 1) * m] > 0
 
     def loss(self, p: SupConProblem, scale: float, reduction: str) -> Tensor:
         """The reduced loss in one launch (``reduction`` "mean", "sum" or "none")."""
