@@ -178,6 +178,10 @@ def test_opcheck_triton_ops(single):
     y = labels_for("random", 20).to(DEVICE)
     g, y_g = (None, None) if single else (torch.randn(30, 8, device=DEVICE, requires_grad=True),
                                           labels_for("random", 30).to(DEVICE))
-    y, y_g = supcon_triton.dense_label_ids(y, y_g)
-    args = (f, g, y, y_g, 0, 0.2, 1.5, True, False, True)
-    torch.library.opcheck(torch.ops.anchor_kernels.supcon_fwd_triton.default, args)
+    for reduction in (0, 2):
+        args = (f, g, y, y_g, 0, 0.2, 1.5, 0.5, True, False, reduction)
+        torch.library.opcheck(torch.ops.anchor_kernels.supcon_fwd_triton.default, args)
+        loss, ws = torch.ops.anchor_kernels.supcon_fwd_triton(*args)
+        bwd = (torch.ones_like(loss), f.detach(), None if g is None else g.detach(), y, y_g, ws,
+               0, 0.2, 1.5, 0.5, True, False, True, reduction)
+        torch.library.opcheck(torch.ops.anchor_kernels.supcon_bwd_triton.default, bwd)

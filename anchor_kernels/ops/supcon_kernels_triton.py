@@ -284,6 +284,8 @@ def _supcon_fwd_kernel(
         if REDUCE > 0:
             if _acquire_last(LOCKS, tl.num_programs(0), tl.num_programs(0)):
                 _reduce_loss(WS, LOSS_ROWS, OUT, M, N, SINGLE_SET, REDUCE)
+        else:  # no count: the workspace is fully written all the same
+            tl.store(_count_ptr(WS, M, N, SINGLE_SET), 0.0, mask=pid == 0)
 
 
 @triton.jit
@@ -324,7 +326,7 @@ def _finish_rows(rows, rmask, m_i, l_i, tmin_i, wl_i, ws_i, n_i, WS, LOSS_ROWS, 
                  BETA_ZERO: tl.constexpr, LSE_ONLY: tl.constexpr):
     """Per-anchor loss (times ``scale`` = tau / base_tau) and the statistics the backward reads."""
     valid = n_i > 0
-    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.maximum(l_i, 1e-30))) * LN2, 0.0)
+    lse = tl.where(l_i == 0.0, 0.0, (m_i + tl.log2(l_i)) * LN2)  # a NaN feature stays NaN
     lz = tl.zeros_like(lse)
     if LSE_ONLY:
         sbar = tl.zeros_like(lse)
@@ -338,6 +340,7 @@ def _finish_rows(rows, rmask, m_i, l_i, tmin_i, wl_i, ws_i, n_i, WS, LOSS_ROWS, 
     if not (BETA_ZERO or LSE_ONLY):
         lse = lse + tl.where(valid, tmin_i * LN2, 0.0)
     tl.store(LOSS_ROWS + rows, loss, mask=rmask)
+    tl.store(WS + LOSS_ROW * M + rows, loss, mask=rmask)  # the same address unless "none"
     tl.store(WS + LSE_ROW * M + rows, lse, mask=rmask)
     tl.store(WS + SBAR_ROW * M + rows, sbar, mask=rmask)
     tl.store(WS + TMIN_ROW * M + rows, tmin_i, mask=rmask)

@@ -290,10 +290,13 @@ class SupConTriton(torch.autograd.Function):
         return (df, None if g is None else dg) + (None,) * 10
 
 
+_SIGNED = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _labels(y: Optional[Tensor]) -> Optional[Tensor]:
     """Labels as the kernels compare them: any signed integer dtype as it is (unsigned and
     bool widened to int64, which Triton pointers of those types do not all support)."""
-    if y is None or (y.is_signed() and y.dtype != torch.bool):
+    if y is None or y.dtype in _SIGNED:
         return y
     return y.to(torch.int64)
 
