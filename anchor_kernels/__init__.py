@@ -2,12 +2,11 @@
 adversarial training. See README.md for the maths and the API."""
 
 from . import attacks, distributed, reference
-from .backends import available_backends
 from .hard_positive import hard_positive_mining
 from .losses import HardMinedSupConLoss, PMLSupConLoss, SupConLoss
 from .pgd import pgd_random_start, pgd_step
 from .similarity import pairwise_similarity
-from .supcon import supcon_loss
+from .supcon import available_backends, supcon_loss
 
 __version__ = "0.1.0"
 
