@@ -154,3 +154,17 @@ def test_matches_openclip_two_processes(two_ranks, i):
 
 def test_exported():
     assert ak.ClipLoss is ClipLoss and ak.clip_loss is clip_loss
+
+
+def test_benchmark_candidates():
+    from benchmarks.ops import clip as op
+    from benchmarks.records import Settings
+
+    p = op.make_problem(16, torch.float32, torch.device("cpu"), dict(op.OPTIONS, d=16))
+    cands = {c.name: c for c in op.candidates(torch.device("cpu"), op.OPTIONS, Settings())}
+    assert {"eager", "compile", "inf-cl", "cpu", "triton"} <= set(cands)
+    if not torch.cuda.is_available():  # recorded as unsupported with the reason, never faked
+        assert any("CUDA" in r for r in cands["inf-cl"].reasons(p))
+    fwd, _ = cands["eager"].build(p)
+    assert_close(clip_loss(*(p.inputs[k] for k in ("image", "text", "logit_scale"))), fwd(),
+                 atol=1e-5, rtol=1e-5, what="open_clip's formula in the benchmark")
