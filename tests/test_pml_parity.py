@@ -78,10 +78,11 @@ def test_ref_emb_self_case_is_decided_by_identity(backend):
                    ref_labels=y)
 
 
-def test_float32_on_the_default_device():
-    # backend auto: the C++ kernel on the CPU, Triton on a GPU
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_float32_on_the_default_device(backend):
+    # auto: the C++ kernel on the CPU; triton: the interpreter on the CPU, the kernels on a GPU
     emb, y = torch.randn(32, 16), labels_for("some_alone", 32)
-    ours = ak.PMLSupConLoss(0.1)
+    ours = ak.PMLSupConLoss(0.1, backend=backend)
     loss, grads = run(ours, emb.to(DEVICE), y.to(DEVICE))
     expected, expected_grads = run(pml_losses.SupConLoss(0.1), emb.double(), y)
     assert_close(loss, expected, atol=1e-5, rtol=1e-5, what="loss")
