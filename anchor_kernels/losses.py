@@ -240,6 +240,8 @@ def _similarity_normalizes(distance) -> bool:
 def _pair_counts(labels: Tensor, ref_labels: Tensor, self_case: bool) -> tuple[int, int]:
     """(positive pairs, negative pairs) as PML counts them, from per-class counts (no M x N)."""
     m = labels.shape[0]
+    if m == 0 or ref_labels.shape[0] == 0:
+        return 0, 0
     _, inverse = torch.unique(torch.cat([labels, ref_labels.to(labels.dtype)]), return_inverse=True)
     k = int(inverse.max()) + 1
     matches = int((torch.bincount(inverse[:m], minlength=k)

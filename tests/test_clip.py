@@ -74,12 +74,15 @@ def test_matches_openclip_one_process(backend, scale):
     assert_close(s.grad, ref_s[0].grad, **tol, what="logit_scale gradient")
 
 
-def test_float32_default_backend_and_output_dict():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_float32_and_output_dict(backend):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     imgs, txts = features([32], dtype=torch.float32)
     scale = torch.tensor(30.0)
     expected = openclip_losses([x.double() for x in imgs], [x.double() for x in txts],
                                [scale.double()], False, False)[0]
-    out = ClipLoss()(imgs[0], txts[0], scale, output_dict=True)
+    imgs, txts, scale = [x.to(device) for x in imgs], [x.to(device) for x in txts], scale.to(device)
+    out = ClipLoss(backend=backend)(imgs[0], txts[0], scale, output_dict=True)
     assert set(out) == {"contrastive_loss"} and out["contrastive_loss"].dtype == torch.float32
     assert_close(out["contrastive_loss"], expected, atol=1e-5, rtol=1e-5, what="loss")
     assert_close(clip_loss(imgs[0], txts[0], 30.0), expected, atol=1e-5, rtol=1e-5,
