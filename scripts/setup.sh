@@ -11,6 +11,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q torch
 fi
 .venv/bin/python -m pip install -q -r requirements-test.txt
+# torchattacks (the attack tests compare against it) without its dependencies: it asks for
+# torchvision, whose pin would replace the torch installed above, and does not need it.
+.venv/bin/python -m pip install -q scipy requests
+.venv/bin/python -m pip install -q --no-deps "torchattacks==3.5.1"
 # The package itself, editable, so that `anchor-train` and `import anchor_kernels` work from any
 # folder. No build isolation and no C++ build here (seconds): the extension compiles just in
 # time on first use, or ahead of time with ANCHOR_KERNELS_BUILD_EXT=1 (see README.md).
