@@ -34,15 +34,22 @@ POSITIVES = ("label", "instance")
 
 
 class _EvalMode:
-    """Puts ``model`` in eval (or train) mode and restores each module's own flag on exit."""
+    """Puts ``model`` in eval (or train) mode and restores each module's own flag on exit.
 
-    def __init__(self, model: nn.Module, eval_mode: bool | None):
-        self.model, self.eval_mode = model, eval_mode
+    In train mode, modules whose class name contains one of ``keep_eval`` (e.g. "BatchNorm",
+    "Dropout") stay in eval mode, as torchattacks' ``set_model_training_mode`` does."""
+
+    def __init__(self, model: nn.Module, eval_mode: bool | None, keep_eval: tuple = ()):
+        self.model, self.eval_mode, self.keep_eval = model, eval_mode, keep_eval
 
     def __enter__(self):
         self.saved = [(m, m.training) for m in self.model.modules()]
         if self.eval_mode is not None:
             self.model.train(not self.eval_mode)
+            if not self.eval_mode:
+                for m in self.model.modules():
+                    if any(k in type(m).__name__ for k in self.keep_eval):
+                        m.eval()
         return self
 
     def __exit__(self, *exc):
@@ -147,14 +154,20 @@ class PGD:
         self.positives, self.supcon_kwargs = positives, dict(supcon_kwargs or {})
         self.loss_backend, self.autocast_dtype = loss_backend, autocast_dtype
         self.generator, self.backend = generator, backend
+        # torchattacks' state: attack mode, normalisation, BatchNorm/Dropout in train mode
+        self.attack_mode, self.targeted, self._target_map, self._kth_min = "default", False, None, 1
+        self.normalization_used: dict | None = None
+        self._keep_eval: tuple = ()
+        self._given_name = name
         self.name = name or self._default_name()
 
     def _default_name(self) -> str:
         def fmt(value):
             return "per-sample" if isinstance(value, Tensor) else f"{value:.4g}"
         objective = self.loss if isinstance(self.loss, str) else "custom"
+        mode = "" if self.attack_mode == "default" else "_" + self.attack_mode
         return (f"pgd{self.steps}_{self.norm}_eps{fmt(self.eps)}_alpha{fmt(self.alpha)}"
-                f"{'_rs' if self.random_start else ''}_{objective}")
+                f"{'_rs' if self.random_start else ''}_{objective}{mode}")
 
     def config(self) -> dict:
         """The settings as a JSON-serialisable dict."""
@@ -163,7 +176,9 @@ class PGD:
         return {"name": self.name, "eps": num(self.eps), "alpha": num(self.alpha),
                 "steps": self.steps, "random_start": self.random_start, "norm": self.norm,
                 "loss": self.loss if isinstance(self.loss, str) else getattr(
-                    self.loss, "__name__", "custom"), "lo": self.lo, "hi": self.hi}
+                    self.loss, "__name__", "custom"), "lo": self.lo, "hi": self.hi,
+                "attack_mode": self.attack_mode,
+                "normalization_used": self.normalization_used is not None}
 
     def __repr__(self) -> str:
         return f"PGD({json.dumps(self.config())})"
@@ -189,6 +204,7 @@ class PGD:
             raise ValueError("alpha must be finite and > 0 for every sample")
 
     def _forward(self, x: Tensor) -> Tensor:
+        x = self._normalize(x)
         if self.embed is not None:
             return self.embed(x)
         return self.model(x)
@@ -199,14 +215,17 @@ class PGD:
         return torch.autocast(x.device.type, dtype=self.autocast_dtype)
 
     def _objective(self, x_adv: Tensor, y, clean_embeddings) -> Tensor:
+        # targeted: y holds the target labels and the attack descends their loss
+        sign = -1.0 if self.targeted else 1.0
         if self.loss == "ce":
-            return F.cross_entropy(self.model(x_adv).float(), y, reduction="sum")
+            logits = self.model(self._normalize(x_adv)).float()
+            return sign * F.cross_entropy(logits, y, reduction="sum")
         out = self._forward(x_adv)
         if self.loss == "supcon":
             views = torch.stack([out, clean_embeddings.to(out.dtype)], dim=1)  # (B, 2, D)
             labels = y if self.positives == "label" else None
             return supcon_loss(views, labels, backend=self.loss_backend, **self.supcon_kwargs)
-        return self.loss(out, y)
+        return sign * self.loss(out, y)
 
     def __call__(self, x: Tensor, y: Tensor | None) -> Tensor:
         v.check_tensor("x", x, floating=True)
@@ -219,12 +238,18 @@ class PGD:
         alpha = check_budget("alpha", self.alpha, x, allow_zero=False)[1]
         eps = self.eps if eps is None else eps
         alpha = self.alpha if alpha is None else alpha
+        if self.targeted and self.loss == "supcon":
+            raise ValueError("targeted modes need loss='ce' or a callable loss, not 'supcon'")
         if x.numel() == 0:
             return x.detach().clone()
-        self._check_inputs(x, eps, alpha)
         x = x.detach()
+        if self.normalization_used is not None:  # attack in pixel space, as torchattacks
+            x = self._denormalize(x).clamp(self.lo, self.hi)  # clamp: rounding of the inverse
+        self._check_inputs(x, eps, alpha)
 
-        with _EvalMode(self.model, self.eval_mode):
+        with _EvalMode(self.model, self.eval_mode, self._keep_eval):
+            if self.targeted:
+                y = self._target_labels(x, y)
             if self.random_start:
                 x_adv = pgd_random_start(x, eps, self.lo, self.hi, norm=self.norm,
                                          generator=self.generator, backend=self.backend)
@@ -244,9 +269,178 @@ class PGD:
                 x_adv = x_adv.detach()
                 pgd_step(x_adv, grad, x, eps, alpha, self.lo, self.hi, norm=self.norm,
                          backend=self.backend)
+        if self.normalization_used is not None:
+            return self._normalize(x_adv).detach()
         return x_adv.detach()
 
     forward = __call__
+
+    # --- torchattacks' Attack surface --------------------------------------------------
+
+    def get_logits(self, inputs: Tensor) -> Tensor:
+        """The model's logits for ``inputs`` as given to the attack (normalised inputs when
+        ``set_normalization_used`` was called, as torchattacks outside an attack)."""
+        return self.model(inputs)
+
+    def get_mode(self) -> str:
+        """"default" or "targeted(label)", "targeted(custom)", "targeted(random)",
+        "targeted(least-likely)"."""
+        return self.attack_mode
+
+    def _set_mode(self, mode: str, target_map, quiet: bool) -> None:
+        if mode != "default" and self.loss == "supcon":
+            raise ValueError("targeted modes need loss='ce' or a callable loss, not 'supcon'")
+        self.attack_mode, self.targeted, self._target_map = mode, mode != "default", target_map
+        if self._given_name is None:
+            self.name = self._default_name()
+        if not quiet:
+            print(f"Attack mode is changed to '{mode}'.")
+
+    def set_mode_default(self, quiet: bool = False) -> None:
+        """Untargeted: maximise the loss of the true labels."""
+        self._set_mode("default", None, quiet)
+
+    def set_mode_targeted_by_label(self, quiet: bool = False) -> None:
+        """Targeted: the labels passed to ``attack(x, y)`` are the targets."""
+        self._set_mode("targeted(label)", None, quiet)
+
+    def set_mode_targeted_by_function(self, target_map_function: Callable, quiet: bool = False) -> None:
+        """Targeted: targets are ``target_map_function(x, y)``, e.g. ``lambda x, y: (y + 1) % 10``."""
+        if not callable(target_map_function):
+            raise TypeError("target_map_function must be callable (inputs, labels) -> targets")
+        self._set_mode("targeted(custom)", target_map_function, quiet)
+
+    def set_mode_targeted_random(self, quiet: bool = False) -> None:
+        """Targeted: a uniformly random class other than the label (drawn from ``generator``)."""
+        self._set_mode("targeted(random)", self._random_targets, quiet)
+
+    def set_mode_targeted_least_likely(self, kth_min: int = 1, quiet: bool = False) -> None:
+        """Targeted: the class with the ``kth_min``-th smallest logit, the label left out."""
+        self._kth_min = v.check_int("kth_min", kth_min, minimum=1)
+        self._set_mode("targeted(least-likely)", self._least_likely_targets, quiet)
+
+    def set_normalization_used(self, mean, std) -> None:
+        """The model takes ``(x - mean) / std`` (per channel): the attack is then called with
+        and returns normalised inputs, and works in pixel space ([lo, hi]) in between."""
+        # float32, as torchattacks keeps them, so that both give the same bits
+        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std = torch.as_tensor(std, dtype=torch.float32).flatten()
+        if mean.numel() != std.numel() or mean.numel() == 0:
+            raise ValueError(f"mean and std must have one value per channel, got {mean.numel()} "
+                             f"and {std.numel()}")
+        if not bool((std > 0).all()):
+            raise ValueError("std must be > 0 for every channel")
+        c = mean.numel()
+        self.normalization_used = {"mean": mean.reshape(1, c, 1, 1), "std": std.reshape(1, c, 1, 1)}
+
+    def set_model_training_mode(self, model_training: bool = False,
+                                batchnorm_training: bool = False,
+                                dropout_training: bool = False) -> None:
+        """Modules' modes during the attack: eval (default), or train with BatchNorm and
+        Dropout layers kept in eval unless their flag is set (torchattacks' rules)."""
+        self.eval_mode = not model_training
+        self._keep_eval = tuple(name for name, train in (("BatchNorm", batchnorm_training),
+                                                         ("Dropout", dropout_training)) if not train)
+
+    def save(self, data_loader: Iterable, save_path: str | None = None, verbose: bool = True,
+             return_verbose: bool = False, save_predictions: bool = False,
+             save_clean_inputs: bool = False, save_type: str = "float"):
+        """torchattacks' ``save``: attack every batch of ``data_loader`` and ``torch.save`` a
+        dict with "adv_inputs", "labels" (and "preds", "clean_inputs"), "save_type" ("int":
+        uint8 pixels, x * 255 truncated, as there) to ``save_path``. Inputs are saved in pixel
+        space when normalisation is set. Returns (robust accuracy %, mean L2 of the successful
+        perturbations, seconds of the last batch) when ``return_verbose``."""
+        v.check_choice("save_type", save_type, ("float", "int"))
+        device = self._device()
+        saved = {"adv_inputs": [], "labels": [], "preds": [], "clean_inputs": []}
+        correct = total = 0
+        l2s, rob_acc, l2, seconds = [], 0.0, 0.0, 0.0
+        for x, y in data_loader:
+            start = time.perf_counter()
+            x, y = x.to(device), y.to(device)
+            x_adv = self(x, y)
+            with torch.no_grad(), _EvalMode(self.model, True):
+                pred = self.get_logits(x_adv).argmax(dim=1)
+            right = pred == y
+            correct += int(right.sum())
+            total += y.shape[0]
+            delta = x_adv - x  # in the caller's space, as torchattacks
+            l2s.append(delta.reshape(x.shape[0], -1)[~right].norm(dim=1))
+            rob_acc = 100.0 * correct / total
+            l2 = torch.cat(l2s).mean().item() if sum(t.numel() for t in l2s) else 0.0
+            seconds = time.perf_counter() - start
+            if verbose:
+                print(f"- Save progress: {total} samples / Robust accuracy: {rob_acc:.2f} % / "
+                      f"L2: {l2:.5f} ({seconds:.3f} s)", end="\r")
+            for key, value in (("adv_inputs", self._pixels(x_adv)), ("labels", y),
+                               ("preds", pred), ("clean_inputs", self._pixels(x))):
+                saved[key].append(value.detach().cpu())
+        if verbose:
+            print()
+        if save_path is not None:
+            out = {"adv_inputs": torch.cat(saved["adv_inputs"]), "labels": torch.cat(saved["labels"])}
+            if save_predictions:
+                out["preds"] = torch.cat(saved["preds"])
+            if save_clean_inputs:
+                out["clean_inputs"] = torch.cat(saved["clean_inputs"])
+            if save_type == "int":
+                for key in ("adv_inputs", "clean_inputs"):
+                    if key in out:
+                        out[key] = (out[key] * 255).to(torch.uint8)
+            out["save_type"] = save_type
+            torch.save(out, save_path)
+        if return_verbose:
+            return rob_acc, l2, seconds
+        return None
+
+    # --- helpers of the above ---
+
+    def _device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        if self.normalization_used is None:
+            return x
+        n = self.normalization_used
+        return (x - n["mean"].to(x.device, x.dtype)) / n["std"].to(x.device, x.dtype)
+
+    def _denormalize(self, x: Tensor) -> Tensor:
+        n = self.normalization_used
+        return x * n["std"].to(x.device, x.dtype) + n["mean"].to(x.device, x.dtype)
+
+    def _pixels(self, x: Tensor) -> Tensor:
+        return x if self.normalization_used is None else self._denormalize(x)
+
+    def _target_labels(self, x: Tensor, y: Tensor | None) -> Tensor:
+        """Targets of a targeted attack, from pixel-space ``x`` and the true labels ``y``."""
+        if self.attack_mode == "targeted(label)":
+            if y is None:
+                raise ValueError("targeted(label) mode takes the targets as y; got None")
+            return y
+        target = self._target_map(x, y)  # pixel-space inputs, as torchattacks passes them
+        v.check_labels("target labels", target, x.shape[0], x, f"the batch size B={x.shape[0]}")
+        return target
+
+    def _clean_logits(self, x: Tensor) -> Tensor:
+        with torch.no_grad(), _EvalMode(self.model, True), self._autocast(x):
+            return self.model(self._normalize(x)).float()
+
+    def _random_targets(self, x: Tensor, y: Tensor | None) -> Tensor:
+        logits = self._clean_logits(x)
+        y = logits.argmax(dim=1) if y is None else y
+        gen_device = self.generator.device if self.generator is not None else y.device
+        shift = torch.randint(1, logits.shape[1], y.shape, generator=self.generator,
+                              device=gen_device).to(y.device)
+        return (y + shift) % logits.shape[1]
+
+    def _least_likely_targets(self, x: Tensor, y: Tensor | None) -> Tensor:
+        logits = self._clean_logits(x)
+        y = logits.argmax(dim=1) if y is None else y
+        if not 1 <= self._kth_min < logits.shape[1]:
+            raise ValueError(f"kth_min={self._kth_min} must be below the {logits.shape[1]} classes")
+        others = logits.scatter(1, y[:, None], float("inf"))  # the label is never a target
+        return others.kthvalue(self._kth_min, dim=1).indices
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,6 +465,26 @@ PRESETS = {"pgd20_trades": pgd20_trades, "pgd20": pgd20}
 
 # ---------------------------------------------------------------------------------------
 # evaluation
+
+
+def attack_name(attack) -> str:
+    """``attack.name`` if it has one, else its class and settings, e.g. torchattacks'
+    ``PGD(eps=0.03137, alpha=0.007843, steps=10, random_start=True)``."""
+    name = getattr(attack, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    if not hasattr(attack, "__dict__") or isinstance(attack, type(attack_name)):
+        return getattr(attack, "__name__", type(attack).__name__)
+    noise = {"attack", "model_name", "device", "targeted", "supported_mode",
+             "normalization_used", "attack_mode"}
+    settings = [f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}"
+                for k, val in vars(attack).items()
+                if not k.startswith("_") and k not in noise
+                and isinstance(val, (bool, int, float, str))]
+    mode = getattr(attack, "attack_mode", "default")
+    if isinstance(mode, str) and mode != "default":
+        settings.append(f"mode={mode}")
+    return f"{type(attack).__name__}({', '.join(settings)})"
 
 
 def evaluate(
@@ -309,8 +523,8 @@ def evaluate(
         named = dict(attacks)
     else:
         named = {}
-        for i, attack in enumerate(attacks):
-            key = getattr(attack, "name", None) or f"attack{i}"
+        for attack in attacks:
+            key = attack_name(attack)
             if key in named:
                 raise ValueError(f"two attacks are named {key!r}; pass a dict of names")
             named[key] = attack

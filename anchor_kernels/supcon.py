@@ -149,3 +149,26 @@ def supcon_loss(
         return chosen.loss(problem, temperature / base, reduction)
     per_anchor, valid = chosen.per_anchor(problem)
     return reduce_loss(per_anchor, valid, temperature / base, reduction)
+
+
+def available_backends(features: Tensor, labels: Tensor | None = None, *,
+                       temperature: float = 0.1, base_temperature: float | None = None,
+                       hard_positive_beta: float = 0.0, hard_positive_topk: int | None = None,
+                       detach_weights: bool = True, normalize: bool = True,
+                       contrast: Tensor | None = None, contrast_labels: Tensor | None = None,
+                       anchor_offset: int | None = 0, reduction: str = "mean",
+                       backend: str = "auto") -> dict[str, list[str]]:
+    """Which backends can run ``supcon_loss`` on these inputs, and why the others cannot.
+
+    Takes ``supcon_loss``'s arguments (``base_temperature``, ``reduction`` and ``backend`` do
+    not change the answer) and returns ``{backend: reasons}`` for "triton", "cuda", "cpu" and
+    "eager"; an empty list means that backend can run them. Nothing is computed.
+    """
+    from .backends import available_backends as reasons_for
+
+    f, y_f, g, y_g, anchor_offset = prepare(features, labels, contrast, contrast_labels,
+                                            anchor_offset)
+    problem = SupConProblem(f, y_f, g, y_g, v.check_positive("temperature", temperature),
+                            float(hard_positive_beta), hard_positive_topk, detach_weights,
+                            normalize, anchor_offset)
+    return reasons_for(problem)

@@ -155,7 +155,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """CIFAR ResNet-18 (3x3 stride-1 stem, no max-pool), as in DESIGN.md section 4."""
+    """CIFAR ResNet-18 (3x3 stride-1 stem, no max-pool), as the trainer's model."""
 
     def __init__(self, width=64, classes=10):
         super().__init__()

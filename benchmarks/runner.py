@@ -92,6 +92,9 @@ class Sweep:
         """Ask every candidate about a small problem before any clock starts: importing a
         backend may build it (the C++ extension compiles once, just in time), which is no
         part of a time budget."""
+        if self.progress is not None:  # label the (possibly long) build as what it is
+            self.progress.set_postfix_str("loading the backends (the first run builds the C++ "
+                                          "extension, once)", refresh=True)
         for op, options, sizes in self.cfg.ops:
             for dtype in self.cfg.dtypes:
                 p = op.make_problem(min(sizes), dtype, self.cfg.device, options)

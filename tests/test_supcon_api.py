@@ -84,10 +84,13 @@ def test_pml_call_shape_runs_fused():
 def test_backend_auto_and_refusals():
     x, y = torch.randn(8, 4), labels_for("random", 8)
     assert torch.isfinite(ak.supcon_loss(x, y))  # auto never picks the interpreter
-    reasons = ak.available_backends(ak.backends.SupConProblem(
-        x, y, None, None, 0.1, 0.0, None, True, True, 0))
+    reasons = ak.available_backends(x, y, temperature=0.1)
     assert reasons["eager"] == []
     assert set(reasons) == {"triton", "cuda", "cpu", "eager"}
+    views = ak.available_backends(torch.randn(33, 2, 17), hard_positive_topk=2, backend="eager")
+    assert views["eager"] == [] and set(views) == set(reasons)
+    with pytest.raises(ValueError, match="labels is required"):
+        ak.available_backends(torch.randn(33, 17))
     with pytest.raises(ValueError, match="backend"):
         ak.supcon_loss(x, y, backend="fast")
 

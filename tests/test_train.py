@@ -206,6 +206,24 @@ def test_resume_errors_name_the_problem(tmp_path, capsys):
     assert "--lr 0.5" in err and "(the run used 0.1)" in err
 
 
+def test_resume_refuses_new_epochs_and_says_when_finished(tmp_path, capsys):
+    assert main(tiny(tmp_path, "--progress")) == 0
+    err = capsys.readouterr().err
+    assert "epoch=1 " in err and "eval:" in err  # the epoch line and the evaluation's bar
+    assert main(tiny(tmp_path, "--resume", epochs=2)) == 2  # the schedule depends on it
+    assert "--epochs 2 (the run used 1)" in capsys.readouterr().err
+    assert main(tiny(tmp_path, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "already finished its 1 epochs; nothing to train" in err
+    assert "epoch=" not in err  # no epoch was trained again
+
+
+def test_no_progress_keeps_the_epoch_lines(tmp_path, capsys):
+    t = trainer(tmp_path)
+    t._print_row({"epoch": 3, "loss": 1.5})
+    assert "epoch=3 loss=1.5" in capsys.readouterr().err
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     t = trainer(tmp_path, epochs=3)
     t.log.append(t.train_epoch())
@@ -377,7 +395,8 @@ def test_lr_schedule():
     (["--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
     (["--method", "simclr"], "argument --method: invalid choice: 'simclr'"),
     (["--loss-backend", "fast"], "argument --loss-backend: invalid choice: 'fast'"),
-    (["--hard-positive-topk", "2"], "pass --hard-positive-beta 0 with --hard-positive-topk"),
+    (["--hard-positive-topk", "2", "--hard-positive-beta", "1"],
+     "pass --hard-positive-beta 0 with --hard-positive-topk"),
     (["--eps", "2"], "--eps must be <= 1"),
     (["--lr", "nan"], "--lr must be a finite number > 0"),
     (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
@@ -390,6 +409,13 @@ def test_bad_flags_give_usage_errors_naming_the_flag(argv, message, capsys):
         parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_hard_positive_topk_alone_turns_soft_mining_off():
+    cfg, given = parse_args(["--hard-positive-topk", "2"])
+    assert (cfg.hard_positive_topk, cfg.hard_positive_beta) == (2, 0.0)
+    assert given == {"hard_positive_topk"}
+    assert parse_args([])[0].hard_positive_beta == 1.0
 
 
 def test_config_file_and_flag_precedence(tmp_path, capsys):

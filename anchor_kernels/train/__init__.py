@@ -1,4 +1,4 @@
-"""The reference ANCHOR trainer (DESIGN section 4): ``python -m anchor_kernels.train`` or
+"""The reference ANCHOR trainer: ``python -m anchor_kernels.train`` or
 ``anchor-train``; ``torchrun --nproc_per_node=K -m anchor_kernels.train`` for several GPUs.
 
 Modules, one job each: ``config`` (flags and config file), ``data`` (CIFAR-10 / .npz /

@@ -27,7 +27,7 @@ def _opt(default, help: str, **kw):
 
 @dataclass
 class TrainConfig:
-    """Defaults follow DESIGN section 4 (ANCHOR on CIFAR-10 with a CIFAR ResNet-18)."""
+    """Defaults: ANCHOR on CIFAR-10 with a CIFAR ResNet-18 (see README.md, Training)."""
 
     # what to train
     method: str = _opt("anchor", "training objective; the three share data, model, schedule and "
@@ -78,7 +78,7 @@ class TrainConfig:
     hard_positive_beta: float = _opt(1.0, "soft hard-positive mining strength beta >= 0 "
                                      "(0: plain SupCon)")
     hard_positive_topk: int | None = _opt(None, "top-k hard-positive mining instead of soft mining "
-                                          "(requires --hard-positive-beta 0)")
+                                          "(--hard-positive-beta then defaults to 0)")
     ce_weight: float = _opt(1.0, "lambda in L = L_supcon + lambda * CE(classifier(x_adv), y)",
                             flags=("--ce-weight", "--lambda"))
     trades_beta: float = _opt(6.0, "TRADES trade-off 1/lambda on the KL term")
@@ -105,7 +105,8 @@ class TrainConfig:
     deterministic: bool = _opt(False, "deterministic kernels, so that --resume is bit-exact on a GPU "
                                "too (slower; on the CPU runs are deterministic anyway)")
     sync_bn: bool = _opt(False, "SyncBatchNorm under torchrun")
-    progress: bool = _opt(True, "tqdm progress bar with images/s (rank 0 only)")
+    progress: bool = _opt(True, "tqdm progress bars for training (images/s) and evaluation (rank 0 "
+                          "only); the per-epoch summary lines are printed either way")
     log_every: int = _opt(20, "steps between progress updates and NaN checks (each one synchronises)")
 
     def validate(self) -> "TrainConfig":
@@ -163,8 +164,10 @@ def flag_of(name: str) -> str:
     return name.replace("_", "-")
 
 
-# Fields that do not change the trajectory of a run: a resumed run may change them.
-RESUME_FREE = {"epochs", "phase2_epochs", "out_dir", "overwrite", "resume", "eval_every",
+# Fields that do not change the trajectory of a run: a resumed run may change them. The epoch
+# counts are not among them: the learning-rate schedule is a function of the total, so a
+# different --epochs would change every remaining step.
+RESUME_FREE = {"out_dir", "overwrite", "resume", "eval_every",
                "eval_samples", "final_eval_samples", "eval_batch_size", "progress", "log_every",
                "compile", "data", "loss_backend", "pgd_backend"}
 
@@ -218,6 +221,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, set[str]]:
         except (OSError, ValueError) as exc:
             parser.error(str(exc))
     values.update(given)
+    if values.get("hard_positive_topk") is not None and "hard_positive_beta" not in given:
+        values["hard_positive_beta"] = 0.0  # top-k replaces soft mining unless beta is given
     try:
         return from_dict(values), set(given)
     except ValueError as exc:

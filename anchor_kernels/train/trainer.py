@@ -302,7 +302,8 @@ class Trainer:
                               rank=self.info.rank, world=self.info.world, limit=samples)
         t0 = time.perf_counter()
         out = evaluate(self.attack_model, loader, self.info, torch.bfloat16 if self.bf16 else None,
-                       self.channels_last, self.cfg.pgd_backend)
+                       self.channels_last, self.cfg.pgd_backend,
+                       progress=self.cfg.progress and self.info.is_main)
         out["eval_s"] = time.perf_counter() - t0
         return out
 
@@ -315,6 +316,10 @@ class Trainer:
     def run(self) -> dict:
         """Train the remaining epochs; evaluate, log and checkpoint after each; final evaluation."""
         cfg = self.cfg
+        if self.epoch >= self.total_epochs and self.info.is_main:
+            print(f"anchor-train: the run in {cfg.out_dir} already finished its "
+                  f"{self.total_epochs} epochs; nothing to train, repeating the final evaluation "
+                  f"on {cfg.final_eval_samples or 'all'} test images", file=sys.stderr, flush=True)
         while self.epoch < self.total_epochs:
             row = self.train_epoch()
             last = self.epoch == self.total_epochs
@@ -333,8 +338,6 @@ class Trainer:
         return final
 
     def _print_row(self, row: dict) -> None:
-        if not self.cfg.progress:
-            return
         keep = ("epoch", "loss", "clean_acc", "pgd20_trades_acc", "pgd20_acc", "images_per_s",
                 "attack_ms", "fwd_bwd_ms", "loss_ms")
         print(" ".join(f"{k}={_round(row[k])}" for k in keep if k in row), file=sys.stderr, flush=True)

@@ -2,7 +2,7 @@
 
 Each op module defines:
 
-- ``NAME``: the op's stem (``supcon``, ``similarity``, ``hard_positive``, ``pgd``);
+- ``NAME``: the op's stem (``supcon``, ``similarity``, ``hard_positive``, ``pgd``, ``clip``);
 - ``SIZE_LABEL``: what the swept size ``n`` is (the plot's x axis);
 - ``OPTIONS``: the op's settings and their defaults (``--set <op>.<key>=<value>`` overrides);
   an op with a feature dimension calls it ``d`` (``--dim`` sets it);
@@ -24,6 +24,7 @@ OPS = {
     "similarity": "benchmarks.ops.similarity",
     "hard_positive": "benchmarks.ops.hard_positive",
     "pgd": "benchmarks.ops.pgd",
+    "clip": "benchmarks.ops.clip",
 }
 
 
