@@ -171,8 +171,8 @@ def test_supcon_objective_runs_the_fused_loss(trained, positives, monkeypatch):
     from anchor_kernels.ops import supcon_triton
 
     calls = []
-    real = supcon_triton.BACKEND.per_anchor
-    monkeypatch.setattr(supcon_triton.BACKEND, "per_anchor", lambda p: calls.append(p) or real(p))
+    real = supcon_triton.BACKEND.loss
+    monkeypatch.setattr(supcon_triton.BACKEND, "loss", lambda p, *a: calls.append(p) or real(p, *a))
     x, y = x[:16], y[:16]
     attack = PGD(model, eps=0.1, alpha=0.02, steps=3, loss="supcon", embed=model.embed,
                  positives=positives, loss_backend="triton", supcon_kwargs={"temperature": 0.5})

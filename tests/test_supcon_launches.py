@@ -1,0 +1,74 @@
+"""What one loss call costs on the host, counted without a clock: Triton launches and the
+torch ops dispatched for a forward + backward (CPU tensors, Triton under its interpreter)."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import anchor_kernels as ak
+from anchor_kernels.ops import supcon_triton
+
+from .utils import labels_for
+
+if not supcon_triton.interpreting() and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Every op dispatched at the top level (the ops' own implementations run beneath it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def count(monkeypatch, fn):
+    launches = []
+    real = supcon_triton._run
+    monkeypatch.setattr(supcon_triton, "_run", lambda kernel, grid, args, cx: (
+        launches.append(getattr(kernel, "__name__", str(kernel))), real(kernel, grid, args, cx)))
+    with DispatchedOps() as mode:
+        fn()
+    return launches, mode.ops
+
+
+@pytest.mark.parametrize("options", [dict(), dict(hard_positive_beta=1.0, detach_weights=False),
+                                     dict(reduction="none"), dict(two_sets=True)],
+                         ids=["supcon", "soft-exact", "per-anchor", "two-sets"])
+def test_one_launch_each_way(monkeypatch, options):
+    options = dict(options)
+    f = torch.randn(96, 32, device=DEVICE, requires_grad=True)
+    y = labels_for("random", 96).to(DEVICE)
+    inputs = 1
+    if options.pop("two_sets", False):
+        inputs = 2
+        options.update(contrast=f.detach().clone().requires_grad_(), contrast_labels=y,
+                       anchor_offset=0)
+
+    def step():
+        loss = ak.supcon_loss(f, y, backend="triton", **options)
+        loss.backward(torch.ones_like(loss))
+
+    launches, ops = count(monkeypatch, step)
+    assert launches == ["_supcon_fwd_kernel", "_supcon_bwd_kernel"]
+    # Besides the two ops: the test's seed gradient and the accumulation into each .grad.
+    # No label pre-pass, no norms, no zero-fills, no reduction ops.
+    assert ops.count("anchor_kernels.supcon_fwd_triton") == 1
+    assert ops.count("anchor_kernels.supcon_bwd_triton") == 1
+    assert len(ops) <= 3 + inputs, ops
+
+
+def test_large_batches_add_only_linear_work(monkeypatch):
+    """From STREAMING_MIN_LOGITS on: a norms kernel, the log-sum-exp-only pair, and plain
+    SupCon's class sums as O((M + N) D) torch ops."""
+    monkeypatch.setattr(supcon_triton, "STREAMING_MIN_LOGITS", 1)
+    f = torch.randn(96, 32, device=DEVICE, requires_grad=True)
+    y = labels_for("random", 96).to(DEVICE)
+    launches, ops = count(monkeypatch, lambda: ak.supcon_loss(f, y, backend="triton").backward())
+    assert launches == ["_supcon_norms_kernel", "_supcon_fwd_kernel", "_supcon_bwd_kernel"]
+    assert len(ops) <= 100, ops  # O((M + N) D) each
