@@ -59,6 +59,15 @@ VARIANT_KEYS = ("NORMALIZE", "SINGLE_SET", "BETA_ZERO", "LSE_ONLY", "FIXED_SHIFT
 STREAMING_MIN_LOGITS = 8192 * 8192
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division (``triton.cdiv`` is a jit function: costly to call from Python)."""
+    return -(-a // b)
+
+
+def next_power_of_2(x: int) -> int:
+    return 1 << max(x - 1, 0).bit_length()
+
+
 def config_family(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
@@ -100,13 +109,13 @@ def num_splits(rows: int, cols: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    row_blocks = triton.cdiv(rows, 128)
-    return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(cols, 4 * SPLIT_ALIGN), 16))
+    row_blocks = cdiv(rows, 128)
+    return max(1, min(cdiv(2 * sms, row_blocks), cdiv(cols, 4 * SPLIT_ALIGN), 16))
 
 
 def chunk(length: int, splits: int) -> int:
     """Streamed rows per chunk, a multiple of SPLIT_ALIGN, so that ``splits`` chunks cover ``length``."""
-    return triton.cdiv(triton.cdiv(max(length, 1), splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    return cdiv(cdiv(max(length, 1), splits), SPLIT_ALIGN) * SPLIT_ALIGN
 
 
 def fixed_shift(temperature: float, normalize: bool, n: int) -> float:
@@ -125,7 +134,7 @@ def ws_size(m: int, n: int, single: bool) -> int:
 
 
 def _bucket(x: int) -> int:
-    return triton.next_power_of_2(max(x, 1))
+    return next_power_of_2(max(x, 1))
 
 
 _locks: dict = {}
@@ -153,7 +162,7 @@ def _common(f: Tensor, g: Optional[Tensor], normalize: bool, temperature: float)
     g_ = f if single else g
     m, d = f.shape
     n = g_.shape[0]
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_power_of_2(d))
     streaming = m * n >= STREAMING_MIN_LOGITS
     constexprs = dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=block_d == d,
                       DOT_PRECISION=dot_precision(f.dtype), UPCAST=interpreter_upcast(f.dtype),
@@ -173,18 +182,18 @@ def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor
     loss_rows = loss if reduction == 0 else ws[:m]
     splits = num_splits(m, n, f.device)
     per_split = chunk(n, splits)
-    splits = triton.cdiv(n, per_split)
-    part = torch.empty(kernels.PART_ROWS.value * splits * m if splits > 1 else 1, device=f.device,
-                       dtype=torch.float32)
-    locks = _lock_buffer(f.device, triton.cdiv(m, MIN_BLOCK) + 1)
+    splits = cdiv(n, per_split)
+    part = torch.empty(kernels.PART_ROWS.value * splits * m, device=f.device,
+                       dtype=torch.float32) if splits > 1 else ws
+    locks = _lock_buffer(f.device, cdiv(m, MIN_BLOCK) + 1)
     shift2 = fixed_shift(temperature, normalize, n)
     with device_guard(f):
         if streaming:
-            _run(kernels._supcon_norms_kernel, (triton.cdiv(max(m, n), 64),),
+            _run(kernels._supcon_norms_kernel, (cdiv(max(m, n), 64),),
                  (f, g_, ws, m, n, d, f.stride(0), f.stride(1), g_.stride(0), g_.stride(1)),
                  dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=cx["EVEN_D"], BLOCK_R=64,
                       BLOCK_D=block_d))
-        _launch("fwd", f.dtype, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits),
+        _launch("fwd", f.dtype, lambda meta: (cdiv(m, meta["BLOCK_M"]), splits),
                 (f, g_, y_f, y_g_, ws, loss_rows, loss, part, locks, m, n, d, f.stride(0),
                  f.stride(1), g_.stride(0), g_.stride(1), self_offset, 1.0 / temperature, beta,
                  shift2, scale, per_split, _bucket(m), _bucket(n)),
@@ -204,14 +213,14 @@ def supcon_bwd(grad: Tensor, f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: O
     dg = f.new_empty(0) if single else torch.empty(n, d, device=g.device, dtype=g.dtype)
     splits = num_splits(m if single else m + n, n if single else max(m, n), f.device)
     cols_per_split, rows_per_split = chunk(n, splits), chunk(m, splits)
-    splits = max(triton.cdiv(n, cols_per_split), 1 if single else triton.cdiv(m, rows_per_split))
-    part = torch.empty(splits * (m + (0 if single else n)) * block_d if splits > 1 else 1,
-                       device=f.device, dtype=torch.float32)
-    locks = _lock_buffer(f.device, triton.cdiv(m, MIN_BLOCK) + triton.cdiv(n, MIN_BLOCK) + 1)
+    splits = max(cdiv(n, cols_per_split), 1 if single else cdiv(m, rows_per_split))
+    part = torch.empty(splits * (m + (0 if single else n)) * block_d, device=f.device,
+                       dtype=torch.float32) if splits > 1 else ws
+    locks = _lock_buffer(f.device, cdiv(m, MIN_BLOCK) + cdiv(n, MIN_BLOCK) + 1)
     shift2 = fixed_shift(temperature, normalize, n)
     dg_ = df if single else dg
-    programs = (lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)) if single else \
-        (lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + triton.cdiv(n, meta["BLOCK_N"]), splits))
+    programs = (lambda meta: (cdiv(m, meta["BLOCK_M"]), splits)) if single else \
+        (lambda meta: (cdiv(m, meta["BLOCK_M"]) + cdiv(n, meta["BLOCK_N"]), splits))
     with device_guard(f):
         _launch("bwd", f.dtype, programs,
                 (f, g_, y_f, y_g_, ws, grad, df, dg_, part, locks, m, n, d, f.stride(0),

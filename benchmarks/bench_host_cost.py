@@ -1,0 +1,108 @@
+"""Host cost of one SupCon forward + backward: the Python, dispatch and autograd work around
+the kernels, measured on the CPU with the Triton launches stubbed out (nothing runs on a
+device, so what is timed is what the host spends per call).
+
+    .venv/bin/python benchmarks/bench_host_cost.py --out benchmarks/results/host_cost_cpu.json
+
+Candidates, interleaved (one call of each per round), garbage collector paused, median and
+20/80 % quantiles of `--rounds` rounds after `--warmup`:
+- `triton (launches stubbed)`: ``supcon_loss(f, y, backend="triton")`` + backward, with the
+  module's single launch point replaced by a no-op (Triton's own launcher cost excluded);
+- `eager` and `compile`: the reference loss eager and under ``torch.compile``, at the same
+  small N on the CPU. Their math does run, so at this size they are an upper bound on their
+  host cost, not a stubbed measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors reach the Triton backend (stubbed below)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+
+import anchor_kernels as ak  # noqa: E402
+from anchor_kernels import reference  # noqa: E402
+from anchor_kernels.ops import supcon_triton  # noqa: E402
+
+
+def candidates(n: int, d: int, beta: float):
+    f = torch.randn(n, d, requires_grad=True)
+    y = torch.randint(0, 10, (n,))
+
+    def triton_stubbed():
+        ak.supcon_loss(f, y, hard_positive_beta=beta, backend="triton").backward()
+
+    def eager_loss(x):
+        return reference.supcon_loss(x, y, hard_positive_beta=beta)
+
+    compiled_loss = torch.compile(eager_loss)
+    return {"triton (launches stubbed)": triton_stubbed,
+            "eager": lambda: eager_loss(f).backward(),
+            "compile": lambda: compiled_loss(f).backward()}, f
+
+
+def measure(n: int, d: int, beta: float, rounds: int, warmup: int) -> dict:
+    fns, f = candidates(n, d, beta)
+    times = {name: [] for name in fns}
+    real_run = supcon_triton._run
+    supcon_triton._run = lambda *args: None
+    gc.disable()
+    try:
+        for i in range(warmup + rounds):
+            for name, fn in fns.items():
+                f.grad = None
+                start = time.perf_counter()
+                fn()
+                elapsed = time.perf_counter() - start
+                if i >= warmup:
+                    times[name].append(elapsed * 1e6)
+    finally:
+        gc.enable()
+        supcon_triton._run = real_run
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10)
+        out[name] = {"median_us": statistics.median(ts), "p20_us": q[1], "p80_us": q[7]}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    results = {}
+    print(f"host cost of one forward + backward, N={args.n}, D={args.d}, CPU "
+          f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    print(f"{'beta':>5} {'candidate':28s} {'median us':>10} {'p20':>8} {'p80':>8}")
+    for beta in args.betas:
+        results[str(beta)] = measure(args.n, args.d, beta, args.rounds, args.warmup)
+        for name, r in results[str(beta)].items():
+            print(f"{beta:5.1f} {name:28s} {r['median_us']:10.1f} {r['p20_us']:8.1f} {r['p80_us']:8.1f}")
+    if args.out:
+        meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "machine": platform.platform(), "cpu_count": os.cpu_count(),
+                "torch": torch.__version__, "python": platform.python_version(),
+                "n": args.n, "d": args.d, "rounds": args.rounds, "warmup": args.warmup}
+        with open(args.out, "w") as fh:
+            json.dump({"meta": meta, "results": results}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
