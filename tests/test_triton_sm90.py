@@ -61,6 +61,7 @@ def test_nested_loops_hot_loop_is_the_inner_mma_loop():
     assert r["loop"] == {"start": 0x20, "end": 0x70}
     assert r["loop_instructions"] == 6 and r["loop_mma"] == 1 and r["loop_ex2"] == 2
     assert r["mma_shapes"] == ["HGMMA.64x64x16.F32.BF16"]
+    assert r["loop_opcodes"] == {"MUFU": 2, "WARPGROUP": 2, "HGMMA": 1, "BRA": 1}
     assert r["instr_per_logit"] == pytest.approx(6 * 32 * 4 / (64 * 64))
     assert r["ex2_per_logit"] == pytest.approx(2 * 32 * 4 / (64 * 64))
     # the spill pair sits outside the inner loop: counted for the kernel, not the loop
@@ -140,7 +141,7 @@ def fake_report(**figures):
             "local_loads": 0, "local_stores": 0, "mma_shapes": ["HGMMA.64x64x16.F32.BF16"],
             "loops": [], "loop": {"start": 0, "end": 16}, "loop_instructions": 40,
             "loop_local_loads": 0, "loop_local_stores": 0, "loop_mma": 1, "loop_ex2": 32,
-            "instr_per_logit": 5.0, "ex2_per_logit": 1.0}
+            "instr_per_logit": 5.0, "ex2_per_logit": 1.0, "loop_opcodes": {}}
     return {**base, **figures}
 
 

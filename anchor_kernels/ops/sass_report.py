@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 
 MMA_OPCODES = ("HGMMA", "HMMA")
@@ -130,6 +131,8 @@ def analyse(sass: str, num_warps: int, tile: tuple[int, int] | None) -> dict:
         "loop_ex2": count(body, "MUFU.EX2"),
         "instr_per_logit": None,
         "ex2_per_logit": None,
+        # the loop's mix, by opcode without modifiers: where its instructions go
+        "loop_opcodes": dict(Counter(i.opcode.split(".")[0] for i in body).most_common()),
     }
     if loop and tile:
         threads_per_logit = 32 * num_warps / (tile[0] * tile[1])

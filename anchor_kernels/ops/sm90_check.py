@@ -83,8 +83,7 @@ def check_variant(module, kernel, signature, constexprs, num_warps, num_stages) 
     tile = tuple(constexprs[n] for n in options["tile_names"]) if options["tile_names"] else None
     row = {"module": module, "kernel": kernel.__name__, "dtype": element_type(signature),
            "signature": {k: v for k, v in signature.items() if v != "constexpr"},
-           "num_warps": num_warps, "num_stages": num_stages,
-           "constexprs": constexprs,
+           "num_warps": num_warps, "num_stages": num_stages, "constexprs": constexprs,
            "attrs": options["attrs"], "uses_dot": options["uses_dot"], "tile": tile,
            "max_instr_per_logit": options["max_instr_per_logit"], "failures": []}
     start = time.perf_counter()
@@ -134,10 +133,10 @@ def format_row(row: dict) -> str:
     """One table line: resources, spills (kernel/loop), MMA shapes, hot-loop figures."""
     if "registers" not in row:
         return f"{describe(row)}  FAILED ({row['seconds']}s)"
-    per = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    per = lambda v, digits=1: "-" if v is None else f"{v:.{digits}f}"  # noqa: E731
     shapes = ",".join(row["mma_shapes"]) or "no-mma"
     loop = (f"loop={row['loop_instructions']} mma={row['loop_mma']} ex2={row['loop_ex2']} "
-            f"instr/logit={per(row['instr_per_logit'])} ex2/logit={per(row['ex2_per_logit'])}"
+            f"instr/logit={per(row['instr_per_logit'])} ex2/logit={per(row['ex2_per_logit'], 2)}"
             if row["loop"] else "no-loop")
     return (f"{describe(row)}  regs={row['registers']} stack={row['stack']} "
             f"smem={row['static_smem']}+{row['dynamic_smem']} "
