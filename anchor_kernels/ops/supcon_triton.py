@@ -381,7 +381,9 @@ def sm90_compile_specs():
 
     launches = []
     m, n, d = 4096, 4096, 128
-    for dtype in DTYPES:
+    # bfloat16 in every configuration; float16 is the same code with another element type,
+    # and float32 is compiled in its first configuration (CI's time budget).
+    for dtype, configs in ((torch.bfloat16, slice(None)), (torch.float32, slice(0, 1))):
         f = torch.empty(m, d, dtype=dtype)
         y = torch.empty(m, dtype=torch.int64)
         ws = torch.empty(ws_size(m, n, True), dtype=torch.float32)
@@ -394,10 +396,10 @@ def sm90_compile_specs():
                     14.5, 1.0, n, m, n)
         bwd_args = (f, f, y, y, ws, loss, f, f, part, locks, m, n, d, d, 1, d, 1, d, 1, d, 1, 0,
                     10.0, 0.0, 14.5, 1.0, n, m, m, n)
-        # (streaming, beta = 0, lse_only): the variants supcon_loss runs at large and small N
-        variants = [(True, True, True), (True, False, False), (False, True, False),
-                    (False, False, False)]
-        for config_f, config_b in zip(configs_for("fwd", dtype), configs_for("bwd", dtype)):
+        # (streaming, beta = 0, lse_only): large-batch plain SupCon (the bare log-sum-exp)
+        # and small-batch soft mining (per-logit positives, column chunks, norms per tile)
+        variants = [(True, True, True), (False, False, False)]
+        for config_f, config_b in zip(configs_for("fwd", dtype)[configs], configs_for("bwd", dtype)[configs]):
             for streaming, beta_zero, lse_only in variants:
                 flags = dict(BETA_ZERO=beta_zero, LSE_ONLY=lse_only, FIXED_SHIFT=True)
                 launches.append(Launch(_KERNELS["fwd"], (1, 1), fwd_args, dict(
