@@ -237,8 +237,9 @@ def hard_positive_mining(
     Row i lists the positives ``P(i)`` (same label, not the self column ``anchor_offset + i``)
     with the k lowest ``cos_ij``, ascending, ties to the lower j: the set is exactly
     ``topk_hardest_mask(cos, pos, k)``. Rows with fewer than k positives are padded with index
-    -1 and cosine +inf (a padded entry sorts after every real one). Cosines are in z's dtype
-    and differentiable with respect to ``z`` and ``contrast``.
+    -1 and cosine +inf (a padded entry sorts after every real one). A NaN cosine (NaN in the
+    inputs) ranks after every real one and before the padding. Cosines are in z's dtype and
+    differentiable with respect to ``z`` and ``contrast``.
     """
     zn = normalize_rows(z) if normalize else z
     if contrast is None:
@@ -248,8 +249,12 @@ def hard_positive_mining(
         y_c = contrast_labels
     cos = zn @ c.T
     _, pos = self_and_positive_masks(labels, y_c, anchor_offset)
-    key = cos.detach().masked_fill(~pos, float("inf"))
-    order = torch.argsort(key, dim=1, stable=True)[:, :k]
+    # Positives by cosine (a NaN cosine after every number, ties and NaNs to the lower j),
+    # then everything else: two stable sorts.
+    key = cos.detach().nan_to_num(nan=float("inf"), posinf=float("inf"))
+    order = torch.argsort(key, dim=1, stable=True)
+    order = order.gather(1, torch.argsort((~pos).gather(1, order).to(torch.uint8), dim=1,
+                                         stable=True))[:, :k]
     chosen = pos.gather(1, order)
     idx = torch.where(chosen, order, torch.full_like(order, -1))
     vals = cos.gather(1, order).masked_fill(~chosen, float("inf"))
