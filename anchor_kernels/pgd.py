@@ -146,8 +146,11 @@ def _check_like(name: str, t, x_name: str, x: Tensor) -> None:
 
 
 def _check_writable(name: str, t: Tensor) -> None:
-    """An output written in place must not have elements sharing memory (stride 0, expand)."""
-    if torch._debug_has_internal_overlap(t) == 1:
+    """An output written in place must not have elements sharing memory (stride 0, expand).
+    Under torch.compile only the strides are read (the memory check does not trace)."""
+    stride0 = any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride()))
+    if stride0 or (not torch.compiler.is_compiling()
+                   and torch._debug_has_internal_overlap(t) == 1):
         raise ValueError(f"{name} has elements that share memory (stride {tuple(t.stride())}, "
                          f"e.g. an expand()ed tensor), so it cannot be written in place; pass "
                          f"{name}.clone() or a fresh tensor")
@@ -170,7 +173,10 @@ def _may_overlap(a: Tensor, b: Tensor) -> bool:
 
 
 def _unaliased(t: Tensor, out: Tensor) -> Tensor:
-    """t, or a copy of it when it may share memory with the output written in place."""
+    """t, or a copy of it when it may share memory with the output written in place (not
+    under torch.compile, whose functionalisation sees the aliasing itself)."""
+    if torch.compiler.is_compiling():
+        return t
     return t.clone() if _may_overlap(t, out) else t
 
 

@@ -73,6 +73,13 @@ if LOAD_ERROR is None:
                                     setup_context=_setup_context)
 
 
+def max_beta(dtype: torch.dtype) -> float:
+    """The largest ``hard_positive_beta`` the kernels take for inputs of ``dtype``: beta times
+    the accumulation dtype's rounding unit stays below 1e-4, so that the backward's weights,
+    from recomputed cosines, agree with the forward's to that relative error."""
+    return 1e3 if torch.promote_types(dtype, torch.float32) == torch.float32 else 1e11
+
+
 class CppSupCon:
     """The extension's kernels on one device type: fused streaming forward and backward with
     O(M + N) extra memory (per-thread tiles on CPU, per-block tiles on CUDA)."""
@@ -96,6 +103,14 @@ class CppSupCon:
             reasons.append(f"dtype {p.f.dtype} is not supported by the {self.name} kernels ({names})")
         if p.topk is not None and not p.lse_only:
             reasons += supcon_topk.topk_reasons(p, self.name)
+        limit = max_beta(p.f.dtype)
+        if p.beta > limit:
+            reasons.append(
+                f"hard_positive_beta={p.beta:g} is above {limit:g}, past which the {self.name} "
+                f"kernels' soft-mining gradient in {p.out_dtype} is dominated by rounding (the "
+                "backward recomputes each cosine, and an error of one rounding unit moves a "
+                "weight by beta times that); use backend='eager'"
+                + (" or float64 inputs" if p.out_dtype != torch.float64 else ""))
         return reasons
 
     def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:

@@ -350,13 +350,20 @@ class Trainer:
         print(" ".join(f"{k}={_round(row[k])}" for k in keep if k in row), file=sys.stderr, flush=True)
 
 
+class OutDirUnavailable(OSError):
+    """The output folder cannot be created (permissions, a read-only file system, ...)."""
+
+
 def _prepare_out_dir(path: str) -> None:
     """--out-dir exists as a folder (created if needed), and an interrupted save's temporary
     file is gone. A path naming a file is a usage error; a folder that cannot be created is
     an OSError (the environment)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--out-dir {path!r} is a file, not a folder")
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:  # never reported as a usage error, even when it is ENOENT
+        raise OutDirUnavailable(f"--out-dir {path!r} cannot be created: {exc}") from None
     checkpoint.remove_stale_temporaries(path)
 
 
