@@ -64,8 +64,16 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
+# Unsigned integer dtypes past uint8 have few kernels in torch (no searchsorted, sort or
+# unique on some devices): refused up front rather than deep inside a backend.
+_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
+
+
 def check_labels(name: str, labels, n: int, like: Tensor, what: str) -> Tensor:
     check_tensor(name, labels, integer=True)
+    if labels.dtype in _UNSIGNED:
+        raise TypeError(f"{name} must have a signed integer dtype or uint8 (e.g. torch.int64), "
+                        f"got {labels.dtype}; convert with {name}.long()")
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(f"{name} must have shape ({n},) to match {what}, got {tuple(labels.shape)}")
     check_same(name, labels, "features", like, dtype=False)

@@ -214,11 +214,13 @@ class PGD:
             return contextlib.nullcontext()
         return torch.autocast(x.device.type, dtype=self.autocast_dtype)
 
-    def _objective(self, x_adv: Tensor, y, clean_embeddings) -> Tensor:
+    def _objective(self, x_adv: Tensor, y, clean_embeddings, first: bool = False) -> Tensor:
         # targeted: y holds the target labels and the attack descends their loss
         sign = -1.0 if self.targeted else 1.0
         if self.loss == "ce":
             logits = self.model(self._normalize(x_adv)).float()
+            if first:  # once per call (one sync): cross_entropy would fail obscurely (or assert on GPU)
+                _check_class_labels(y, logits)
             return sign * F.cross_entropy(logits, y, reduction="sum")
         out = self._forward(x_adv)
         if self.loss == "supcon":
@@ -259,10 +261,10 @@ class PGD:
             if self.loss == "supcon" and self.steps > 0:
                 with torch.no_grad(), self._autocast(x):
                     clean = self._forward(x)
-            for _ in range(self.steps):
+            for step in range(self.steps):
                 x_adv.requires_grad_(True)
                 with torch.enable_grad(), self._autocast(x):
-                    objective = self._objective(x_adv, y, clean)
+                    objective = self._objective(x_adv, y, clean, first=step == 0)
                 if objective.dim() != 0:
                     raise ValueError(f"the loss must be a scalar, got shape {tuple(objective.shape)}")
                 (grad,) = torch.autograd.grad(objective, x_adv)
@@ -443,6 +445,16 @@ class PGD:
         return others.kthvalue(self._kth_min, dim=1).indices
 
 
+def _check_class_labels(y: Tensor, logits: Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"loss='ce' needs the model to return logits (B, C), got shape "
+                         f"{tuple(logits.shape)}")
+    c = logits.shape[1]
+    if bool(((y < 0) | (y >= c)).any()):
+        raise ValueError(f"y must hold class indices in [0, {c}) for the model's {c} classes, "
+                         f"got values in [{int(y.min())}, {int(y.max())}]")
+
+
 # ---------------------------------------------------------------------------------------
 # presets
 
@@ -528,6 +540,10 @@ def evaluate(
             if key in named:
                 raise ValueError(f"two attacks are named {key!r}; pass a dict of names")
             named[key] = attack
+    for key, attack in named.items():
+        if not callable(attack):
+            raise TypeError(f"attack {key!r} must be callable as attack(x, y) -> x_adv, got "
+                            f"{type(attack).__name__}")
     if max_samples is not None:
         v.check_int("max_samples", max_samples, minimum=1)
     if device is None:
@@ -545,7 +561,12 @@ def evaluate(
     start = time.perf_counter()
     with _EvalMode(model, True):
         bar = tqdm(data, desc=desc, disable=not progress, leave=False)
-        for x, y in bar:
+        for batch in bar:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                what = (f"a {type(batch).__name__} of {len(batch)}"
+                        if isinstance(batch, (tuple, list)) else type(batch).__name__)
+                raise ValueError(f"data must yield (x, y) batches, got {what}")
+            x, y = batch
             if max_samples is not None and n >= max_samples:
                 break
             if max_samples is not None and n + x.shape[0] > max_samples:

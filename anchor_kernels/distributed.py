@@ -128,12 +128,59 @@ def all_gather_with_grad(x: Tensor, group=None) -> Tensor:
     gathered first); dtype and trailing shape must match.
     """
     world, rank = _require_group(group)
-    v.check_tensor("x", x)
-    if x.dim() == 0:
-        raise ValueError("x must have a leading row dimension, got a 0-d tensor")
-    size = torch.tensor([x.shape[0]], dtype=torch.int64, device=_metadata_device(group, x))
-    sizes = tuple(int(s) for s in _gather_padded(size, (1,) * world, group).tolist())
-    return _GatherRowsWithGrad.apply(x, sizes, rank, group)
+    error = None
+    try:
+        v.check_tensor("x", x)
+        if x.dim() == 0:
+            raise ValueError("x must have a leading row dimension, got a 0-d tensor")
+    except Exception as exc:  # reaches the other ranks through the metadata exchange
+        error = exc
+    table = _gather_metadata(None if error else _shape_row(x), group, x)
+    if error is not None:
+        raise error
+    failed = [r for r, row in enumerate(table) if row[0]]
+    if failed:
+        raise RuntimeError(f"rank(s) {failed} passed an invalid x to all_gather_with_grad (the "
+                           "reason is raised on those ranks)")
+    _same_on_every_rank(table)
+    return _GatherRowsWithGrad.apply(x, tuple(row[1] for row in table), rank, group)
+
+
+_SHOWN_DIMS = 4  # trailing dimensions sent verbatim (the rest only as a checksum)
+
+
+def _shape_row(x: Tensor) -> list[int]:
+    """(error=0, rows, ndim, dtype, device type, checksum of x.shape[1:], first dims of it)."""
+    tail = list(x.shape[1:])
+    shown = (tail + [-1] * _SHOWN_DIMS)[:_SHOWN_DIMS]
+    return [0, x.shape[0], x.dim(), _code(x.dtype, _DTYPES), _code(x.device.type, _DEVICE_TYPES),
+            zlib.crc32(repr(tail).encode()), *shown]
+
+
+def _gather_metadata(row: list[int] | None, group, like) -> list[list[int]]:
+    """Every rank's ``_shape_row`` (error = 1 where a rank's x was invalid): one small gather
+    before the real one, so that a mismatch is an error on every rank instead of a collective
+    that aborts or silently reinterprets bytes."""
+    width = 6 + _SHOWN_DIMS
+    row = [1] + [0] * (width - 1) if row is None else row
+    mine = torch.tensor([row], dtype=torch.int64, device=_metadata_device(group, like))
+    world = dist.get_world_size(group)
+    return _gather_padded(mine, (1,) * world, group).tolist()
+
+
+def _same_on_every_rank(table: list[list[int]]) -> None:
+    def show_tail(row):
+        n = row[2] - 1
+        return str(tuple(row[6:6 + n])) if n <= _SHOWN_DIMS else f"({n} dims, checksum {row[5]:08x})"
+
+    checks = [((2, 5), "x.shape[1:] (every dimension but the rows)", show_tail, ValueError),
+              ((3,), "x's dtype", lambda row: _name(row[3], _DTYPES), TypeError),
+              ((4,), "x's device type", lambda row: _name(row[4], _DEVICE_TYPES), ValueError)]
+    for fields, what, show, exc in checks:
+        if len({tuple(row[f] for f in fields) for row in table}) > 1:
+            per_rank = ", ".join(f"rank {r}: {show(row)}" for r, row in enumerate(table))
+            raise exc(f"all_gather_with_grad: {what} differs between ranks ({per_rank}); every "
+                      "rank must pass the same (only the number of rows may differ)")
 
 
 # --- exchanging and checking what each rank passes ---------------------------------------

@@ -24,10 +24,11 @@ class EagerHardPositive:
 
     def __call__(self, z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor, k: int,
                  normalize: bool, anchor_offset: int | None) -> tuple[Tensor, Tensor]:
+        dtype = cosine_dtype(z.dtype)  # half inputs ranked in float32, as the kernels do
         idx, cos = reference.hard_positive_mining(
-            z, labels, k, normalize=normalize, contrast=c, contrast_labels=c_labels,
-            anchor_offset=anchor_offset)
-        return idx, cos.to(cosine_dtype(z.dtype))
+            z.to(dtype), labels, k, normalize=normalize, contrast=c.to(dtype),
+            contrast_labels=c_labels, anchor_offset=anchor_offset)
+        return idx, cos
 
 
 def _load_triton():
@@ -59,10 +60,10 @@ def cosine_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _normalized(x: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
+    """(x / max(||x||, eps), ||x||), without overflow for any finite row (``reference``)."""
     if not normalize:
         return x, None
-    n = x.norm(dim=1)
-    return x / n.clamp_min(NORM_EPS)[:, None], n
+    return reference.normalize_rows(x), reference.row_norms(x)[:, 0]
 
 
 def _normalize_backward(dzn: Tensor, zn: Tensor, n: Tensor | None) -> Tensor:
@@ -132,7 +133,10 @@ def mine(z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor, k: int, *, norm
     """Selection on validated inputs with a named (or "auto") backend; cosines differentiable."""
     impl = DISPATCH.select(backend, z.device, z, c, k)
     with torch.no_grad():
-        idx, cos = impl(z.detach(), labels, c.detach(), c_labels, k, normalize, anchor_offset)
+        zs = reference.prescale_rows(z.detach()) if normalize else z.detach()
+        cs = zs if c is z else (reference.prescale_rows(c.detach()) if normalize else c.detach())
+        # No row has more than N positives: k past N would only allocate padding.
+        idx, cos = impl(zs, labels, cs, c_labels, min(k, c.shape[0]), normalize, anchor_offset)
     if torch.is_grad_enabled() and (z.requires_grad or c.requires_grad):
         cos = SelectedCosine.apply(z, None if c is z else c, idx, cos, normalize)
     return idx, cos
@@ -161,7 +165,7 @@ def hard_positive_mining(
     Args:
         z: (M, D) anchor embeddings, float16/bfloat16/float32/float64.
         labels: (M,) integer labels.
-        k: int >= 1.
+        k: int >= 1; values above N (the contrast rows) act as N.
         normalize: L2-normalise rows first (False: plain dot products are ranked).
         contrast: (N, D) candidate set (default: the anchors themselves).
         contrast_labels: (N,) labels of ``contrast``; required with it.
@@ -171,7 +175,7 @@ def hard_positive_mining(
         backend: "auto", "triton", "cuda", "cpu" or "eager"; an explicit backend that cannot
             run the inputs raises ValueError saying why.
 
-    Returns:
+    Returns (with ``k`` taken as ``min(k, N)``: no anchor has more than N positives):
         indices: (M, k) int64 column indices into ``contrast`` (or ``z``), -1 where the anchor
             has fewer than k positives (always at the end of a row).
         cosines: (M, k) float32 for half-precision inputs, else the input dtype; +inf where

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _validate as v
-from .reference import supcontrast_loss
+from .reference import normalize_rows, supcontrast_loss
 from .supcon import supcon_loss
 
 
@@ -48,9 +48,12 @@ class SupConLoss(nn.Module):
             v.check_tensor("mask", mask, ndim=2)
             if tuple(mask.shape) != (b, b):
                 raise ValueError(f"mask must be ({b}, {b}), got {tuple(mask.shape)}")
+            if mask.dtype.is_complex:
+                raise TypeError(f"mask must be a bool or real (B, B) tensor, got {mask.dtype}")
+            v.check_same("mask", mask, "features", features, dtype=False)
             feats = features
             if self.normalize:
-                feats = nn.functional.normalize(features.reshape(*features.shape[:2], -1), dim=-1)
+                feats = normalize_rows(features.reshape(*features.shape[:2], -1))
             return supcontrast_loss(feats, mask=mask, temperature=self.temperature,
                                     contrast_mode=self.contrast_mode,
                                     base_temperature=self.base_temperature)

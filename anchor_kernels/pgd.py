@@ -145,6 +145,41 @@ def _check_like(name: str, t, x_name: str, x: Tensor) -> None:
     v.check_same(name, t, x_name, x)
 
 
+def _check_writable(name: str, t: Tensor) -> None:
+    """An output written in place must not have elements sharing memory (stride 0, expand).
+    Under torch.compile only the strides are read (the memory check does not trace)."""
+    stride0 = any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride()))
+    if stride0 or (not torch.compiler.is_compiling()
+                   and torch._debug_has_internal_overlap(t) == 1):
+        raise ValueError(f"{name} has elements that share memory (stride {tuple(t.stride())}, "
+                         f"e.g. an expand()ed tensor), so it cannot be written in place; pass "
+                         f"{name}.clone() or a fresh tensor")
+
+
+def _may_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b may share memory: the same storage and intersecting address ranges."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: Tensor) -> tuple[int, int]:
+        start = t.storage_offset()
+        last = start + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        return start * t.element_size(), (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _unaliased(t: Tensor, out: Tensor) -> Tensor:
+    """t, or a copy of it when it may share memory with the output written in place (not
+    under torch.compile, whose functionalisation sees the aliasing itself)."""
+    if torch.compiler.is_compiling():
+        return t
+    return t.clone() if _may_overlap(t, out) else t
+
+
 # ---------------------------------------------------------------------------------------
 # memory layout: the fused kernels see flat memory
 
@@ -195,6 +230,8 @@ def pgd_step(
     Args:
         x_adv, grad, x: same shape, device and dtype (float16, bfloat16, float32, float64).
             x_adv is written under ``torch.no_grad()``; pass a tensor that is not part of a graph.
+            x_adv must not have elements sharing memory (stride 0); grad or x may share memory
+            with x_adv (they are then read from a copy).
         eps, alpha: floats, or (B,) per-sample tensors on x's device. A tensor's values are not
             checked (that would synchronise the device).
         lo, hi: the valid input range, lo < hi.
@@ -211,8 +248,12 @@ def pgd_step(
     v.check_choice("backend", backend, BACKEND_NAMES)
     if norm == "l2" and x.dim() == 0:
         raise ValueError("norm='l2' needs a batch dimension: x must be (B, ...)")
+    _check_writable("x_adv", x_adv)
     impl = select_backend(backend, PGDProblem(x, norm))
     with torch.no_grad():
+        # An input sharing memory with x_adv (x_adv = buf[1:], x = buf[:-1]) is read from a
+        # copy, so the in-place kernels never read an element they have already written.
+        grad, x = _unaliased(grad, x_adv), _unaliased(x, x_adv)
         if impl.name == "eager" or x_adv.numel() == 0:
             impl.step(x_adv, grad, x, eps_t, alpha_t, eps_f, alpha_f, lo, hi, norm)
             return x_adv
@@ -258,7 +299,8 @@ def pgd_random_start(
         generator: where the 64-bit seed is drawn (default torch's global CPU generator, so
             ``torch.manual_seed`` makes it reproducible). Ignored when ``seed`` is given.
         seed: an int in [0, 2^63) to use instead of drawing one.
-        out: (B, ...) tensor like x to write into (default: a new tensor like x).
+        out: (B, ...) tensor like x to write into (default: a new tensor like x); no
+            elements sharing memory (stride 0). It may share memory with x.
     Returns:
         ``out`` (or the new tensor).
     """
@@ -273,6 +315,10 @@ def pgd_random_start(
         out = torch.empty_like(x)
     else:
         _check_like("out", out, "x", x)
+        _check_writable("out", out)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
     if seed is None:
         seed = draw_seed(generator)
     else:
@@ -281,8 +327,9 @@ def pgd_random_start(
             raise ValueError(f"seed must be < 2^63, got {seed}")
     impl = select_backend(backend, PGDProblem(x, norm, "random_start"))
     with torch.no_grad():
-        # Counters follow the row-major index, so the kernels see contiguous memory.
-        xc = x.contiguous()
+        # Counters follow the row-major index, so the kernels see contiguous memory; x is
+        # read from a copy when it shares memory with out.
+        xc = _unaliased(x, out).contiguous()
         work = out if out.is_contiguous() else torch.empty_like(xc)
         impl.random_start(work, xc, eps_t, eps_f, seed, lo, hi, norm)
         if work is not out:

@@ -25,9 +25,55 @@ from torch import Tensor
 NORM_EPS = 1e-12
 
 
+def overflow_safe_scale(x: Tensor) -> Tensor:
+    """Per-row factors (..., 1) that make a row's sum of squares safe to form.
+
+    A row whose largest |x| could overflow the sum of its squares (in the accumulation dtype,
+    float32 for half inputs) gets 2^-e with 2^(e-1) <= max |x| < 2^e, as robust norms scale;
+    every other row gets 1. A power of two is exact, and cosines and unit vectors do not
+    change under a positive row scale, so scaled rows give F.normalize's result where that is
+    finite, and a finite unit vector for every finite row. Detached: a constant of the graph.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    d = max(x.shape[-1], 1)
+    big = (torch.finfo(acc).max / (4.0 * d)) ** 0.5  # D such squares stay below the maximum
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).to(acc) if x.shape[-1] else \
+        x.new_zeros((*x.shape[:-1], 1), dtype=acc)
+    _, e = torch.frexp(amax)
+    scaled = (amax > big) & torch.isfinite(amax)
+    return torch.where(scaled, torch.ldexp(torch.ones_like(amax), -e), torch.ones_like(amax))
+
+
+def prescale_rows(x: Tensor) -> Tensor:
+    """``x * overflow_safe_scale(x)``: the same unit vectors, with sums of squares that cannot
+    overflow. Rows already safe are untouched (on CPU, x itself is returned when all are)."""
+    if x.dtype == torch.float16:  # float32 sums of float16 squares cannot overflow
+        return x
+    scale = overflow_safe_scale(x)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and bool((scale == 1).all()):
+        return x
+    return x * scale.to(x.dtype)
+
+
+def row_norms(x: Tensor) -> Tensor:
+    """||x|| per row (..., 1), in float32 for half inputs, computed without overflow or
+    underflow inside the sum; inf only where the norm itself exceeds the dtype's range."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    scale = overflow_safe_scale(x)
+    return (x.to(acc) * scale).norm(dim=-1, keepdim=True) / scale
+
+
 def normalize_rows(x: Tensor, eps: float = NORM_EPS) -> Tensor:
-    """x / max(||x||, eps) row-wise, like ``F.normalize`` (zero rows stay zero, never NaN)."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    """x / max(||x||, eps) row-wise, like ``F.normalize`` (zero rows stay zero, never NaN).
+
+    Computed in float32 for half inputs (then rounded to x's dtype), with rows that would
+    overflow the sum of squares scaled first (``overflow_safe_scale``): every finite row gives
+    a finite result, and rows F.normalize handles give its result.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xs = x.to(acc) * overflow_safe_scale(x)
+    # Scaled rows have norm >= 1/2 > eps, so the clamp acts only on unscaled rows.
+    return (xs / xs.norm(dim=-1, keepdim=True).clamp_min(eps)).to(x.dtype)
 
 
 def self_and_positive_masks(labels: Tensor, contrast_labels: Tensor, anchor_offset: int | None):
@@ -86,7 +132,14 @@ def supcon_per_anchor(
         sel = topk_hardest_mask(cos, pos, hard_positive_topk)
         w = sel.to(s.dtype) / npos.clamp(max=hard_positive_topk).clamp_min(1)[:, None].to(s.dtype)
     else:
-        logits_w = (-hard_positive_beta * cos).masked_fill(~pos, float("-inf"))
+        # softmax is shift-invariant: shifting by each row's smallest positive cosine makes
+        # every exponent <= 0 (the hardest positive's exactly 0) without forming -beta cos,
+        # and beta past the dtype's range gives the same weights as its maximum: finite for
+        # any finite beta.
+        cmin = cos.detach().masked_fill(~pos, float("inf")).amin(dim=1, keepdim=True)
+        cmin = torch.where(valid[:, None], cmin, torch.zeros_like(cmin))
+        beta = min(hard_positive_beta, torch.finfo(cos.dtype).max)
+        logits_w = (-beta * (cos - cmin)).masked_fill(~pos, float("-inf"))
         logits_w = logits_w.masked_fill(~valid[:, None], 0.0)  # no NaN rows from softmax
         w = torch.softmax(logits_w, dim=1) * pos
     if detach_weights:
@@ -184,8 +237,9 @@ def hard_positive_mining(
     Row i lists the positives ``P(i)`` (same label, not the self column ``anchor_offset + i``)
     with the k lowest ``cos_ij``, ascending, ties to the lower j: the set is exactly
     ``topk_hardest_mask(cos, pos, k)``. Rows with fewer than k positives are padded with index
-    -1 and cosine +inf (a padded entry sorts after every real one). Cosines are in z's dtype
-    and differentiable with respect to ``z`` and ``contrast``.
+    -1 and cosine +inf (a padded entry sorts after every real one). A NaN cosine (NaN in the
+    inputs) ranks after every real one and before the padding. Cosines are in z's dtype and
+    differentiable with respect to ``z`` and ``contrast``.
     """
     zn = normalize_rows(z) if normalize else z
     if contrast is None:
@@ -195,8 +249,12 @@ def hard_positive_mining(
         y_c = contrast_labels
     cos = zn @ c.T
     _, pos = self_and_positive_masks(labels, y_c, anchor_offset)
-    key = cos.detach().masked_fill(~pos, float("inf"))
-    order = torch.argsort(key, dim=1, stable=True)[:, :k]
+    # Positives by cosine (a NaN cosine after every number, ties and NaNs to the lower j),
+    # then everything else: two stable sorts.
+    key = cos.detach().nan_to_num(nan=float("inf"), posinf=float("inf"))
+    order = torch.argsort(key, dim=1, stable=True)
+    order = order.gather(1, torch.argsort((~pos).gather(1, order).to(torch.uint8), dim=1,
+                                         stable=True))[:, :k]
     chosen = pos.gather(1, order)
     idx = torch.where(chosen, order, torch.full_like(order, -1))
     vals = cos.gather(1, order).masked_fill(~chosen, float("inf"))

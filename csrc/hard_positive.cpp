@@ -7,7 +7,9 @@
 // anchors and walks the contrast set in column tiles (a BLAS product of the raw rows, scaled by
 // the inverse norms), keeping one bounded max-heap of (cos, j) per anchor: a candidate enters
 // when it is below the heap's largest (cos, j), compared lexicographically, so ties go to the
-// lower j. Tiles without a positive for any anchor of the block are skipped before the product.
+// lower j. A NaN cosine (NaN inputs) is ranked as +inf, after every number and before the
+// padding, and returned as NaN. Tiles without a positive for any anchor of the block are
+// skipped before the product.
 // No M x N buffer. Cosines are computed in float32 (float64 for float64 inputs).
 //
 // Output: indices (M, k) int64, -1 past an anchor's |P(i)|; cosines (M, k) in the accumulation
@@ -66,7 +68,13 @@ std::tuple<at::Tensor, at::Tensor> select_impl(const at::Tensor& z, const at::Te
                                                const at::Tensor& c, const at::Tensor& c_labels,
                                                int64_t k, bool normalize, int64_t offset) {
   using A = acc_t<T>;
-  using Entry = std::pair<A, int64_t>;  // (cos, j): std::less orders by cos, then by j
+  // (key, j, cos) ordered by (key, j), key = cos with NaN as +inf: a strict weak order.
+  struct Entry {
+    A key;
+    int64_t j;
+    A cos;
+    bool operator<(const Entry& o) const { return key < o.key || (key == o.key && j < o.j); }
+  };
   const auto acc = c10::CppTypeToScalarType<A>::value;
   const int64_t M = z.size(0), N = c.size(0), D = z.size(1);
   at::Tensor idx = at::full({M, k}, -1, z.options().dtype(at::kLong));
@@ -121,7 +129,8 @@ std::tuple<at::Tensor, at::Tensor> select_impl(const at::Tensor& z, const at::Te
           for (int64_t jj = 0; jj < n; ++jj) {
             const int64_t j = c0 + jj;
             if (ly[j] != yi || j == self) continue;
-            const Entry e{D > 0 ? tile[i * kColBlock + jj] * ri * ry[j] : A(0), j};
+            const A value = D > 0 ? tile[i * kColBlock + jj] * ri * ry[j] : A(0);
+            const Entry e{std::isnan(value) ? std::numeric_limits<A>::infinity() : value, j, value};
             if (static_cast<int64_t>(h.size()) < cap) {
               h.push_back(e);
               std::push_heap(h.begin(), h.end());
@@ -137,8 +146,8 @@ std::tuple<at::Tensor, at::Tensor> select_impl(const at::Tensor& z, const at::Te
         std::vector<Entry>& h = heaps[i];
         std::sort_heap(h.begin(), h.end());  // ascending (cos, j)
         for (size_t r = 0; r < h.size(); ++r) {
-          ip[(r0 + i) * k + r] = h[r].second;
-          cp[(r0 + i) * k + r] = h[r].first;
+          ip[(r0 + i) * k + r] = h[r].j;
+          cp[(r0 + i) * k + r] = h[r].cos;
         }
       }
     }

@@ -3,6 +3,7 @@
 // whichever device runs it. anchor_kernels/pgd.py arranges the layouts these checks ask for.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -79,6 +80,15 @@ inline void check_bounds(const char* op, double lo, double hi) {
   TORCH_CHECK(lo < hi, op, ": lo must be < hi, got lo=", lo, ", hi=", hi);
 }
 
+// The kernels are elementwise: reading element i of an input and writing element i of the
+// output is safe when they are the same memory, not when one is shifted against the other.
+inline void check_no_partial_overlap(const char* op, const at::Tensor& out, const char* out_name,
+                                     const at::Tensor& in, const char* in_name) {
+  TORCH_CHECK(at::get_overlap_status(out, in) != at::MemOverlapStatus::Partial, op, ": ",
+              out_name, " and ", in_name, " share memory at different offsets (e.g. buf[1:] and "
+              "buf[:-1]); pass a copy of ", in_name);
+}
+
 inline Sizes check_step_args(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x,
                              const std::optional<at::Tensor>& eps_t,
                              const std::optional<at::Tensor>& alpha_t, double eps, double alpha,
@@ -87,6 +97,8 @@ inline Sizes check_step_args(const at::Tensor& x_adv, const at::Tensor& grad, co
   const Sizes s = check_main(op, x_adv, "x_adv");
   check_like(op, grad, "grad", x_adv, "x_adv");
   check_like(op, x, "x", x_adv, "x_adv");
+  check_no_partial_overlap(op, x_adv, "x_adv", grad, "grad");
+  check_no_partial_overlap(op, x_adv, "x_adv", x, "x");
   check_budget(op, eps_t, "eps", eps, /*allow_zero=*/true, x);
   check_budget(op, alpha_t, "alpha", alpha, /*allow_zero=*/false, x);
   check_bounds(op, lo, hi);
@@ -103,6 +115,7 @@ inline Sizes check_random_start_args(const at::Tensor& out, const at::Tensor& x,
               out.strides());
   const Sizes s = check_main(op, x, "x");
   check_like(op, out, "out", x, "x");
+  check_no_partial_overlap(op, out, "out", x, "x");
   check_budget(op, eps_t, "eps", eps, /*allow_zero=*/true, x);
   TORCH_CHECK(seed >= 0, op, ": seed must be >= 0, got ", seed);
   check_bounds(op, lo, hi);

@@ -2,14 +2,21 @@
 //
 // Forward, per anchor i, streaming over column tiles of S = Z C^T / tau with online maxima:
 //   LSE_i  = log sum_{j in A(i)} exp(s_ij)
-//   logW_i = log sum_{j in P(i)} exp(-beta cos_ij)        (log |P(i)| when beta = 0)
-//   sbar_i = sum_{j in P(i)} w_ij s_ij,   w_ij = exp(-beta cos_ij - logW_i)
+//   u_i    = min_{j in P(i)} s_ij,   lw_i = sum_{j in P(i)} exp(-beta tau (s_ij - u_i))
+//   sbar_i = sum_{j in P(i)} w_ij s_ij,   w_ij = exp(-beta tau (s_ij - u_i) - log lw_i)
 //   L_i    = LSE_i - sbar_i  (0 when P(i) is empty);   with lse_only: L_i = LSE_i.
-// Saved per anchor (O(M)): stats[i] = (LSE_i, sbar_i, logW_i, |P(i)|), |A(i)| with lse_only.
+// Soft mining shifts by the smallest positive s (the largest -beta cos), never forming
+// -beta cos itself: every exponent is <= 0 and the hardest positive's is exactly 0, so lw_i >= 1
+// and the weights stay finite for any finite beta (a product -beta cos of 1e10 rounds by ~1e3,
+// which would underflow every exp). beta tau is clamped to T's range (a larger beta gives the
+// same weights in T), and a beta tau that rounds to 0 in T is uniform mining.
+// Saved per anchor (O(M)): stats[i] = (LSE_i, sbar_i, log |P(i)|, |P(i)|) (uniform),
+// (LSE_i, sbar_i, u_i, log lw_i) (soft; log lw_i = -inf when P(i) is empty), or
+// (LSE_i, 0, 0, |A(i)|) with lse_only.
 //
 // Backward, with g_i = dLoss/dL_i (0 for anchors without positives) and p_ij = exp(s_ij - LSE_i):
 //   G_ij = g_i (p_ij - w_ij)                                   detached weights
-//   G_ij = g_i (p_ij - w_ij (1 - beta tau (s_ij - sbar_i)))    exact weights
+//   G_ij = g_i (p_ij - w_ij (1 - beta tau (s_ij - sbar_i)))    exact weights (0 where w_ij = 0)
 //   G_ij = g_i p_ij                                            lse_only
 //   dz_i = sum_j G_ij c_j / tau,   dc_j = sum_i G_ij z_i / tau,
 // and through the normalisation df = (dz - z (z . dz)) / ||f||. With one set (c = z) the
@@ -73,6 +80,14 @@ inline T vmax(T a, T b) {
 template <typename T>
 inline Vectorized<T> vmax(const Vectorized<T>& a, const Vectorized<T>& b) {
   return at::vec::maximum(a, b);
+}
+template <typename T>
+inline T vmin(T a, T b) {
+  return std::min(a, b);
+}
+template <typename T>
+inline Vectorized<T> vmin(const Vectorized<T>& a, const Vectorized<T>& b) {
+  return at::vec::minimum(a, b);
 }
 template <typename T>
 inline bool veq(T a, T b) {
@@ -145,7 +160,10 @@ void parallel_blocks(int64_t blocks, int64_t scratch_elems, const F& body) {
 }
 
 // Rows of f (or g) in the accumulation dtype, contiguous, divided by max(||row||, eps) when
-// normalising; norms keeps ||row|| for the backward.
+// normalising; norms keeps ||row|| for the backward (inf only past T's range, where the
+// gradient 1 / ||row|| rounds to 0 anyway). A row whose sum of squares could overflow is
+// summed scaled by an exact power of two (2^-e, 2^(e-1) <= max |x| < 2^e), as robust norms
+// do, so every finite row gives a finite unit vector; other rows are computed as before.
 template <typename T>
 void prepare_rows(const at::Tensor& x, bool normalize, at::Tensor& z, at::Tensor& norms) {
   const int64_t R = x.size(0), D = x.size(1);
@@ -154,16 +172,31 @@ void prepare_rows(const at::Tensor& x, bool normalize, at::Tensor& z, at::Tensor
   norms = at::empty({R}, z.options());
   T* zp = z.data_ptr<T>();
   T* np = norms.data_ptr<T>();
+  // Below this max |x| a sum of D squares stays under T's maximum.
+  const T big = std::sqrt(std::numeric_limits<T>::max() / T(4 * std::max<int64_t>(D, 1)));
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T* row = zp + r * D;
+      T amax = 0;
+      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(row[d]));
+      T scale = 1;
+      if (amax > big && std::isfinite(amax)) {
+        int e = 0;
+        std::frexp(amax, &e);
+        scale = std::ldexp(T(1), -e);
+      }
       T ss = 0;
-      for (int64_t d = 0; d < D; ++d) ss += row[d] * row[d];
-      const T n = std::sqrt(ss);
-      np[r] = n;
+      for (int64_t d = 0; d < D; ++d) ss += (row[d] * scale) * (row[d] * scale);
+      const T ns = std::sqrt(ss);  // ||row|| * scale
+      np[r] = ns / scale;
       if (normalize) {
-        const T inv = T(1) / std::max(n, T(kNormEps));
-        for (int64_t d = 0; d < D; ++d) row[d] *= inv;
+        if (ns >= T(kNormEps) * scale) {
+          const T inv = T(1) / ns;
+          for (int64_t d = 0; d < D; ++d) row[d] = (row[d] * scale) * inv;
+        } else {
+          const T inv = T(1 / kNormEps);
+          for (int64_t d = 0; d < D; ++d) row[d] *= inv;
+        }
       }
     }
   });
@@ -198,13 +231,19 @@ void dense_ids(const at::Tensor& yf, const std::optional<at::Tensor>& yg, at::Te
 // ---------------------------------------------------------------------------------------
 // Forward
 
+// -beta tau in T, clamped to T's finite range (a larger beta gives the same weights in T).
+template <typename T>
+inline T neg_beta_tau(double beta, double tau) {
+  return T(-std::min(beta * tau, double(std::numeric_limits<T>::max())));
+}
+
 template <typename T>
 struct RowState {
   T m = -std::numeric_limits<T>::infinity();   // running max of s over A(i)
   T l = 0;                                      // sum exp(s - m) over A(i)
-  T tm = -std::numeric_limits<T>::infinity();  // running max of t = -beta cos over P(i)
-  T lw = 0;                                     // sum exp(t - tm) over P(i)
-  T sw = 0;                                     // sum exp(t - tm) s over P(i)
+  T u = std::numeric_limits<T>::infinity();    // running min of s over P(i)
+  T lw = 0;                                     // sum exp(nbt (s - u)) over P(i)
+  T sw = 0;                                     // sum exp(nbt (s - u)) s over P(i)
   T cnt = 0;                                    // |P(i)|
 };
 
@@ -216,7 +255,8 @@ inline void forward_row(const T* s, const T* ids, int64_t n, int64_t skip, T yi,
   const T ninf = -std::numeric_limits<T>::infinity();
   const V vy(yi), vnbt(nbt), vninf(ninf), vzero(T(0)), vone(T(1));
 
-  // Pass 1: tile maxima of s and, for soft mining, of t = -beta tau s over the positives.
+  // Pass 1: tile maximum of s and, for soft mining, minimum of s over the positives
+  // (kept as the maximum of -s).
   V vm(ninf), vt(ninf);
   T sm = ninf, tm = ninf;
   for_segments(n, skip, [&](int64_t lo, int64_t hi) {
@@ -225,12 +265,12 @@ inline void forward_row(const T* s, const T* ids, int64_t n, int64_t skip, T yi,
           const V x = V::loadu(s + j);
           vm = vmax(vm, x);
           if constexpr (MODE == kFwdSoft)
-            vt = vmax(vt, vselect(veq(V::loadu(ids + j), vy), x * vnbt, vninf));
+            vt = vmax(vt, vselect(veq(V::loadu(ids + j), vy), vzero - x, vninf));
         },
         [&](int64_t j) {
           sm = vmax(sm, s[j]);
           if constexpr (MODE == kFwdSoft)
-            if (ids[j] == yi) tm = vmax(tm, s[j] * nbt);
+            if (ids[j] == yi) tm = vmax(tm, -s[j]);
         });
   });
   sm = std::max(sm, hmax(vm));
@@ -239,18 +279,18 @@ inline void forward_row(const T* s, const T* ids, int64_t n, int64_t skip, T yi,
     st.m = sm;
   }
   if constexpr (MODE == kFwdSoft) {
-    tm = std::max(tm, hmax(vt));
-    if (tm > st.tm) {
-      const T r = std::exp(st.tm - tm);
+    const T u = -std::max(tm, hmax(vt));
+    if (u < st.u) {
+      const T r = st.lw == 0 ? T(0) : std::exp(nbt * (st.u - u));  // <= 1
       st.lw *= r;
       st.sw *= r;
-      st.tm = tm;
+      st.u = u;
     }
   }
 
   // Pass 2: the sums, against the updated maxima. Masked lanes are selected away (never
   // multiplied), so an overflowing exp on a non-positive lane cannot leak a NaN.
-  const V vmrow(st.m), vtm(st.tm);
+  const V vmrow(st.m), vu(st.u);
   V vl(T(0)), vlw(T(0)), vsw(T(0)), vc(T(0));
   T l = 0, lw = 0, sw = 0, c = 0;
   for_segments(n, skip, [&](int64_t lo, int64_t hi) {
@@ -264,7 +304,7 @@ inline void forward_row(const T* s, const T* ids, int64_t n, int64_t skip, T yi,
             if constexpr (MODE == kFwdUniform) {
               vsw = vsw + vselect(pos, x, vzero);
             } else {
-              const V e = vselect(pos, vexp(x * vnbt - vtm), vzero);
+              const V e = vselect(pos, vexp(vnbt * (x - vu)), vzero);
               vlw = vlw + e;
               vsw = vsw + e * x;
             }
@@ -279,7 +319,7 @@ inline void forward_row(const T* s, const T* ids, int64_t n, int64_t skip, T yi,
               if constexpr (MODE == kFwdUniform) {
                 sw += x;
               } else {
-                const T e = std::exp(x * nbt - st.tm);
+                const T e = std::exp(nbt * (x - st.u));
                 lw += e;
                 sw += e * x;
               }
@@ -300,7 +340,7 @@ void forward_kernel(const T* Z, const T* idz, int64_t M, const T* C, const T* id
                     int64_t D, int64_t offset, double tau, double beta, T* loss, bool* valid,
                     T* stats) {
   const int64_t Br = row_block(M), Bc = std::min(kColBlock, N);
-  const T inv_tau = T(1.0 / tau), nbt = T(-beta * tau);
+  const T inv_tau = T(1.0 / tau), nbt = neg_beta_tau<T>(beta, tau);
   parallel_blocks<T>(div_up(M, Br), Br * Bc, [&](int64_t b, T* S) {
     std::vector<RowState<T>> st(Br);
     const int64_t i0 = b * Br, rows = std::min(Br, M - i0);
@@ -326,9 +366,10 @@ void forward_kernel(const T* Z, const T* idz, int64_t M, const T* C, const T* id
       } else {
         valid[i] = a.cnt > 0;
         const T sbar = valid[i] ? (MODE == kFwdSoft ? a.sw / a.lw : a.sw / a.cnt) : T(0);
-        const T logw = MODE == kFwdSoft ? a.tm + std::log(a.lw) : std::log(a.cnt);
         loss[i] = valid[i] ? lse - sbar : T(0);
-        out[0] = lse, out[1] = sbar, out[2] = logw, out[3] = a.cnt;
+        out[0] = lse, out[1] = sbar;
+        if constexpr (MODE == kFwdSoft) out[2] = a.u, out[3] = std::log(a.lw);
+        else out[2] = std::log(a.cnt), out[3] = a.cnt;
       }
     }
   });
@@ -338,27 +379,29 @@ void forward_kernel(const T* Z, const T* idz, int64_t M, const T* C, const T* id
 // Backward
 
 // G for one (anchor, column) pair from the anchor's statistics: ga = g_i (0 for invalid
-// anchors), lse (+inf for invalid anchors, so p = 0), q = 1/|P| (uniform) or logW (soft,
-// +inf when invalid), sbar. Generic over scalars and vectors.
+// anchors), lse (+inf for invalid anchors, so p = 0), q = 1/|P| (uniform) or log lw (soft,
+// 0 when invalid), u = the smallest positive s (soft; -inf when invalid, so w = 0), sbar.
+// The soft exponent is clamped to <= 0 (w <= 1): the backward's tiles may round s slightly
+// below the forward's u. Generic over scalars and vectors.
 template <int MODE, typename V, typename Mask>
-inline V gterm(const V& s, const Mask& pos, const V& ga, const V& lse, const V& q, const V& sbar,
-               const V& nbt, const V& zero, const V& one) {
+inline V gterm(const V& s, const Mask& pos, const V& ga, const V& lse, const V& q, const V& u,
+               const V& sbar, const V& nbt, const V& zero, const V& one) {
   const V p = vexp(s - lse);
   if constexpr (MODE == kBwdLse) {
     return ga * p;
   } else if constexpr (MODE == kBwdUniform) {
     return ga * (p - vselect(pos, q, zero));
   } else {
-    V w = vselect(pos, vexp(s * nbt - q), zero);
-    if constexpr (MODE == kBwdSoftExact) w = w * (one + nbt * (s - sbar));
+    V w = vselect(pos, vexp(vmin(nbt * (s - u) - q, zero)), zero);
+    if constexpr (MODE == kBwdSoftExact) w = vselect(w > zero, w * (one + nbt * (s - sbar)), zero);
     return ga * (p - w);
   }
 }
 
-// Per-anchor arrays the backward reads: (ga, lse, q, sbar), each (M,).
+// Per-anchor arrays the backward reads: (ga, lse, q, u, sbar), each (M,).
 template <typename T>
 struct AnchorArrays {
-  const T *ga, *lse, *q, *sbar;
+  const T *ga, *lse, *q, *u, *sbar;
 };
 
 // dX (R, D) = sum over inner rows y of H_xy Y_y / tau, where H_xy = G(x, y) with the stats of
@@ -370,7 +413,7 @@ void backward_pass(const T* X, const T* idx, int64_t R, const T* Y, const T* idy
                    double beta, T* dX) {
   using V = Vectorized<T>;
   const int64_t Bo = row_block(R), Bi = std::min(kColBlock, Q);
-  const T inv_tau = T(1.0 / tau), nbt = T(-beta * tau);
+  const T inv_tau = T(1.0 / tau), nbt = neg_beta_tau<T>(beta, tau);
   const V vnbt(nbt), vzero(T(0)), vone(T(1));
   parallel_blocks<T>(div_up(R, Bo), Bo * Bi, [&](int64_t b, T* H) {
     const int64_t x0 = b * Bo, rows = std::min(Bo, R - x0);
@@ -383,22 +426,25 @@ void backward_pass(const T* X, const T* idx, int64_t R, const T* Y, const T* idy
         const T* iy = idy + y0;
         const T yx = idx[x];
         const V vyx(yx);
-        T oga = 0, olse = 0, oq = 0, osb = 0;
-        if constexpr (OUTER) oga = a.ga[x], olse = a.lse[x], oq = a.q[x], osb = a.sbar[x];
-        const V voga(oga), volse(olse), voq(oq), vosb(osb);
+        T oga = 0, olse = 0, oq = 0, ou = 0, osb = 0;
+        if constexpr (OUTER)
+          oga = a.ga[x], olse = a.lse[x], oq = a.q[x], ou = a.u[x], osb = a.sbar[x];
+        const V voga(oga), volse(olse), voq(oq), vou(ou), vosb(osb);
         // Inner rows are anchors only when INNER (otherwise these are never read).
         const int64_t io = INNER ? y0 : 0;
-        const T *iga = a.ga + io, *ilse = a.lse + io, *iq = a.q + io, *isb = a.sbar + io;
+        const T *iga = a.ga + io, *ilse = a.lse + io, *iq = a.q + io, *iu = a.u + io,
+                *isb = a.sbar + io;
         vloop<T>(0, cols,
             [&](int64_t j) {
               const V s = V::loadu(h + j);
               const V pos = veq(V::loadu(iy + j), vyx);
               V acc = vzero;
               if constexpr (OUTER)
-                acc = gterm<MODE>(s, pos, voga, volse, voq, vosb, vnbt, vzero, vone);
+                acc = gterm<MODE>(s, pos, voga, volse, voq, vou, vosb, vnbt, vzero, vone);
               if constexpr (INNER)
                 acc = acc + gterm<MODE>(s, pos, V::loadu(iga + j), V::loadu(ilse + j),
-                                        V::loadu(iq + j), V::loadu(isb + j), vnbt, vzero, vone);
+                                        V::loadu(iq + j), V::loadu(iu + j), V::loadu(isb + j),
+                                        vnbt, vzero, vone);
               acc.store(h + j);
             },
             [&](int64_t j) {
@@ -406,9 +452,9 @@ void backward_pass(const T* X, const T* idx, int64_t R, const T* Y, const T* idy
               const bool pos = iy[j] == yx;
               T acc = 0;
               if constexpr (OUTER)
-                acc = gterm<MODE>(s, pos, oga, olse, oq, osb, nbt, T(0), T(1));
+                acc = gterm<MODE>(s, pos, oga, olse, oq, ou, osb, nbt, T(0), T(1));
               if constexpr (INNER)
-                acc += gterm<MODE>(s, pos, iga[j], ilse[j], iq[j], isb[j], nbt, T(0), T(1));
+                acc += gterm<MODE>(s, pos, iga[j], ilse[j], iq[j], iu[j], isb[j], nbt, T(0), T(1));
               h[j] = acc;
             });
         if (has_self) {
@@ -490,8 +536,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cpu(
   at::Tensor loss = at::empty({sz.M}, f.options().dtype(acc));
   at::Tensor valid = at::empty({sz.M}, f.options().dtype(at::kBool));
   at::Tensor stats = at::empty({sz.M, 4}, f.options().dtype(acc));
-  const int mode = lse_only ? kFwdLse : (beta == 0 ? kFwdUniform : kFwdSoft);
   AT_DISPATCH_FLOATING_TYPES(acc, "supcon_fwd_cpu", [&] {
+    const bool soft = neg_beta_tau<scalar_t>(beta, temperature) != 0;
+    const int mode = lse_only ? kFwdLse : (soft ? kFwdSoft : kFwdUniform);
     at::Tensor z, zn, c, cn, idf, idg;
     prepare_rows<scalar_t>(f, normalize, z, zn);
     if (sz.single) c = z;
@@ -514,37 +561,41 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cpu(
                                       anchor_offset);
   check_backward_args(sz, f, grad, stats);
   const auto acc = acc_dtype(f.scalar_type());
-  const int mode = lse_only ? kBwdLse
-                   : beta == 0     ? kBwdUniform
-                   : detach_weights ? kBwdSoftDetached
-                                    : kBwdSoftExact;
   at::Tensor df, dg;
   AT_DISPATCH_FLOATING_TYPES(acc, "supcon_bwd_cpu", [&] {
     using T = scalar_t;
+    const bool soft = neg_beta_tau<T>(beta, temperature) != 0;  // as the forward decided
+    const int mode = lse_only ? kBwdLse
+                     : !soft          ? kBwdUniform
+                     : detach_weights ? kBwdSoftDetached
+                                      : kBwdSoftExact;
     at::Tensor z, zn, c, cn, idf, idg;
     prepare_rows<T>(f, normalize, z, zn);
     if (sz.single) c = z;
     else prepare_rows<T>(*contrast, normalize, c, cn);
     dense_ids<T>(labels, contrast_labels, idf, idg);
 
-    // (ga, lse, q, sbar) per anchor; invalid anchors get ga = 0 and lse = q = +inf so that
-    // their G row is exactly 0 (no inf * 0).
+    // (ga, lse, q, u, sbar) per anchor; invalid anchors get ga = 0, lse = +inf and (soft)
+    // u = -inf so that their G row is exactly 0 (no inf * 0).
     const at::Tensor st = stats.contiguous();
     const at::Tensor g = grad.to(acc).contiguous();
-    at::Tensor arr = at::empty({4, sz.M}, st.options());
+    at::Tensor arr = at::empty({5, sz.M}, st.options());
     const T* sp = st.data_ptr<T>();
     const T* gp = g.data_ptr<T>();
     T* ap = arr.data_ptr<T>();
     const T inf = std::numeric_limits<T>::infinity();
+    const bool soft_stats = mode == kBwdSoftDetached || mode == kBwdSoftExact;
     for (int64_t i = 0; i < sz.M; ++i) {
-      const T lse = sp[4 * i], sbar = sp[4 * i + 1], logw = sp[4 * i + 2], cnt = sp[4 * i + 3];
-      const bool ok = cnt > 0;
+      const T lse = sp[4 * i], sbar = sp[4 * i + 1], c2 = sp[4 * i + 2], c3 = sp[4 * i + 3];
+      // soft: (u, log lw) with log lw >= 0 for a non-empty P(i); else (log n, n)
+      const bool ok = soft_stats ? c3 >= 0 : c3 > 0;
       ap[i] = ok ? gp[i] : T(0);
       ap[sz.M + i] = ok ? lse : inf;
-      ap[2 * sz.M + i] = mode == kBwdUniform ? (ok ? T(1) / cnt : T(0)) : (ok ? logw : inf);
-      ap[3 * sz.M + i] = ok ? sbar : T(0);
+      ap[2 * sz.M + i] = soft_stats ? (ok ? c3 : T(0)) : (ok && mode == kBwdUniform ? T(1) / c3 : T(0));
+      ap[3 * sz.M + i] = soft_stats && ok ? c2 : -inf;
+      ap[4 * sz.M + i] = ok ? sbar : T(0);
     }
-    const AnchorArrays<T> a{ap, ap + sz.M, ap + 2 * sz.M, ap + 3 * sz.M};
+    const AnchorArrays<T> a{ap, ap + sz.M, ap + 2 * sz.M, ap + 3 * sz.M, ap + 4 * sz.M};
     const bool has_self = sz.offset >= 0;
 
     at::Tensor dz = at::empty({sz.M, sz.D}, z.options());

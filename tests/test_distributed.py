@@ -77,10 +77,12 @@ CASES = [
 # Bad inputs: (name, world, what rank 1 does wrong). They run between the cases above, so the
 # cases after them also show that the group is still usable after the error.
 ERRORS = [("label_dtype", 2), ("device", 2), ("local_shape", 2), ("label_device", 2),
-          ("options", 2), ("label_dtype", 3)]
+          ("options", 2), ("label_dtype", 3), ("gather_dim", 2), ("gather_dtype", 2),
+          ("gather_not_tensor", 2), ("gather_dim", 3)]
 # errors found by rank 1's own checks: rank 1 raises this, the others name rank 1
 LOCAL_ERRORS = {"local_shape": "labels must have shape (3,)",
-                "label_device": "labels is on meta but features is on cpu"}
+                "label_device": "labels is on meta but features is on cpu",
+                "gather_not_tensor": "x must be a torch.Tensor, got list"}
 
 
 def make_inputs(c):
@@ -156,6 +158,16 @@ def run_case(c, rank, device):
 def run_error(name, world, rank):
     x, labels = torch.randn(3, 2, D, dtype=torch.float64), torch.tensor([0, 1, 0])
     kw = dict(backend="eager")
+    if name.startswith("gather_"):  # all_gather_with_grad: rank 1 passes another D or dtype
+        x = torch.randn(2 + rank, D, dtype=torch.float64)
+        if rank == 1:
+            x = {"gather_dim": x[:, :-1], "gather_dtype": x.float(),
+                 "gather_not_tensor": x.tolist()}[name]
+        try:
+            akd.all_gather_with_grad(x)
+        except Exception as exc:
+            return dict(type=type(exc).__name__, message=str(exc))
+        return dict(type=None, message="")
     if rank == 1:
         if name == "label_dtype":
             labels = labels.to(torch.int32)
@@ -304,7 +316,7 @@ def test_cases_are_not_degenerate():
 def test_errors_raised_on_every_rank(name, world, worlds):
     errors = [r["error:" + name] for r in worlds(world)]
     if name in LOCAL_ERRORS:
-        assert errors[1]["type"] == "ValueError", errors[1]
+        assert errors[1]["type"] in ("ValueError", "TypeError"), errors[1]
         assert LOCAL_ERRORS[name] in errors[1]["message"], errors[1]
         for r, e in enumerate(errors):
             if r != 1:
@@ -312,7 +324,11 @@ def test_errors_raised_on_every_rank(name, world, worlds):
         return
     want = {"label_dtype": ("TypeError", "labels' dtype differs between ranks"),
             "device": ("ValueError", "features' device type differs between ranks"),
-            "options": ("ValueError", "loss options")}[name]
+            "options": ("ValueError", "loss options"),
+            "gather_dim": ("ValueError", f"x.shape[1:] (every dimension but the rows) differs "
+                                         f"between ranks (rank 0: ({D},), rank 1: ({D - 1},)"),
+            "gather_dtype": ("TypeError", "x's dtype differs between ranks (rank 0: "
+                                          "torch.float64, rank 1: torch.float32)")}[name]
     for e in errors:
         assert e["type"] == want[0] and want[1] in e["message"], e
     if name == "label_dtype":

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from .._autograd import refuse_double_backward
 
 LOAD_ERROR = _ext.load()
 
@@ -45,6 +46,7 @@ def _backward(ctx, grad_s, grad_na, grad_nb):
     a, b, na, nb = ctx.saved_tensors
     da, db = torch.ops.anchor_kernels.similarity_bwd(grad_s, a, b, na, nb, ctx.normalize,
                                                      ctx.temperature)
+    da, db = refuse_double_backward(a.device.type, (da, db), (grad_s, a, b))
     return da, db, None, None  # a, b, normalize, temperature
 
 

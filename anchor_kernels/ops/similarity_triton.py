@@ -219,7 +219,7 @@ def bwd_side_launches(g: Tensor, x: Tensor, y: Tensor, nx: Tensor, ny: Tensor, o
     grid = (triton.cdiv(m, bm), triton.cdiv(d, bd))
     args = (g, x, y, nx, ny, dz, m, n, d, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
             y.stride(0), y.stride(1), dz.stride(0), dz.stride(1), 1.0 / temperature, NORM_EPS,
-            bool(normalize))
+            int(normalize))  # an int: the interpreter cannot take a bool here
     launches = [Launch(_similarity_bwd_kernel, grid, args,
                        dict(BM=bm, BN=bn, BD=bd, FUSE_NORM=fuse, PRECISION=dot_precision(x.dtype),
                             UPCAST=interpreter_upcast(x.dtype)),

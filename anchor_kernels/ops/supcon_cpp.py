@@ -6,7 +6,8 @@ Schemas (declared once, in ``csrc/supcon.cpp``; the dispatcher picks the CPU or 
 
     supcon_fwd(features (M, D), labels (M,), contrast (N, D)?, contrast_labels (N,)?,
                temperature, beta, detach_weights, normalize, anchor_offset?, lse_only)
-        -> loss (M,), valid (M,) bool, stats (M, 4) = (LSE_i, sbar_i, logW_i, |P(i)|)
+        -> loss (M,), valid (M,) bool, stats (M, 4): per-anchor statistics that only the same
+           device's supcon_bwd reads (their layout: csrc/supcon.cpp, csrc/cuda/supcon_kernels.cuh)
     supcon_bwd(grad_loss (M,), <the forward's inputs>, stats, ...)
         -> grad_features (M, D), grad_contrast (N, D) ((0, D) when contrast is None)
 
@@ -14,6 +15,8 @@ Schemas (declared once, in ``csrc/supcon.cpp``; the dispatcher picks the CPU or 
 is read by the backward only (it is a forward argument so that autograd can pass it on).
 With ``lse_only`` the per-anchor value is LSE_i, valid means A(i) is non-empty and stats[:, 3]
 holds |A(i)| (the top-k mode adds its own positive term).
+
+Single backward only: a second differentiation raises ``_autograd.double_backward_error``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _ext
+from .. import _ext, reference
+from .._autograd import refuse_double_backward
 from ..backends import SupConProblem
 from . import supcon_topk
 
@@ -55,6 +59,8 @@ def _backward(ctx, grad_loss, grad_valid, grad_stats):
     features, labels, contrast, contrast_labels, stats = ctx.saved_tensors
     df, dg = torch.ops.anchor_kernels.supcon_bwd(grad_loss, features, labels, contrast,
                                                  contrast_labels, stats, *ctx.scalars)
+    df, dg = refuse_double_backward(features.device.type, (df, dg),
+                                    (grad_loss, features, contrast))
     # Gradients of (features, labels, contrast, contrast_labels, temperature, beta,
     # detach_weights, normalize, anchor_offset, lse_only).
     return df, None, (None if contrast is None else dg), None, None, None, None, None, None, None
@@ -65,6 +71,13 @@ if LOAD_ERROR is None:
     torch.library.register_fake("anchor_kernels::supcon_bwd")(_bwd_fake)
     torch.library.register_autograd("anchor_kernels::supcon_fwd", _backward,
                                     setup_context=_setup_context)
+
+
+def max_beta(dtype: torch.dtype) -> float:
+    """The largest ``hard_positive_beta`` the kernels take for inputs of ``dtype``: beta times
+    the accumulation dtype's rounding unit stays below 1e-4, so that the backward's weights,
+    from recomputed cosines, agree with the forward's to that relative error."""
+    return 1e3 if torch.promote_types(dtype, torch.float32) == torch.float32 else 1e11
 
 
 class CppSupCon:
@@ -90,13 +103,27 @@ class CppSupCon:
             reasons.append(f"dtype {p.f.dtype} is not supported by the {self.name} kernels ({names})")
         if p.topk is not None and not p.lse_only:
             reasons += supcon_topk.topk_reasons(p, self.name)
+        limit = max_beta(p.f.dtype)
+        if p.beta > limit:
+            reasons.append(
+                f"hard_positive_beta={p.beta:g} is above {limit:g}, past which the {self.name} "
+                f"kernels' soft-mining gradient in {p.out_dtype} is dominated by rounding (the "
+                "backward recomputes each cosine, and an error of one rounding unit moves a "
+                "weight by beta times that); use backend='eager'"
+                + (" or float64 inputs" if p.out_dtype != torch.float64 else ""))
         return reasons
 
     def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:
         if p.topk is not None and not p.lse_only:  # LSE_i from these kernels' lse_only mode + sparse sbar_i
             return supcon_topk.topk_per_anchor(self, p, self.name)
+        f, g = p.f, p.g
+        if p.normalize and self.device_type == "cuda":
+            # The CUDA kernels scale raw products by inverse norms: rows whose squares could
+            # overflow are scaled exactly first (the CPU kernels normalise robustly themselves).
+            f = reference.prescale_rows(f)
+            g = None if g is None else reference.prescale_rows(g)
         loss, valid, _ = torch.ops.anchor_kernels.supcon_fwd(
-            p.f, p.y_f, p.g, p.y_g, p.temperature, p.beta, p.detach_weights, p.normalize,
+            f, p.y_f, g, p.y_g, p.temperature, p.beta, p.detach_weights, p.normalize,
             p.anchor_offset, p.lse_only)
         return loss, valid
 

@@ -74,6 +74,8 @@ class Trainer:
         if cfg.batch_size % world:
             raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of "
                              f"processes ({world})")
+        if self.info.is_main:
+            _prepare_out_dir(cfg.out_dir)
         if state is None:
             self._claim_out_dir()
 
@@ -181,10 +183,18 @@ class Trainer:
             raise ValueError(f"--resume: the checkpoint comes from a {state['device_type']} run; "
                              f"resume it with --device {state['device_type']}")
         self.epoch, self.global_step = state["epoch"], state["global_step"]
-        self.net.load_state_dict(state["model"])
+        try:
+            self.net.load_state_dict(state["model"])
+        except (RuntimeError, KeyError, TypeError) as exc:
+            raise ValueError("--resume: the checkpoint's model weights do not fit this model: "
+                             + " ".join(str(exc).split())) from None
         rng = state["rng"]
         if len(rng) == self.info.world:
-            checkpoint.restore_rng(rng[self.info.rank], self.device, {"aug": self.aug_gen})
+            try:
+                checkpoint.restore_rng(rng[self.info.rank], self.device, {"aug": self.aug_gen})
+            except (KeyError, TypeError, RuntimeError) as exc:
+                raise ValueError("--resume: the checkpoint's random states are malformed: "
+                                 + " ".join(str(exc).split())) from None
         else:
             warnings.warn(f"--resume: the checkpoint was written by {len(rng)} process(es), this run "
                           f"has {self.info.world}; random streams restart from the seed, so the run "
@@ -343,6 +353,23 @@ class Trainer:
         print(" ".join(f"{k}={_round(row[k])}" for k in keep if k in row), file=sys.stderr, flush=True)
 
 
+class OutDirUnavailable(OSError):
+    """The output folder cannot be created (permissions, a read-only file system, ...)."""
+
+
+def _prepare_out_dir(path: str) -> None:
+    """--out-dir exists as a folder (created if needed), and an interrupted save's temporary
+    file is gone. A path naming a file is a usage error; a folder that cannot be created is
+    an OSError (the environment)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out-dir {path!r} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:  # never reported as a usage error, even when it is ENOENT
+        raise OutDirUnavailable(f"--out-dir {path!r} cannot be created: {exc}") from None
+    checkpoint.remove_stale_temporaries(path)
+
+
 def _round(v):
     return round(v, 4) if isinstance(v, float) and math.isfinite(v) else v
 
@@ -350,6 +377,10 @@ def _round(v):
 def _stream_seed(seed: int, rank: int, stream: int) -> int:
     """Distinct seeds per (run seed, process, stream)."""
     return (seed * 65_537 + rank) * 16 + stream
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def main(argv=None) -> int:
@@ -364,9 +395,12 @@ def main(argv=None) -> int:
     except TrainingDiverged as exc:
         print(f"anchor-train: stopped: {exc}", file=sys.stderr, flush=True)
         return 3
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"anchor-train: error: {exc}", file=sys.stderr, flush=True)
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # the command line or its files
+        print(f"anchor-train: error: {_one_line(exc)}", file=sys.stderr, flush=True)
         return 2
+    except OSError as exc:  # the environment: permissions, a full disk, ...
+        print(f"anchor-train: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if info is not None:
             ddp.cleanup(info)

@@ -1,0 +1,44 @@
+"""The fused backends' backwards are hand-written kernels with no backward of their own: a
+second differentiation (``create_graph=True``, then backward of the gradient) is refused with
+one error, the same words on every backend, instead of a silently wrong (constant) result."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def double_backward_error(backend: str) -> RuntimeError:
+    return RuntimeError(f"anchor_kernels: double backward (create_graph=True) is not supported "
+                        f"by backend={backend!r}; use backend='eager'")
+
+
+class _RaiseOnBackward(torch.autograd.Function):
+    """Identity on the first ``n`` tensors; its backward raises. The other tensors only tie it
+    to the graph (the inputs a second backward would reach)."""
+
+    @staticmethod
+    def forward(ctx, backend: str, n: int, *tensors: Tensor):
+        ctx.backend = backend
+        return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise double_backward_error(ctx.backend)
+
+
+def refuse_double_backward(backend: str, grads: tuple, inputs: tuple) -> tuple:
+    """``grads`` (a kernel backward's results, None allowed) as they are, unless this backward
+    runs with ``create_graph=True`` and ``inputs`` reach a graph: then they come back tied to a
+    node that raises :func:`double_backward_error` if they are differentiated again."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    links = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not links or not present:
+        return grads
+    outs = _RaiseOnBackward.apply(backend, len(present), *(grads[i] for i in present), *links)
+    out = list(grads)
+    for i, g in zip(present, outs):
+        out[i] = g
+    return tuple(out)
