@@ -10,4 +10,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q torch
 fi
 .venv/bin/python -m pip install -q -r requirements-test.txt
+.venv/bin/python -m pip install -q --no-deps "torchattacks==3.5.1"  # see requirements-test.txt
 .venv/bin/python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"

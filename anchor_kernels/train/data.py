@@ -150,7 +150,8 @@ def load_npz(path: str) -> tuple[Split, Split]:
     """An image set as one .npz (``NPZ_EXPECTED``): how MNIST, SVHN, CIFAR-100 or one's own
     data comes in. Train and test images must share channels and size."""
     if not os.path.isfile(path):
-        raise DataError(f"data not found: {path!r} does not exist; {NPZ_EXPECTED}")
+        what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+        raise DataError(f"data not found: {path!r} {what}; {NPZ_EXPECTED}")
     try:
         arrays = np.load(path, allow_pickle=False)
     except Exception as exc:

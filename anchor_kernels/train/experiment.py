@@ -216,18 +216,19 @@ def main(argv=None) -> int:
             for seed in args.seeds]
     json_path = args.out + ".json"
     runs: list[dict] = []
-    prior_wall = 0.0
+    prior_wall, split = 0.0, None
     if args.resume and os.path.isfile(json_path):
         with open(json_path) as fh:
             saved = json.load(fh)
         runs, prior_wall = saved["runs"], saved.get("wall_s", 0.0)
+        split = saved.get("split")
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     meta = {"preset": args.preset, "settings": PRESETS[args.preset], "eps": eps_list,
             "seeds": args.seeds, "attacks": args.attacks, "aa_steps": args.aa_steps,
             "epochs": args.epochs or PRESETS[args.preset]["epochs"],
             "command": "python -m anchor_kernels.train.experiment " + " ".join(
                 sys.argv[1:] if argv is None else argv),
-            "machine": machine()}
+            "machine": machine(), "split": split}
     p = PRESETS[args.preset]
     meta["train_summary"] = (f"{p['model']} (width {p['width']}), {meta['epochs']} epochs, batch "
                              f"{p['batch_size']}, SGD lr {p['lr']} cosine with {p['warmup_epochs']:g} "
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
             with contextlib.redirect_stdout(io.StringIO()):  # the trainer's own "final:" line
                 trainer.run()
             train_s = time.perf_counter() - t0
-            meta["split"] = trainer.test_split.info or meta.get("split")
+            meta["split"] = trainer.test_split.info or meta["split"]
             meta["test_images"] = len(trainer.test_split) if not args.eval_samples else min(
                 args.eval_samples, len(trainer.test_split))
             results = evaluate(trainer.net, trainer.test_split, todo, args, seed)
