@@ -9,9 +9,9 @@ and the model has no input normalisation (as in the Madry and TRADES CIFAR-10 co
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
