@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 from ..backends import BACKEND_NAMES
 
-METHODS = ("anchor", "pgd-at", "trades")
-DATASETS = ("cifar10", "synthetic")
+METHODS = ("anchor", "pgd-at", "trades", "standard")
+DATASETS = ("cifar10", "synthetic", "digits", "npz")
+MODELS = ("resnet18", "small-cnn")
 
 
 def _opt(default, help: str, **kw):
@@ -30,13 +31,20 @@ class TrainConfig:
     """Defaults: ANCHOR on CIFAR-10 with a CIFAR ResNet-18 (see README.md, Training)."""
 
     # what to train
-    method: str = _opt("anchor", "training objective; the three share data, model, schedule and "
-                       "attack, so runs compare side by side", choices=METHODS)
-    dataset: str = _opt("cifar10", "'cifar10' reads --data; 'synthetic' makes class-dependent "
-                        "random images (smoke runs, throughput)", choices=DATASETS)
+    method: str = _opt("anchor", "training objective; the adversarial three share data, model, "
+                       "schedule and attack, so runs compare side by side; 'standard' is plain "
+                       "cross-entropy on clean images (no attack), the floor", choices=METHODS)
+    dataset: str = _opt("cifar10", "'cifar10' reads --data; 'npz' reads any image set from the "
+                        ".npz --data; 'digits' is scikit-learn's 8x8 digits (stratified 80/20 "
+                        "split drawn from --seed); 'synthetic' makes class-dependent random "
+                        "images (smoke runs, throughput)", choices=DATASETS)
+    flip: bool | None = _opt(None, "random horizontal flips in the augmentation (default: on for "
+                             "cifar10 and synthetic, off for digits and npz, where a flip can "
+                             "change the class)")
     data: str = _opt("data/cifar-10-batches-py", "CIFAR-10 as the standard python-pickle folder "
                      "(data_batch_1..5, test_batch, batches.meta) or an .npz with x_train, "
-                     "y_train, x_test, y_test")
+                     "y_train, x_test, y_test (with --dataset npz: any images (N, H, W, C) or "
+                     "(N, C, H, W), C in 1, 3, 4)")
     synthetic_train_size: int = _opt(2048, "training images of --dataset synthetic")
     synthetic_test_size: int = _opt(512, "test images of --dataset synthetic")
     synthetic_image_size: int = _opt(32, "side of the --dataset synthetic images (small for tests)")
@@ -57,8 +65,11 @@ class TrainConfig:
     weight_decay: float = _opt(5e-4, "SGD weight decay")
 
     # model
-    width: float = _opt(1.0, "channel multiplier of the ResNet-18 (1.0: 64..512 channels, "
-                        "512-d features); small values for tests")
+    model: str = _opt("resnet18", "backbone: the CIFAR ResNet-18, or 'small-cnn' (3 conv layers, "
+                      "32..128 channels) for small images; input channels and classes follow "
+                      "the data", choices=MODELS)
+    width: float = _opt(1.0, "channel multiplier of the backbone (ResNet-18 at 1.0: 64..512 "
+                        "channels, 512-d features); small values for tests")
     embed_dim: int = _opt(128, "output size of the projection head")
 
     # attack used for training (L-inf PGD, maximising the method's objective)

@@ -7,6 +7,8 @@
 - ``pgd-at`` (Madry et al. 2018): ``CE(model(x_adv), y)``, x_adv maximising CE.
 - ``trades`` (Zhang et al. 2019): ``CE(model(x), y) + beta * KL(p(x) || p(x_adv))``
   (batch mean), x_adv maximising that KL from the clean prediction.
+- ``standard``: ``CE(model(x), y)`` on the augmented images, no attack (the floor of a
+  robustness comparison).
 
 Clean and adversarial images go through one forward as a single batch of 2B (as SupContrast
 does with its views), so BatchNorm sees both and DistributedDataParallel sees one forward per
@@ -89,7 +91,9 @@ class TradesAttack:
 def build_attack(method: str, model: nn.Module, cfg: TrainConfig):
     """The training attack, ``anchor_kernels.attacks.PGD`` with the run's eps, alpha and K:
     CE for pgd-at (and anchor by default), the SupCon loss of the projections for
-    ``--attack-loss supcon``, the TRADES KL for trades."""
+    ``--attack-loss supcon``, the TRADES KL for trades; None for standard training."""
+    if method == "standard":
+        return None
     if method == "trades":
         return TradesAttack(model, cfg)
     if method == "anchor" and cfg.attack_loss == "supcon":
@@ -184,9 +188,23 @@ def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def standard_step(ctx: StepContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    with ctx.timer.section("forward"), ctx.autocast():
+        logits = ctx.train_model(x)
+
+    def loss_fn(logits):
+        l_ce = F.cross_entropy(logits, y)
+        return l_ce, {"loss_ce": l_ce}
+
+    out = _loss_and_backward(ctx, (logits,), loss_fn)
+    out["correct_clean"] = _correct(logits, y)
+    return out
+
+
 def phase2_step(ctx: StepContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """Phase 2: backbone frozen, the classifier trained with CE on PGD examples."""
     return pgd_at_step(ctx, x, y)
 
 
-STEPS = {"anchor": anchor_step, "pgd-at": pgd_at_step, "trades": trades_step}
+STEPS = {"anchor": anchor_step, "pgd-at": pgd_at_step, "trades": trades_step,
+         "standard": standard_step}

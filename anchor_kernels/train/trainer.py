@@ -95,13 +95,16 @@ class Trainer:
             image_size=cfg.synthetic_image_size)
         self.num_classes = num_classes
         self.aug_gen = torch.Generator(device=dev).manual_seed(_stream_seed(cfg.seed, rank, 1))
+        flip = cfg.dataset in ("cifar10", "synthetic") if cfg.flip is None else cfg.flip
         self.train_loader = DeviceLoader(train, cfg.batch_size // world, dev, train=True,
                                          seed=cfg.seed, rank=rank, world=world,
-                                         aug_generator=self.aug_gen, max_steps=cfg.steps_per_epoch)
+                                         aug_generator=self.aug_gen, max_steps=cfg.steps_per_epoch,
+                                         flip=flip)
         self.test_split = test
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
-        net = AnchorNet(num_classes, cfg.width, cfg.embed_dim)
+        net = AnchorNet(num_classes, cfg.width, cfg.embed_dim, in_channels=train.x.shape[1],
+                        model=cfg.model)
         if cfg.sync_bn and self.info.enabled:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         if cfg.method != "anchor":
@@ -340,6 +343,8 @@ class Trainer:
                 self._print_row(row)
             self.save_checkpoint()
         final = {"epoch": self.epoch, **self.evaluate(cfg.final_eval_samples)}
+        if self.test_split.info:
+            final["data"] = self.test_split.info  # how a drawn train / test split was drawn
         if self.info.is_main:
             write_json(os.path.join(cfg.out_dir, FINAL_NAME), final)
             if self.log.rows:
