@@ -40,7 +40,9 @@ def check_same(name: str, x: Tensor, ref_name: str, ref: Tensor, *, dtype: bool 
 
 
 def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # type() first: the numbers.Real check goes through ABC machinery, slow on every call
+    if type(value) not in (float, int) and (isinstance(value, bool)
+                                            or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     ok = value >= 0 if allow_zero else value > 0

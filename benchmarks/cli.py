@@ -2,7 +2,7 @@
 (on CUDA) flash attention; write JSON + CSV + PNG and print a table.
 
 Presets: ``--quick`` (the loss, small sizes: under two minutes on a 2-core CPU; ``--ops`` adds
-the others), ``--gpu-sweep`` (the loss on one GPU: N = 1024 .. 131072, D = 128, bf16 and fp32,
+the others), ``--gpu-sweep`` (the loss on one GPU: N = 512 .. 131072, D = 128, bf16 and fp32,
 plus the largest-batch search, bounded to about four and a half minutes). Explicit arguments
 override a preset.
 """

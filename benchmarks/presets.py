@@ -31,7 +31,7 @@ PRESETS = {
                      fit_max_n=1 << 20, fit_max_call_s=1, fit_budget=30),
     },
     "gpu_sweep": {
-        "cuda": dict(ops=["supcon"], sizes=[1024 << k for k in range(8)], dim=128,
+        "cuda": dict(ops=["supcon"], sizes=[512 << k for k in range(9)], dim=128,
                      dtypes=["bfloat16", "float32"], warmup_ms=20, rep_ms=60, max_call_s=0.5,
                      time_budget=190, fit_max_call_s=3, fit_budget=70),
     },

@@ -52,6 +52,19 @@ stage bench_hard_positive 90 python3 -m pytest -q benchmarks/bench_hard_positive
 stage bench_similarity 60 python3 -m pytest -q benchmarks/bench_similarity.py \
     -k "bfloat16 and (triton or eager or compiled)" --benchmark-columns=median,iqr,rounds \
     --benchmark-json "$OUT/similarity_gpu.json"
+# The lean loss (one launch each way, class sums, fixed shift): GPU tests including CUDA-graph
+# replay and the no-sync check, then N = 512 .. 131072 at beta 0 and 1 with the sdpa-flash
+# neighbour, each sweep bounded by its own time budget.
+stage tests_supcon_lean 170 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_graphs.py \
+    tests/test_supcon_triton.py tests/test_supcon_launches.py
+stage sweep_supcon_beta0 120 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
+    --sizes 512 1024 2048 4096 8192 16384 32768 65536 131072 --passes fwd bwd fwd+bwd \
+    --candidates triton cuda eager compile sdpa-flash --time-budget 100 --no-fit \
+    --no-progress --out "$OUT/supcon_sweep_beta0.json"
+stage sweep_supcon_beta1 100 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
+    --sizes 4096 16384 65536 131072 --passes fwd+bwd --candidates triton sdpa-flash \
+    --set supcon.beta=1.0 --time-budget 80 --no-fit --no-progress \
+    --out "$OUT/supcon_sweep_beta1.json"
 stage runner_sweep 140 python3 -m benchmarks --gpu-sweep --time-budget 60 --fit-budget 30 \
     --no-progress --out "$OUT/sweep_h100.json"
 

@@ -20,7 +20,9 @@ from torch import Tensor
 from ..backends import SupConProblem
 from . import supcon_classsum, supcon_topk
 from . import supcon_kernels_triton as kernels
-from .triton_launch import device_guard, dot_precision, interpreter_upcast, interpreting
+from .triton_launch import device_guard, dot_precision, interpreting
+
+INTERPRET = interpreting()  # decided before the kernels were decorated, as Triton does
 
 MAX_D = 256  # a row block of f stays in registers: whole feature dimension per tile
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -93,7 +95,7 @@ def _run(kernel, grid, args: tuple, constexprs: dict) -> None:
 
 
 def _launch(name: str, dtype: torch.dtype, grid, args: tuple, constexprs: dict) -> None:
-    if interpreting():
+    if INTERPRET:
         _run(_KERNELS[name], grid, args, dict(constexprs, **INTERPRET_META))
     elif AUTOTUNE:
         _run(_autotuned[(name, config_family(dtype))], grid, args, constexprs)
@@ -164,9 +166,10 @@ def _common(f: Tensor, g: Optional[Tensor], normalize: bool, temperature: float)
     n = g_.shape[0]
     block_d = max(16, next_power_of_2(d))
     streaming = m * n >= STREAMING_MIN_LOGITS
+    # UPCAST: the interpreter's bfloat16 tl.dot is wrong (triton_launch.interpreter_upcast)
     constexprs = dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=block_d == d,
-                      DOT_PRECISION=dot_precision(f.dtype), UPCAST=interpreter_upcast(f.dtype),
-                      BLOCK_D=block_d)
+                      DOT_PRECISION=dot_precision(f.dtype),
+                      UPCAST=INTERPRET and f.dtype == torch.bfloat16, BLOCK_D=block_d)
     return single, g_, m, n, d, block_d, streaming, constexprs
 
 
@@ -318,7 +321,7 @@ class TritonSupCon:
     def not_supported_reasons(self, p: SupConProblem) -> list[str]:
         reasons = []
         device = p.f.device
-        if device.type != "cuda" and not interpreting():
+        if device.type != "cuda" and not INTERPRET:
             reasons.append(f"tensors are on {device.type}; Triton needs CUDA tensors "
                            "(TRITON_INTERPRET=1 runs it on the CPU, for testing)")
         elif device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
