@@ -3,13 +3,15 @@
 ``python -m anchor_kernels.train.experiment digits`` trains, on scikit-learn's 8 x 8 digits,
 standard training (no attack), PGD-AT, TRADES and ANCHOR (soft mining at beta 0, 1 and 4, and
 top-k mining) with the same model, epochs, schedule and training attack, for several seeds
-and L-inf radii, and evaluates every model on the whole test split: clean accuracy, PGD-20
+(each with its own stratified split) and L-inf radii (``--eps``, default 0.1), and evaluates
+every model on its whole test split: clean accuracy, PGD-20
 (random start, step eps / 4) and the AutoAttack-style worst case of
 ``anchor_kernels.autoattack`` (APGD-CE and APGD-T at the standard's settings by default;
 ``--attacks`` adds FAB-T and Square). Standard training does not depend on eps: it is
 trained once per seed and evaluated at every eps.
 
-Writes ``OUT.json`` (settings, machine, split, every run, mean +- std per method and eps),
+Writes ``OUT.json`` (settings, machine, the last run's split, every run with the SHA-1 of its
+test indices, mean +- std per method and eps),
 ``OUT.md`` (the table) and ``OUT.png`` (the plot); ``OUT.json`` is rewritten after every run,
 and ``--resume`` skips the runs it already holds.
 """
