@@ -65,7 +65,7 @@ def _hard_positive_kernel(
     rk = tl.arange(0, BK)
     a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
     ya = tl.load(ya_ptr + rm, mask=row_ok, other=0)
-    self_col = tl.where(has_self, rm + self_offset, -1)
+    self_col = tl.where(has_self != 0, rm + self_offset, -1)
     inv_na = tl.load(ra_ptr + rm, mask=row_ok, other=1.0)
 
     slot = tl.arange(0, KP)
