@@ -232,7 +232,8 @@ def hard_positive_mining(
     contrast_labels: Tensor | None = None,  # (N,)
     anchor_offset: int | None = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Per anchor, its k hardest positives: (indices (M, k) int64, cosines (M, k)).
+    """Per anchor, its k hardest positives: (indices (M, k) int64, cosines (M, k)), with k
+    taken as min(k, N) (no anchor has more than N positives).
 
     Row i lists the positives ``P(i)`` (same label, not the self column ``anchor_offset + i``)
     with the k lowest ``cos_ij``, ascending, ties to the lower j: the set is exactly
@@ -258,10 +259,6 @@ def hard_positive_mining(
     chosen = pos.gather(1, order)
     idx = torch.where(chosen, order, torch.full_like(order, -1))
     vals = cos.gather(1, order).masked_fill(~chosen, float("inf"))
-    pad = k - order.shape[1]  # k > N: no row can fill k slots
-    if pad > 0:
-        idx = torch.cat([idx, idx.new_full((idx.shape[0], pad), -1)], dim=1)
-        vals = torch.cat([vals, vals.new_full((vals.shape[0], pad), float("inf"))], dim=1)
     return idx, vals
 
 

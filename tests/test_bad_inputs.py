@@ -480,8 +480,9 @@ def test_full_disk_corrupt_or_foreign_checkpoints_and_leftover_temporaries(tmp_p
                 return _FullDisk(fh)
         return fh
 
+    fast = dict(epochs=2, steps_per_epoch=1, pgd_steps=1)
     monkeypatch.setattr(checkpoint.os, "fdopen", fdopen)
-    assert main(tiny(out, epochs=2)) == 1
+    assert main(tiny(out, **fast)) == 1
     monkeypatch.undo()
     assert "No space left on device" in _one_line_error(capsys)
     path = out / checkpoint.CHECKPOINT_NAME
@@ -505,11 +506,11 @@ def test_full_disk_corrupt_or_foreign_checkpoints_and_leftover_temporaries(tmp_p
             torch.save({"epoch": 1}, path)
         else:
             checkpoint.save(content, str(path))
-        assert main(tiny(out, "--resume", epochs=2)) == 2, name
+        assert main(tiny(out, "--resume", **fast)) == 2, name
         assert words[name] in _one_line_error(capsys), name
 
     path.write_bytes(good)
     (out / ".checkpoint-abc123.tmp").write_bytes(good[:100])  # a kill during a save
-    assert main(tiny(out, "--resume", epochs=2)) == 0
+    assert main(tiny(out, "--resume", **fast)) == 0
     assert not list(out.glob(checkpoint.TEMP_PATTERN))
     assert checkpoint.load(str(path))["epoch"] == 2

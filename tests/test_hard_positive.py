@@ -49,10 +49,12 @@ def mine(z, y, k, *, backend, contrast=None, contrast_labels=None, **kw):
 
 
 def brute_force(z, y, k, c=None, yc=None, offset=0, normalize=True):
-    """Python loops over float64 rows: sort (cos, j) pairs of the positives, keep k."""
+    """Python loops over float64 rows: sort (cos, j) pairs of the positives, keep k (at
+    most N, the contrast rows)."""
     z = z.double()
     c = z if c is None else c.double()
     yc = y if yc is None else yc
+    k = min(k, c.shape[0])
     if normalize:
         z, c = reference.normalize_rows(z), reference.normalize_rows(c)
     idx = torch.full((z.shape[0], k), -1, dtype=torch.int64)
@@ -89,7 +91,8 @@ def check(z, y, k, c=None, yc=None, offset=0, backend="triton", normalize=True):
     idx, cos = mine(z, y, k, backend=backend, **kw)
     ref_idx, ref_cos = reference.hard_positive_mining(
         z.double(), y, k, **{**kw, **({"contrast": c.double()} if c is not None else {})})
-    assert idx.shape == (z.shape[0], k) and idx.dtype == torch.int64
+    n = z.shape[0] if c is None else c.shape[0]
+    assert idx.shape == (z.shape[0], min(k, n)) and idx.dtype == torch.int64
     assert cos.dtype == torch.promote_types(z.dtype, torch.float32)
     mismatch = idx != ref_idx
     assert not mismatch.any(), (
@@ -166,8 +169,8 @@ def test_separate_contrast(backend, offset):
 def test_k_larger_than_contrast(backend):
     z, y = torch.randn(5, 4), torch.zeros(5, dtype=torch.int64)
     c, yc = torch.randn(7, 4), torch.zeros(7, dtype=torch.int64)
-    idx, cos = check(z, y, 9, c, yc, None, backend=backend)
-    assert (idx[:, 7:] == -1).all() and (cos[:, 7:] == INF).all()
+    idx, cos = check(z, y, 9, c, yc, None, backend=backend)  # k acts as N = 7
+    assert idx.shape == (5, 7) and (idx >= 0).all()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -337,7 +340,7 @@ def test_triton_k_limit_and_auto():
     with pytest.raises(ValueError, match=f"limit of {MAX_K}"):
         hard_positive_mining(z, y, MAX_K + 1, backend="triton")
     idx, _ = hard_positive_mining(z[:50], y[:50], 1000, backend="triton")  # k capped by N
-    assert idx.shape == (50, 1000) and (idx[:, 49:] == -1).all()
+    assert idx.shape == (50, 50) and (idx[:, 49:] == -1).all()
     idx, _ = hard_positive_mining(z, y, MAX_K + 1)  # auto: a backend that can run it
     assert (idx[:, :99] >= 0).all() and idx.device == z.device
 
@@ -420,6 +423,9 @@ def test_cuda_kernel_emulated(emulator, dtype, m, n, d, k, classes, offset):
     idx, cos = outs[0]
     ref_idx, ref_cos = reference.hard_positive_mining(z.double(), y, k, contrast=c.double(),
                                                       contrast_labels=yc, anchor_offset=offset)
+    kk = ref_idx.shape[1]  # the op pads k past N; the public function (and reference) stop at N
+    assert (idx[:, kk:] == -1).all() and (cos[:, kk:] == INF).all()
+    idx, cos = idx[:, :kk], cos[:, :kk]
     assert torch.equal(idx, ref_idx)
     real = idx >= 0
     assert torch.equal(cos == INF, ~real)

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .similarity_triton import dot_acc
+from .similarity_triton import dot_acc, flag_arg
 from . import triton_launch
 from .triton_launch import (Launch, device_guard, device_reasons, dot_precision,
                             interpreter_upcast)
@@ -65,7 +65,7 @@ def _hard_positive_kernel(
     rk = tl.arange(0, BK)
     a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
     ya = tl.load(ya_ptr + rm, mask=row_ok, other=0)
-    self_col = tl.where(has_self, rm + self_offset, -1)
+    self_col = tl.where(has_self != 0, rm + self_offset, -1)
     inv_na = tl.load(ra_ptr + rm, mask=row_ok, other=1.0)
 
     slot = tl.arange(0, KP)
@@ -145,7 +145,7 @@ def mining_launch(a: Tensor, ya: Tensor, b: Tensor, yb: Tensor, ra: Tensor, rb: 
     bk = 64 if a.dtype in (torch.float16, torch.bfloat16) else 32
     args = (a, b, ya, yb, ra, rb, idx, cos, m, n, d, k_eff, a.stride(0), a.stride(1),
             b.stride(0), b.stride(1), idx.stride(0), 0 if anchor_offset is None else anchor_offset,
-            int(anchor_offset is not None))  # an int: the interpreter cannot take a bool here
+            flag_arg(anchor_offset is not None))
     # 8 warps: the int64 key tile and the running top-k fit in registers without spills
     # (sm_90 compile: <= 206 registers, no stack, HGMMA for half and TF32 inputs).
     return Launch(_hard_positive_kernel, (triton.cdiv(m, 64),), args,

@@ -206,6 +206,13 @@ def fwd_launch(a: Tensor, b: Tensor, s: Tensor, na: Tensor, nb: Tensor,
                   num_warps=warps, num_stages=3)
 
 
+def flag_arg(value: bool):
+    """A bool kernel argument. This Triton's interpreter cannot convert a Python bool (it
+    builds a 32-bit array for the 1-bit type), so it gets an int there; compiled launches
+    keep the bool (one signature for both values)."""
+    return int(value) if triton_launch.interpreting() else bool(value)
+
+
 def bwd_side_launches(g: Tensor, x: Tensor, y: Tensor, nx: Tensor, ny: Tensor, out: Tensor,
                       normalize: bool, temperature: float) -> list[Launch]:
     """Launches writing dx = dL/dx into ``out`` for G (M, N) = dL/dS, x (M, D), y (N, D)."""
@@ -219,7 +226,7 @@ def bwd_side_launches(g: Tensor, x: Tensor, y: Tensor, nx: Tensor, ny: Tensor, o
     grid = (triton.cdiv(m, bm), triton.cdiv(d, bd))
     args = (g, x, y, nx, ny, dz, m, n, d, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
             y.stride(0), y.stride(1), dz.stride(0), dz.stride(1), 1.0 / temperature, NORM_EPS,
-            int(normalize))  # an int: the interpreter cannot take a bool here
+            flag_arg(normalize))
     launches = [Launch(_similarity_bwd_kernel, grid, args,
                        dict(BM=bm, BN=bn, BD=bd, FUSE_NORM=fuse, PRECISION=dot_precision(x.dtype),
                             UPCAST=interpreter_upcast(x.dtype)),
