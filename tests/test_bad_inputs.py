@@ -136,7 +136,7 @@ CASES = [
     ("hard-module-labels", lambda: ak.HardMinedSupConLoss()(F2, LAB[:2]), ValueError,
      ["labels must have shape (6,)"]),
     ("pml-indices-tuple", lambda: ak.PMLSupConLoss()(F2, LAB, indices_tuple=(LAB,)), ValueError,
-     ["indices_tuple (miner output) is not supported"]),
+     ["indices_tuple must be a miner's"]),
     ("pml-ref-labels-alone", lambda: ak.PMLSupConLoss()(F2, LAB, ref_labels=LAB), ValueError,
      ["ref_labels was given without ref_emb"]),
     ("pml-ref-emb-alone", lambda: ak.PMLSupConLoss()(F2, LAB, ref_emb=F2), ValueError,

@@ -295,7 +295,7 @@ def test_auto_picks_cpu_and_refusals():
     x, y = torch.randn(8, 4), labels_for("random", 8)
     problem = SupConProblem(x, y, None, None, 0.1, 0.0, None, True, True, 0)
     assert select_backend("auto", problem).name == "cpu"
-    reasons = ak.available_backends(problem)
+    reasons = ak.available_backends(x, y)
     assert reasons["cpu"] == []
     assert any("cuda" in r for r in reasons["cuda"])
     # top-k runs fused: LSE_i from these kernels plus the selection op (test_supcon_topk.py)

@@ -384,9 +384,10 @@ def sm90_compile_specs():
 
     launches = []
     m, n, d = 4096, 4096, 128
-    # bfloat16 in every configuration; float16 is the same code with another element type,
-    # and float32 is compiled in its first configuration (CI's time budget).
-    for dtype, configs in ((torch.bfloat16, slice(None)), (torch.float32, slice(0, 1))):
+    # bfloat16 in every configuration. float16 is the same code with another element type;
+    # float32 at "highest" precision is an FMA loop that compiles for minutes and spills
+    # (known, see README), left out to keep CI within its budget.
+    for dtype, configs in ((torch.bfloat16, slice(None)),):
         f = torch.empty(m, d, dtype=dtype)
         y = torch.empty(m, dtype=torch.int64)
         ws = torch.empty(ws_size(m, n, True), dtype=torch.float32)
