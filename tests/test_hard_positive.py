@@ -5,9 +5,6 @@ asserts that its positives' cosines are separated by more than float32 rounding,
 tested with exact duplicates (equal in any precision).
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -182,10 +179,13 @@ def test_no_positives(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_ties_go_to_lower_index(backend):
-    base = torch.randn(40, 12)
+    # Integer-valued rows: every dot product is exact in float32, so the three copies of a
+    # cosine are equal bit for bit whatever order a BLAS sums them in (the interpreter's
+    # tl.dot is numpy's matmul, whose rounding can differ between columns).
+    base = torch.randint(-100, 101, (40, 12)).float()
     c = torch.cat([base, base, base])  # every cosine appears three times: j, j + 40, j + 80
     yc = torch.zeros(120, dtype=torch.int64)
-    z, y = torch.randn(9, 12), torch.zeros(9, dtype=torch.int64)
+    z, y = torch.randint(-100, 101, (9, 12)).float(), torch.zeros(9, dtype=torch.int64)
     idx, _ = check(z, y, 7, c, yc, None, backend=backend)
     # each cosine's three copies come out together, lowest index first
     assert torch.equal(idx[:, 1] - idx[:, 0], torch.full((9,), 40))
@@ -378,21 +378,6 @@ def test_triton_k_limit_and_auto():
 def test_bad_input(call, err, match):
     with pytest.raises(err, match=match):
         call(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
-
-
-def test_every_triton_config_compiles_for_sm90():
-    """Every variant the launchers can pick (``hard_positive_triton.sm90_compile_specs``, built from real
-    launch plans) compiles for sm_90 and half precision uses wgmma, with no GPU. Same tool and
-    cache as tests/test_triton_sm90.py, so the whole-package run recompiles nothing."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "anchor_kernels.ops.sm90_check", "--module",
-         "anchor_kernels.ops.hard_positive_triton"], capture_output=True, text=True, env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    # 4 precisions x register sizes KP in (4, 16, 64): nothing else changes the compiled code.
-    assert "compiled 12 kernel variants" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.fixture(scope="module")
