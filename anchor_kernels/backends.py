@@ -9,7 +9,6 @@ that a missing compiler or extension only disables that backend.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +18,26 @@ from . import reference
 
 BACKEND_NAMES = ("auto", "triton", "cuda", "cpu", "eager")
 
-# name -> "module:attribute" of the backend object; imported lazily.
-_LOCATIONS = {
-    "triton": "anchor_kernels.ops.supcon_triton:BACKEND",
-    "cuda": "anchor_kernels.ops.supcon_cpp:CUDA_BACKEND",
-    "cpu": "anchor_kernels.ops.supcon_cpp:CPU_BACKEND",
-}
+
+
+def _load_triton():
+    from .ops.supcon_triton import BACKEND
+    return BACKEND
+
+
+def _load_cuda():
+    from .ops.supcon_cpp import CUDA_BACKEND
+    return CUDA_BACKEND
+
+
+def _load_cpu():
+    from .ops.supcon_cpp import CPU_BACKEND
+    return CPU_BACKEND
+
+
+# name -> loader of the backend object, imported on first use. Literal imports (not
+# importlib), so that torch.compile can trace a first use too.
+_LOADERS = {"triton": _load_triton, "cuda": _load_cuda, "cpu": _load_cpu}
 
 # Preference of "auto", fastest first, per device type.
 AUTO_ORDER = {
@@ -91,22 +104,15 @@ _cache: dict[str, object] = {"eager": EagerBackend()}
 
 
 def get_backend(name: str):
-    if name not in _cache and torch.compiler.is_compiling():
-        # Dynamo cannot trace an import or a C++ build; the Triton backend is imported with
-        # this module, the extension's on its first eager use.
-        return UnavailableBackend(name, f"the {name} backend is loaded on first eager use, and "
-                                        "this process has not used it before torch.compile "
-                                        "traced this call")
     if name not in _cache:
-        location = _LOCATIONS.get(name)
-        if location is None:
+        loader = _LOADERS.get(name)
+        if loader is None:
             _cache[name] = UnavailableBackend(name, f"the {name} backend is not built in this version")
         else:
-            module, attr = location.split(":")
             try:
-                _cache[name] = getattr(importlib.import_module(module), attr)
+                _cache[name] = loader()
             except Exception as exc:  # a missing compiler or library disables only this backend
-                _cache[name] = UnavailableBackend(name, f"{module} failed to import: {exc}")
+                _cache[name] = UnavailableBackend(name, f"the {name} backend failed to import: {exc}")
     return _cache[name]
 
 

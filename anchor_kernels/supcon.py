@@ -31,6 +31,8 @@ def prepare(features, labels, contrast, contrast_labels, anchor_offset) -> tuple
     v.check_tensor("features", features, floating=True)
     if features.dim() < 2:
         raise ValueError(f"features must be (M, D) or (B, V, D), got shape {tuple(features.shape)}")
+    if features.dim() >= 3 and features.shape[0] * features.shape[1] == 0:
+        raise ValueError(f"features is an empty batch (shape {tuple(features.shape)})")
     if features.dim() >= 3:
         b, n_views = features.shape[:2]
         if labels is None and contrast is not None:

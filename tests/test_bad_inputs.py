@@ -112,10 +112,8 @@ CASES = [
      ["anchor_offset must be >= 0"]),
     ("loss-offset-without-contrast", lambda: ak.supcon_loss(F2, LAB, anchor_offset=2),
      ValueError, ["anchor_offset must be 0 when contrast is None"]),
-    pytest.param("loss-features-empty-3d", lambda: ak.supcon_loss(torch.randn(0, 2, 4)),
-                 ValueError, ["features is an empty batch"],
-                 marks=pytest.mark.xfail(strict=True, reason="needs the empty-(B, V, D) check "
-                                         "in anchor_kernels/supcon.py prepare()")),
+    ("loss-features-empty-3d", lambda: ak.supcon_loss(torch.randn(0, 2, 4)),
+     ValueError, ["features is an empty batch"]),
     # --- loss modules
     ("supcon-module-temperature", lambda: ak.SupConLoss(temperature=0), ValueError,
      ["temperature must be finite and > 0"]),

@@ -2,6 +2,10 @@
 to machine precision, float32, bf16/fp16 by the low-precision rule, float64 gradcheck through
 the C++ backward, opcheck, torch.compile), the "cuda" backend on a GPU (tier 2)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -454,3 +458,27 @@ def test_gpu_refuses_float64():
     f = torch.randn(8, 4, device="cuda", dtype=torch.float64)
     with pytest.raises(ValueError, match="dtype torch.float64 is not supported by the cuda kernels"):
         ak.supcon_loss(f, labels_for("random", 8).cuda(), backend="cuda")
+
+
+def test_compile_fullgraph_in_a_fresh_process():
+    """The first use of the C++ backend may be inside torch.compile(fullgraph=True), and
+    "auto" then picks it (not the O(M N) eager path)."""
+    code = """
+import torch, anchor_kernels as ak
+from anchor_kernels import backends
+x = torch.randn(24, 8, requires_grad=True); y = torch.randint(0, 3, (24,))
+for name in ("cpu", "auto"):
+    fn = torch.compile(lambda x: ak.supcon_loss(x, y, backend=name), fullgraph=True,
+                       backend="aot_eager")
+    loss = fn(x)
+    ref = ak.supcon_loss(x.detach().double(), y, backend="eager")
+    assert abs(loss.item() - ref.item()) < 1e-5, (name, loss.item(), ref.item())
+print(backends.select_backend("auto", backends.SupConProblem(x, y, None, None, 0.1, 0.0, None,
+                                                            True, True, 0)).name)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("cpu")

@@ -17,6 +17,7 @@ import torch
 import triton
 from torch import Tensor
 
+from .._autograd import refuse_double_backward
 from ..backends import SupConProblem
 from . import supcon_classsum, supcon_topk
 from . import supcon_kernels_triton as kernels
@@ -26,8 +27,6 @@ INTERPRET = interpreting()  # decided before the kernels were decorated, as Trit
 
 MAX_D = 256  # a row block of f stays in registers: whole feature dimension per tile
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-DOUBLE_BACKWARD = ("anchor_kernels: double backward (create_graph=True) is not supported by "
-                   "backend='{}'; use backend='eager'")
 
 
 def _config(block_m, block_n, warps, stages):
@@ -262,18 +261,6 @@ def _(grad, f, g, y_f, y_g, ws, self_offset, temperature, beta, scale, normalize
             f.new_empty(0) if g is None else torch.empty_like(g, memory_format=torch.contiguous_format))
 
 
-class _NoDoubleBackward(torch.autograd.Function):
-    """Passes a gradient through; differentiating it again raises DOUBLE_BACKWARD."""
-
-    @staticmethod
-    def forward(ctx, value, anchor):
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(DOUBLE_BACKWARD.format("triton"))
-
-
 class SupConTriton(torch.autograd.Function):
     """The loss (and the workspace, not differentiable) with the fused backward. No zero
     gradients are materialised for the workspace output."""
@@ -296,10 +283,9 @@ class SupConTriton(torch.autograd.Function):
         f, g, y_f, y_g, ws = ctx.saved_tensors
         with torch.no_grad():
             df, dg = torch.ops.anchor_kernels.supcon_bwd_triton(grad, f, g, y_f, y_g, ws, *ctx.args)
-        if torch.is_grad_enabled():  # create_graph=True: the gradient's own graph is refused
-            df = _NoDoubleBackward.apply(df, f)
-            dg = dg if g is None else _NoDoubleBackward.apply(dg, g)
-        return (df, None if g is None else dg) + (None,) * 10
+        # create_graph=True: differentiating these gradients again raises, by name
+        df, dg = refuse_double_backward("triton", (df, None if g is None else dg), (f, g))
+        return (df, dg) + (None,) * 10
 
 
 _SIGNED = (torch.int8, torch.int16, torch.int32, torch.int64)
