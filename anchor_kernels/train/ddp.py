@@ -52,8 +52,12 @@ def setup(device_flag: str) -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
-def cleanup(info: DistInfo) -> None:
+def cleanup(info: DistInfo, finished: bool = False) -> None:
     if info.enabled and dist.is_initialized():
+        if finished:  # after a failure a peer may never arrive: no barrier then
+            # every rank done with its collectives before any tears down: gloo aborts a
+            # process ("terminate called without an active exception") whose peer left
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -392,11 +392,12 @@ def main(argv=None) -> int:
     from .config import parse_args
 
     cfg, given = parse_args(argv)
-    info = None
+    info, finished = None, False
     try:
         info = ddp.setup(cfg.device)
         trainer = Trainer(cfg, given, info)
         trainer.run()
+        finished = True
     except TrainingDiverged as exc:
         print(f"anchor-train: stopped: {exc}", file=sys.stderr, flush=True)
         return 3
@@ -408,6 +409,6 @@ def main(argv=None) -> int:
         return 1
     finally:
         if info is not None:
-            ddp.cleanup(info)
+            ddp.cleanup(info, finished)
     return 0
 
