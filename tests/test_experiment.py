@@ -21,15 +21,7 @@ from anchor_kernels.train import data, experiment
 from anchor_kernels.train.augment import random_crop_flip
 from anchor_kernels.train.models import AnchorNet
 
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared by many jobs: one thread is several times faster than two here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from .utils import one_thread  # noqa: F401  (autouse: one torch thread)
 
 
 def digits_args(out_dir, *extra, **opts) -> list[str]:

@@ -32,18 +32,13 @@ from anchor_kernels.train.models import AnchorNet
 from anchor_kernels.train.schedule import lr_at
 from anchor_kernels.train.timing import SectionTimer
 
+from .utils import one_thread  # noqa: F401  (autouse: one torch thread)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED_LOSS_PARTS = {"anchor": {"loss_supcon", "loss_ce"}, "pgd-at": {"loss_ce"},
                        "trades": {"loss_ce", "loss_kl"}}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared by many jobs: one thread is several times faster than two here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(out_dir, *extra, **opts) -> list[str]:

@@ -243,8 +243,8 @@ def test_main_reports_json_and_exit_status(fake_compile, monkeypatch, tmp_path, 
 MODULES = [m.rsplit(".", 1)[1] for m in sm90_check.MODULES]
 # Spills the kernels have today; the marker goes when the module's kernels stop spilling.
 SPILLING = {
-    "supcon_triton": "the SupCon kernels spill in most configurations (up to ~300 local "
-                     "loads per kernel at 128 x 128, thousands for exact float32)",
+    "supcon_triton": "the backward and the small-batch forward spill outside their loops "
+                     "(48-340 local loads); the large-batch forward does not",
     "similarity_triton": "the float32 (ieee) backward and the 128 x 128 half-precision "
                          "forward spill",
     "hard_positive_triton": "the float32 (ieee) kernel spills 6 registers at KP = 4, 16",
@@ -314,12 +314,16 @@ def test_no_variant_spills(report, module):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the beta = 0 forward is not compiled with a ceiling yet",
-                   strict=True, raises=AssertionError)
-def test_supcon_beta_zero_forward_has_a_lean_ceiling(report):
+def test_supcon_large_batch_forward_is_lean_and_does_not_spill(report):
+    """The bare log-sum-exp forward that plain SupCon runs on large batches: every
+    half-precision configuration has an instructions-per-logit ceiling, meets it, and has no
+    local memory traffic; the first configuration (the one used untuned) is under 12.5."""
     forward = [r for r in rows_of(report, "supcon_triton") if r["kernel"] == "_supcon_fwd_kernel"
-               and r["constexprs"].get("BETA_ZERO") and r["dtype"] in ("fp16", "bf16")]
-    assert forward, "no half-precision beta = 0 forward variant"
+               and r["constexprs"].get("LSE_ONLY") and r["dtype"] in ("fp16", "bf16")]
+    assert forward, "no half-precision log-sum-exp-only forward variant"
     for row in forward:
-        assert row["max_instr_per_logit"] is not None and row["max_instr_per_logit"] <= 12, \
-            label(row)
+        assert row["max_instr_per_logit"] is not None, label(row)
+        assert row["instr_per_logit"] <= row["max_instr_per_logit"], label(row)
+        assert row["local_loads"] == 0 and row["local_stores"] == 0, label(row)
+    first = [r for r in forward if r["constexprs"].get("BLOCK_M") == 128]
+    assert first and all(r["instr_per_logit"] <= 12.5 for r in first)

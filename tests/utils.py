@@ -1,5 +1,6 @@
 """Comparison helpers whose failures say how many elements differ, where, and by how much."""
 
+import pytest
 import torch
 
 import anchor_kernels as ak
@@ -44,3 +45,13 @@ def loss_and_grads(backend, f, y, g=None, y_g=None, *, dtype=None, weights=None,
         weights = torch.ones_like(per_anchor)
     (per_anchor * weights.to(per_anchor.dtype)).sum().backward()
     return per_anchor.detach(), fx.grad, (None if gx is None else gx.grad)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread (imported as an autouse fixture by the trainer tests): on two cores
+    shared by many jobs, one thread is several times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

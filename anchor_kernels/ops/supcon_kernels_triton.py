@@ -69,16 +69,23 @@ def _load_block(X, idx, imask, offs_d, D, stride_r, stride_d, UNMASKED: tl.const
 
 
 @triton.jit
-def _row_scales(x, NORMALIZE: tl.constexpr):
-    """(p, r) per row of x: p a power of two with max |x p| in [1, 2) (1 for a zero row), and
-    r = 1 / max(||x||, eps) (1 without normalisation), computed from x p so that no finite
-    input overflows or underflows."""
-    xf = x.to(tl.float32)
-    a = tl.max(tl.abs(xf), axis=1)
-    e = tl.minimum(tl.maximum(-tl.floor(tl.log2(a)), -126.0), 126.0)
-    p = tl.where(a > 0, tl.exp2(e), 1.0)
+def _row_scales(x, NORMALIZE: tl.constexpr, UPCAST: tl.constexpr):
+    """(p, r) per row of x: p a power of two with max |x p| in [1, 2) (1 for a zero row; always
+    1 for float16, whose products cannot overflow float32), and r = 1 / max(||x||, eps) (1
+    without normalisation), computed from x p so that no finite input overflows or underflows.
+    The maximum is taken in x's dtype (exact), with no float32 copy of the block (UPCAST: the
+    interpreter, whose bfloat16 arithmetic is wrong, takes it in float32)."""
+    if x.dtype == tl.float16:
+        p = tl.full([x.shape[0]], 1.0, tl.float32)
+    else:
+        if UPCAST:
+            a = tl.max(tl.abs(x.to(tl.float32)), axis=1)
+        else:
+            a = tl.max(tl.abs(x), axis=1).to(tl.float32)
+        e = tl.minimum(tl.maximum(-tl.floor(tl.log2(a)), -126.0), 126.0)
+        p = tl.where(a > 0, tl.exp2(e), 1.0)
     if NORMALIZE:
-        y = xf * p[:, None]
+        y = x.to(tl.float32) * p[:, None]
         norm_p = tl.sqrt(tl.sum(y * y, axis=1))  # ||x|| p
         r = p / tl.maximum(norm_p, NORM_EPS * p)
     else:
@@ -87,9 +94,14 @@ def _row_scales(x, NORMALIZE: tl.constexpr):
 
 
 @triton.jit
-def _scale_rows(x, p):
-    """x p in x's dtype: exact, p being a power of two that keeps every component in range."""
-    return (x.to(tl.float32) * p[:, None]).to(x.dtype)
+def _scale_rows(x, p, UPCAST: tl.constexpr):
+    """x p, in x's dtype: exact, p being a power of two that keeps every component in range."""
+    if x.dtype == tl.float16:
+        return x
+    elif UPCAST:
+        return (x.to(tl.float32) * p[:, None]).to(x.dtype)
+    else:
+        return x * p.to(x.dtype)[:, None]
 
 
 @triton.jit
@@ -131,7 +143,7 @@ def _fwd_tile(f, yf, row_scale, rows, start, col_hi, G, YG, RG, stride_gn, strid
     if NORMS_GIVEN:
         rg = tl.load(RG + cols, mask=cmask, other=0.0)
     else:
-        _, rg = _row_scales(g, NORMALIZE)
+        _, rg = _row_scales(g, NORMALIZE, UPCAST)
         if WRITE_RG:
             tl.store(RG_OUT + cols, rg, mask=cmask & write_rg)
     t = _logits(f, g, row_scale, rg, rows, cols, col_hi, SELF_OFFSET, MASKED, DOT_PRECISION,
@@ -212,12 +224,12 @@ def _supcon_fwd_kernel(
 
     f = _load_block(F, rows, rmask, offs_d, D, stride_fm, stride_fd, False)
     if NORMS_GIVEN:
-        p, _ = _row_scales(f, False)
+        p, _ = _row_scales(f, False, UPCAST)
         rf = tl.load(RF + rows, mask=rmask, other=1.0)
     else:
-        p, rf = _row_scales(f, NORMALIZE)
+        p, rf = _row_scales(f, NORMALIZE, UPCAST)
         tl.store(RF + rows, rf, mask=rmask & (split == 0))
-    f = _scale_rows(f, p)
+    f = _scale_rows(f, p, UPCAST)
     row_scale = rf / p * (inv_tau * LOG2E)
     yf = tl.load(YF + rows, mask=rmask, other=0)
     beta_tau = beta / inv_tau
@@ -380,19 +392,21 @@ def _count_ptr(WS, M, N, SINGLE_SET: tl.constexpr):
 @triton.jit
 def _supcon_norms_kernel(F, G, WS, M, N, D, stride_fm, stride_fd, stride_gn, stride_gd,
                          NORMALIZE: tl.constexpr, SINGLE_SET: tl.constexpr,
-                         EVEN_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                         EVEN_D: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
     """RF and RG into the workspace (large batches: read by every program instead of
     recomputed per tile)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     RF = WS + STAT_ROWS * M
     mask = rows < M
-    _, r = _row_scales(_load_block(F, rows, mask, offs_d, D, stride_fm, stride_fd, False), NORMALIZE)
+    f = _load_block(F, rows, mask, offs_d, D, stride_fm, stride_fd, False)
+    _, r = _row_scales(f, NORMALIZE, UPCAST)
     tl.store(RF + rows, r, mask=mask)
     if not SINGLE_SET:
         mask = rows < N
-        _, r = _row_scales(_load_block(G, rows, mask, offs_d, D, stride_gn, stride_gd, False),
-                           NORMALIZE)
+        g = _load_block(G, rows, mask, offs_d, D, stride_gn, stride_gd, False)
+        _, r = _row_scales(g, NORMALIZE, UPCAST)
         tl.store(RF + M + rows, r, mask=mask)
 
 
@@ -511,9 +525,9 @@ def _bwd_block(pid, split, splits, X, YX, RX, B, YB, RB, OUT, PART, LOCKS, lock,
     offs_d = tl.arange(0, BLOCK_D)
     xmask = idx < X_ROWS
     x = _load_block(X, idx, xmask, offs_d, D, stride_xn, stride_xd, False)
-    p, _ = _row_scales(x, False)
+    p, _ = _row_scales(x, False, UPCAST)
     rx = tl.load(RX + idx, mask=xmask, other=0.0)
-    a = _scale_rows(x, p)
+    a = _scale_rows(x, p, UPCAST)
     a_scale = rx / p * (inv_tau * LOG2E)
     ya = tl.load(YX + idx, mask=xmask, other=0)
     beta_tau = beta / inv_tau
@@ -548,6 +562,9 @@ def _bwd_block(pid, split, splits, X, YX, RX, B, YB, RB, OUT, PART, LOCKS, lock,
                         shift2, True, ANCHORS_ARE_ROWS, SINGLE_SET, BETA_ZERO, LSE_ONLY, EXACT,
                         FIXED_SHIFT, GRAD_MODE, EVEN_D, DOT_PRECISION, UPCAST, BLOCK_B)
     dz = acc * inv_tau
+    # x again for the normalisation backward (reloaded: keeping the block live through the
+    # loop would cost a register per element)
+    x = _load_block(X, idx, xmask, offs_d, D, stride_xn, stride_xd, False)
 
     if SPLIT:
         mask = xmask[:, None] & (offs_d[None, :] < D)

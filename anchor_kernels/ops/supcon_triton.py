@@ -33,13 +33,14 @@ def _config(block_m, block_n, warps, stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# Every configuration the autotuner may pick on a GPU; the sm_90 tests compile each one and
-# assert no spills. Half precision runs on the tensor cores (wgmma). 8 warps need 128 rows
-# per block: with 64, both warpgroups would compute the same wgmma tile. fp32 at "highest"
-# precision is an FMA loop, where large tiles only spill, so it gets smaller ones.
+# Every configuration the autotuner may pick on a GPU; the sm_90 report compiles each one.
+# Half precision runs on the tensor cores (wgmma). 8 warps need 128 rows per block: with 64,
+# both warpgroups would compute the same wgmma tile. The forward keeps the two tilings whose
+# large-batch kernel compiles without spills (128 x 128 and 128 x 64 with 4 warps spill).
+# fp32 at "highest" precision is an FMA loop, where large tiles only spill, so it gets
+# smaller ones.
 CONFIGS = {
-    "fwd_half": [_config(128, 64, 8, 3), _config(128, 64, 4, 3), _config(64, 64, 4, 3),
-                 _config(128, 128, 8, 2)],
+    "fwd_half": [_config(128, 64, 8, 3), _config(64, 64, 4, 3)],
     "bwd_half": [_config(128, 64, 8, 2), _config(64, 64, 4, 2), _config(128, 32, 8, 2),
                  _config(64, 32, 4, 2)],
     "fwd_fp32": [_config(64, 32, 4, 2), _config(32, 64, 4, 2), _config(64, 64, 8, 2)],
@@ -193,8 +194,8 @@ def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor
         if streaming:
             _run(kernels._supcon_norms_kernel, (cdiv(max(m, n), 64),),
                  (f, g_, ws, m, n, d, f.stride(0), f.stride(1), g_.stride(0), g_.stride(1)),
-                 dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=cx["EVEN_D"], BLOCK_R=64,
-                      BLOCK_D=block_d))
+                 dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=cx["EVEN_D"],
+                      UPCAST=cx["UPCAST"], BLOCK_R=64, BLOCK_D=block_d))
         _launch("fwd", f.dtype, lambda meta: (cdiv(m, meta["BLOCK_M"]), splits),
                 (f, g_, y_f, y_g_, ws, loss_rows, loss, part, locks, m, n, d, f.stride(0),
                  f.stride(1), g_.stride(0), g_.stride(1), self_offset, 1.0 / temperature, beta,
@@ -362,6 +363,9 @@ class TritonSupCon:
 BACKEND = TritonSupCon()
 
 
+LSE_CEILING = {128: 12.5, 64: 17.5}  # per BLOCK_M of the half-precision forward configurations
+
+
 def sm90_compile_specs():
     """(kernel, signature, constexprs, num_warps, num_stages) for every kernel variant that
     the launchers run (flags, dtypes, autotuner configurations), specialised as the Triton
@@ -389,12 +393,18 @@ def sm90_compile_specs():
         # (streaming, beta = 0, lse_only): large-batch plain SupCon (the bare log-sum-exp)
         # and small-batch soft mining (per-logit positives, column chunks, norms per tile)
         variants = [(True, True, True), (False, False, False)]
-        for config_f, config_b in zip(configs_for("fwd", dtype)[configs], configs_for("bwd", dtype)[configs]):
+        for config_f, config_b in zip(configs_for("fwd", dtype)[configs],
+                                      configs_for("bwd", dtype)[configs]):
             for streaming, beta_zero, lse_only in variants:
                 flags = dict(BETA_ZERO=beta_zero, LSE_ONLY=lse_only, FIXED_SHIFT=True)
+                # The bare log-sum-exp loop: a ceiling on its thread-instructions per logit
+                # (sm90_check), at what it compiles to (12.2 at 128 x 64, 17.1 at 64 x 64).
+                ceiling = dict(MAX_INSTR_PER_LOGIT=LSE_CEILING[config_f.kwargs["BLOCK_M"]]) \
+                    if lse_only else {}
                 launches.append(Launch(_KERNELS["fwd"], (1, 1), fwd_args, dict(
                     cx, **flags, NORMS_GIVEN=streaming, REDUCE=0 if lse_only else 2,
-                    SPLIT=not streaming, **config_f.kwargs), config_f.num_warps, config_f.num_stages))
+                    SPLIT=not streaming, **config_f.kwargs, **ceiling), config_f.num_warps,
+                    config_f.num_stages))
                 launches.append(Launch(_KERNELS["bwd"], (1, 1), bwd_args, dict(
                     cx, **flags, EXACT=False, GRAD_MODE=0 if lse_only else 2,
                     SPLIT=not streaming, **config_b.kwargs), config_b.num_warps, config_b.num_stages))

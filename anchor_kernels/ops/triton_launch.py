@@ -86,30 +86,35 @@ _POINTER_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: 
                   torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
 
 
-def _specialize(arg, param) -> tuple[str, object]:
-    """(signature type, constexpr value or None) of one runtime argument, as the Triton
-    runtime derives it: Triton's own C++ routine where this Triton has it (3.5 and newer),
-    else the same rules in Python (pointer element types; ints equal to 1 become constexprs
-    unless do_not_specialize; i32 or i64 by range; Python floats are fp32)."""
+def _specialize(arg, param) -> tuple[str, object, str]:
+    """(signature type, constexpr value or None, "D" if divisible by 16 else "") of one
+    runtime argument, as the Triton runtime derives it: Triton's own C++ routine where this
+    Triton has it (3.5 and newer), else the same rules in Python (pointer element types,
+    16-byte aligned pointers and ints divisible by 16 marked "D"; ints equal to 1 become
+    constexprs unless do_not_specialize; i32 or i64 by range; Python floats are fp32)."""
     try:
         from triton._C.libtriton import native_specialize_impl
         from triton.backends.nvidia.compiler import CUDABackend
 
-        kind, value = native_specialize_impl(CUDABackend, arg, False, not param.do_not_specialize,
-                                             not param.do_not_specialize_on_alignment)[:2]
-        return kind, (value if kind == "constexpr" else None)
+        kind, key = native_specialize_impl(CUDABackend, arg, False, not param.do_not_specialize,
+                                           not param.do_not_specialize_on_alignment)[:2]
+        if kind == "constexpr":
+            return kind, key, ""
+        return kind, None, key if key == "D" else ""
     except (ImportError, TypeError):
         pass
+    align = not param.do_not_specialize_on_alignment
     if isinstance(arg, torch.Tensor):
-        return "*" + _POINTER_TYPES[arg.dtype], None
+        return "*" + _POINTER_TYPES[arg.dtype], None, "D" if align and arg.data_ptr() % 16 == 0 else ""
     if isinstance(arg, bool):
-        return "i1", None
+        return "i1", None, ""
     if isinstance(arg, int):
         if arg == 1 and not param.do_not_specialize:
-            return "constexpr", 1
-        return ("i32" if -2**31 <= arg < 2**31 else "i64"), None
+            return "constexpr", 1, ""
+        kind = "i32" if -2**31 <= arg < 2**31 else "i64"
+        return kind, None, "D" if align and not param.do_not_specialize and arg % 16 == 0 else ""
     if isinstance(arg, float):
-        return "fp32", None
+        return "fp32", None, ""
     raise TypeError(f"cannot specialise argument {param.name} of type {type(arg).__name__}")
 
 
@@ -132,17 +137,20 @@ def sm90_compile_specs(launches):
         if len(runtime) != len(launch.args):
             raise ValueError(f"{kernel.__name__} takes {len(runtime)} runtime arguments, "
                              f"the launch has {len(launch.args)}")
-        signature, constexprs = {}, dict(launch.constexprs)
+        signature, constexprs, attrs = {}, dict(launch.constexprs), {}
         for p, arg in zip(runtime, launch.args):
-            kind, value = _specialize(arg, p)
+            kind, value, attr = _specialize(arg, p)
             signature[p.name] = kind
             if kind == "constexpr":
                 constexprs[p.name] = value
+            elif attr:
+                attrs[p.name] = attr
         for p in kernel.params:
             if p.is_constexpr:
                 signature[p.name] = "constexpr"
-        key = (kernel.__name__, tuple(signature.items()), tuple(sorted(constexprs.items())),
-               launch.num_warps, launch.num_stages)
+        key = (kernel.__name__, tuple(signature.items()), repr(sorted(constexprs.items())),
+               tuple(sorted(attrs.items())), launch.num_warps, launch.num_stages)
         if key not in seen:
             seen.add(key)
-            yield kernel, signature, constexprs, launch.num_warps, launch.num_stages
+            # ATTRS: the divisibility the runtime would see (sm90_check passes it on)
+            yield kernel, signature, dict(constexprs, ATTRS=attrs), launch.num_warps, launch.num_stages
