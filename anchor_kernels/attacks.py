@@ -58,6 +58,25 @@ class _EvalMode:
         return False
 
 
+class _NoParameterGrads:
+    """Turns ``requires_grad`` off for every parameter of ``model`` that has it, and back on
+    exit (also on an exception): the attack needs input gradients only."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for p in self.frozen:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.frozen:
+            p.requires_grad_(True)
+        return False
+
+
 class PGD:
     """Projected gradient ascent on a loss of the model, inside an eps-ball around x.
 
@@ -100,6 +119,14 @@ class PGD:
         generator: ``torch.Generator`` for the random start (default torch's global one).
         backend: the ``pgd_step`` / ``pgd_random_start`` backend.
         name: a label for ``evaluate`` (default built from the settings).
+        check_inputs: check the values of x (in [lo, hi], no NaN), of tensor budgets and of
+            the labels against the model's classes, which costs one device synchronisation
+            per call (default). False leaves the attack loop without any host
+            synchronisation, for a training loop whose inputs are known to be valid.
+
+    While attacking, the model's parameters have ``requires_grad`` off, so no weight
+    gradient is computed for the input gradients the attack needs; each flag is restored
+    afterwards, also when the attack raises.
     """
 
     def __init__(
@@ -123,6 +150,7 @@ class PGD:
         generator: torch.Generator | None = None,
         backend: str = "auto",
         name: str | None = None,
+        check_inputs: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -143,6 +171,9 @@ class PGD:
         v.check_choice("positives", positives, POSITIVES)
         v.check_choice("loss_backend", loss_backend, BACKEND_NAMES)
         v.check_choice("backend", backend, BACKEND_NAMES)
+        if not isinstance(check_inputs, bool):
+            raise TypeError(f"check_inputs must be a bool, got {type(check_inputs).__name__}")
+        self.check_inputs = check_inputs
         if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
             raise TypeError(f"autocast_dtype must be a torch.dtype, got {type(autocast_dtype).__name__}")
         # DDP's forward arms its reducer for a backward with parameter gradients, which the
@@ -247,9 +278,10 @@ class PGD:
         x = x.detach()
         if self.normalization_used is not None:  # attack in pixel space, as torchattacks
             x = self._denormalize(x).clamp(self.lo, self.hi)  # clamp: rounding of the inverse
-        self._check_inputs(x, eps, alpha)
+        if self.check_inputs:
+            self._check_inputs(x, eps, alpha)
 
-        with _EvalMode(self.model, self.eval_mode, self._keep_eval):
+        with _EvalMode(self.model, self.eval_mode, self._keep_eval), _NoParameterGrads(self.model):
             if self.targeted:
                 y = self._target_labels(x, y)
             if self.random_start:
@@ -264,7 +296,8 @@ class PGD:
             for step in range(self.steps):
                 x_adv.requires_grad_(True)
                 with torch.enable_grad(), self._autocast(x):
-                    objective = self._objective(x_adv, y, clean, first=step == 0)
+                    objective = self._objective(x_adv, y, clean,
+                                                first=step == 0 and self.check_inputs)
                 if objective.dim() != 0:
                     raise ValueError(f"the loss must be a scalar, got shape {tuple(objective.shape)}")
                 (grad,) = torch.autograd.grad(objective, x_adv)

@@ -161,6 +161,68 @@ def test_modes_restored_on_error(trained):
     model.eval()
 
 
+def test_parameters_frozen_while_attacking_and_restored(trained):
+    """No weight gradient is computed during the attack: requires_grad is off for the
+    parameters that had it, and each flag comes back, also when the attack raises."""
+    model, x, y = trained
+    model.conv.weight.requires_grad_(False)  # a frozen parameter stays frozen
+    seen = []
+
+    def loss(out, y):
+        seen.append([p.requires_grad for p in model.parameters()])
+        return F.cross_entropy(out, y, reduction="sum")
+
+    def bad_loss(out, y):
+        raise RuntimeError("boom")
+
+    try:
+        PGD(model, steps=2, loss=loss)(x[:4], y[:4])
+        assert seen and not any(any(flags) for flags in seen)
+        expected = {n: n != "conv.weight" for n, _ in model.named_parameters()}
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == expected
+        with pytest.raises(RuntimeError, match="boom"):
+            PGD(model, steps=1, loss=bad_loss)(x[:4], y[:4])
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == expected
+    finally:
+        model.conv.weight.requires_grad_(True)
+
+
+def test_check_inputs_off_skips_the_synchronising_checks(trained, monkeypatch):
+    """check_inputs=False: neither the value check of x nor the label check runs (each
+    needs a device synchronisation); the default runs them once per call."""
+    from anchor_kernels import attacks
+
+    model, x, y = trained
+    calls = []
+    monkeypatch.setattr(attacks.PGD, "_check_inputs", lambda self, *a: calls.append("x"))
+    monkeypatch.setattr(attacks, "_check_class_labels", lambda *a: calls.append("y"))
+    PGD(model, steps=3)(x[:4], y[:4])
+    assert calls == ["x", "y"]
+    calls.clear()
+    PGD(model, steps=3, check_inputs=False)(x[:4], y[:4])
+    assert calls == []
+    with pytest.raises(TypeError, match="check_inputs must be a bool"):
+        PGD(model, check_inputs=1)
+
+
+def test_random_start_kernel_is_not_specialised_on_the_seed():
+    """A fresh seed must not compile a new variant (Triton specialises ints equal to 1 or
+    divisible by 16), and a seed that varies can be captured in a CUDA graph."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from anchor_kernels.ops import pgd_triton as P\n"
+            "print(sorted(p.name for p in P._pgd_random_start_linf_kernel.params "
+            "if p.do_not_specialize))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the jit kernel
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['seed_hi', 'seed_lo']"
+
+
 @pytest.mark.parametrize("positives", ["label", "instance"])
 def test_supcon_objective_runs_the_fused_loss(trained, positives, monkeypatch):
     """loss="supcon" goes through supcon_loss with the backend asked for: the Triton kernel

@@ -160,7 +160,7 @@ def _pgd_step_l2_kernel(
         tl.store(xa_ptr + base + offs, _round_to(y, xa_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])  # one compiled variant for every seed
 def _pgd_random_start_linf_kernel(
     out_ptr, x_ptr,  # (n,) contiguous row-major: the Philox counter is the logical index
     eps_ptr,  # (B,) float32, read only when EPS_PER_SAMPLE
