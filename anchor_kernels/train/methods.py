@@ -72,9 +72,11 @@ def trades_kl(logits_adv: Tensor, p_clean: Tensor) -> Tensor:
 def _pgd(model: nn.Module, cfg: TrainConfig, loss, **kw):
     from ..attacks import PGD
 
+    # The training batches are the data set's own images, in [0, 1] by construction: no
+    # per-step value check (and its host synchronisation) in the attack.
     return PGD(model, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.pgd_steps,
                random_start=cfg.random_start, loss=loss, eval_mode=cfg.attack_bn == "eval",
-               backend=cfg.pgd_backend, **kw)
+               backend=cfg.pgd_backend, check_inputs=False, **kw)
 
 
 class TradesAttack:
