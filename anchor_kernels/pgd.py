@@ -327,9 +327,14 @@ def pgd_random_start(
             raise ValueError(f"seed must be < 2^63, got {seed}")
     impl = select_backend(backend, PGDProblem(x, norm, "random_start"))
     with torch.no_grad():
-        # Counters follow the row-major index, so the kernels see contiguous memory; x is
-        # read from a copy when it shares memory with out.
-        xc = _unaliased(x, out).contiguous()
+        # Counters follow the row-major index. The Triton kernel maps channels_last offsets
+        # to it itself; the other kernels see contiguous memory. x is read from a copy when it
+        # shares memory with out.
+        xc = _unaliased(x, out)
+        if impl.name == "triton" and _sample_major_dense(xc) and out.stride() == xc.stride():
+            impl.random_start(out, xc, eps_t, eps_f, seed, lo, hi, norm)
+            return out
+        xc = xc.contiguous()
         work = out if out.is_contiguous() else torch.empty_like(xc)
         impl.random_start(work, xc, eps_t, eps_f, seed, lo, hi, norm)
         if work is not out:

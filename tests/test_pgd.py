@@ -202,6 +202,22 @@ def test_random_start_bitwise(backend, dtype, per_sample):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("shape,layout", [((3, 3, 11, 13), torch.channels_last),
+                                          ((2, 3, 4, 5, 6), torch.channels_last_3d)])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_random_start_channels_last_in_place(backend, shape, layout, per_sample):
+    """channels_last inputs: the same bits as the row-major reference, the output in the
+    input's layout (the Triton kernel maps memory offsets to logical indices: no copy)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(*shape, generator=gen).contiguous(memory_format=layout)
+    eps = torch.linspace(0.0, 0.3, shape[0]) if per_sample else 8 / 255
+    out = ak.pgd_random_start(x, eps, seed=0xFEDCBA9876543210 >> 1, backend=backend)
+    assert out.is_contiguous(memory_format=layout)
+    assert_equal_bits(out, R.pgd_random_start(x.contiguous(), eps, 0xFEDCBA9876543210 >> 1),
+                      f"{backend} {layout}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_random_start_in_ball_and_uniform(backend):
     x = torch.full((64, 3, 16, 16), 0.5)
     eps = 0.25
@@ -420,11 +436,11 @@ _COMPILE_SM90 = textwrap.dedent("""
     from anchor_kernels.ops import pgd_triton as P
     target = GPUTarget("cuda", 90, 32)
     step_args = ["xa_ptr", "g_ptr", "x_ptr", "eps_ptr", "alpha_ptr", "eps", "alpha", "lo", "hi", "n", "inner"]
-    start_args = ["out_ptr", "x_ptr", "eps_ptr", "eps", "lo", "hi", "seed_lo", "seed_hi", "n", "inner"]
+    start_args = ["out_ptr", "x_ptr", "eps_ptr", "eps", "lo", "hi", "seed_lo", "seed_hi", "n", "inner", "chans"]
     def sig(names, dt, i64):
         t = {"xa_ptr": "*" + dt, "g_ptr": "*" + dt, "x_ptr": "*" + dt, "out_ptr": "*" + dt,
              "eps_ptr": "*fp32", "alpha_ptr": "*fp32", "n": "i64" if i64 else "i32",
-             "inner": "i32", "seed_lo": "i32", "seed_hi": "i32"}
+             "inner": "i32", "seed_lo": "i32", "seed_hi": "i32", "chans": "i32"}
         return {a: t.get(a, "fp32") for a in names}
     def attrs(names):  # what the launcher sees for (B, 3, 32, 32): aligned pointers, n % 16 == 0
         return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names)
@@ -438,12 +454,15 @@ _COMPILE_SM90 = textwrap.dedent("""
                     dict(BLOCK=P.BLOCK, EPS_PER_SAMPLE=per_sample, ALPHA_PER_SAMPLE=per_sample, INT64=i64),
                     attrs(step_args)), target=target, options={"num_warps": P.NUM_WARPS})
                 assert k.asm["cubin"] and "ld.global.v4" in k.asm["ptx"], (dt, per_sample, i64)
-                s = sig(start_args, dt, i64)
-                s.update(BLOCK="constexpr", EPS_PER_SAMPLE="constexpr", INT64="constexpr")
-                k = triton.compile(triton.compiler.ASTSource(P._pgd_random_start_linf_kernel, s,
-                    dict(BLOCK=P.BLOCK, EPS_PER_SAMPLE=per_sample, INT64=i64), attrs(start_args)),
-                    target=target, options={"num_warps": P.NUM_WARPS, "enable_fp_fusion": False})
-                assert k.asm["cubin"] and "fma" not in k.asm["ptx"], (dt, per_sample, i64)
+                for cl in (False, True):
+                    s = sig(start_args, dt, i64)
+                    s.update(BLOCK="constexpr", EPS_PER_SAMPLE="constexpr", INT64="constexpr",
+                             CHANNELS_LAST="constexpr")
+                    k = triton.compile(triton.compiler.ASTSource(P._pgd_random_start_linf_kernel, s,
+                        dict(BLOCK=P.BLOCK, EPS_PER_SAMPLE=per_sample, INT64=i64, CHANNELS_LAST=cl),
+                        attrs(start_args)),
+                        target=target, options={"num_warps": P.NUM_WARPS, "enable_fp_fusion": False})
+                    assert k.asm["cubin"] and "fma" not in k.asm["ptx"], (dt, per_sample, i64, cl)
             l2_args = step_args[:9] + ["inner"]
             s = sig(l2_args, dt, False)
             s.update(BLOCK="constexpr", EPS_PER_SAMPLE="constexpr", ALPHA_PER_SAMPLE="constexpr")

@@ -166,19 +166,30 @@ def _pgd_random_start_linf_kernel(
     eps_ptr,  # (B,) float32, read only when EPS_PER_SAMPLE
     eps, lo, hi,  # float32 scalars
     seed_lo, seed_hi,  # the 64-bit seed's two words, bit-cast to int32
-    n, inner,
+    n, inner, chans,  # chans: C, read only when CHANNELS_LAST
     BLOCK: tl.constexpr, EPS_PER_SAMPLE: tl.constexpr, INT64: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
 ):
-    """out = clamp(x + eps (2u - 1), lo, hi), u = (Philox(i, seed) >> 8) 2^-24 (exact in fp32).
+    """out = clamp(x + eps (2u - 1), lo, hi), u = (Philox(i, seed) >> 8) 2^-24 (exact in fp32),
+    i the row-major (logical) index of the element. out and x share one dense layout with the
+    batch outermost: row-major, or CHANNELS_LAST (B, spatial..., C in memory), whose memory
+    offsets are mapped to logical indices here, so no layout copy is made.
 
     Launched with fp fusion off: eps (2u - 1) must be rounded before the sum, as in the reference.
     """
     offs = _offsets(BLOCK, INT64)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
-    c0 = offs.to(tl.uint32)
+    if CHANNELS_LAST:  # offs = (b, s, c) in memory -> logical (b, c, s)
+        b = offs // inner
+        rest = offs - b * inner
+        s = rest // chans
+        idx = b * inner + (rest - s * chans) * (inner // chans) + s
+    else:
+        idx = offs
+    c0 = idx.to(tl.uint32)
     if INT64:
-        c1 = (offs >> 32).to(tl.uint32)
+        c1 = (idx >> 32).to(tl.uint32)
     else:
         c1 = c0 * 0
     r = _philox_word0(c0, c1, seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
@@ -261,7 +272,8 @@ def _(x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi) -> None:
 @torch.library.custom_op("anchor_kernels::pgd_random_start_triton", mutates_args=("out",))
 def pgd_random_start_triton(out: Tensor, x: Tensor, eps_t: Optional[Tensor], eps: float,
                             seed: int, lo: float, hi: float) -> None:
-    """out = clamp(x + eps (2u - 1), lo, hi); out, x: (B, ...) contiguous; seed in [0, 2^63)."""
+    """out = clamp(x + eps (2u - 1), lo, hi); out, x: (B, ...) of one layout, contiguous or
+    channels_last (4-D or 5-D); seed in [0, 2^63)."""
     n, inner, grid, int64 = _launch_args(x)
     if n == 0:
         return
@@ -269,7 +281,8 @@ def pgd_random_start_triton(out: Tensor, x: Tensor, eps_t: Optional[Tensor], eps
         _pgd_random_start_linf_kernel[grid](
             out, x, x if eps_t is None else eps_t, eps, lo, hi,
             _int32(seed & 0xFFFFFFFF), _int32((seed >> 32) & 0xFFFFFFFF), n, inner,
-            BLOCK=BLOCK, EPS_PER_SAMPLE=eps_t is not None, INT64=int64, num_warps=NUM_WARPS,
+            x.shape[1] if x.dim() > 1 else 1, BLOCK=BLOCK, EPS_PER_SAMPLE=eps_t is not None,
+            INT64=int64, CHANNELS_LAST=not x.is_contiguous(), num_warps=NUM_WARPS,
             enable_fp_fusion=False)
 
 
