@@ -2,7 +2,8 @@
 
 Each op module defines:
 
-- ``NAME``: the op's stem (``supcon``, ``similarity``, ``hard_positive``, ``pgd``, ``clip``);
+- ``NAME``: the op's stem (``supcon``, ``similarity``, ``hard_positive``, ``pgd``, ``clip``,
+  ``attack``);
 - ``SIZE_LABEL``: what the swept size ``n`` is (the plot's x axis);
 - ``OPTIONS``: the op's settings and their defaults (``--set <op>.<key>=<value>`` overrides);
   an op with a feature dimension calls it ``d`` (``--dim`` sets it);
@@ -25,6 +26,7 @@ OPS = {
     "hard_positive": "benchmarks.ops.hard_positive",
     "pgd": "benchmarks.ops.pgd",
     "clip": "benchmarks.ops.clip",
+    "attack": "benchmarks.ops.attack",
 }
 
 
