@@ -53,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
                    help="an op option, e.g. supcon.beta=1.0 (see --list)")
     p.add_argument("--warmup-ms", type=_positive(float), help="warm-up per measurement")
     p.add_argument("--rep-ms", type=_positive(float), help="timed duration per measurement")
-    p.add_argument("--min-reps", type=_positive(int), help="CPU timer: fewest timed calls")
+    p.add_argument("--min-reps", type=_positive(int), help="fewest timed calls (default 5 on CPU, 20 on CUDA)")
     p.add_argument("--max-call-s", type=_positive(float),
                    help="skip timing a candidate once one call takes longer")
     p.add_argument("--mem-cap-gb", type=_positive(float),

@@ -16,7 +16,7 @@ DEFAULTS = {
     "cpu": dict(dtypes=["float32"], warmup_ms=100, rep_ms=500, min_reps=5, max_call_s=10,
                 mem_cap_gb=4.0, time_budget=900, fit_max_n=1 << 16, fit_max_call_s=10,
                 fit_budget=180),
-    "cuda": dict(dtypes=["bfloat16"], warmup_ms=25, rep_ms=100, min_reps=5, max_call_s=2,
+    "cuda": dict(dtypes=["bfloat16"], warmup_ms=25, rep_ms=100, min_reps=20, max_call_s=2,
                  mem_cap_gb=None, time_budget=600, fit_max_n=1 << 22, fit_max_call_s=5,
                  fit_budget=120),
 }

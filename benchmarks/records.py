@@ -89,7 +89,7 @@ class Measurement:
     ms: float | None = None  # median
     ms_p20: float | None = None
     ms_p80: float | None = None
-    reps: int | None = None  # timed repetitions (None where do_bench does not report it)
+    reps: int | None = None  # timed repetitions (None in results of older versions)
     tflops: float | None = None  # at the median time
     gbps: float | None = None
     peak_mem_bytes: int | None = None

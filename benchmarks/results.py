@@ -20,9 +20,10 @@ from .records import FIT_STOPS, KINDS, PASSES, STATUSES, Fit, Measurement
 SCHEMA = "anchor_kernels-benchmarks/1"
 
 TIMER = {
-    "cuda": "triton.testing.do_bench(fn, warmup, rep, grad_to_none, quantiles=[0.5, 0.2, 0.8]) "
-            "for fwd and fwd+bwd (CUDA events, L2 flushed before each run); bwd: the same "
-            "recipe with CUDA events around the backward alone of a fresh untimed forward",
+    "cuda": "do_bench's recipe: CUDA events around each call after a warm-up of warmup_ms, "
+            "L2 flushed before each, max(min_reps, rep_ms / estimate) calls, gc paused; bwd: "
+            "the events around the backward alone of a fresh untimed forward; "
+            "torch.quantile 0.5 / 0.2 / 0.8",
     "cpu": "time.perf_counter per call after a warm-up of warmup_ms; rep_ms / estimate calls "
            "(at least min_reps); bwd times the backward alone of a fresh untimed forward; "
            "gradients reset outside the timed region, gc paused; torch.quantile 0.5 / 0.2 / 0.8",

@@ -1,13 +1,14 @@
 """Timers and peak-memory probes with one interface for CUDA and CPU.
 
-Timing: on CUDA, ``triton.testing.do_bench(fn, warmup, rep, grad_to_none,
-quantiles=[0.5, 0.2, 0.8])`` (CUDA events, L2 flushed before each run). A run that needs an
-untimed setup before each repetition (the backward alone needs a fresh forward: replaying one
-graph with ``retain_graph=True`` is refused by compiled graphs that donate their buffers) uses
-the same recipe written out: estimate from a few calls, warm up for ``warmup_ms``, time
-``rep_ms / estimate`` repetitions with CUDA events around the run alone, L2 flushed before
-each. On CPU, that recipe with ``time.perf_counter`` (at least ``min_reps`` repetitions,
-garbage collector paused as ``timeit`` does, CPU caches not flushed). Gradients are reset
+Timing: on CUDA, ``triton.testing.do_bench``'s recipe written out, so that no figure rests on
+fewer than ``min_reps`` repetitions (do_bench runs ``rep / estimate`` of them, a single one
+for a call longer than ``rep``): estimate from a few calls, warm up for ``warmup_ms``, time
+``max(min_reps, rep_ms / estimate)`` repetitions with CUDA events around the run alone, L2
+flushed before each, garbage collector paused. A run that needs an untimed setup before each
+repetition (the backward alone needs a fresh forward: replaying one graph with
+``retain_graph=True`` is refused by compiled graphs that donate their buffers) calls it
+outside the events. On CPU, the same recipe with ``time.perf_counter`` (CPU caches not
+flushed). Gradients are reset
 outside the timed region; quantiles come from ``torch.quantile``.
 
 Peak memory: bytes allocated during one call above what was allocated before it. On CUDA,
@@ -62,12 +63,6 @@ def bench(run: Callable, device: torch.device, *, warmup_ms: float, rep_ms: floa
     With ``setup``, each repetition first calls ``state = setup()`` outside the timed region
     and times ``run(state)`` alone (the backward of a fresh forward, for example).
     """
-    if device.type == "cuda" and setup is None:
-        from triton.testing import do_bench
-
-        ms, p20, p80 = do_bench(run, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none),
-                                quantiles=list(QUANTILES))
-        return Timing(ms, p20, p80, None)
     timer = _CudaTimer(device) if device.type == "cuda" else _CpuTimer()
     return _bench_loop(run, setup, timer, warmup_ms=warmup_ms, rep_ms=rep_ms,
                        grad_to_none=grad_to_none, min_reps=min_reps)
