@@ -24,7 +24,7 @@ Conventions shared by every kernel:
 - Soft weights ``w_ij = 2^(beta tau (tmin_i - t_ij)) / Z_i`` over positives, with ``tmin_i`` the
   smallest positive logit: the exponent is <= 0 for every positive, so they are finite for
   any finite beta (``-beta cos`` written as a difference before the product).
-- Per-anchor statistics, rows of the float32 workspace ``WS`` (see ``ws_layout``): loss_i,
+- Per-anchor statistics, rows of the float32 workspace ``WS`` (see ``supcon_triton.ws_size``): loss_i,
   ``LSE`` (natural log, 0 where A(i) is empty), ``SBAR`` (sum_j w_ij s_ij; with beta > 0
   relative to the hardest positive, sum_j w_ij s_ij - tmin_i ln 2), ``TMIN``, ``LZ``
   (log2 Z_i), ``NPOS`` (|P(i)|, or |A(i)| in log-sum-exp-only mode: anchor i is in the loss

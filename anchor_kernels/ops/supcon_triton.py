@@ -21,7 +21,8 @@ from .._autograd import refuse_double_backward
 from ..backends import SupConProblem
 from . import supcon_classsum, supcon_topk
 from . import supcon_kernels_triton as kernels
-from .triton_launch import device_guard, dot_precision, interpreting
+from ..reference import reduce_loss
+from .triton_launch import device_guard, dot_precision, interpreter_upcast, interpreting
 
 INTERPRET = interpreting()  # decided before the kernels were decorated, as Triton does
 
@@ -159,18 +160,21 @@ def _lock_buffer(device: torch.device, size: int) -> Tensor:
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 
 
-def _common(f: Tensor, g: Optional[Tensor], normalize: bool, temperature: float):
+def is_streaming(m: int, n: int) -> bool:
+    """Whether an M x N problem takes the large-batch path (see STREAMING_MIN_LOGITS)."""
+    return m * n >= STREAMING_MIN_LOGITS
+
+
+def _common(f: Tensor, g: Optional[Tensor], normalize: bool):
     single = g is None
     g_ = f if single else g
     m, d = f.shape
     n = g_.shape[0]
     block_d = max(16, next_power_of_2(d))
-    streaming = m * n >= STREAMING_MIN_LOGITS
-    # UPCAST: the interpreter's bfloat16 tl.dot is wrong (triton_launch.interpreter_upcast)
     constexprs = dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=block_d == d,
-                      DOT_PRECISION=dot_precision(f.dtype),
-                      UPCAST=INTERPRET and f.dtype == torch.bfloat16, BLOCK_D=block_d)
-    return single, g_, m, n, d, block_d, streaming, constexprs
+                      DOT_PRECISION=dot_precision(f.dtype), UPCAST=interpreter_upcast(f.dtype),
+                      BLOCK_D=block_d)
+    return single, g_, m, n, d, block_d, is_streaming(m, n), constexprs
 
 
 def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor], self_offset: int,
@@ -178,7 +182,7 @@ def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor
                reduction: int) -> tuple[Tensor, Tensor]:
     """(loss, workspace): the loss reduced (0-d; reduction 1 sum, 2 mean) or per anchor (M,),
     times ``scale``; the float32 workspace holds what the backward reads."""
-    single, g_, m, n, d, block_d, streaming, cx = _common(f, g, normalize, temperature)
+    single, g_, m, n, d, block_d, streaming, cx = _common(f, g, normalize)
     y_g_ = y_f if single else y_g
     ws = torch.empty(ws_size(m, n, single), device=f.device, dtype=torch.float32)
     loss = torch.empty((m,) if reduction == 0 else (), device=f.device, dtype=torch.float32)
@@ -209,7 +213,7 @@ def supcon_bwd(grad: Tensor, f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: O
                ws: Tensor, self_offset: int, temperature: float, beta: float, scale: float,
                normalize: bool, lse_only: bool, exact: bool, reduction: int) -> tuple[Tensor, Tensor]:
     """(df (M, D), dg (N, D); dg empty for one set, whose whole gradient is df)."""
-    single, g_, m, n, d, block_d, _, cx = _common(f, g, normalize, temperature)
+    single, g_, m, n, d, block_d, _, cx = _common(f, g, normalize)
     y_g_ = y_f if single else y_g
     grad = grad.contiguous()  # e.g. the stride-0 gradient of a sum
     df = torch.empty(m, d, device=f.device, dtype=f.dtype)
@@ -336,7 +340,7 @@ class TritonSupCon:
         if p.topk is not None:
             return lambda: supcon_topk.topk_per_anchor(self, p, "triton")
         n = p.f.shape[0] if p.g is None else p.g.shape[0]
-        if p.beta == 0.0 and p.f.shape[0] * n >= STREAMING_MIN_LOGITS:
+        if p.beta == 0.0 and is_streaming(p.f.shape[0], n):
             return lambda: supcon_classsum.classsum_per_anchor(self, p)
         return None
 
@@ -353,8 +357,6 @@ class TritonSupCon:
         """The reduced loss in one launch (``reduction`` "mean", "sum" or "none")."""
         composite = self._composite(p)
         if composite is not None:
-            from ..reference import reduce_loss
-
             per_anchor, valid = composite()
             return reduce_loss(per_anchor, valid, scale, reduction)
         return self._apply(p, scale, REDUCTIONS[reduction])[0]

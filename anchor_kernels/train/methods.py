@@ -151,17 +151,20 @@ def anchor_step(ctx: StepContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def _cross_entropy(y: Tensor):
+    """The loss function of PGD-AT and standard training: CE of the logits against y."""
+    def loss_fn(logits):
+        l_ce = F.cross_entropy(logits, y)
+        return l_ce, {"loss_ce": l_ce}
+    return loss_fn
+
+
 def pgd_at_step(ctx: StepContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     with ctx.timer.section("attack"), ctx.autocast():
         x_adv = ctx.attack(x, y)
     with ctx.timer.section("forward"), ctx.autocast():
         logits = ctx.train_model(x_adv)
-
-    def loss_fn(logits):
-        l_ce = F.cross_entropy(logits, y)
-        return l_ce, {"loss_ce": l_ce}
-
-    out = _loss_and_backward(ctx, (logits,), loss_fn)
+    out = _loss_and_backward(ctx, (logits,), _cross_entropy(y))
     out["correct_adv"] = _correct(logits, y)
     return out
 
@@ -193,12 +196,7 @@ def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
 def standard_step(ctx: StepContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     with ctx.timer.section("forward"), ctx.autocast():
         logits = ctx.train_model(x)
-
-    def loss_fn(logits):
-        l_ce = F.cross_entropy(logits, y)
-        return l_ce, {"loss_ce": l_ce}
-
-    out = _loss_and_backward(ctx, (logits,), loss_fn)
+    out = _loss_and_backward(ctx, (logits,), _cross_entropy(y))
     out["correct_clean"] = _correct(logits, y)
     return out
 
