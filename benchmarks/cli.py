@@ -318,5 +318,6 @@ def _replot(p, args) -> int:
     except (OSError, ValueError) as exc:
         p.error(f"argument --replot: {args.replot}: {exc}")
     print(results.table(doc))
-    print(f"\nwrote {plot(doc, (args.out or args.replot).with_suffix('.png'))}")
+    if not args.no_plot:
+        print(f"\nwrote {plot(doc, (args.out or args.replot).with_suffix('.png'))}")
     return 0

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Device calls: builds the C++/CUDA extension, runs the tier-2 (GPU) tests of every op and the
-# GPU benchmarks, each stage under its own time limit. Logs go to $OUT/logs.txt (one file, as
-# few files come back), results to $OUT/*.json, and a summary is printed last.
+# GPU benchmarks, each stage under its own time limit, and prints a summary and the tables last.
 #   bash scripts/device_all.sh                 # every stage (more than one 10-minute call)
 #   bash scripts/device_all.sh STAGE [STAGE..] # only these (names below)
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=.
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-LOG="$OUT/logs.txt"; SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"; : > "$LOG"
+# Results gather in RES and are packed into $OUT/results.tgz after every stage: one file comes
+# back however many the stages write, even from a call stopped at its time limit.
+OUT=${OUT:-/tmp/out}; RES=/tmp/device_results; mkdir -p "$OUT" "$RES"
+LOG="$RES/logs.txt"; SUMMARY="$RES/summary.txt"; : > "$SUMMARY"; : > "$LOG"
+pack() { tar czf "$OUT/results.tgz.tmp" -C "$RES" . && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"; }
 WANT=" $* "
 
 stage() {  # stage NAME SECONDS COMMAND...: run if selected, append its log, record rc and time
@@ -17,12 +19,18 @@ stage() {  # stage NAME SECONDS COMMAND...: run if selected, append its log, rec
     local rc=$?
     { echo "===== $name (rc=$rc)"; cat "$tmp"; } >> "$LOG"
     echo "$name rc=$rc $(( $(date +%s) - start ))s | $(grep -E 'passed|failed|error' "$tmp" | tail -1)" | tee -a "$SUMMARY"
-    rm -f "$tmp"
+    rm -f "$tmp"; pack
 }
+
+# Packages the GPU image lacks (torchattacks) travel as wheels in .whl (see the README).
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
+fi
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  date -u +%Y-%m-%dT%H:%M:%SZ; } | tee "$OUT/env.txt"
+  date -u +%Y-%m-%dT%H:%M:%SZ; } | tee "$RES/env.txt"
 
 stage ext_build 150 python3 -c "from anchor_kernels import _ext; print('cpu:', _ext.load()); print('cuda:', _ext.cuda_error())"
 stage tests_triton 150 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
@@ -37,35 +45,52 @@ stage tests_sim_all 300 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -
     tests/test_similarity.py tests/test_hard_positive.py tests/test_supcon_topk.py
 stage tests_train 80 python3 -m pytest -q -ra -x tests/test_train.py -m gpu -k "not compile"
 stage bench_supcon 110 python3 benchmarks/supcon_gpu_table.py --backends triton cuda eager \
-    --out "$OUT/supcon_gpu_bf16.json"
+    --out "$RES/supcon_gpu_bf16.json"
 stage bench_supcon_cuda 70 python3 benchmarks/supcon_gpu_table.py --backends cuda triton \
-    --n 4096 16384 65536 --out "$OUT/supcon_gpu_cuda_bf16.json"
+    --n 4096 16384 65536 --out "$RES/supcon_gpu_cuda_bf16.json"
 stage bench_supcon_fp32 90 python3 benchmarks/supcon_gpu_table.py --dtype float32 \
-    --backends triton cuda eager --n 4096 16384 --out "$OUT/supcon_gpu_fp32.json"
-stage bench_pgd 45 python3 benchmarks/bench_pgd.py --gpu --out "$OUT/pgd_gpu.json"
+    --backends triton cuda eager --n 4096 16384 --out "$RES/supcon_gpu_fp32.json"
+stage bench_pgd 45 python3 benchmarks/bench_pgd.py --gpu --out "$RES/pgd_gpu.json"
 stage bench_train 80 python3 -m anchor_kernels.train.bench --batch 512 4096 \
-    --loss-backend eager triton --steps 5 --warmup 2 --out "$OUT/train_step.json"
+    --loss-backend eager triton --steps 5 --warmup 2 --out "$RES/train_step.json"
 stage errors 90 python3 scripts/supcon_errors.py --n 4096 --backends triton cuda
 stage bench_hard_positive 90 python3 -m pytest -q benchmarks/bench_hard_positive.py \
     -k "bfloat16 and k4 and (triton or eager or compiled)" --benchmark-columns=median,iqr,rounds \
-    --benchmark-json "$OUT/hard_positive_gpu.json"
+    --benchmark-json "$RES/hard_positive_gpu.json"
 stage bench_similarity 60 python3 -m pytest -q benchmarks/bench_similarity.py \
     -k "bfloat16 and (triton or eager or compiled)" --benchmark-columns=median,iqr,rounds \
-    --benchmark-json "$OUT/similarity_gpu.json"
+    --benchmark-json "$RES/similarity_gpu.json"
 # The lean loss (one launch each way, class sums, fixed shift): GPU tests including CUDA-graph
 # replay and the no-sync check, then N = 512 .. 131072 at beta 0 and 1 with the sdpa-flash
 # neighbour, each sweep bounded by its own time budget.
-stage tests_supcon_lean 170 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_graphs.py \
-    tests/test_supcon_triton.py tests/test_supcon_launches.py
-stage sweep_supcon_beta0 120 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
-    --sizes 512 1024 2048 4096 8192 16384 32768 65536 131072 --passes fwd bwd fwd+bwd \
-    --candidates triton cuda eager compile sdpa-flash --time-budget 100 --no-fit \
-    --no-progress --out "$OUT/supcon_sweep_beta0.json"
-stage sweep_supcon_beta1 100 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
-    --sizes 4096 16384 65536 131072 --passes fwd+bwd --candidates triton sdpa-flash \
-    --set supcon.beta=1.0 --time-budget 80 --no-fit --no-progress \
-    --out "$OUT/supcon_sweep_beta1.json"
+# The lean loss (one launch each way, class sums, fixed shift): CUDA-graph replay, no-sync and
+# determinism with autotuning on, then correctness of the half-precision variants untuned
+# (float32 at "highest" precision compiles for minutes: tests_triton covers it).
+stage tests_graphs 75 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_graphs.py \
+    tests/test_supcon_launches.py
+stage tests_supcon_lean 60 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
+    tests/test_supcon_triton.py -k "not dtype0"
+# The same loss split by where each issue's goal lies: the batch sizes people train with
+# against eager and torch.compile (host cost), the large ones against sdpa-flash (work per
+# logit) with plain SupCon and beta = 1; then the size rules measured (tune) and the attack.
+stage sweep_small 100 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
+    --sizes 512 1024 2048 4096 8192 16384 --passes fwd+bwd --candidates triton eager compile \
+    --time-budget 85 --no-fit --no-progress --no-plot --out "$RES/supcon_small.json"
+stage sweep_large 90 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
+    --sizes 16384 32768 65536 131072 --passes fwd bwd fwd+bwd --candidates triton sdpa-flash \
+    --time-budget 75 --no-fit --no-progress --no-plot --out "$RES/supcon_large.json"
+stage sweep_large_beta1 45 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
+    --sizes 16384 65536 --passes fwd+bwd --candidates triton --set supcon.beta=1.0 \
+    --time-budget 40 --no-fit --no-progress --no-plot --out "$RES/supcon_large_beta1.json"
+stage tune_supcon 45 python3 scripts/supcon_tune.py --out "$RES/supcon_tune.json"
+stage bench_attack 50 python3 -m benchmarks --ops attack --dtypes bfloat16 --sizes 512 4096 \
+    --time-budget 45 --no-fit --no-progress --no-plot --out "$RES/attack.json"
 stage runner_sweep 140 python3 -m benchmarks --gpu-sweep --time-budget 60 --fit-budget 30 \
-    --no-progress --out "$OUT/sweep_h100.json"
+    --no-progress --out "$RES/sweep_h100.json"
 
-echo; cat "$SUMMARY"
+# Tables last (what comes back of the output is its end).
+for f in "$RES"/supcon_small.json "$RES"/supcon_large.json "$RES"/supcon_large_beta1.json "$RES"/attack.json; do
+    [[ -f "$f" ]] && python3 -m benchmarks --replot "$f" --no-plot 2>&1 | grep -v "^wrote"
+done
+grep -A8 "interleaved rounds" "$LOG" || true
+echo; cat "$SUMMARY"; pack
