@@ -60,29 +60,28 @@ stage bench_hard_positive 90 python3 -m pytest -q benchmarks/bench_hard_positive
 stage bench_similarity 60 python3 -m pytest -q benchmarks/bench_similarity.py \
     -k "bfloat16 and (triton or eager or compiled)" --benchmark-columns=median,iqr,rounds \
     --benchmark-json "$RES/similarity_gpu.json"
-# The lean loss (one launch each way, class sums, fixed shift): GPU tests including CUDA-graph
-# replay and the no-sync check, then N = 512 .. 131072 at beta 0 and 1 with the sdpa-flash
-# neighbour, each sweep bounded by its own time budget.
+# The size rules of the Triton loss measured (and its CUDA-graph replay, and the host floor).
+stage tune_supcon 85 python3 scripts/supcon_tune.py --out "$RES/supcon_tune.json"
 # The lean loss (one launch each way, class sums, fixed shift): CUDA-graph replay, no-sync and
-# determinism with autotuning on, then correctness of the half-precision variants untuned
-# (float32 at "highest" precision compiles for minutes: tests_triton covers it).
-stage tests_graphs 75 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_graphs.py \
-    tests/test_supcon_launches.py
+# determinism, then correctness of the half-precision variants, untuned (each variant then
+# compiles once rather than once per configuration; float32 at "highest" precision compiles
+# for minutes: tests_triton covers it).
+stage tests_graphs 100 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
+    tests/test_supcon_graphs.py tests/test_supcon_launches.py
 stage tests_supcon_lean 60 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
     tests/test_supcon_triton.py -k "not dtype0"
 # The same loss split by where each issue's goal lies: the batch sizes people train with
 # against eager and torch.compile (host cost), the large ones against sdpa-flash (work per
 # logit) with plain SupCon and beta = 1; then the size rules measured (tune) and the attack.
-stage sweep_small 100 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
+stage sweep_small 95 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
     --sizes 512 1024 2048 4096 8192 16384 --passes fwd+bwd --candidates triton eager compile \
-    --time-budget 85 --no-fit --no-progress --no-plot --out "$RES/supcon_small.json"
-stage sweep_large 90 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
-    --sizes 16384 32768 65536 131072 --passes fwd bwd fwd+bwd --candidates triton sdpa-flash \
-    --time-budget 75 --no-fit --no-progress --no-plot --out "$RES/supcon_large.json"
+    --time-budget 80 --no-fit --no-progress --no-plot --out "$RES/supcon_small.json"
+stage sweep_large ${LARGE_LIMIT:-90} python3 -m benchmarks --ops supcon --dtypes bfloat16 \
+    --sizes ${LARGE_SIZES:-16384 32768 65536 131072} --passes fwd bwd fwd+bwd \
+    --candidates ${LARGE_CANDIDATES:-triton sdpa-flash} --time-budget ${LARGE_BUDGET:-75} --no-fit --no-progress --no-plot --out "$RES/supcon_large.json"
 stage sweep_large_beta1 45 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
     --sizes 16384 65536 --passes fwd+bwd --candidates triton --set supcon.beta=1.0 \
     --time-budget 40 --no-fit --no-progress --no-plot --out "$RES/supcon_large_beta1.json"
-stage tune_supcon 45 python3 scripts/supcon_tune.py --out "$RES/supcon_tune.json"
 stage bench_attack 50 python3 -m benchmarks --ops attack --dtypes bfloat16 --sizes 512 4096 \
     --time-budget 45 --no-fit --no-progress --no-plot --out "$RES/attack.json"
 stage runner_sweep 140 python3 -m benchmarks --gpu-sweep --time-budget 60 --fit-budget 30 \
@@ -92,5 +91,5 @@ stage runner_sweep 140 python3 -m benchmarks --gpu-sweep --time-budget 60 --fit-
 for f in "$RES"/supcon_small.json "$RES"/supcon_large.json "$RES"/supcon_large_beta1.json "$RES"/attack.json; do
     [[ -f "$f" ]] && python3 -m benchmarks --replot "$f" --no-plot 2>&1 | grep -v "^wrote"
 done
-grep -A8 "interleaved rounds" "$LOG" || true
+grep -A10 "interleaved rounds" "$LOG" || true
 echo; cat "$SUMMARY"; pack

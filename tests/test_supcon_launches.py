@@ -72,3 +72,22 @@ def test_large_batches_add_only_linear_work(monkeypatch):
     launches, ops = count(monkeypatch, lambda: ak.supcon_loss(f, y, backend="triton").backward())
     assert launches == ["_supcon_norms_kernel", "_supcon_fwd_kernel", "_supcon_bwd_kernel"]
     assert len(ops) <= 100, ops  # O((M + N) D) each
+
+
+def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
+    """In plain eager mode the autograd function calls the implementations directly (the ops
+    would only dispatch to them); under a dispatch mode, as under tracing, it calls the ops."""
+    direct = []
+    for name in ("supcon_fwd", "supcon_bwd"):
+        real = getattr(supcon_triton, name)
+        monkeypatch.setattr(supcon_triton, name, lambda *a, _real=real, _name=name: (
+            direct.append(_name), _real(*a))[1])
+    f = torch.randn(40, 16, device=DEVICE, requires_grad=True)
+    y = labels_for("random", 40).to(DEVICE)
+    ak.supcon_loss(f, y, backend="triton").backward()
+    assert direct == ["supcon_fwd", "supcon_bwd"]
+    direct.clear()
+    with DispatchedOps() as mode:
+        ak.supcon_loss(f, y, backend="triton").backward()
+    assert direct == []
+    assert "anchor_kernels.supcon_fwd_triton" in mode.ops and "anchor_kernels.supcon_bwd_triton" in mode.ops

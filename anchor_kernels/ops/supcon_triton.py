@@ -58,8 +58,11 @@ VARIANT_KEYS = ("NORMALIZE", "SINGLE_SET", "BETA_ZERO", "LSE_ONLY", "FIXED_SHIFT
 # From this many logits (M N) on, the norms are computed by a small kernel before the main
 # one (instead of per tile), and plain SupCon takes its positive term from class sums
 # (supcon_classsum.py), leaving the O(M N) kernels a bare log-sum-exp. Below it, one
-# launch each way, which is what matters where the host cost dominates.
-STREAMING_MIN_LOGITS = 8192 * 8192
+# launch each way. The class-sum path costs about 3 ms of host time per forward + backward on
+# an H200 machine (some 50 small torch ops), so it pays only where the O(M N) work is far
+# larger: at N = 8192 / 16384 it took 4.5 / 4.8 ms against 1.3 / 1.5 ms in one launch each
+# way (scripts/supcon_tune.py, benchmarks/results/supcon_tune_h200.json).
+STREAMING_MIN_LOGITS = 65536 * 65536
 
 
 def cdiv(a: int, b: int) -> int:
@@ -266,6 +269,16 @@ def _(grad, f, g, y_f, y_g, ws, self_offset, temperature, beta, scale, normalize
             f.new_empty(0) if g is None else torch.empty_like(g, memory_format=torch.contiguous_format))
 
 
+def _direct(t: Tensor) -> bool:
+    """Whether a launch may skip the dispatcher and call the implementation itself: in plain
+    eager mode (no tracing, no dispatch mode, no tensor subclass), where the registered op
+    would only dispatch to that same function, at about 25 us a call on a 2-core CPU host.
+    Under torch.compile, fake tensors, functorch or a TorchDispatchMode the op is called."""
+    return (type(t) is Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 class SupConTriton(torch.autograd.Function):
     """The loss (and the workspace, not differentiable) with the fused backward. No zero
     gradients are materialised for the workspace output."""
@@ -273,8 +286,9 @@ class SupConTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f, g, y_f, y_g, self_offset, temperature, beta, scale, normalize, lse_only,
                 exact, reduction):
-        loss, ws = torch.ops.anchor_kernels.supcon_fwd_triton(
-            f, g, y_f, y_g, self_offset, temperature, beta, scale, normalize, lse_only, reduction)
+        fwd = supcon_fwd if _direct(f) else torch.ops.anchor_kernels.supcon_fwd_triton
+        loss, ws = fwd(f, g, y_f, y_g, self_offset, temperature, beta, scale, normalize, lse_only,
+                       reduction)
         ctx.save_for_backward(f, g, y_f, y_g, ws)
         ctx.args = (self_offset, temperature, beta, scale, normalize, lse_only, exact, reduction)
         ctx.set_materialize_grads(False)
@@ -286,8 +300,9 @@ class SupConTriton(torch.autograd.Function):
         if grad is None:
             return (None,) * 12
         f, g, y_f, y_g, ws = ctx.saved_tensors
+        bwd = supcon_bwd if _direct(grad) else torch.ops.anchor_kernels.supcon_bwd_triton
         with torch.no_grad():
-            df, dg = torch.ops.anchor_kernels.supcon_bwd_triton(grad, f, g, y_f, y_g, ws, *ctx.args)
+            df, dg = bwd(grad, f, g, y_f, y_g, ws, *ctx.args)
         # create_graph=True: differentiating these gradients again raises, by name
         df, dg = refuse_double_backward("triton", (df, None if g is None else dg), (f, g))
         return (df, dg) + (None,) * 10
