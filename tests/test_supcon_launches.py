@@ -80,8 +80,8 @@ def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
     direct = []
     for name in ("supcon_fwd", "supcon_bwd"):
         real = getattr(supcon_triton, name)
-        monkeypatch.setattr(supcon_triton, name, lambda *a, _real=real, _name=name: (
-            direct.append(_name), _real(*a))[1])
+        monkeypatch.setattr(supcon_triton, name, lambda *a, _real=real, _name=name, **kw: (
+            direct.append(_name), _real(*a, **kw))[1])
     f = torch.randn(40, 16, device=DEVICE, requires_grad=True)
     y = labels_for("random", 40).to(DEVICE)
     ak.supcon_loss(f, y, backend="triton").backward()
@@ -91,3 +91,19 @@ def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
         ak.supcon_loss(f, y, backend="triton").backward()
     assert direct == []
     assert "anchor_kernels.supcon_fwd_triton" in mode.ops and "anchor_kernels.supcon_bwd_triton" in mode.ops
+
+
+def test_op_calls_use_their_own_counters(monkeypatch):
+    """Through the registered op (as torch.compile calls it) each launch gets fresh zeroed
+    counters, never the buffer the eager path keeps across calls: CUDA-graph trees
+    (mode="reduce-overhead") refuse memory of theirs that outlives a call untracked."""
+    monkeypatch.setattr(supcon_triton, "_locks", {})
+    f = torch.randn(40, 16, device=DEVICE)
+    y = labels_for("random", 40).to(DEVICE)
+    args = (f, None, y, None, 40, 0.1, 0.0, 1.0, True, False, 2)
+    loss, ws = torch.ops.anchor_kernels.supcon_fwd_triton(*args)
+    torch.ops.anchor_kernels.supcon_bwd_triton(torch.ones_like(loss), f, None, y, None, ws,
+                                               *args[4:10], False, 2)
+    assert supcon_triton._locks == {}
+    supcon_triton.supcon_fwd(*args, reuse_locks=True)
+    assert len(supcon_triton._locks) == 1

@@ -62,7 +62,7 @@ VARIANT_KEYS = ("NORMALIZE", "SINGLE_SET", "BETA_ZERO", "LSE_ONLY", "FIXED_SHIFT
 # an H200 machine (some 50 small torch ops), so it pays only where the O(M N) work is far
 # larger: at N = 8192 / 16384 it took 4.5 / 4.8 ms against 1.3 / 1.5 ms in one launch each
 # way (scripts/supcon_tune.py, benchmarks/results/supcon_tune_h200.json).
-STREAMING_MIN_LOGITS = 65536 * 65536
+STREAMING_MIN_LOGITS = 131072 * 131072
 
 
 def cdiv(a: int, b: int) -> int:
@@ -146,11 +146,14 @@ def _bucket(x: int) -> int:
 _locks: dict = {}
 
 
-def _lock_buffer(device: torch.device, size: int) -> Tensor:
+def _lock_buffer(device: torch.device, size: int, reuse: bool) -> Tensor:
     """Zeroed int32 counters for the last-program-done merges. The kernels leave them at 0,
-    so one buffer per device and stream serves every launch; under CUDA graph capture each
-    launch gets its own (its zero-fill is captured with it)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    so with ``reuse`` one buffer per device and stream serves every launch of the plain eager
+    path. Calls through the registered op (torch.compile, dispatch modes) get their own, with
+    a zero-fill: a buffer kept across calls would be memory that CUDA-graph trees
+    (``mode="reduce-overhead"``) own without tracking it. So do launches under CUDA graph
+    capture (the zero-fill is captured with them)."""
+    if not reuse or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return torch.zeros(size, device=device, dtype=torch.int32)
     key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
     buf = _locks.get(key)
@@ -182,9 +185,10 @@ def _common(f: Tensor, g: Optional[Tensor], normalize: bool):
 
 def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor], self_offset: int,
                temperature: float, beta: float, scale: float, normalize: bool, lse_only: bool,
-               reduction: int) -> tuple[Tensor, Tensor]:
+               reduction: int, reuse_locks: bool = False) -> tuple[Tensor, Tensor]:
     """(loss, workspace): the loss reduced (0-d; reduction 1 sum, 2 mean) or per anchor (M,),
-    times ``scale``; the float32 workspace holds what the backward reads."""
+    times ``scale``; the float32 workspace holds what the backward reads. ``reuse_locks``:
+    see ``_lock_buffer`` (True on the plain eager path only)."""
     single, g_, m, n, d, block_d, streaming, cx = _common(f, g, normalize)
     y_g_ = y_f if single else y_g
     ws = torch.empty(ws_size(m, n, single), device=f.device, dtype=torch.float32)
@@ -195,7 +199,7 @@ def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor
     splits = cdiv(n, per_split)
     part = torch.empty(kernels.PART_ROWS.value * splits * m, device=f.device,
                        dtype=torch.float32) if splits > 1 else ws
-    locks = _lock_buffer(f.device, cdiv(m, MIN_BLOCK) + 1)
+    locks = _lock_buffer(f.device, cdiv(m, MIN_BLOCK) + 1, reuse_locks)
     shift2 = fixed_shift(temperature, normalize, n)
     with device_guard(f):
         if streaming:
@@ -214,7 +218,8 @@ def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor
 
 def supcon_bwd(grad: Tensor, f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor],
                ws: Tensor, self_offset: int, temperature: float, beta: float, scale: float,
-               normalize: bool, lse_only: bool, exact: bool, reduction: int) -> tuple[Tensor, Tensor]:
+               normalize: bool, lse_only: bool, exact: bool, reduction: int,
+               reuse_locks: bool = False) -> tuple[Tensor, Tensor]:
     """(df (M, D), dg (N, D); dg empty for one set, whose whole gradient is df)."""
     single, g_, m, n, d, block_d, _, cx = _common(f, g, normalize)
     y_g_ = y_f if single else y_g
@@ -226,7 +231,7 @@ def supcon_bwd(grad: Tensor, f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: O
     splits = max(cdiv(n, cols_per_split), 1 if single else cdiv(m, rows_per_split))
     part = torch.empty(splits * (m + (0 if single else n)) * block_d, device=f.device,
                        dtype=torch.float32) if splits > 1 else ws
-    locks = _lock_buffer(f.device, cdiv(m, MIN_BLOCK) + cdiv(n, MIN_BLOCK) + 1)
+    locks = _lock_buffer(f.device, cdiv(m, MIN_BLOCK) + cdiv(n, MIN_BLOCK) + 1, reuse_locks)
     shift2 = fixed_shift(temperature, normalize, n)
     dg_ = df if single else dg
     programs = (lambda meta: (cdiv(m, meta["BLOCK_M"]), splits)) if single else \
@@ -286,9 +291,11 @@ class SupConTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f, g, y_f, y_g, self_offset, temperature, beta, scale, normalize, lse_only,
                 exact, reduction):
-        fwd = supcon_fwd if _direct(f) else torch.ops.anchor_kernels.supcon_fwd_triton
-        loss, ws = fwd(f, g, y_f, y_g, self_offset, temperature, beta, scale, normalize, lse_only,
-                       reduction)
+        args = (f, g, y_f, y_g, self_offset, temperature, beta, scale, normalize, lse_only, reduction)
+        if _direct(f):
+            loss, ws = supcon_fwd(*args, reuse_locks=True)
+        else:
+            loss, ws = torch.ops.anchor_kernels.supcon_fwd_triton(*args)
         ctx.save_for_backward(f, g, y_f, y_g, ws)
         ctx.args = (self_offset, temperature, beta, scale, normalize, lse_only, exact, reduction)
         ctx.set_materialize_grads(False)
@@ -300,9 +307,11 @@ class SupConTriton(torch.autograd.Function):
         if grad is None:
             return (None,) * 12
         f, g, y_f, y_g, ws = ctx.saved_tensors
-        bwd = supcon_bwd if _direct(grad) else torch.ops.anchor_kernels.supcon_bwd_triton
         with torch.no_grad():
-            df, dg = bwd(grad, f, g, y_f, y_g, ws, *ctx.args)
+            if _direct(grad):
+                df, dg = supcon_bwd(grad, f, g, y_f, y_g, ws, *ctx.args, reuse_locks=True)
+            else:
+                df, dg = torch.ops.anchor_kernels.supcon_bwd_triton(grad, f, g, y_f, y_g, ws, *ctx.args)
         # create_graph=True: differentiating these gradients again raises, by name
         df, dg = refuse_double_backward("triton", (df, None if g is None else dg), (f, g))
         return (df, dg) + (None,) * 10
