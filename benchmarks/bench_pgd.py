@@ -1,4 +1,6 @@
-"""Speed of the fused PGD step and random start, and of the PGD attack.
+"""Speed of the fused PGD step and random start (the whole attack is an op of the benchmark
+runner: ``python -m benchmarks --ops attack``, interleaved with torchattacks and the model's
+bare passes).
 
 1. Step kernel against the eager update, in GB/s. The update is memory-bound, so the bytes
    are the minimum any implementation must move: read x_adv, grad, x and write x_adv
@@ -6,9 +8,6 @@
    "eager" is the unfused torchattacks update
    (``x_adv + alpha sign(g)``, ``clamp(x_adv - x, -eps, eps)``, ``clamp(x + delta, 0, 1)``),
    "compiled" is ``torch.compile`` of the reference formula.
-2. The attack's overhead over the model's bare forward+backward: time of ``PGD(steps=K)``
-   divided by K forward+backward passes (gradient w.r.t. the input) of the same model and
-   batch, against the same loop written with the unfused eager update.
 
 Command line (prints a table, writes JSON with device, versions and date):
 
@@ -30,15 +29,12 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import anchor_kernels as ak  # noqa: E402
 from anchor_kernels import pgd as P  # noqa: E402
 from anchor_kernels import reference  # noqa: E402
-from anchor_kernels.attacks import PGD  # noqa: E402
 
 GPU_SHAPES = ((512, 3, 32, 32), (8192, 3, 32, 32), (256, 3, 224, 224))
 CPU_SHAPES = ((512, 3, 32, 32), (4096, 3, 32, 32))
@@ -135,87 +131,6 @@ def step_rows(shapes, dtypes, backends, device):
 
 
 # ---------------------------------------------------------------------------------------
-# attack overhead
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.b1 = nn.BatchNorm2d(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.b2 = nn.BatchNorm2d(cout)
-        self.short = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.b1(self.c1(x)))
-        return F.relu(self.b2(self.c2(out)) + self.short(x))
-
-
-class ResNet18(nn.Module):
-    """CIFAR ResNet-18 (3x3 stride-1 stem, no max-pool), as the trainer's model."""
-
-    def __init__(self, width=64, classes=10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        layers, cin = [], width
-        for i, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
-            for j in range(2):
-                layers.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
-                cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
-
-
-def eager_attack(model, x, y, eps, alpha, steps):
-    """torchattacks' PGD loop (random start, unfused update), for comparison."""
-    x_adv = torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), 0, 1)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv)
-        x_adv = x_adv.detach()
-        eager_step(x_adv, grad, x, eps, alpha)
-    return x_adv
-
-
-def attack_rows(batch, steps, device, width, amp):
-    model = ResNet18(width).to(device).eval()
-    x = torch.rand(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    if device == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if amp else torch.enable_grad
-
-    def fwd_bwd():
-        with ctx():
-            xr = x.detach().requires_grad_(True)
-            torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
-
-    def fused():
-        with ctx():
-            PGD(model, steps=steps)(x, y)
-
-    def unfused():
-        with ctx():
-            eager_attack(model, x, y, 8 / 255, 2 / 255, steps)
-
-    base = bench_ms(fwd_bwd, device, reps=20 if device == "cuda" else 5)[0]
-    rows = []
-    for name, fn in (("fused", fused), ("eager", unfused)):
-        ms = bench_ms(fn, device, reps=20 if device == "cuda" else 3)[0]
-        rows.append(dict(op="attack", backend=name, batch=batch, steps=steps, width=width,
-                         bf16=amp, ms=ms, fwd_bwd_ms=base,
-                         overhead=ms / (steps * base) - 1.0))
-    return rows
-
-
-# ---------------------------------------------------------------------------------------
 # command line
 
 
@@ -223,18 +138,11 @@ def print_table(rows, meta):
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta.get('triton')}")
     print(f"{'op':>13} {'shape':>18} {'dtype':>9} {'backend':>9} {'ms':>9} {'GB/s':>8}")
     for r in rows:
-        if r["op"] == "attack":
-            continue
         shape = "x".join(map(str, r["shape"]))
         if "skipped" in r:
             print(f"{r['op']:>13} {shape:>18} {r['dtype']:>9} {r['backend']:>9}   skipped: {r['skipped'][:60]}")
         else:
             print(f"{r['op']:>13} {shape:>18} {r['dtype']:>9} {r['backend']:>9} {r['ms']:>9.4f} {r['gb_s']:>8.1f}")
-    for r in rows:
-        if r["op"] == "attack":
-            print(f"attack PGD-{r['steps']} {r['backend']:>6}: {r['ms']:.2f} ms, bare fwd+bwd "
-                  f"{r['fwd_bwd_ms']:.2f} ms x {r['steps']} -> overhead {100 * r['overhead']:+.1f}% "
-                  f"(batch {r['batch']}, ResNet-18 width {r['width']}, bf16={r['bf16']})")
 
 
 def main(argv=None):
@@ -242,9 +150,6 @@ def main(argv=None):
     parser.add_argument("--gpu", action="store_true", help="benchmark on CUDA")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--backends", nargs="+", default=None)
-    parser.add_argument("--attack-batch", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--no-attack", action="store_true")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
     device = "cuda" if args.gpu else "cpu"
@@ -254,11 +159,6 @@ def main(argv=None):
                                  else ["cpu", "eager", "compiled"])
     shapes = GPU_SHAPES if args.gpu else CPU_SHAPES
     rows = step_rows(shapes, [getattr(torch, d) for d in args.dtypes], backends, device)
-    if not args.no_attack:
-        if args.gpu:
-            rows += attack_rows(args.attack_batch or 512, args.steps, device, 64, amp=True)
-        else:
-            rows += attack_rows(args.attack_batch or 64, min(args.steps, 3), device, 16, amp=False)
     meta = dict(device=torch.cuda.get_device_name() if args.gpu else f"cpu ({os.cpu_count()} cores)",
                 torch=torch.__version__, cuda=torch.version.cuda,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -301,24 +201,6 @@ def test_step(benchmark, backend, shape):
     benchmark(run)
     if benchmark.stats:  # None under --benchmark-disable
         benchmark.extra_info["GB/s"] = 4 * x.numel() * x.element_size() / benchmark.stats["median"] / 1e9
-
-
-@pytest.mark.parametrize("backend", ["fused", "eager"])
-def test_attack(benchmark, backend):
-    batch, width = (512, 64) if DEVICE == "cuda" else (32, 16)
-    model = ResNet18(width).to(DEVICE).eval()
-    x = torch.rand(batch, 3, 32, 32, device=DEVICE)
-    y = torch.randint(0, 10, (batch,), device=DEVICE)
-
-    def run():
-        if backend == "fused":
-            PGD(model, steps=3)(x, y)
-        else:
-            eager_attack(model, x, y, 8 / 255, 2 / 255, 3)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark(run)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The sweep (every op x size x dtype x candidate x pass) and the largest-batch search.
 
-Per (dtype, size, candidate), sizes in increasing order: the time of one forward+backward
-call (and, with a memory cap, its peak) is first predicted from the smaller sizes; then one
-call warms up (compiles, autotunes), one timed call is checked against ``max_call_s``, and each
-pass gets one call under the peak-memory probe and the timer. A candidate that ran out of
+Per (dtype, size), sizes in increasing order, each candidate in turn: the time of one
+forward+backward call (and, with a memory cap, its peak) is first predicted from the smaller
+sizes; then one call warms up (compiles, autotunes), one timed call is checked against
+``max_call_s``, and each pass gets one call under the peak-memory probe. Then each pass is
+timed for every candidate together, interleaved (``timing.bench_interleaved``), so that no
+candidate's figure rests on the machine's state at its turn alone. A candidate that ran out of
 memory, or went (or is predicted to go) over the time limit or the memory cap, is skipped at
 the larger sizes of that dtype. Work past the time budget is recorded as skipped, so a
 bounded run always writes its results.
@@ -124,18 +126,29 @@ class Sweep:
                     raise
                 why = f"the inputs at n={n} do not fit in memory"
                 timing.release(self.cfg.device, after_error=True)
-        for cand in cands:
-            self._tick(f"{op.NAME} {cand.name} n={n} {dtype_name(dtype)}")
-            if clock.over():
-                self._skip_all(op, cand, n, dtype, options, f"not run: {clock.why}")
-            elif problem is None:
-                self._record_all(op, cand, n, dtype, options, "oom", why)
-            else:
-                self._run_unit(op, problem, cand)
-        del problem
-        timing.release(self.cfg.device)
+        ready = []
+        try:
+            for cand in cands:
+                self._tick(f"{op.NAME} {cand.name} n={n} {dtype_name(dtype)}")
+                if clock.over():
+                    self._skip_all(op, cand, n, dtype, options, f"not run: {clock.why}")
+                elif problem is None:
+                    self._record_all(op, cand, n, dtype, options, "oom", why)
+                else:
+                    unit = self._prepare(op, problem, cand)
+                    if unit is not None:
+                        ready.append(unit)
+            for pass_ in self.cfg.passes:
+                self._time_pass(op, problem, pass_, [u for u in ready if pass_ in u.runs])
+        finally:
+            for unit in ready:
+                unit.release()
+            del problem, ready
+            timing.release(self.cfg.device)
 
-    def _run_unit(self, op, p: Problem, cand: Candidate) -> None:
+    def _prepare(self, op, p: Problem, cand: Candidate) -> "_Unit | None":
+        """Build, warm up, check the limits and probe each pass's peak memory: a unit ready to
+        time with the others, or None (with its rows recorded) when it cannot be."""
         key = (op.NAME, cand.name, p.dtype)
         if key in self.stopped:
             return self._skip_all(op, cand, p.n, p.dtype, p, self.stopped[key])
@@ -162,48 +175,63 @@ class Sweep:
             self.stopped[key] = why
             return self._skip_all(op, cand, p.n, p.dtype, p, why)
 
-        passes = _passes_of(cand, self.cfg.passes)
+        unit = _Unit(cand, key, _passes_of(cand, self.cfg.passes))
         full_name = "fwd+bwd" if cand.differentiable else "fwd"
-        forward = grads = None
-        failed = False
         try:
-            forward, grads = cand.build(p)
+            forward, unit.grads = cand.build(p)
+            unit.forward = forward
             grad_out = grad_like(forward())
             full, _ = make_pass(forward, full_name, grad_out)
             full()  # warm-up: compiles and autotunes
             seconds = timing.time_call(full, p.device)
-            entry = [p.n, None, seconds]  # (n, forward+backward peak bytes, seconds)
-            self.history.setdefault(key, []).append(entry)
+            unit.entry = [p.n, None, seconds]  # (n, forward+backward peak bytes, seconds)
+            self.history.setdefault(key, []).append(unit.entry)
             if seconds > self.cfg.max_call_s:
                 why = (f"one {full_name} call took {seconds:.2f} s at n={p.n}, over the "
                        f"--max-call-s limit of {self.cfg.max_call_s:g} s")
                 self.stopped[key] = why
+                unit.release()
                 return self._skip_all(op, cand, p.n, p.dtype, p, why)
-            for pass_ in passes:
+            for pass_ in unit.passes:
                 run, setup = make_pass(forward, pass_, grad_out)
-                peak, _ = timing.peak_memory(run, p.device, setup=setup, grad_to_none=grads)
-                t = timing.bench(run, p.device, setup=setup, warmup_ms=self.cfg.warmup_ms,
-                                 rep_ms=self.cfg.rep_ms, grad_to_none=grads,
-                                 min_reps=self.cfg.min_reps)
-                if pass_ == full_name:  # the median is steadier than the single call
-                    entry[1], entry[2] = peak, min(seconds, t.ms / 1e3)
-                self._ok(op, cand, p, pass_, t, peak)
+                peak, _ = timing.peak_memory(run, p.device, setup=setup, grad_to_none=unit.grads)
+                unit.runs[pass_] = (timing.Contender(run, setup, unit.grads or ()), peak)
         except Exception as exc:
-            failed = True
-            done = {r.pass_ for r in self.rows if (r.op, r.candidate, r.dtype, r.n) ==
-                    (op.NAME, cand.name, dtype_name(p.dtype), p.n)}
-            status = "oom" if timing.is_oom(exc) else "error"
-            why = _one_line(exc)
-            if status == "oom":
-                self.stopped[key] = f"out of memory at n={p.n}"
-            for pass_ in passes:
-                if pass_ not in done:
-                    self.rows.append(_row(op, cand, pass_, p.dtype, p, status, why))
-        finally:
-            for x in grads or ():
-                x.grad = None
-            del forward
-            timing.release(p.device, after_error=failed)
+            self._failed(op, unit, p, exc)
+            return None
+        return unit
+
+    def _time_pass(self, op, p: Problem, pass_: str, units: list) -> None:
+        """Time one pass of every ready candidate, interleaved (timing.bench_interleaved)."""
+        if not units:
+            return
+        results = timing.bench_interleaved(
+            {i: u.runs[pass_][0] for i, u in enumerate(units)}, p.device,
+            warmup_ms=self.cfg.warmup_ms, rep_ms=self.cfg.rep_ms, min_reps=self.cfg.min_reps)
+        for i, unit in enumerate(units):
+            t = results[i]
+            if isinstance(t, BaseException):
+                self._failed(op, unit, p, t)
+                continue
+            peak = unit.runs.pop(pass_)[1]
+            if pass_ == ("fwd+bwd" if unit.cand.differentiable else "fwd"):
+                # the median is steadier than the single call
+                unit.entry[1], unit.entry[2] = peak, min(unit.entry[2], t.ms / 1e3)
+            self._ok(op, unit.cand, p, pass_, t, peak)
+
+    def _failed(self, op, unit: "_Unit", p: Problem, exc: BaseException) -> None:
+        """Rows for the passes of ``unit`` not yet measured: "oom" (and the larger sizes
+        skipped) or "error", with the exception's first line; the unit is released."""
+        done = {r.pass_ for r in self.rows if (r.op, r.candidate, r.dtype, r.n) ==
+                (op.NAME, unit.cand.name, dtype_name(p.dtype), p.n)}
+        status = "oom" if timing.is_oom(exc) else "error"
+        if status == "oom":
+            self.stopped[unit.key] = f"out of memory at n={p.n}"
+        for pass_ in unit.passes:
+            if pass_ not in done:
+                self.rows.append(_row(op, unit.cand, pass_, p.dtype, p, status, _one_line(exc)))
+        unit.release()
+        timing.release(p.device, after_error=True)
 
     # -- the largest batch that fits ---------------------------------------------------------
     def run_fit(self, cands_by_op: dict) -> None:
@@ -302,6 +330,24 @@ class Sweep:
 
     def _skip_all(self, op, cand, n, dtype, where, reason) -> None:
         self._record_all(op, cand, n, dtype, where, "skipped", reason)
+
+
+@dataclass
+class _Unit:
+    """One candidate at one size, built and warmed up: its passes' contenders and peaks."""
+    cand: Candidate
+    key: tuple
+    passes: tuple
+    forward: object = None
+    grads: tuple | None = None
+    entry: list | None = None
+    runs: dict = field(default_factory=dict)  # pass -> (timing.Contender, peak bytes)
+
+    def release(self) -> None:
+        for x in self.grads or ():
+            x.grad = None
+        self.forward = self.grads = None
+        self.runs.clear()
 
 
 def _row(op, cand, pass_, dtype, where, status, reason, n=None) -> Measurement:

@@ -4,7 +4,8 @@ Timing: on CUDA, ``triton.testing.do_bench``'s recipe written out, so that no fi
 fewer than ``min_reps`` repetitions (do_bench runs ``rep / estimate`` of them, a single one
 for a call longer than ``rep``): estimate from a few calls, warm up for ``warmup_ms``, time
 ``max(min_reps, rep_ms / estimate)`` repetitions with CUDA events around the run alone, L2
-flushed before each, garbage collector paused. A run that needs an untimed setup before each
+flushed before each, garbage collector paused. Candidates compared at one size are timed
+interleaved (``bench_interleaved``): their repetitions run in rounds, a slice of each in turn. A run that needs an untimed setup before each
 repetition (the backward alone needs a fresh forward: replaying one graph with
 ``retain_graph=True`` is refused by compiled graphs that donate their buffers) calls it
 outside the events. On CPU, the same recipe with ``time.perf_counter`` (CPU caches not
@@ -63,9 +64,59 @@ def bench(run: Callable, device: torch.device, *, warmup_ms: float, rep_ms: floa
     With ``setup``, each repetition first calls ``state = setup()`` outside the timed region
     and times ``run(state)`` alone (the backward of a fresh forward, for example).
     """
+    out = bench_interleaved({0: Contender(run, setup, grad_to_none)}, device, warmup_ms=warmup_ms,
+                            rep_ms=rep_ms, min_reps=min_reps)[0]
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One candidate's pass to time: ``run`` (after ``setup``, untimed, when given)."""
+    run: Callable
+    setup: Callable[[], object] | None = None
+    grad_to_none: Sequence[torch.Tensor] = ()
+
+
+def bench_interleaved(contenders: dict, device: torch.device, *, warmup_ms: float, rep_ms: float,
+                      min_reps: int = 5, rounds: int = 5, max_reps: int = 2000) -> dict:
+    """``{name: Timing, or the exception that stopped it}`` for ``{name: Contender}``.
+
+    Each contender is warmed up and its repetition count fixed on its own, as in ``bench``;
+    then the timed repetitions run in ``rounds`` rounds, each timing a slice of every
+    contender's in turn, so that a drift of the machine (clocks, temperature, other load)
+    falls on all of them alike rather than on whichever ran last.
+    """
     timer = _CudaTimer(device) if device.type == "cuda" else _CpuTimer()
-    return _bench_loop(run, setup, timer, warmup_ms=warmup_ms, rep_ms=rep_ms,
-                       grad_to_none=grad_to_none, min_reps=min_reps)
+    plans, out = {}, {}
+    for name, c in contenders.items():
+        try:
+            plans[name] = _plan(c, timer, warmup_ms=warmup_ms, rep_ms=rep_ms, min_reps=min_reps,
+                                max_reps=max_reps)
+        except Exception as exc:
+            out[name] = exc
+    times = {name: [] for name in plans}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection inside the timed region is noise, not the op's cost
+    try:
+        for r in range(rounds):
+            for name in list(plans):
+                once, reps = plans[name]
+                k = reps * (r + 1) // rounds - reps * r // rounds
+                try:
+                    times[name] += timer.finish([once() for _ in range(k)])
+                except Exception as exc:
+                    out[name] = exc
+                    del plans[name]
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    for name in plans:
+        q = torch.quantile(torch.tensor(times[name], dtype=torch.float64),
+                           torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+        out[name] = Timing(q[0], q[1], q[2], len(times[name]))
+    return {name: out[name] for name in contenders}
 
 
 class _CpuTimer:
@@ -102,29 +153,20 @@ class _CudaTimer:
 _NO_STATE = object()
 
 
-def _bench_loop(run, setup, timer, *, warmup_ms, rep_ms, grad_to_none, min_reps,
-                max_reps=2000) -> Timing:
+def _plan(c: Contender, timer, *, warmup_ms, rep_ms, min_reps, max_reps):
+    """(one timed repetition, how many): estimate from a few calls, warm up for ``warmup_ms``,
+    then ``max(min_reps, rep_ms / estimate)`` repetitions, as do_bench decides."""
     def once():
-        _reset_grads(grad_to_none)  # outside the timed region, as do_bench does
-        state = setup() if setup is not None else _NO_STATE
-        return timer.time(run, state)
+        _reset_grads(c.grad_to_none)  # outside the timed region, as do_bench does
+        state = c.setup() if c.setup is not None else _NO_STATE
+        return timer.time(c.run, state)
 
     estimate = timer.finish([once() for _ in range(3)])
     estimate_ms = max(sum(estimate) / len(estimate), 1e-6)
     for _ in range(int(max(1, warmup_ms / estimate_ms))):  # warm up by time, like do_bench
         once()
     timer.finish([])
-    reps = int(min(max_reps, max(min_reps, rep_ms / estimate_ms)))
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a collection inside the timed region is noise, not the op's cost
-    try:
-        times = timer.finish([once() for _ in range(reps)])
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    q = torch.quantile(torch.tensor(times, dtype=torch.float64),
-                       torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
-    return Timing(q[0], q[1], q[2], reps)
+    return once, int(min(max_reps, max(min_reps, rep_ms / estimate_ms)))
 
 
 def time_call(run: Callable[[], object], device: torch.device) -> float:

@@ -197,6 +197,26 @@ def test_cpu_timer_leaves_the_setup_out():
     assert 2.0 <= t.p20 <= t.ms <= t.p80 and t.ms < 40.0
 
 
+def test_candidates_are_timed_interleaved_and_one_failure_stops_only_itself():
+    calls = []
+
+    def contender(name, fail_after=None):
+        def run():
+            calls.append(name)
+            if fail_after is not None and calls.count(name) > fail_after:
+                raise RuntimeError(f"{name} broke")
+        return timing.Contender(run)
+
+    out = timing.bench_interleaved(
+        {"a": contender("a"), "b": contender("b"), "c": contender("c", fail_after=10)},
+        torch.device("cpu"), warmup_ms=0.0, rep_ms=0.0, min_reps=20, rounds=5)
+    assert isinstance(out["a"], timing.Timing) and out["a"].reps == 20 and out["b"].reps == 20
+    assert isinstance(out["c"], RuntimeError)
+    # After each one's estimate and warm-up (4 calls), rounds of 4 timed calls each in turn.
+    timed = [name for name in calls[12:] if name != "c"]
+    assert timed[:8] == ["a"] * 4 + ["b"] * 4 and timed[8:16] == ["a"] * 4 + ["b"] * 4
+
+
 def test_growth_extrapolation():
     assert timing.grow([(100, 1.0), (200, 4.0)], 400) == pytest.approx(16.0)  # quadratic
     assert timing.grow([(100, 1.0), (200, 2.0)], 400) == pytest.approx(4.0)  # linear

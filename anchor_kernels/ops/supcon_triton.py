@@ -59,9 +59,10 @@ VARIANT_KEYS = ("NORMALIZE", "SINGLE_SET", "BETA_ZERO", "LSE_ONLY", "FIXED_SHIFT
 # one (instead of per tile), and plain SupCon takes its positive term from class sums
 # (supcon_classsum.py), leaving the O(M N) kernels a bare log-sum-exp. Below it, one
 # launch each way. The class-sum path costs about 3 ms of host time per forward + backward on
-# an H200 machine (some 50 small torch ops), so it pays only where the O(M N) work is far
-# larger: at N = 8192 / 16384 it took 4.5 / 4.8 ms against 1.3 / 1.5 ms in one launch each
-# way (scripts/supcon_tune.py, benchmarks/results/supcon_tune_h200.json).
+# an H200 machine (some 50 small torch ops) and saved no GPU time where measured: forward +
+# backward took 4.5 / 4.9 / 20.5 ms that way at N = 8192 / 16384 / 65536 against 1.1 / 1.5 /
+# 18.6 ms in one launch each way (scripts/supcon_tune.py; benchmarks/results/supcon_tune_h200*.json).
+# So it starts past the largest N measured; N = 131072 ran it in 58.7 ms.
 STREAMING_MIN_LOGITS = 131072 * 131072
 
 
