@@ -448,8 +448,47 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
                        "--warmup", "0", "--pgd-steps", "1", "--image-size", "8",
                        "--loss-backend", "eager", "--out", str(out)]) == 0
     res = json.loads(out.read_text())["results"]
-    assert res[0]["images_per_s"] > 0 and res[0]["speedup_vs_eager"] == 1.0
+    assert res[0]["images_per_s"] > 0 and res[0]["speedup"] == 1.0 and res[0]["speedup_vs"] == "eager"
     assert "images/s" in capsys.readouterr().out and (tmp_path / "b.csv").exists()
+
+
+def test_bench_compares_with_the_conventional_step(tmp_path, capsys):
+    """torchattacks' PGD + the eager loss + AMP, timed beside the trainer's step; the
+    speed-ups are against it."""
+    pytest.importorskip("torchattacks")
+    out = tmp_path / "b.json"
+    assert bench.main(["--device", "cpu", "--batch", "4", "--width", "0.0625", "--steps", "1",
+                       "--warmup", "0", "--pgd-steps", "1", "--image-size", "8",
+                       "--loss-backend", "conventional", "eager", "--out", str(out)]) == 0
+    conventional, eager = json.loads(out.read_text())["results"]
+    assert conventional["loss_backend"] == "conventional" and conventional["pgd_backend"] == "torchattacks"
+    assert conventional["speedup"] == 1.0 and eager["speedup_vs"] == "conventional"
+    assert "attack_ms" not in conventional and eager["attack_ms"] > 0
+    assert np.isfinite(conventional["final_loss"]) and conventional["images_per_s"] > 0
+
+
+def test_conventional_step_trains_like_the_trainers_eager_step():
+    """Same weights and batch, an attack with no room to move (so no randomness): the
+    baseline's loss is the ANCHOR loss of the eager reference, and one step moves the weights."""
+    pytest.importorskip("torchattacks")
+    from anchor_kernels.train.baseline import conventional_step
+
+    # eps far below float32's spacing near the pixel values: x_adv == x
+    cfg = TrainConfig(method="anchor", pgd_steps=1, random_start=False, eps=1e-12, width=0.0625,
+                      loss_backend="eager")
+    torch.manual_seed(0)
+    net = AnchorNet(10, cfg.width, cfg.embed_dim)
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 0, 1, 2, 2])
+    with torch.no_grad():
+        logits, emb = net(torch.cat([x, x]), with_embedding=True)
+        expected = supcon_loss(torch.stack([emb[:6], emb[6:]], 1), y, backend="eager",
+                                  hard_positive_beta=cfg.hard_positive_beta) \
+            + cfg.ce_weight * F.cross_entropy(logits[6:], y)
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    out = conventional_step(net, opt, cfg, bf16=False)(x, y)
+    assert torch.allclose(out["loss"], expected, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
 # ---- tier 2: GPU -------------------------------------------------------------------------------

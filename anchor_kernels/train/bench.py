@@ -1,11 +1,14 @@
 """Throughput of the trainer's own step, per loss backend: images/s of the ANCHOR step (PGD
-view, 2B-image forward, hard-mined SupCon + CE, backward, SGD) on synthetic CIFAR-sized data.
+view, 2B-image forward, hard-mined SupCon + CE, backward, SGD) on synthetic CIFAR-sized data,
+beside the same step written the way people write it today ("conventional":
+torchattacks' PGD, the eager loss, AMP autocast, NCHW; ``anchor_kernels/train/baseline.py``).
 
-    python -m anchor_kernels.train.bench --batch 512 4096 --loss-backend eager triton
+    python -m anchor_kernels.train.bench --batch 512 4096 --loss-backend conventional eager triton
 
 For each batch size and backend: the same initial weights and batches, ``--warmup`` steps,
-then ``--steps`` timed steps between two device synchronisations; the step is also split into
-attack / model forward+backward / loss (forward and backward) with CUDA events. Writes a
+then ``--steps`` timed steps between two device synchronisations; the trainer's step is also
+split into attack / model forward+backward / loss (forward and backward) with CUDA events.
+The speed-up column is against the conventional step where it ran, else against eager. Writes a
 JSON and a CSV (device, versions, date) next to ``--out``. Throughput does not depend on the
 pixel values, so synthetic data is enough.
 """
@@ -26,10 +29,14 @@ import torch
 
 from ..backends import BACKEND_NAMES
 from .augment import random_crop_flip
+from .baseline import conventional_step
 from .config import METHODS, TrainConfig
 from .methods import STEPS, StepContext, build_attack, make_supcon
 from .models import AnchorNet
 from .timing import SectionTimer
+
+
+CONVENTIONAL = "conventional"
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -37,7 +44,9 @@ def parse(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[512, 4096],
                    help="batch sizes B (2B rows in the loss)")
-    p.add_argument("--loss-backend", nargs="+", default=["eager", "triton"], choices=BACKEND_NAMES)
+    p.add_argument("--loss-backend", nargs="+", default=["conventional", "eager", "triton"],
+                   choices=(CONVENTIONAL, *BACKEND_NAMES),
+                   help=f"'{CONVENTIONAL}': the baseline step (torchattacks, eager loss, AMP)")
     p.add_argument("--pgd-backend", default="auto", choices=BACKEND_NAMES,
                    help="backend of the fused PGD step")
     p.add_argument("--method", default="anchor", choices=METHODS)
@@ -63,11 +72,15 @@ def parse(argv=None) -> argparse.Namespace:
 
 def run_config(args, batch: int, backend: str, device: torch.device, bf16: bool) -> dict:
     """One (batch, backend) measurement; the same seed gives the same weights and batches."""
+    conventional = backend == CONVENTIONAL
+    if conventional and args.method != "anchor":
+        raise ValueError(f"--loss-backend {CONVENTIONAL} is the ANCHOR step; it needs --method anchor")
     cfg = TrainConfig(method=args.method, pgd_steps=args.pgd_steps, width=args.width,
-                      hard_positive_beta=args.hard_positive_beta, loss_backend=backend,
+                      hard_positive_beta=args.hard_positive_beta,
+                      loss_backend="eager" if conventional else backend,
                       pgd_backend=args.pgd_backend, batch_size=batch)
     torch.manual_seed(0)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if device.type == "cuda" and not conventional else torch.contiguous_format
     net = AnchorNet(10, cfg.width, cfg.embed_dim).to(device, memory_format=fmt)
     if cfg.method != "anchor":
         net.head.requires_grad_(False)
@@ -85,6 +98,9 @@ def run_config(args, batch: int, backend: str, device: torch.device, bf16: bool)
                       autocast=autocast, attack=build_attack(cfg.method, model, cfg),
                       supcon=make_supcon(cfg, 1) if cfg.method == "anchor" else None)
     step = STEPS[cfg.method]
+    if conventional:
+        plain = conventional_step(model, opt, cfg, bf16)
+        step = lambda ctx, x, y: plain(x, y)  # noqa: E731
     gen = torch.Generator(device=device).manual_seed(1)
     s = args.image_size
     images = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=device, generator=gen)
@@ -108,12 +124,15 @@ def run_config(args, batch: int, backend: str, device: torch.device, bf16: bool)
     wall = time.perf_counter() - t0
     sections = timer.totals()
     n = args.steps
-    row = {"batch": batch, "loss_backend": backend, "pgd_backend": cfg.pgd_backend,
+    row = {"batch": batch, "loss_backend": backend,
+           "pgd_backend": "torchattacks" if conventional else cfg.pgd_backend,
            "method": cfg.method, "pgd_steps": cfg.pgd_steps,
            "width": cfg.width, "images_per_s": batch * n / wall, "step_ms": 1e3 * wall / n,
-           "attack_ms": 1e3 * sections.get("attack", 0) / n,
-           "fwd_bwd_ms": 1e3 * (sections.get("forward", 0) + sections.get("backward", 0)) / n,
-           "loss_ms": 1e3 * sections.get("loss", 0) / n, "final_loss": out["loss"].item()}
+           "final_loss": out["loss"].item()}
+    if not conventional:  # the baseline step is timed whole: no sections
+        row.update(attack_ms=1e3 * sections.get("attack", 0) / n,
+                   fwd_bwd_ms=1e3 * (sections.get("forward", 0) + sections.get("backward", 0)) / n,
+                   loss_ms=1e3 * sections.get("loss", 0) / n)
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
@@ -151,7 +170,7 @@ def main(argv=None) -> int:
     print(f"# {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
           f"{'bf16 autocast' if bf16 else 'fp32'} | {args.method}, PGD-{args.pgd_steps}, "
           f"width {args.width}")
-    header = (f"{'batch':>6} {'backend':>8} {'images/s':>10} {'step ms':>9} {'attack':>8} "
+    header = (f"{'batch':>6} {'backend':>12} {'images/s':>10} {'step ms':>9} {'attack':>8} "
               f"{'fwd+bwd':>8} {'loss':>8} {'speed-up':>8}")
     print(header)
     rows = []
@@ -168,18 +187,20 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             group.append(row)
-        eager = next((r["images_per_s"] for r in group
-                      if r["loss_backend"] == "eager" and "error" not in r), None)
+        ok = {r["loss_backend"]: r["images_per_s"] for r in group if "error" not in r}
+        ref_name = CONVENTIONAL if CONVENTIONAL in ok else "eager"
+        ref = ok.get(ref_name)
         for row in group:
             if "error" in row:
-                print(f"{batch:>6} {row['loss_backend']:>8}  {row['error']}")
+                print(f"{batch:>6} {row['loss_backend']:>12}  {row['error']}")
                 continue
-            row["speedup_vs_eager"] = row["images_per_s"] / eager if eager else None
-            sp = f"{row['speedup_vs_eager']:.3f}x" if eager else "-"
-            print(f"{batch:>6} {row['loss_backend']:>8} {row['images_per_s']:>10.1f} "
-                  f"{row['step_ms']:>9.2f} {row['attack_ms']:>8.2f} {row['fwd_bwd_ms']:>8.2f} "
-                  f"{row['loss_ms']:>8.2f} {sp:>8}",
-                  flush=True)
+            row["speedup_vs"] = ref_name
+            row["speedup"] = row["images_per_s"] / ref if ref else None
+            sp = f"{row['speedup']:.3f}x" if ref else "-"
+            parts = " ".join(f"{row[k]:>8.2f}" if k in row else f"{'-':>8}"
+                             for k in ("attack_ms", "fwd_bwd_ms", "loss_ms"))
+            print(f"{batch:>6} {row['loss_backend']:>12} {row['images_per_s']:>10.1f} "
+                  f"{row['step_ms']:>9.2f} {parts} {sp:>8}", flush=True)
         rows += group
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
