@@ -22,7 +22,10 @@ stage() {  # stage NAME SECONDS COMMAND...: run if selected, append its log, rec
     rm -f "$tmp"; pack
 }
 
-# Packages the GPU image lacks (torchattacks) travel as wheels in .whl (see the README).
+# Packages the GPU image lacks (torchattacks) travel as wheels in .whl, made beforehand with
+#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
+#     --python-version 3.12 --platform manylinux2014_x86_64 -d .whl torchattacks==3.5.1
+# and carried with the call.
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
@@ -61,7 +64,8 @@ stage bench_similarity 60 python3 -m pytest -q benchmarks/bench_similarity.py \
     -k "bfloat16 and (triton or eager or compiled)" --benchmark-columns=median,iqr,rounds \
     --benchmark-json "$RES/similarity_gpu.json"
 # The size rules of the Triton loss measured (and its CUDA-graph replay, and the host floor).
-stage tune_supcon 85 python3 scripts/supcon_tune.py --out "$RES/supcon_tune.json"
+stage tune_supcon 100 python3 scripts/supcon_tune.py --profile --n ${TUNE_SIZES:-1024 4096 8192 131072} \
+    --out "$RES/supcon_tune.json"
 # The lean loss (one launch each way, class sums, fixed shift): CUDA-graph replay, no-sync and
 # determinism, then correctness of the half-precision variants, untuned (each variant then
 # compiles once rather than once per configuration; float32 at "highest" precision compiles
@@ -82,8 +86,8 @@ stage sweep_large ${LARGE_LIMIT:-90} python3 -m benchmarks --ops supcon --dtypes
 stage sweep_large_beta1 45 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
     --sizes 16384 65536 --passes fwd+bwd --candidates triton --set supcon.beta=1.0 \
     --time-budget 40 --no-fit --no-progress --no-plot --out "$RES/supcon_large_beta1.json"
-stage bench_attack 50 python3 -m benchmarks --ops attack --dtypes bfloat16 --sizes 512 4096 \
-    --time-budget 45 --no-fit --no-progress --no-plot --out "$RES/attack.json"
+stage bench_attack 90 python3 -m benchmarks --ops attack --dtypes bfloat16 --sizes 512 4096 \
+    --time-budget 80 --no-fit --no-progress --no-plot --out "$RES/attack.json"
 stage runner_sweep 140 python3 -m benchmarks --gpu-sweep --time-budget 60 --fit-budget 30 \
     --no-progress --out "$RES/sweep_h100.json"
 

@@ -5,6 +5,10 @@ CUDA graph and replayed (what ``torch.compile(mode="reduce-overhead")`` users ge
 without the host's), at each N. Also the host's floor: a trivial autograd forward + backward
 on a CUDA tensor.
 
+With ``--profile``, the host side of the default path is profiled first (cProfile over 200
+calls at the first N; the 30 costliest functions by cumulative and by own time are printed),
+to show where a forward + backward's host time goes on that machine.
+
 Candidates are interleaved (one timed batch of calls of each per round), garbage collector
 paused, CUDA events around each batch; the median and 20/80 % quantiles of the per-call time
 over ``--rounds`` rounds are printed and written as JSON.
@@ -14,8 +18,10 @@ over ``--rounds`` rounds are printed and written as JSON.
 
 import argparse
 import contextlib
+import cProfile
 import gc
 import json
+import pstats
 import statistics
 
 import torch
@@ -86,6 +92,28 @@ def host_floor(rounds, calls):
     return statistics.median(timed(lambda: (x * 2).sum().backward(), calls) for _ in range(rounds))
 
 
+def profile_host(n, d, beta, dev, calls=200):
+    f = torch.randn(n, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 10, (n,), device=dev)
+
+    def call():
+        ak.supcon_loss(f, y, hard_positive_beta=beta, backend="triton").backward()
+        f.grad = None
+
+    for _ in range(10):
+        call()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        call()
+    torch.cuda.synchronize()
+    prof.disable()
+    print(f"host profile: {calls} forward + backward calls at N={n} (times are totals)")
+    for key in ("cumulative", "tottime"):
+        pstats.Stats(prof).sort_stats(key).print_stats(30)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768, 65536, 131072])
@@ -93,9 +121,12 @@ def main():
     p.add_argument("--beta", type=float, default=0.0)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--calls", type=int, default=5, help="calls per timed batch")
+    p.add_argument("--profile", action="store_true", help="profile the host side first")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev = torch.device("cuda")
+    if args.profile:
+        profile_host(args.n[0], args.d, args.beta, dev)
     results = []
     for n in args.n:
         f = torch.randn(n, args.d, device=dev, dtype=torch.bfloat16, requires_grad=True)
