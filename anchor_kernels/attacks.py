@@ -96,6 +96,9 @@ class PGD:
         steps: number of iterations, >= 0 (0 returns the start point).
         random_start: start at a uniform random point of the ball (``pgd_random_start``)
             instead of at x.
+        start_eps: radius of that random start, a float >= 0 (default: eps). N-FGSM with
+            radius e, for example, is ``PGD(eps=3 * e, alpha=e, steps=1, start_eps=2 * e)``:
+            noise from the 2e ball, one step of e, and a 3e ball that never binds.
         loss: "ce" (summed cross-entropy of ``model(x_adv)``), "supcon", or a callable
             ``loss(outputs, y) -> scalar`` with ``outputs = forward(x_adv)`` (``embed(x_adv)``
             when ``embed`` is given, else ``model(x_adv)``); the attack maximises it.
@@ -138,6 +141,7 @@ class PGD:
         random_start: bool = True,
         loss: str | Callable = "ce",
         *,
+        start_eps: float | None = None,
         norm: str = "linf",
         lo: float = 0.0,
         hi: float = 1.0,
@@ -160,6 +164,9 @@ class PGD:
         self.steps = v.check_int("steps", steps, minimum=0)
         if not isinstance(random_start, bool):
             raise TypeError(f"random_start must be a bool, got {type(random_start).__name__}")
+        if start_eps is not None:
+            v.check_positive("start_eps", start_eps, allow_zero=True)
+        self.start_eps = start_eps
         if not callable(loss):
             v.check_choice("loss", loss, LOSSES)
         self.lo, self.hi = check_bounds(lo, hi)
@@ -205,7 +212,8 @@ class PGD:
         def num(value):
             return value.tolist() if isinstance(value, Tensor) else value
         return {"name": self.name, "eps": num(self.eps), "alpha": num(self.alpha),
-                "steps": self.steps, "random_start": self.random_start, "norm": self.norm,
+                "steps": self.steps, "random_start": self.random_start,
+                "start_eps": self.start_eps, "norm": self.norm,
                 "loss": self.loss if isinstance(self.loss, str) else getattr(
                     self.loss, "__name__", "custom"), "lo": self.lo, "hi": self.hi,
                 "attack_mode": self.attack_mode,
@@ -285,7 +293,8 @@ class PGD:
             if self.targeted:
                 y = self._target_labels(x, y)
             if self.random_start:
-                x_adv = pgd_random_start(x, eps, self.lo, self.hi, norm=self.norm,
+                start = eps if self.start_eps is None else self.start_eps
+                x_adv = pgd_random_start(x, start, self.lo, self.hi, norm=self.norm,
                                          generator=self.generator, backend=self.backend)
             else:
                 x_adv = x.clone()

@@ -26,7 +26,7 @@ from anchor_kernels.train import Trainer, TrainingDiverged, main, parse_args
 from anchor_kernels.train import bench, checkpoint, data
 from anchor_kernels.train.augment import random_crop_flip
 from anchor_kernels.train.config import TrainConfig
-from anchor_kernels.train.methods import STEPS, StepContext
+from anchor_kernels.train.methods import STEPS, StepContext, attack_budget, build_attack
 from anchor_kernels.train.metrics import read_jsonl
 from anchor_kernels.train.models import AnchorNet
 from anchor_kernels.train.schedule import lr_at
@@ -119,6 +119,44 @@ def test_anchor_supcon_attack_and_phase2_trains_only_the_classifier(tmp_path):
     after = t.net.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"classifier.weight", "classifier.bias"}  # incl. BN buffers unchanged
+
+
+@pytest.mark.parametrize("attack,budget", [
+    ("pgd", dict(eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)),
+    ("fgsm-rs", dict(eps=8 / 255, alpha=1.25 * 8 / 255, steps=1, random_start=True)),
+    ("n-fgsm", dict(eps=3 * 8 / 255, alpha=8 / 255, steps=1, random_start=True,
+                    start_eps=2 * 8 / 255)),
+])
+def test_training_attacks_have_their_published_budgets(attack, budget):
+    cfg = TrainConfig(method="pgd-at", train_attack=attack).validate()
+    assert attack_budget(cfg) == pytest.approx(budget)
+    pgd = build_attack("pgd-at", AnchorNet(10, 0.0625), cfg)
+    assert pgd.steps == budget["steps"] and pgd.start_eps == budget.get("start_eps")
+    assert pgd.name.startswith("pgd10" if attack == "pgd" else attack)
+
+
+def test_n_fgsm_perturbations_reach_past_eps_but_stay_in_three_eps(tmp_path):
+    """N-FGSM's noise (2 eps) plus its step (eps) is not projected back to the eps ball."""
+    cfg = TrainConfig(method="pgd-at", train_attack="n-fgsm", eps=0.05).validate()
+    torch.manual_seed(0)
+    net = AnchorNet(10, 0.0625)
+    x = 0.25 + 0.5 * torch.rand(64, 3, 8, 8)  # away from the [0, 1] clamp
+    y = torch.randint(0, 10, (64,))
+    delta = (build_attack("pgd-at", net, cfg)(x, y) - x).abs().amax()
+    assert 0.05 < delta <= 0.15 + 1e-6
+
+
+@pytest.mark.parametrize("attack", ["fgsm-rs", "n-fgsm"])
+def test_single_step_attacks_train_and_record_their_name(tmp_path, attack):
+    t = trainer(tmp_path, method="anchor", train_attack=attack)
+    row = t.train_epoch()
+    assert np.isfinite(row["loss"])
+    assert json.loads((tmp_path / "config.json").read_text())["train_attack"] == attack
+
+
+def test_single_step_attack_needs_an_adversarial_method():
+    with pytest.raises(ValueError, match="--train-attack fgsm-rs needs an adversarial --method"):
+        TrainConfig(method="standard", train_attack="fgsm-rs").validate()
 
 
 class _RecordingOptimizer:

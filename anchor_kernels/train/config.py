@@ -20,6 +20,7 @@ from ..backends import BACKEND_NAMES
 METHODS = ("anchor", "pgd-at", "trades", "standard")
 DATASETS = ("cifar10", "synthetic", "digits", "npz")
 MODELS = ("resnet18", "small-cnn")
+TRAIN_ATTACKS = ("pgd", "fgsm-rs", "n-fgsm")
 
 
 def _opt(default, help: str, **kw):
@@ -77,6 +78,12 @@ class TrainConfig:
     alpha: float = _opt(2 / 255, "step size of the training attack")
     pgd_steps: int = _opt(10, "PGD steps K of the training attack")
     random_start: bool = _opt(True, "uniform random start in the eps-ball")
+    train_attack: str = _opt("pgd", "the training attack: 'pgd' (--pgd-steps steps of --alpha), or "
+                             "a single-step one, reported under its own name: 'fgsm-rs' (FGSM "
+                             "from a random start, step 1.25 eps; Wong et al. 2020) or 'n-fgsm' "
+                             "(noise from the 2 eps ball, step eps, no projection; de Jorge et "
+                             "al. 2022); those ignore --pgd-steps, --alpha and --random-start",
+                             choices=TRAIN_ATTACKS)
     attack_loss: str = _opt("ce", "objective the ANCHOR attack maximises", choices=("ce", "supcon"))
     pgd_backend: str = _opt("auto", "backend of the fused PGD step and random start (training "
                             "and evaluation attacks)", choices=BACKEND_NAMES)
@@ -155,6 +162,9 @@ class TrainConfig:
             need(_real(value) and value >= 0, flag_of(name), "a finite number >= 0", value)
         need(_real(self.momentum) and 0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
         need(self.eps <= 1, "eps", "<= 1 (pixels are in [0, 1])", self.eps)
+        if self.train_attack != "pgd" and self.method == "standard":
+            raise ValueError(f"--train-attack {self.train_attack} needs an adversarial --method "
+                             "(anchor, pgd-at or trades); standard training runs no attack")
         if self.hard_positive_topk is not None:
             need(isinstance(self.hard_positive_topk, int) and self.hard_positive_topk >= 1,
                  "hard-positive-topk", "an int >= 1", self.hard_positive_topk)

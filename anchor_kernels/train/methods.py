@@ -69,14 +69,24 @@ def trades_kl(logits_adv: Tensor, p_clean: Tensor) -> Tensor:
     return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), p_clean, reduction="sum")
 
 
+def attack_budget(cfg: TrainConfig) -> dict:
+    """eps, alpha, steps, random start (and its radius) of ``cfg.train_attack``."""
+    if cfg.train_attack == "fgsm-rs":  # Wong, Rice & Kolter 2020
+        return dict(eps=cfg.eps, alpha=1.25 * cfg.eps, steps=1, random_start=True)
+    if cfg.train_attack == "n-fgsm":  # de Jorge et al. 2022: k = 2, alpha = eps, no clipping
+        return dict(eps=3 * cfg.eps, alpha=cfg.eps, steps=1, random_start=True,
+                    start_eps=2 * cfg.eps)
+    return dict(eps=cfg.eps, alpha=cfg.alpha, steps=cfg.pgd_steps, random_start=cfg.random_start)
+
+
 def _pgd(model: nn.Module, cfg: TrainConfig, loss, **kw):
     from ..attacks import PGD
 
     # The training batches are the data set's own images, in [0, 1] by construction: no
     # per-step value check (and its host synchronisation) in the attack.
-    return PGD(model, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.pgd_steps,
-               random_start=cfg.random_start, loss=loss, eval_mode=cfg.attack_bn == "eval",
-               backend=cfg.pgd_backend, check_inputs=False, **kw)
+    name = None if cfg.train_attack == "pgd" else cfg.train_attack
+    return PGD(model, **attack_budget(cfg), loss=loss, eval_mode=cfg.attack_bn == "eval",
+               backend=cfg.pgd_backend, check_inputs=False, name=name, **kw)
 
 
 class TradesAttack:
