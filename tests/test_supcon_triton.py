@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import anchor_kernels as ak
+from anchor_kernels.ops import supcon_triton
 from anchor_kernels.ops.supcon_triton import MAX_D
 
 from .utils import assert_close, labels_for, loss_and_grads
@@ -295,3 +296,18 @@ def test_double_backward_is_refused_with_its_reason():
     with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not "
                                            r"supported by backend='triton'"):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("lse_only,single", [(True, True), (True, False), (False, True), (False, False)])
+def test_autotuner_picks_only_from_the_variants_configurations(kernel, dtype, lse_only, single):
+    """The autotuner prunes its list to the variant's (the ones the sm_90 report compiles
+    and finds spill-free), and the untuned launch takes the first of those."""
+    family = supcon_triton.config_family(dtype)
+    tuner = supcon_triton._autotuned[(kernel, family)]
+    mine = supcon_triton.configs_for(kernel, dtype, lse_only, single)
+    assert tuner.early_config_prune(tuner.configs, {}, LSE_ONLY=lse_only, SINGLE_SET=single) == mine
+    assert all(c in tuner.configs for c in mine)
+    if dtype == torch.bfloat16 and kernel == "bwd" and not (lse_only and single):
+        assert {c.kwargs["BLOCK_N"] for c in mine} == {32}

@@ -243,8 +243,6 @@ def test_main_reports_json_and_exit_status(fake_compile, monkeypatch, tmp_path, 
 MODULES = [m.rsplit(".", 1)[1] for m in sm90_check.MODULES]
 # Spills the kernels have today; the marker goes when the module's kernels stop spilling.
 SPILLING = {
-    "supcon_triton": "the one-launch backward (33-50 local loads) and forward (1) spill "
-                     "outside their loops; the largest batches' log-sum-exp pair does not",
     "similarity_triton": "the float32 (ieee) backward and the 128 x 128 half-precision "
                          "forward spill",
     "hard_positive_triton": "the float32 (ieee) kernel spills 6 registers at KP = 4, 16",

@@ -36,14 +36,19 @@ def _config(block_m, block_n, warps, stages):
 
 # Every configuration the autotuner may pick on a GPU; the sm_90 report compiles each one.
 # Half precision runs on the tensor cores (wgmma). 8 warps need 128 rows per block: with 64,
-# both warpgroups would compute the same wgmma tile. The forward keeps the two tilings whose
-# large-batch kernel compiles without spills (128 x 128 and 128 x 64 with 4 warps spill).
-# fp32 at "highest" precision is an FMA loop, where large tiles only spill, so it gets
-# smaller ones.
+# both warpgroups would compute the same wgmma tile. Only tilings that compile without spills
+# on sm_90, per variant: the bare log-sum-exp (the largest batches' plain SupCon, "_lse")
+# keeps two forward tilings (128 x 128, and 128 x 64 with 4 warps, spill) and, with one set,
+# four backward ones. With per-logit labels the forward spills at 3 stages and at 64 x 64
+# (where it also issues 40-50 instructions per logit against 27-37 at 128 x 64); the backward
+# spills at 64 columns with labels or with two sets. fp32 at "highest" precision is an FMA
+# loop, where large tiles only spill, so it gets smaller ones.
 CONFIGS = {
-    "fwd_half": [_config(128, 64, 8, 3), _config(64, 64, 4, 3)],
-    "bwd_half": [_config(128, 64, 8, 2), _config(64, 64, 4, 2), _config(128, 32, 8, 2),
-                 _config(64, 32, 4, 2)],
+    "fwd_half": [_config(128, 64, 8, 2)],
+    "fwd_half_lse": [_config(128, 64, 8, 3), _config(64, 64, 4, 3)],
+    "bwd_half": [_config(128, 32, 8, 2), _config(64, 32, 4, 2)],
+    "bwd_half_lse": [_config(128, 64, 8, 2), _config(64, 64, 4, 2), _config(128, 32, 8, 2),
+                     _config(64, 32, 4, 2)],
     "fwd_fp32": [_config(64, 32, 4, 2), _config(32, 64, 4, 2), _config(64, 64, 8, 2)],
     "bwd_fp32": [_config(64, 32, 4, 2), _config(32, 64, 4, 2), _config(32, 32, 4, 2)],
 }
@@ -79,8 +84,25 @@ def config_family(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
 
-def configs_for(kernel: str, dtype: torch.dtype) -> list:
-    return CONFIGS[kernel + "_" + config_family(dtype)]
+def configs_for(kernel: str, dtype: torch.dtype, lse_only: bool, single_set: bool) -> list:
+    """The configurations a launch of ``kernel`` may use in this variant (see CONFIGS)."""
+    name = kernel + "_" + config_family(dtype)
+    lse = lse_only and (single_set or kernel == "fwd")
+    return CONFIGS.get(name + "_lse", CONFIGS[name]) if lse else CONFIGS[name]
+
+
+def _prune(kernel: str, family: str):
+    """The autotuner's ``early_config_prune``: ``configs_for`` of the launch's variant."""
+    dtype = torch.float32 if family == "fp32" else torch.bfloat16
+    return lambda configs, nargs, **kw: configs_for(kernel, dtype, kw["LSE_ONLY"], kw["SINGLE_SET"])
+
+
+def _all_configs(kernel: str, family: str) -> list:
+    """Every configuration of ``kernel`` for the autotuner to prune from, each once."""
+    out = []
+    for name in (kernel + "_" + family, kernel + "_" + family + "_lse"):
+        out += [c for c in CONFIGS.get(name, []) if c not in out]
+    return out
 
 
 # ANCHOR_KERNELS_AUTOTUNE=0 launches the first configuration of each list without tuning.
@@ -88,8 +110,10 @@ AUTOTUNE = os.environ.get("ANCHOR_KERNELS_AUTOTUNE", "1") == "1"
 # Tuning keys: the batch sizes bucketed to powers of two (a ragged last batch reuses the
 # choice), D and the variant; the choice is cached on disk where this Triton can.
 _TUNE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-_autotuned = {(k, fam): triton.autotune(CONFIGS[k + "_" + fam],
-                                        key=["M_BUCKET", "N_BUCKET", "D", *VARIANT_KEYS], **_TUNE_KW)(fn)
+_autotuned = {(k, fam): triton.autotune(_all_configs(k, fam),
+                                        key=["M_BUCKET", "N_BUCKET", "D", *VARIANT_KEYS],
+                                        prune_configs_by={"early_config_prune": _prune(k, fam)},
+                                        **_TUNE_KW)(fn)
               for k, fn in _KERNELS.items() for fam in ("half", "fp32")}
 
 
@@ -105,7 +129,7 @@ def _launch(name: str, dtype: torch.dtype, grid, args: tuple, constexprs: dict) 
     elif AUTOTUNE:
         _run(_autotuned[(name, config_family(dtype))], grid, args, constexprs)
     else:
-        config = configs_for(name, dtype)[0]
+        config = configs_for(name, dtype, constexprs["LSE_ONLY"], constexprs["SINGLE_SET"])[0]
         _run(_KERNELS[name], grid, args, dict(constexprs, **config.kwargs, num_warps=config.num_warps,
                                               num_stages=config.num_stages))
 
@@ -404,36 +428,37 @@ def sm90_compile_specs():
     # bfloat16 in every configuration. float16 is the same code with another element type;
     # float32 at "highest" precision is an FMA loop that compiles for minutes and spills
     # (known, see README), left out to keep CI within its budget.
-    for dtype, configs in ((torch.bfloat16, slice(None)),):
-        f = torch.empty(m, d, dtype=dtype)
-        y = torch.empty(m, dtype=torch.int64)
-        ws = torch.empty(ws_size(m, n, True), dtype=torch.float32)
-        loss = torch.empty((), dtype=torch.float32)
-        part = torch.empty(16, dtype=torch.float32)
-        locks = torch.empty(16, dtype=torch.int32)
-        cx = dict(NORMALIZE=True, SINGLE_SET=True, EVEN_D=True, DOT_PRECISION=dot_precision(dtype),
-                  UPCAST=False, BLOCK_D=d)
-        fwd_args = (f, f, y, y, ws, ws, loss, part, locks, m, n, d, d, 1, d, 1, 0, 10.0, 0.0,
-                    14.5, 1.0, n, m, n)
-        bwd_args = (f, f, y, y, ws, loss, f, f, part, locks, m, n, d, d, 1, d, 1, d, 1, d, 1, 0,
-                    10.0, 0.0, 14.5, 1.0, n, m, m, n)
-        # (streaming, beta = 0, lse_only): the largest batches' plain SupCon (the bare
-        # log-sum-exp), and in one launch each way (per-logit labels, column chunks, norms per
-        # tile) plain SupCon, what most calls run, and soft mining
-        variants = [(True, True, True), (False, True, False), (False, False, False)]
-        for config_f, config_b in zip(configs_for("fwd", dtype)[configs],
-                                      configs_for("bwd", dtype)[configs]):
-            for streaming, beta_zero, lse_only in variants:
-                flags = dict(BETA_ZERO=beta_zero, LSE_ONLY=lse_only, FIXED_SHIFT=True)
+    dtype = torch.bfloat16
+    f = torch.empty(m, d, dtype=dtype)
+    y = torch.empty(m, dtype=torch.int64)
+    loss = torch.empty((), dtype=torch.float32)
+    part = torch.empty(16, dtype=torch.float32)
+    locks = torch.empty(16, dtype=torch.int32)
+    # (streaming, beta = 0, lse_only): the largest batches' plain SupCon (the bare
+    # log-sum-exp), and in one launch each way (per-logit labels, column chunks, norms per
+    # tile) plain SupCon, what most calls run, and soft mining; one set and two; every
+    # configuration the autotuner can pick for the variant
+    for single in (True, False):
+        ws = torch.empty(ws_size(m, n, single), dtype=torch.float32)
+        fwd_args = (f, f, y, y, ws, ws, loss, part, locks, m, n, d, d, 1, d, 1, 0 if single else n,
+                    10.0, 0.0, 14.5, 1.0, n, m, n)
+        bwd_args = (f, f, y, y, ws, loss, f, f, part, locks, m, n, d, d, 1, d, 1, d, 1, d, 1,
+                    0 if single else n, 10.0, 0.0, 14.5, 1.0, n, m, m, n)
+        for streaming, beta_zero, lse_only in [(True, True, True), (False, True, False),
+                                               (False, False, False)]:
+            flags = dict(NORMALIZE=True, SINGLE_SET=single, EVEN_D=True, UPCAST=False, BLOCK_D=d,
+                         DOT_PRECISION=dot_precision(dtype), BETA_ZERO=beta_zero,
+                         LSE_ONLY=lse_only, FIXED_SHIFT=True, SPLIT=not streaming)
+            for config in configs_for("fwd", dtype, lse_only, single):
                 # The bare log-sum-exp loop: a ceiling on its thread-instructions per logit
                 # (sm90_check), at what it compiles to (7.4 at 128 x 64, 7.9 at 64 x 64).
-                ceiling = dict(MAX_INSTR_PER_LOGIT=LSE_CEILING[config_f.kwargs["BLOCK_M"]]) \
+                ceiling = dict(MAX_INSTR_PER_LOGIT=LSE_CEILING[config.kwargs["BLOCK_M"]]) \
                     if lse_only else {}
                 launches.append(Launch(_KERNELS["fwd"], (1, 1), fwd_args, dict(
-                    cx, **flags, NORMS_GIVEN=streaming, REDUCE=0 if lse_only else 2,
-                    SPLIT=not streaming, **config_f.kwargs, **ceiling), config_f.num_warps,
-                    config_f.num_stages))
+                    flags, NORMS_GIVEN=streaming, REDUCE=0 if lse_only else 2, **config.kwargs,
+                    **ceiling), config.num_warps, config.num_stages))
+            for config in configs_for("bwd", dtype, lse_only, single):
                 launches.append(Launch(_KERNELS["bwd"], (1, 1), bwd_args, dict(
-                    cx, **flags, EXACT=False, GRAD_MODE=0 if lse_only else 2,
-                    SPLIT=not streaming, **config_b.kwargs), config_b.num_warps, config_b.num_stages))
+                    flags, EXACT=False, GRAD_MODE=0 if lse_only else 2, **config.kwargs),
+                    config.num_warps, config.num_stages))
     yield from specs(launches)
