@@ -18,18 +18,16 @@ Wrappers, interleaved (one call of each per round), garbage collector paused, me
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
-import json
 import os
 import platform
-import statistics
 import sys
-import time
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.host_timing import interleaved_us, write  # noqa: E402
 
 SCHEMA_FWD = ("(Tensor f, Tensor? g, Tensor y_f, Tensor? y_g, int self_offset, float temperature, "
               "float beta, float scale, bool normalize, bool lse_only, int reduction) -> (Tensor, Tensor)")
@@ -126,24 +124,7 @@ def candidates(n: int, d: int) -> tuple[dict, Tensor]:
 
 def measure(n: int, d: int, rounds: int, warmup: int) -> dict:
     fns, f = candidates(n, d)
-    times = {name: [] for name in fns}
-    gc.disable()
-    try:
-        for i in range(warmup + rounds):
-            for name, fn in fns.items():
-                f.grad = None
-                start = time.perf_counter()
-                fn()
-                elapsed = time.perf_counter() - start
-                if i >= warmup:
-                    times[name].append(elapsed * 1e6)
-    finally:
-        gc.enable()
-    out = {}
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=10)
-        out[name] = {"median_us": statistics.median(ts), "p20_us": q[1], "p80_us": q[7]}
-    return out
+    return interleaved_us(fns, rounds, warmup, reset=lambda: setattr(f, "grad", None))
 
 
 def main(argv=None) -> int:
@@ -161,12 +142,7 @@ def main(argv=None) -> int:
     for name, r in results.items():
         print(f"{name:38s} {r['median_us']:10.1f} {r['p20_us']:8.1f} {r['p80_us']:8.1f}")
     if args.out:
-        meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "machine": platform.platform(), "cpu_count": os.cpu_count(),
-                "torch": torch.__version__, "python": platform.python_version(),
-                "n": args.n, "d": args.d, "rounds": args.rounds, "warmup": args.warmup}
-        with open(args.out, "w") as fh:
-            json.dump({"meta": meta, "results": results}, fh, indent=1)
+        write(args.out, results, n=args.n, d=args.d, rounds=args.rounds, warmup=args.warmup)
     return 0
 
 

@@ -16,14 +16,9 @@ Candidates, interleaved (one call of each per round), garbage collector paused, 
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
-import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors reach the Triton backend (stubbed below)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,6 +29,7 @@ import torch  # noqa: E402
 import anchor_kernels as ak  # noqa: E402
 from anchor_kernels import reference  # noqa: E402
 from anchor_kernels.ops import supcon_triton  # noqa: E402
+from benchmarks.host_timing import interleaved_us, write  # noqa: E402
 
 
 def candidates(n: int, d: int, beta: float):
@@ -54,27 +50,12 @@ def candidates(n: int, d: int, beta: float):
 
 def measure(n: int, d: int, beta: float, rounds: int, warmup: int) -> dict:
     fns, f = candidates(n, d, beta)
-    times = {name: [] for name in fns}
     real_run = supcon_triton._run
     supcon_triton._run = lambda *args: None
-    gc.disable()
     try:
-        for i in range(warmup + rounds):
-            for name, fn in fns.items():
-                f.grad = None
-                start = time.perf_counter()
-                fn()
-                elapsed = time.perf_counter() - start
-                if i >= warmup:
-                    times[name].append(elapsed * 1e6)
+        return interleaved_us(fns, rounds, warmup, reset=lambda: setattr(f, "grad", None))
     finally:
-        gc.enable()
         supcon_triton._run = real_run
-    out = {}
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=10)
-        out[name] = {"median_us": statistics.median(ts), "p20_us": q[1], "p80_us": q[7]}
-    return out
 
 
 def main(argv=None) -> int:
@@ -95,12 +76,7 @@ def main(argv=None) -> int:
         for name, r in results[str(beta)].items():
             print(f"{beta:5.1f} {name:28s} {r['median_us']:10.1f} {r['p20_us']:8.1f} {r['p80_us']:8.1f}")
     if args.out:
-        meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "machine": platform.platform(), "cpu_count": os.cpu_count(),
-                "torch": torch.__version__, "python": platform.python_version(),
-                "n": args.n, "d": args.d, "rounds": args.rounds, "warmup": args.warmup}
-        with open(args.out, "w") as fh:
-            json.dump({"meta": meta, "results": results}, fh, indent=1)
+        write(args.out, results, n=args.n, d=args.d, rounds=args.rounds, warmup=args.warmup)
     return 0
 
 

@@ -366,3 +366,20 @@ def test_sigterm_keeps_what_was_measured(tmp_path):
     assert doc["meta"]["interrupted"] is True
     assert len(doc["results"]) < 4 * 3  # stopped before the end, what was measured is kept
     assert "interrupted" in stdout
+
+
+def test_host_cost_benchmarks_run_and_write_their_json(tmp_path):
+    """The two host-cost scripts (the loss with its launches stubbed; each way of wrapping a
+    kernel pair), a few rounds each."""
+    from benchmarks import bench_dispatch, bench_host_cost
+
+    for module, extra in ((bench_dispatch, []), (bench_host_cost, ["--betas", "0"])):
+        out = tmp_path / f"{module.__name__.rsplit('.', 1)[1]}.json"
+        assert module.main(["--n", "16", "--d", "8", "--rounds", "10", "--warmup", "1",
+                            "--out", str(out), *extra]) == 0
+        doc = json.loads(out.read_text())
+        assert doc["meta"]["rounds"] == 10
+        timings = list(doc["results"].values())
+        if module is bench_host_cost:
+            timings = list(timings[0].values())
+        assert timings and all(0 < t["p20_us"] <= t["median_us"] <= t["p80_us"] for t in timings)
