@@ -72,6 +72,8 @@ stage tune_supcon 100 python3 scripts/supcon_tune.py --profile --n ${TUNE_SIZES:
 # for minutes: tests_triton covers it).
 stage tests_graphs 100 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
     tests/test_supcon_graphs.py tests/test_supcon_launches.py
+stage tests_graphs_ops 90 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -m gpu \
+    tests/test_similarity.py tests/test_hard_positive.py -k graph_safe
 stage tests_supcon_lean 60 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
     tests/test_supcon_triton.py -k "not dtype0"
 # The same loss split by where each issue's goal lies: the batch sizes people train with

@@ -15,6 +15,7 @@ from anchor_kernels.ops.hard_positive_triton import MAX_K, hard_positive_triton
 
 from .cuda_emulation import hard_positive_emulated as emu
 from .cuda_emulation.similarity_emulated import build_emulator
+from .utils import assert_graph_safe
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the CUDA C++ kernel: tier 2
 CPU_BACKENDS = ["triton", "cpu", "eager", CUDA]
@@ -482,3 +483,12 @@ def test_gpu_large(backend, n, k, dtype):
         torch.testing.assert_close(cos[r0:r1].double(), ref_cos, rtol=0, atol=2e-6)
         mismatched += int((idx[r0:r1] != ref_idx).sum())
     assert mismatched <= 1e-3 * idx.numel(), mismatched
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_graph_safe(backend):
+    """The selection with no host synchronisation, and the same from a CUDA graph."""
+    z = torch.randn(3000, 128, device="cuda", dtype=torch.bfloat16)
+    y = torch.randint(0, 10, (3000,), device="cuda")
+    assert_graph_safe(lambda: hard_positive_mining(z, y, 4, backend=backend), (z, y))

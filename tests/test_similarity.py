@@ -20,6 +20,7 @@ from anchor_kernels.ops.similarity_triton import similarity_bwd_triton, similari
 from anchor_kernels.similarity import DISPATCH
 
 from .cuda_emulation import similarity_emulated as emu
+from .utils import assert_graph_safe
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the CUDA C++ kernels: tier 2
 CPU_BACKENDS = ["triton", "cpu", "eager", CUDA]
@@ -364,3 +365,17 @@ def test_gpu_large(backend, n, dtype):
     _, _, ref_db = run_oracle(a.double(), b[rows].double(), g[:, rows].double(), 0.1, True)
     scale = ref_db.abs().max().item()
     torch.testing.assert_close(db[rows].double() / scale, ref_db / scale, rtol=0, atol=atol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_graph_safe(backend):
+    """Forward + backward with no host synchronisation, and the same from a CUDA graph."""
+    a = torch.randn(1000, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(777, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        s = pairwise_similarity(a, b, temperature=0.1, backend=backend)
+        return (s,) + torch.autograd.grad(s.float().square().sum(), (a, b))
+
+    assert_graph_safe(step, (a, b))

@@ -18,6 +18,7 @@ CASES = {
     "sum": dict(reduction="sum"),
     "per-anchor": dict(reduction="none"),
     "two-sets": dict(contrast=True),
+    "top-k": dict(hard_positive_topk=4),
 }
 
 

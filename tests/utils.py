@@ -55,3 +55,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def assert_graph_safe(step, inputs):
+    """Tier 2: ``step()`` (reading ``inputs``, tensors it closes over) runs without a host
+    synchronisation under ``torch.cuda.set_sync_debug_mode("error")``, and a capture of it in
+    a CUDA graph, replayed on new values copied into ``inputs``, gives the eager result."""
+    step()  # compile and tune outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up on a side stream, as torch asks
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    with torch.no_grad():
+        for t in inputs:
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, device="cuda", generator=gen))
+            else:
+                t.copy_(torch.randint(0, 10, t.shape, device="cuda", generator=gen))
+    graph.replay()
+    eager = step()
+    for i, (c, e) in enumerate(zip(captured, eager)):
+        assert torch.equal(c, e), f"output {i}: the replayed graph differs from eager"
