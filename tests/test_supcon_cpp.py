@@ -482,3 +482,35 @@ print(backends.select_backend("auto", backends.SupConProblem(x, y, None, None, 0
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("cpu")
+
+
+def test_plain_eager_calls_skip_the_registered_autograd(monkeypatch):
+    """In plain eager mode the loss goes through ``SupConCpp`` (the kernels below the autograd
+    keys, about half the host cost); under a dispatch mode, as under tracing, through the op
+    and its registered autograd. Both give the same loss and gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from anchor_kernels.ops import supcon_cpp
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    applied = []
+    real = supcon_cpp.SupConCpp.apply
+    monkeypatch.setattr(supcon_cpp.SupConCpp, "apply", lambda *a: (applied.append(1), real(*a))[1])
+    f = torch.randn(24, 8, dtype=torch.float64, requires_grad=True)
+    y = labels_for("random", 24)
+    loss = ak.supcon_loss(f, y, hard_positive_beta=1.0, backend="cpu")
+    (grad,) = torch.autograd.grad(loss, f)
+    assert applied == [1]
+    with Ops() as mode:
+        loss_op = ak.supcon_loss(f, y, hard_positive_beta=1.0, backend="cpu")
+        (grad_op,) = torch.autograd.grad(loss_op, f)
+    assert applied == [1] and "anchor_kernels.supcon_fwd" in mode.ops
+    assert torch.equal(loss, loss_op) and torch.equal(grad, grad_op)

@@ -17,7 +17,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .._autograd import refuse_double_backward
+from .._autograd import plain_eager, refuse_double_backward
 from ..backends import SupConProblem
 from . import supcon_classsum, supcon_topk
 from . import supcon_kernels_triton as kernels
@@ -299,16 +299,6 @@ def _(grad, f, g, y_f, y_g, ws, self_offset, temperature, beta, scale, normalize
             f.new_empty(0) if g is None else torch.empty_like(g, memory_format=torch.contiguous_format))
 
 
-def _direct(t: Tensor) -> bool:
-    """Whether a launch may skip the dispatcher and call the implementation itself: in plain
-    eager mode (no tracing, no dispatch mode, no tensor subclass), where the registered op
-    would only dispatch to that same function, at about 25 us a call on a 2-core CPU host.
-    Under torch.compile, fake tensors, functorch or a TorchDispatchMode the op is called."""
-    return (type(t) is Tensor and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
-
-
 class SupConTriton(torch.autograd.Function):
     """The loss (and the workspace, not differentiable) with the fused backward. No zero
     gradients are materialised for the workspace output."""
@@ -317,7 +307,7 @@ class SupConTriton(torch.autograd.Function):
     def forward(ctx, f, g, y_f, y_g, self_offset, temperature, beta, scale, normalize, lse_only,
                 exact, reduction):
         args = (f, g, y_f, y_g, self_offset, temperature, beta, scale, normalize, lse_only, reduction)
-        if _direct(f):
+        if plain_eager(f):
             loss, ws = supcon_fwd(*args, reuse_locks=True)
         else:
             loss, ws = torch.ops.anchor_kernels.supcon_fwd_triton(*args)
@@ -333,7 +323,7 @@ class SupConTriton(torch.autograd.Function):
             return (None,) * 12
         f, g, y_f, y_g, ws = ctx.saved_tensors
         with torch.no_grad():
-            if _direct(grad):
+            if plain_eager(grad):
                 df, dg = supcon_bwd(grad, f, g, y_f, y_g, ws, *ctx.args, reuse_locks=True)
             else:
                 df, dg = torch.ops.anchor_kernels.supcon_bwd_triton(grad, f, g, y_f, y_g, ws, *ctx.args)
