@@ -36,6 +36,10 @@ fi
   date -u +%Y-%m-%dT%H:%M:%SZ; } | tee "$RES/env.txt"
 
 stage ext_build 150 python3 -c "from anchor_kernels import _ext; print('cpu:', _ext.load()); print('cuda:', _ext.cuda_error())"
+# Compiles every Triton kernel variant of the sm_90 report on all cores at once, into the
+# Triton cache that the runtime reads: where the report's specialisation is the runtime's,
+# the stages after it find their kernels compiled (the stage times say whether it paid).
+stage prewarm 90 env -u TRITON_INTERPRET python3 -m anchor_kernels.ops.sm90_check --jobs 16
 stage tests_triton 150 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
     tests/test_supcon_triton.py tests/test_supcon_api.py
 stage tests_triton_chunked 60 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x \
@@ -63,10 +67,6 @@ stage bench_hard_positive 90 python3 -m pytest -q benchmarks/bench_hard_positive
 stage bench_similarity 60 python3 -m pytest -q benchmarks/bench_similarity.py \
     -k "bfloat16 and (triton or eager or compiled)" --benchmark-columns=median,iqr,rounds \
     --benchmark-json "$RES/similarity_gpu.json"
-# Compiles every Triton kernel variant of the sm_90 report on all cores at once, into the
-# Triton cache that the runtime reads: where the report's specialisation is the runtime's,
-# the stages after it find their kernels compiled (the stage times say whether it paid).
-stage prewarm 90 env -u TRITON_INTERPRET python3 -m anchor_kernels.ops.sm90_check --jobs 16
 # The size rules of the Triton loss measured (and its CUDA-graph replay, and the host floor).
 stage tune_supcon 100 python3 scripts/supcon_tune.py --profile --n ${TUNE_SIZES:-1024 4096 8192 131072} \
     --out "$RES/supcon_tune.json"
