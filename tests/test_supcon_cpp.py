@@ -14,7 +14,7 @@ from anchor_kernels import _ext
 from anchor_kernels.backends import SupConProblem, get_backend, select_backend
 from anchor_kernels.reference import self_and_positive_masks
 
-from .utils import assert_close, labels_for, loss_and_grads
+from .utils import DispatchedOps, assert_close, labels_for, loss_and_grads
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -488,18 +488,7 @@ def test_plain_eager_calls_skip_the_registered_autograd(monkeypatch):
     """In plain eager mode the loss goes through ``SupConCpp`` (the kernels below the autograd
     keys, about half the host cost); under a dispatch mode, as under tracing, through the op
     and its registered autograd. Both give the same loss and gradient."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from anchor_kernels.ops import supcon_cpp
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
 
     applied = []
     real = supcon_cpp.SupConCpp.apply
@@ -509,7 +498,7 @@ def test_plain_eager_calls_skip_the_registered_autograd(monkeypatch):
     loss = ak.supcon_loss(f, y, hard_positive_beta=1.0, backend="cpu")
     (grad,) = torch.autograd.grad(loss, f)
     assert applied == [1]
-    with Ops() as mode:
+    with DispatchedOps() as mode:
         loss_op = ak.supcon_loss(f, y, hard_positive_beta=1.0, backend="cpu")
         (grad_op,) = torch.autograd.grad(loss_op, f)
     assert applied == [1] and "anchor_kernels.supcon_fwd" in mode.ops

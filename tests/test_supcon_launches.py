@@ -3,28 +3,15 @@ torch ops dispatched for a forward + backward (CPU tensors, Triton under its int
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import anchor_kernels as ak
 from anchor_kernels.ops import supcon_triton
 
-from .utils import labels_for
+from .utils import DispatchedOps, labels_for
 
 if not supcon_triton.interpreting() and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class DispatchedOps(TorchDispatchMode):
-    """Every op dispatched at the top level (the ops' own implementations run beneath it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 def count(monkeypatch, fn):

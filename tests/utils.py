@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import anchor_kernels as ak
 
@@ -87,3 +88,15 @@ def assert_graph_safe(step, inputs):
     eager = step()
     for i, (c, e) in enumerate(zip(captured, eager)):
         assert torch.equal(c, e), f"output {i}: the replayed graph differs from eager"
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Every op dispatched at the top level (the ops' own implementations run beneath it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
