@@ -311,3 +311,22 @@ def test_autotuner_picks_only_from_the_variants_configurations(kernel, dtype, ls
     assert all(c in tuner.configs for c in mine)
     if dtype == torch.bfloat16 and kernel == "bwd" and not (lse_only and single):
         assert {c.kwargs["BLOCK_N"] for c in mine} == {32}
+
+
+GPU_TILES = sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+                    for name, configs in supcon_triton.CONFIGS.items() if "half" in name
+                    for c in configs})
+
+
+@pytest.mark.parametrize("tile", GPU_TILES, ids=[f"{m}x{n}" for m, n in GPU_TILES])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gpu_tile_shapes_under_the_interpreter(monkeypatch, tile, splits):
+    """Every tile shape the GPU configurations use, run by the interpreter (which otherwise
+    runs 32 x 32): the diagonal band, the bounds tile and the chunk merges at those sizes."""
+    monkeypatch.setattr(supcon_triton, "INTERPRET_META", {"BLOCK_M": tile[0], "BLOCK_N": tile[1]})
+    monkeypatch.setattr(supcon_triton, "num_splits", lambda rows, cols, device: splits)
+    g = torch.randn(300, 20, device=DEVICE)
+    y_g = labels_for("some_alone", 300).to(DEVICE)
+    compare(g, y_g)
+    compare(g, y_g, hard_positive_beta=2.0, detach_weights=False)
+    compare(g[100:250], y_g[100:250], g, y_g, anchor_offset=100, hard_positive_beta=1.0)
