@@ -19,6 +19,37 @@ def plain_eager(t: Tensor) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
+def eager_function(name: str, op, setup_context, backward, n_inputs: int):
+    """The plain eager path of an op whose autograd is registered with
+    ``torch.library.register_autograd(op, backward, setup_context=...)``: an
+    ``autograd.Function`` with the same forward, saved state and backward that calls the op
+    below the autograd keys, at about half the host cost (benchmarks/bench_dispatch.py). The
+    registered autograd still serves torch.compile, opcheck and functorch; ``call`` picks."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                output = op(*inputs)
+            setup_context(ctx, inputs, output)
+            ctx.set_materialize_grads(False)
+            return output
+
+        @staticmethod
+        def backward(ctx, grad, *grads):
+            if grad is None:  # the first output unused: no zero gradient is materialised
+                return (None,) * n_inputs
+            return backward(ctx, grad, *grads)
+
+    Function.__name__ = Function.__qualname__ = name
+    return Function
+
+
+def call(function, op, *inputs):
+    """``function.apply(*inputs)`` in plain eager mode, else the registered ``op``."""
+    return function.apply(*inputs) if plain_eager(inputs[0]) else op(*inputs)
+
+
 def double_backward_error(backend: str) -> RuntimeError:
     return RuntimeError(f"anchor_kernels: double backward (create_graph=True) is not supported "
                         f"by backend={backend!r}; use backend='eager'")

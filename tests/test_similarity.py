@@ -20,7 +20,7 @@ from anchor_kernels.ops.similarity_triton import similarity_bwd_triton, similari
 from anchor_kernels.similarity import DISPATCH
 
 from .cuda_emulation import similarity_emulated as emu
-from .utils import assert_graph_safe
+from .utils import DispatchedOps, assert_graph_safe
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the CUDA C++ kernels: tier 2
 CPU_BACKENDS = ["triton", "cpu", "eager", CUDA]
@@ -379,3 +379,25 @@ def test_gpu_graph_safe(backend):
         return (s,) + torch.autograd.grad(s.float().square().sum(), (a, b))
 
     assert_graph_safe(step, (a, b))
+
+
+def test_plain_eager_calls_skip_the_registered_autograd(monkeypatch):
+    """The cpu backend in plain eager mode goes through ``SimilarityCpp`` (kernels below the
+    autograd keys); under a dispatch mode, as under tracing, through the op and its
+    registered autograd; both give the same S and gradients."""
+    from anchor_kernels.ops import similarity_cpp
+
+    applied = []
+    real = similarity_cpp.SimilarityCpp.apply
+    monkeypatch.setattr(similarity_cpp.SimilarityCpp, "apply",
+                        lambda *a: (applied.append(1), real(*a))[1])
+    a = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    s = pairwise_similarity(a, b, temperature=0.5, backend="cpu")
+    grads = torch.autograd.grad(s.square().sum(), (a, b))
+    assert applied == [1]
+    with DispatchedOps() as mode:
+        s_op = pairwise_similarity(a, b, temperature=0.5, backend="cpu")
+        grads_op = torch.autograd.grad(s_op.square().sum(), (a, b))
+    assert applied == [1] and "anchor_kernels.similarity_fwd" in mode.ops
+    assert torch.equal(s, s_op) and all(torch.equal(x, y) for x, y in zip(grads, grads_op))

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .._autograd import refuse_double_backward
+from .._autograd import call, eager_function, refuse_double_backward
 
 LOAD_ERROR = _ext.load()
 
@@ -55,6 +55,8 @@ if LOAD_ERROR is None:
     torch.library.register_fake("anchor_kernels::similarity_bwd")(_bwd_fake)
     torch.library.register_autograd("anchor_kernels::similarity_fwd", _backward,
                                     setup_context=_setup_context)
+    SimilarityCpp = eager_function("SimilarityCpp", torch.ops.anchor_kernels.similarity_fwd,
+                                   _setup_context, _backward, 4)
 
 
 class CppSimilarity:
@@ -77,7 +79,8 @@ class CppSimilarity:
         return reasons
 
     def __call__(self, a: Tensor, b: Tensor, normalize: bool, temperature: float) -> Tensor:
-        return torch.ops.anchor_kernels.similarity_fwd(a, b, normalize, temperature)[0]
+        return call(SimilarityCpp, torch.ops.anchor_kernels.similarity_fwd, a, b, normalize,
+                    temperature)[0]
 
 
 CPU_BACKEND = CppSimilarity("cpu", "cpu",

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext, reference
-from .._autograd import plain_eager, refuse_double_backward
+from .._autograd import call, eager_function, refuse_double_backward
 from ..backends import SupConProblem
 from . import supcon_topk
 
@@ -56,15 +56,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, grad_valid, grad_stats):
-    if grad_loss is None:  # the plain eager path does not materialise zero gradients
-        return (None,) * 10
     features, labels, contrast, contrast_labels, stats = ctx.saved_tensors
-    args = (grad_loss, features, labels, contrast, contrast_labels, stats, *ctx.scalars)
-    if plain_eager(grad_loss):
-        with torch._C._AutoDispatchBelowADInplaceOrView():
-            df, dg = torch.ops.anchor_kernels.supcon_bwd(*args)
-    else:
-        df, dg = torch.ops.anchor_kernels.supcon_bwd(*args)
+    df, dg = torch.ops.anchor_kernels.supcon_bwd(grad_loss, features, labels, contrast,
+                                                 contrast_labels, stats, *ctx.scalars)
     df, dg = refuse_double_backward(features.device.type, (df, dg),
                                     (grad_loss, features, contrast))
     # Gradients of (features, labels, contrast, contrast_labels, temperature, beta,
@@ -72,28 +66,13 @@ def _backward(ctx, grad_loss, grad_valid, grad_stats):
     return df, None, (None if contrast is None else dg), None, None, None, None, None, None, None
 
 
-class SupConCpp(torch.autograd.Function):
-    """The plain eager path of the ops: the same forward, backward and saved state as the
-    autograd registered on ``anchor_kernels::supcon_fwd`` (which torch.compile and opcheck
-    use), with the kernels called below the autograd keys, which costs the host about half
-    as much as ``register_autograd`` (benchmarks/bench_dispatch.py)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        with torch._C._AutoDispatchBelowADInplaceOrView():
-            output = torch.ops.anchor_kernels.supcon_fwd(*inputs)
-        _setup_context(ctx, inputs, output)
-        ctx.set_materialize_grads(False)
-        return output
-
-    backward = staticmethod(_backward)
-
-
 if LOAD_ERROR is None:
     torch.library.register_fake("anchor_kernels::supcon_fwd")(_fwd_fake)
     torch.library.register_fake("anchor_kernels::supcon_bwd")(_bwd_fake)
     torch.library.register_autograd("anchor_kernels::supcon_fwd", _backward,
                                     setup_context=_setup_context)
+    SupConCpp = eager_function("SupConCpp", torch.ops.anchor_kernels.supcon_fwd, _setup_context,
+                               _backward, 10)
 
 
 def max_beta(dtype: torch.dtype) -> float:
@@ -147,8 +126,7 @@ class CppSupCon:
             g = None if g is None else reference.prescale_rows(g)
         inputs = (f, p.y_f, g, p.y_g, p.temperature, p.beta, p.detach_weights, p.normalize,
                   p.anchor_offset, p.lse_only)
-        fwd = SupConCpp.apply if plain_eager(f) else torch.ops.anchor_kernels.supcon_fwd
-        loss, valid, _ = fwd(*inputs)
+        loss, valid, _ = call(SupConCpp, torch.ops.anchor_kernels.supcon_fwd, *inputs)
         return loss, valid
 
 
