@@ -61,7 +61,8 @@ def one_thread():
 def assert_graph_safe(step, inputs):
     """Tier 2: ``step()`` (reading ``inputs``, tensors it closes over) runs without a host
     synchronisation under ``torch.cuda.set_sync_debug_mode("error")``, and a capture of it in
-    a CUDA graph, replayed on new values copied into ``inputs``, gives the eager result."""
+    a CUDA graph, replayed on new values copied into ``inputs``, gives the eager result
+    (replayed twice: state a launch leaves behind, such as merge counters, must be reset)."""
     step()  # compile and tune outside the checked region
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -72,7 +73,8 @@ def assert_graph_safe(step, inputs):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up on a side stream, as torch asks
-        step()
+        for _ in range(2):
+            step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -84,6 +86,7 @@ def assert_graph_safe(step, inputs):
                 t.copy_(torch.randn(t.shape, device="cuda", generator=gen))
             else:
                 t.copy_(torch.randint(0, 10, t.shape, device="cuda", generator=gen))
+    graph.replay()
     graph.replay()
     eager = step()
     for i, (c, e) in enumerate(zip(captured, eager)):
