@@ -124,7 +124,7 @@ def candidates(n: int, d: int) -> tuple[dict, Tensor]:
 
 def measure(n: int, d: int, rounds: int, warmup: int) -> dict:
     fns, f = candidates(n, d)
-    return interleaved_us(fns, rounds, warmup, reset=lambda: setattr(f, "grad", None))
+    return interleaved_us(fns, rounds, warmup, grad_to_none=(f,))
 
 
 def main(argv=None) -> int:

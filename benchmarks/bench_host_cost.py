@@ -53,7 +53,7 @@ def measure(n: int, d: int, beta: float, rounds: int, warmup: int) -> dict:
     real_run = supcon_triton._run
     supcon_triton._run = lambda *args: None
     try:
-        return interleaved_us(fns, rounds, warmup, reset=lambda: setattr(f, "grad", None))
+        return interleaved_us(fns, rounds, warmup, grad_to_none=(f,))
     finally:
         supcon_triton._run = real_run
 

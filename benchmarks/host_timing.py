@@ -1,41 +1,36 @@
-"""Host-side timing on the CPU shared by the host-cost benchmarks: candidates interleaved
-(one call of each per round), garbage collector paused, median and 20/80 % quantiles in us,
-and the JSON they write."""
+"""Host-side timing on the CPU shared by the host-cost benchmarks: the runner's interleaved
+timer with one call of each candidate per round, in us, and the JSON they write."""
 
 from __future__ import annotations
 
 import datetime
-import gc
 import json
 import os
 import platform
-import statistics
-import time
-from typing import Callable
+from typing import Sequence
 
 import torch
 
+from . import timing
 
-def interleaved_us(fns: dict, rounds: int, warmup: int, reset: Callable[[], None] = lambda: None) -> dict:
-    """``{name: {"median_us", "p20_us", "p80_us"}}``; ``reset`` runs before each call, untimed."""
-    times = {name: [] for name in fns}
-    gc.disable()
-    try:
-        for i in range(warmup + rounds):
-            for name, fn in fns.items():
-                reset()
-                start = time.perf_counter()
-                fn()
-                elapsed = time.perf_counter() - start
-                if i >= warmup:
-                    times[name].append(elapsed * 1e6)
-    finally:
-        gc.enable()
-    out = {}
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=10)
-        out[name] = {"median_us": statistics.median(ts), "p20_us": q[1], "p80_us": q[7]}
-    return out
+
+def interleaved_us(fns: dict, rounds: int, warmup: int, grad_to_none: Sequence[torch.Tensor] = ()) -> dict:
+    """``{name: {"median_us", "p20_us", "p80_us"}}`` of ``rounds`` rounds, each timing one call
+    of every function in turn (``timing.bench_interleaved``), after ``warmup`` such rounds;
+    the gradients of ``grad_to_none`` are reset before each call, untimed."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            timing._reset_grads(grad_to_none)
+            fn()
+    out = timing.bench_interleaved(
+        {name: timing.Contender(fn, grad_to_none=grad_to_none) for name, fn in fns.items()},
+        torch.device("cpu"), warmup_ms=0.0, rep_ms=0.0, min_reps=rounds, rounds=rounds,
+        max_reps=rounds)
+    for t in out.values():
+        if isinstance(t, BaseException):
+            raise t
+    return {name: {"median_us": t.ms * 1e3, "p20_us": t.p20 * 1e3, "p80_us": t.p80 * 1e3}
+            for name, t in out.items()}
 
 
 def write(path: str, results: dict, **settings) -> None:
