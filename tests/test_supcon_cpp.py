@@ -346,7 +346,9 @@ def test_op_argument_errors_name_the_tensor():
 # ---------------------------------------------------------------------------------------
 # Tier 2: the "cuda" backend on a GPU.
 
-GPU_SHAPES = [(n, d) for n in (1, 2, 3, 97, 1025) for d in (3, 59, 128, 130)]
+# D = 8, 120, 128 run on the tensor-core (CuTe) kernels in bf16 / fp16, D = 3, 59, 130 on the
+# general ones.
+GPU_SHAPES = [(n, d) for n in (1, 2, 3, 97, 1025) for d in (3, 8, 59, 120, 128, 130)]
 GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -370,8 +372,8 @@ def test_gpu_options(dtype, options):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,offset", [(3, 97, 0), (97, 1300, 1203), (600, 40, None), (1025, 3000, 1000)])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-def test_gpu_two_sets(m, n, offset, dtype):
-    d = 130
+@pytest.mark.parametrize("d", [64, 130])
+def test_gpu_two_sets(m, n, offset, dtype, d):
     g = torch.randn(n, d, device="cuda")
     y_g = labels_for("random", n).cuda()
     if offset is None:
@@ -421,6 +423,36 @@ def test_gpu_matches_cpu_backend_and_lse_only():
     assert valid.all()
     assert_close(lse, ref, atol=1e-5, rtol=1e-5, what="lse")
     assert_close(x.grad, xc.grad, atol=1e-5, rtol=1e-5, what="lse grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("single", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_lse_only_half(single, dtype):
+    """The denominator-only mode in half precision (the tensor-core kernels at D = 128): LSE and
+    its gradient against the cpu backend in float64."""
+    f64 = torch.randn(700, 128, dtype=torch.float64)
+    g64 = None if single else torch.randn(900, 128, dtype=torch.float64)
+    y = labels_for("random", 700)
+    y_g = None if single else labels_for("random", 900)
+    offset = 0 if single else None
+
+    def run(backend, f, g, yf, yg):
+        f = f.requires_grad_()
+        g = None if g is None else g.requires_grad_()
+        problem = SupConProblem(f, yf, g, yg, 0.1, 0.0, None, True, True, offset, lse_only=True)
+        lse, _ = get_backend(backend).per_anchor(problem)
+        lse.double().sum().backward()
+        return lse.double().cpu(), f.grad.double().cpu(), None if g is None else g.grad.double().cpu()
+
+    # The reference sees the same rounded inputs: what is left is the kernels' own error.
+    f64, g64 = f64.to(dtype).double(), None if single else g64.to(dtype).double()
+    ref = run("cpu", f64.clone(), None if single else g64.clone(), y, y_g)
+    out = run("cuda", f64.to("cuda", dtype), None if single else g64.to("cuda", dtype), y.cuda(),
+              None if single else y_g.cuda())
+    for a, e, name in zip(out, ref, ("lse", "grad features", "grad contrast")):
+        if e is not None:
+            assert_close(a, e, atol=3e-2, rtol=2e-2, what=f"lse-only {dtype} {name}")
 
 
 @pytest.mark.gpu

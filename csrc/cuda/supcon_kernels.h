@@ -60,10 +60,16 @@ struct BwdArgs {
   float* dx;           // (R, D) contiguous
 };
 
-// bf16 / fp16 products run on the tensor cores (WMMA, fp32 accumulation) where the binary is
-// built for sm_80 or newer, and as fp32 FMA elsewhere; fp32 inputs always take the FMA path.
-// Returns the launch error, if any.
+// bf16 / fp16 inputs that the CuTe kernels take (mma_supported) run there; other bf16 / fp16
+// inputs on the WMMA kernels of supcon_kernels.cuh where the binary is built for sm_80 or newer;
+// fp32 inputs, and everything on older targets, as fp32 FMA. Returns the launch error, if any.
 cudaError_t launch_supcon_fwd(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
 cudaError_t launch_supcon_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
+
+// The CuTe tensor-core kernels (supcon_mma.cu): bf16 / fp16, D <= 128 with D % 8 == 0, rows
+// contiguous with a row stride % 8 == 0 and 16-byte aligned, and sm_80+ code for the device.
+bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
+cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
+cudaError_t launch_supcon_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
 
 }  // namespace anchor_kernels::supcon_cuda

@@ -1,0 +1,59 @@
+// Launchers of the tensor-core SupCon forward (supcon_mma.cuh) and the rule of which inputs
+// the tensor-core kernels take. CUDA and CuTe headers only; the backward is in supcon_mma_bwd.cu
+// (two files, so that the build compiles them in parallel).
+#include <cuda_runtime.h>
+
+#include "supcon_mma.cuh"
+
+namespace anchor_kernels::supcon_cuda {
+namespace {
+
+using mma::launch;
+using mma::kFwdRows;
+
+template <typename T>
+cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
+  constexpr int smem = mma::shared_bytes<kFwdRows, mma::kFwdCols>();
+  switch (a.mode) {
+    case kFwdLse:
+      return launch(mma::supcon_fwd_mma_kernel<T, kFwdLse>, a.x.rows, kFwdRows, smem, stream, a);
+    case kFwdUniform:
+      return launch(mma::supcon_fwd_mma_kernel<T, kFwdUniform>, a.x.rows, kFwdRows, smem, stream, a);
+    default:
+      return launch(mma::supcon_fwd_mma_kernel<T, kFwdSoft>, a.x.rows, kFwdRows, smem, stream, a);
+  }
+}
+
+bool rows_fit(const Matrix& m) {
+  // cp.async moves 16-byte chunks of 8 elements: contiguous rows, 16-byte aligned starts.
+  return m.s1 == 1 && m.s0 % 8 == 0 && reinterpret_cast<uintptr_t>(m.data) % 16 == 0;
+}
+
+// Whether the binary holds sm_80+ code for the current device (the kernels compile to an empty
+// body for older targets). Asked once per device.
+bool device_has_mma_code() {
+  static int cached[64] = {};  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) {
+    cudaFuncAttributes attr{};
+    const bool ok =
+        cudaFuncGetAttributes(&attr, mma::supcon_fwd_mma_kernel<cute::bfloat16_t, kFwdLse>) == cudaSuccess &&
+        attr.binaryVersion >= 80;
+    cached[dev] = ok ? 1 : 2;
+  }
+  return cached[dev] == 1;
+}
+
+}  // namespace
+
+bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
+  return dtype != Dtype::kFloat32 && D > 0 && D <= mma::kD && D % 8 == 0 && rows_fit(x) &&
+         rows_fit(y) && device_has_mma_code();
+}
+
+cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {
+  return dtype == Dtype::kFloat16 ? fwd<cute::half_t>(args, stream) : fwd<cute::bfloat16_t>(args, stream);
+}
+
+}  // namespace anchor_kernels::supcon_cuda
