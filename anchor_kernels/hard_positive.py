@@ -120,11 +120,10 @@ class SelectedCosine(torch.autograd.Function):
 def _scatter_to_columns(j: Tensor, w: Tensor, zn: Tensor, n: int) -> Tensor:
     """(n, D): row j sums w[i, r] zn[i] over the (i, r) with j[i, r] = j, by bags of sorted j."""
     m, k = j.shape
-    flat_j = j.reshape(-1)
-    order = torch.argsort(flat_j)
+    sorted_j, order = torch.sort(j.reshape(-1), stable=True)
     rows = torch.arange(m, device=j.device).repeat_interleave(k)[order]
-    counts = torch.bincount(flat_j, minlength=n)
-    offsets = torch.cumsum(counts, 0) - counts
+    # Where each column's bag starts; searchsorted rather than bincount, which syncs on CUDA.
+    offsets = torch.searchsorted(sorted_j, torch.arange(n, device=j.device))
     return F.embedding_bag(rows, zn, offsets, mode="sum", per_sample_weights=w.reshape(-1)[order])
 
 
