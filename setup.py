@@ -5,8 +5,11 @@ To compile the extension ahead of time instead, with torch already installed:
 
     ANCHOR_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .
 
-The CUDA half is built when torch is a CUDA build and a CUDA toolkit is found (torch.version.cuda
-and CUDA_HOME; no GPU is needed); otherwise the CPU half alone, with one line saying why.
+The CUDA half is built when torch is a CUDA build, a CUDA toolkit is found (torch.version.cuda
+and CUDA_HOME; no GPU is needed) and nvidia-cutlass is installed (its CuTe headers); otherwise
+the CPU half alone, with one line saying why. TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0") picks the
+GPU architectures it is compiled for; without it torch's builder takes the visible GPUs', so
+set it on a machine without one.
 ANCHOR_KERNELS_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 picks the CPU vector ISA (default: this
 machine's), e.g. DEFAULT for a build that runs on any x86-64.
 """
@@ -33,7 +36,7 @@ def extension_build():
         print(f"anchor_kernels: building the C++ extension for CPU only; CUDA half skipped: {skip}")
     sources = [os.path.relpath(p, HERE) for p in _ext.sources(with_cuda=skip is None)]
     kind = CppExtension if skip else CUDAExtension
-    ext = kind("anchor_kernels._C", sources, include_dirs=[_ext.CSRC_DIR],
+    ext = kind("anchor_kernels._C", sources, include_dirs=_ext.include_dirs(with_cuda=skip is None),
                extra_compile_args={"cxx": _ext.cxx_flags(), "nvcc": _ext.cuda_flags()},
                extra_link_args=_ext.openmp_flags())
     # The library registers torch ops and is loaded with torch.ops.load_library, not imported.
@@ -49,7 +52,9 @@ setup(
     packages=find_packages(include=["anchor_kernels", "anchor_kernels.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.0"], "train": ["tqdm", "matplotlib"]},
+    # "cuda": the CUTLASS/CuTe headers the CUDA half of the extension is compiled with.
+    extras_require={"triton": ["triton>=3.0"], "cuda": ["nvidia-cutlass==4.2.0.0"],
+                    "train": ["tqdm", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["anchor-train=anchor_kernels.train.trainer:main"]},

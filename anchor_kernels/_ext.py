@@ -2,15 +2,18 @@
 C++ ops with ``torch.library``.
 
 Layout: ``csrc/<stem>.cpp`` holds an op's schemas (``TORCH_LIBRARY_FRAGMENT``) and CPU kernels,
-``csrc/cuda/<stem>_kernels.cu`` its CUDA kernels (CUDA headers only) and ``csrc/cuda/<stem>_cuda.cpp``
-the torch glue for them. Every ``csrc/*.cpp`` is compiled into one library; the CUDA files join
-it when torch is a CUDA build and a CUDA toolkit is found (``torch.version.cuda`` and
-``CUDA_HOME``; a visible GPU is not needed). Adding an op is adding its files.
+``csrc/cuda/<stem>_kernels.cu`` its CUDA kernels (CUDA and CUTLASS/CuTe headers, no torch's) and
+``csrc/cuda/<stem>_cuda.cpp`` the torch glue for them. Every ``csrc/*.cpp`` is compiled into one
+library; the CUDA files join it when torch is a CUDA build, a CUDA toolkit is found
+(``torch.version.cuda`` and ``CUDA_HOME``; a visible GPU is not needed) and the
+``nvidia-cutlass`` package is installed (its headers, ``cutlass_include()``, go on the CUDA
+build's include path). Adding an op is adding its files.
 
 The library is used from, in order: a prebuilt ``anchor_kernels/_C*.so`` (``setup.py`` with
 ``ANCHOR_KERNELS_BUILD_EXT=1``) unless the sources in ``csrc/`` are newer; else a just-in-time
 build with ninja into ``<repo>/build/ext/<key>`` (or torch's extension cache when the package
-directory is read-only), keyed on the sources, flags and versions, so it is built once.
+directory is read-only), keyed on the sources, flags and versions (nvidia-cutlass's included),
+so it is built once.
 
 ``load()`` never raises: it returns None once the ops are registered, or the reason they are
 not, which the "cpu" and "cuda" backends report.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import os
 import sys
 import sysconfig
@@ -30,6 +34,8 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(PACKAGE_DIR)
 CSRC_DIR = os.path.join(REPO_DIR, "csrc")
 NAME = "anchor_kernels_ext"
+# The CUDA kernels are written with CuTe (CUTLASS's headers), taken from this PyPI package.
+CUTLASS_REQUIREMENT = "nvidia-cutlass==4.2.0.0"
 
 # torch's own name for the host's vector ISA -> the flags that make at::vec use it. The build
 # is keyed on it, so a build is never reused on a machine without that ISA.
@@ -69,14 +75,47 @@ def cuda_home() -> str | None:
     return CUDA_HOME
 
 
+def cutlass_include() -> str | None:
+    """The include directory of the ``nvidia-cutlass`` package (``cute/``, ``cutlass/``), or None
+    when the package is missing or lacks the CuTe headers. Found without importing the package."""
+    try:
+        spec = importlib.util.find_spec("cutlass_library")
+    except (ImportError, ValueError):
+        return None
+    roots = (spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        include = os.path.join(root, "source", "include")
+        if os.path.isfile(os.path.join(include, "cute", "tensor.hpp")):
+            return include
+    return None
+
+
+def _cutlass_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("nvidia-cutlass")
+    except Exception:
+        return None
+
+
 def cuda_skip_reason() -> str | None:
-    """Why the CUDA half is not built here (None when it is): judged from torch's build and
-    the toolkit, not from a visible GPU."""
+    """Why the CUDA half is not built here (None when it is): judged from torch's build, the
+    toolkit and the CUTLASS headers, not from a visible GPU."""
     if not torch.version.cuda:
         return f"torch {torch.__version__} is not a CUDA build"
     if not cuda_home():
         return "no CUDA toolkit found (set CUDA_HOME to the toolkit that matches torch)"
+    if cutlass_include() is None:
+        return (f"nvidia-cutlass is not installed (pip install {CUTLASS_REQUIREMENT}): the CUDA "
+                "kernels use its CuTe headers")
     return None
+
+
+def include_dirs(with_cuda: bool) -> list[str]:
+    """csrc/, and for the CUDA half the CUTLASS headers (when found)."""
+    cutlass = cutlass_include() if with_cuda else None
+    return [CSRC_DIR] + ([cutlass] if cutlass else [])
 
 
 def sources(with_cuda: bool) -> list[str]:
@@ -88,15 +127,19 @@ def sources(with_cuda: bool) -> list[str]:
 
 
 def build_key(with_cuda: bool) -> str:
-    """Hash of every file under csrc/, the flags and the versions the build depends on."""
+    """Hash of every file under csrc/, the flags, the include directories and the versions the
+    build depends on (nvidia-cutlass's too, for the CUDA half)."""
     h = hashlib.sha256()
     for path in sorted(glob.glob(os.path.join(CSRC_DIR, "**", "*"), recursive=True)):
         if os.path.isfile(path):
             h.update(os.path.relpath(path, CSRC_DIR).encode())
             with open(path, "rb") as fh:
                 h.update(fh.read())
-    h.update(repr((cxx_flags(), cuda_flags() if with_cuda else None, torch.__version__,
-                   torch.version.cuda, sysconfig.get_config_var("SOABI"))).encode())
+    parts = (cxx_flags(), cuda_flags() if with_cuda else None, torch.__version__,
+             torch.version.cuda, sysconfig.get_config_var("SOABI"))
+    if with_cuda:
+        parts += (cutlass_include(), _cutlass_version())
+    h.update(repr(parts).encode())
     return h.hexdigest()[:16]
 
 
@@ -169,7 +212,7 @@ def _build(with_cuda: bool, note: str = "") -> str | None:
             extra_cflags=cxx_flags(),
             extra_cuda_cflags=cuda_flags(),
             extra_ldflags=openmp_flags(),
-            extra_include_paths=[CSRC_DIR],
+            extra_include_paths=include_dirs(with_cuda),
             build_directory=build_dir,
             is_python_module=False,
             verbose=os.environ.get("ANCHOR_KERNELS_VERBOSE_BUILD") == "1",

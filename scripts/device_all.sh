@@ -22,9 +22,12 @@ stage() {  # stage NAME SECONDS COMMAND...: run if selected, append its log, rec
     rm -f "$tmp"; pack
 }
 
-# Packages the GPU image lacks (torchattacks) travel as wheels in .whl, made beforehand with
+# Packages the GPU image lacks (torchattacks; nvidia-cutlass, whose headers the CUDA half of the
+# extension is compiled with and which is found without importing it, so without its
+# dependencies) travel as wheels in .whl, made beforehand with
 #   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
-#     --python-version 3.12 --platform manylinux2014_x86_64 -d .whl torchattacks==3.5.1
+#     --python-version 3.12 --platform manylinux2014_x86_64 -d .whl torchattacks==3.5.1 \
+#     nvidia-cutlass==4.2.0.0
 # and carried with the call.
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -35,7 +38,7 @@ fi
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   date -u +%Y-%m-%dT%H:%M:%SZ; } | tee "$RES/env.txt"
 
-stage ext_build 150 python3 -c "from anchor_kernels import _ext; print('cpu:', _ext.load()); print('cuda:', _ext.cuda_error())"
+stage ext_build 300 python3 -c "from anchor_kernels import _ext; print('cpu:', _ext.load()); print('cuda:', _ext.cuda_error())"
 # Compiles every Triton kernel variant of the sm_90 report on all cores at once, into the
 # Triton cache that the runtime reads: where the report's specialisation is the runtime's,
 # the stages after it find their kernels compiled (the stage times say whether it paid).
@@ -44,7 +47,7 @@ stage tests_triton 150 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x
     tests/test_supcon_triton.py tests/test_supcon_api.py
 stage tests_triton_chunked 60 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x \
     tests/test_supcon_triton.py -k "chunked or two_sets or lse_only"
-stage tests_cuda_ext 90 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_cpp.py
+stage tests_cuda_ext 120 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_cpp.py
 stage tests_pgd 45 python3 -m pytest -q -ra -x tests/test_pgd.py tests/test_attacks.py -m gpu
 stage tests_sim 90 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
     tests/test_similarity.py tests/test_hard_positive.py tests/test_supcon_topk.py
@@ -55,6 +58,10 @@ stage bench_supcon 110 python3 benchmarks/supcon_gpu_table.py --backends triton 
     --out "$RES/supcon_gpu_bf16.json"
 stage bench_supcon_cuda 70 python3 benchmarks/supcon_gpu_table.py --backends cuda triton \
     --n 4096 16384 65536 --out "$RES/supcon_gpu_cuda_bf16.json"
+# The CUDA C++ loss (CuTe tensor-core kernels) against Triton, each pass, interleaved.
+stage bench_cuda_mma 150 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
+    --sizes ${CUDA_SIZES:-1024 4096 16384 65536} --passes fwd bwd fwd+bwd --candidates cuda triton \
+    --time-budget 120 --no-fit --no-progress --no-plot --out "$RES/supcon_cuda.json"
 stage bench_supcon_fp32 90 python3 benchmarks/supcon_gpu_table.py --dtype float32 \
     --backends triton cuda eager --n 4096 16384 --out "$RES/supcon_gpu_fp32.json"
 stage bench_pgd 45 python3 benchmarks/bench_pgd.py --gpu --out "$RES/pgd_gpu.json"
@@ -98,7 +105,7 @@ stage runner_sweep 140 python3 -m benchmarks --gpu-sweep --time-budget 60 --fit-
     --no-progress --out "$RES/sweep_h100.json"
 
 # Tables last (what comes back of the output is its end).
-for f in "$RES"/supcon_small.json "$RES"/supcon_large.json "$RES"/supcon_large_beta1.json "$RES"/attack.json; do
+for f in "$RES"/supcon_cuda.json "$RES"/supcon_small.json "$RES"/supcon_large.json "$RES"/supcon_large_beta1.json "$RES"/attack.json; do
     [[ -f "$f" ]] && python3 -m benchmarks --replot "$f" --no-plot 2>&1 | grep -v "^wrote"
 done
 grep -A10 "interleaved rounds" "$LOG" || true

@@ -15,6 +15,9 @@ fi
 # torchvision, whose pin would replace the torch installed above, and does not need it.
 .venv/bin/python -m pip install -q scipy requests
 .venv/bin/python -m pip install -q --no-deps "torchattacks==3.5.1"
+# The CUTLASS/CuTe headers the CUDA half of the C++ extension is compiled with: only the headers
+# are used (found without importing the package), so not its Python dependencies (cuda-python).
+.venv/bin/python -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0"
 # The package itself, editable, so that `anchor-train` and `import anchor_kernels` work from any
 # folder. No build isolation and no C++ build here (seconds): the extension compiles just in
 # time on first use, or ahead of time with ANCHOR_KERNELS_BUILD_EXT=1 (see README.md).

@@ -1,6 +1,6 @@
 """Building the C++/CUDA extension: the JIT build and its cache, failure reporting, the CPU-only
-case, and compiling every CUDA source for sm_90 with the machine's nvcc (nothing runs them
-here; a CUDA file that does not compile fails CI)."""
+case, the CUTLASS headers, and compiling every CUDA source for sm_80 and sm_90 with the
+machine's nvcc (nothing runs them here; a CUDA file that does not compile fails CI)."""
 
 import glob
 import os
@@ -47,6 +47,48 @@ def test_object_files_do_not_collide():
     objects = [os.path.basename(p).replace(".cu", ".cuda").rsplit(".", 1)[0]
                for p in _ext.sources(with_cuda=True)]
     assert len(objects) == len(set(objects)), sorted(objects)
+
+
+def test_cutlass_headers_are_found():
+    include = _ext.cutlass_include()
+    if include is None:
+        pytest.skip(f"nvidia-cutlass is not installed (pip install {_ext.CUTLASS_REQUIREMENT})")
+    assert os.path.isfile(os.path.join(include, "cute", "tensor.hpp"))
+    assert os.path.isfile(os.path.join(include, "cutlass", "cutlass.h"))
+    assert _ext.include_dirs(with_cuda=True) == [_ext.CSRC_DIR, include]
+    assert _ext.include_dirs(with_cuda=False) == [_ext.CSRC_DIR]
+
+
+def test_missing_cutlass_skips_cuda_half_with_a_reason(monkeypatch):
+    """With a CUDA torch and a toolkit, a missing nvidia-cutlass is the reason given (after
+    torch's and the toolkit's checks), and the pip command names the pinned version."""
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(_ext, "cuda_home", lambda: "/usr/local/cuda")
+    monkeypatch.setattr(_ext, "cutlass_include", lambda: None)
+    reason = _ext.cuda_skip_reason()
+    assert reason is not None and "nvidia-cutlass is not installed" in reason
+    assert f"pip install {_ext.CUTLASS_REQUIREMENT}" in reason and "CuTe" in reason
+    assert _ext.include_dirs(with_cuda=True) == [_ext.CSRC_DIR]
+    monkeypatch.setattr(_ext, "cutlass_include", lambda: "/some/include")
+    assert _ext.cuda_skip_reason() is None
+    monkeypatch.setattr(_ext, "cuda_home", lambda: None)
+    assert "no CUDA toolkit" in _ext.cuda_skip_reason()
+
+
+def test_cuda_build_key_covers_the_cutlass_headers(monkeypatch):
+    monkeypatch.setattr(_ext, "cutlass_include", lambda: "/a/include")
+    key_a, cpu_key = _ext.build_key(True), _ext.build_key(False)
+    monkeypatch.setattr(_ext, "cutlass_include", lambda: "/b/include")
+    assert _ext.build_key(True) != key_a
+    assert _ext.build_key(False) == cpu_key
+
+
+def test_cutlass_pin_is_the_same_everywhere():
+    """The pin in _ext (named by the skip reason) is the one scripts/setup.sh and setup.py's
+    "cuda" extra install."""
+    for name in (os.path.join("scripts", "setup.sh"), "setup.py"):
+        with open(os.path.join(_ext.REPO_DIR, name)) as fh:
+            assert _ext.CUTLASS_REQUIREMENT in fh.read(), name
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="torch is a CUDA build here")
@@ -103,37 +145,87 @@ def test_failed_cuda_half_keeps_the_cpu_half(tmp_path):
 
 
 MATMUL_FREE = {"pgd_kernels.cu"}
+# nvcc flags of each target: SASS for that architecture alone (cuobjdump -arch tells them apart).
+CUDA_TARGETS = {"sm_90": ["-gencode", "arch=compute_90,code=sm_90"],
+                "sm_80": ["-gencode", "arch=compute_80,code=sm_80"]}
+# Mangled half-precision element types: CUDA's (__half, __nv_bfloat16) and CUTLASS's.
+HALF_TYPES = ("6__half", "13__nv_bfloat16", "7cutlass6half_t", "7cutlass10bfloat16_t")
 
 
+def _cuobjdump():
+    found = shutil.which("cuobjdump") or os.path.join(TRITON_BIN, "cuobjdump")
+    return found if os.path.isfile(found) else None
+
+
+def _resource_usage(text):
+    """``cuobjdump --dump-resource-usage`` -> (the architectures of its ELF sections,
+    {function: {"REG": .., "STACK": .., "LOCAL": .., ...}})."""
+    archs, usage, name = set(), {}, None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("arch = "):
+            archs.add(line.split("=", 1)[1].strip())
+        elif line.startswith("Function ") and line.endswith(":"):
+            name = line[len("Function "):-1].strip()
+        elif name is not None and line.startswith("REG:"):
+            usage[name] = {k: int(v) for k, v in (f.split(":", 1) for f in line.split())
+                           if v.isdigit()}
+            name = None
+    return archs, usage
+
+
+@pytest.mark.parametrize("arch", sorted(CUDA_TARGETS))
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
-def test_cuda_sources_compile_for_sm90(source, tmp_path):
-    """nvcc -arch=sm_90 -c, with the flags torch's builder adds (no implicit half conversions);
-    the half-precision matmul kernels must use the tensor cores (HMMA in the SASS). Elementwise
-    kernels (``MATMUL_FREE``) have no product to put there."""
+def test_cuda_sources_compile_for_sm80_and_sm90(source, arch, tmp_path):
+    """nvcc -c for one architecture, with the flags torch's builder adds (no implicit half
+    conversions) and the CUTLASS/CuTe headers; the half-precision matmul kernels must use the
+    tensor cores (HMMA in that architecture's SASS; elementwise kernels, ``MATMUL_FREE``, have
+    no product to put there), and no tensor-core kernel (``mma`` in its name) may spill to local
+    memory (stack or local bytes in ``cuobjdump --dump-resource-usage``)."""
     nvcc = shutil.which("nvcc") or (os.path.join(_ext.cuda_home() or "", "bin", "nvcc"))
     if not os.path.isfile(nvcc):
         pytest.skip("no nvcc on this machine")
+    cutlass = _ext.cutlass_include()
+    if cutlass is None:
+        pytest.skip(f"nvidia-cutlass is not installed (pip install {_ext.CUTLASS_REQUIREMENT}): "
+                    "the CUDA kernels are compiled with its CuTe headers")
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
     obj = tmp_path / "kernels.o"
-    cmd = [nvcc, "-arch=sm_90", "-std=c++17", "-O3", *COMMON_NVCC_FLAGS, *_ext.cuda_flags(),
-           "-I", _ext.CSRC_DIR, "-c", source, "-o", str(obj)]
+    cmd = [nvcc, *CUDA_TARGETS[arch], "-std=c++17", "-O3", *COMMON_NVCC_FLAGS,
+           *_ext.cuda_flags(), "-I", _ext.CSRC_DIR, "-I", cutlass, "-c", source, "-o", str(obj)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
-    cuobjdump = shutil.which("cuobjdump") or os.path.join(TRITON_BIN, "cuobjdump")
-    if os.path.isfile(cuobjdump):
-        sass = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True).stdout
-        kernels = {}
-        for line in sass.splitlines():
-            if "Function :" in line:
-                name = line.split("Function :")[1].strip()
-                kernels[name] = 0
-            elif "HMMA" in line:
-                kernels[name] += 1
-        if os.path.basename(source) in MATMUL_FREE:
-            return
-        half = [k for k in kernels if "6__half" in k or "13__nv_bfloat16" in k]
-        assert half and all(kernels[k] > 0 for k in half), kernels
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        return
+
+    res = subprocess.run([cuobjdump, "--dump-resource-usage", str(obj)], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    archs, usage = _resource_usage(res.stdout)
+    assert archs == {arch}, (archs, res.stdout[-2000:])
+    assert usage, f"no kernels in the {arch} object:\n{res.stdout[-2000:]}"
+    spilling = {k: u for k, u in usage.items()
+                if "mma" in k.lower() and (u.get("LOCAL", 0) or u.get("STACK", 0))}
+    assert not spilling, "\n".join(
+        f"{k}: REG:{u.get('REG')} STACK:{u.get('STACK')} LOCAL:{u.get('LOCAL')}"
+        for k, u in spilling.items())
+
+    sass = subprocess.run([cuobjdump, "-sass", "-arch", arch, str(obj)], capture_output=True,
+                          text=True).stdout
+    kernels, name = {}, None
+    for line in sass.splitlines():
+        if "Function :" in line:
+            name = line.split("Function :")[1].strip()
+            kernels[name] = 0
+        elif "HMMA" in line and name is not None:
+            kernels[name] += 1
+    assert set(kernels) == set(usage), (sorted(kernels), sorted(usage))
+    if os.path.basename(source) in MATMUL_FREE:
+        return
+    half = [k for k in kernels if any(t in k for t in HALF_TYPES)]
+    assert half and all(kernels[k] > 0 for k in half), kernels
 
 
 @pytest.mark.parametrize("source", CUDA_GLUE, ids=os.path.basename)
