@@ -120,3 +120,25 @@ def test_lse_only(emulator):
     df, _ = emulator.backward(torch.ones(50), f, y, None, None, stats, temperature=0.2, beta=0.0,
                               detach_weights=True, normalize=True, anchor_offset=0, lse_only=True)
     assert (df.double() - x.grad).abs().max() < 1e-5
+
+
+def test_tensor_core_fragment_layouts(tmp_path):
+    """The CuTe kernels' fragment layout assumptions, for every thread, checked on the host
+    (tests/cuda_emulation/supcon_mma_layouts.cu): nvcc compiles it, the host runs it."""
+    import os
+    import shutil
+    import subprocess
+
+    from anchor_kernels import _ext
+
+    nvcc = shutil.which("nvcc") or os.path.join(_ext.cuda_home() or "", "bin", "nvcc")
+    if not os.path.isfile(nvcc) or _ext.cutlass_include() is None:
+        pytest.skip("needs nvcc and the nvidia-cutlass headers")
+    source = os.path.join(os.path.dirname(__file__), "cuda_emulation", "supcon_mma_layouts.cu")
+    exe = tmp_path / "layouts"
+    build = subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", _ext.CSRC_DIR,
+                            "-I", _ext.cutlass_include(), source, "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0 and "failures 0" in out.stdout, out.stdout[-4000:]

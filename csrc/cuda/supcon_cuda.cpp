@@ -148,8 +148,20 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto fopts = f.options().dtype(at::kFloat);
 
+  // The tensor-core kernels apply the normalisation's chain rule in their epilogue and write
+  // the gradient in the features' dtype; the others write dz in fp32 for normalize_backward.
+  const bool fused = k::mma_supported(dtype, matrix(f), matrix(g), sz.D);
+  a.norm_eps = float(kNormEps);
+  auto pass = [&](const at::Tensor& x, const at::Tensor& norms, int64_t rows) {
+    at::Tensor out = at::empty({rows, sz.D}, fused ? x.options() : fopts);
+    a.df = fused ? out.data_ptr() : nullptr;
+    a.norms = fused && normalize ? norms.data_ptr<float>() : nullptr;
+    a.dx = fused ? nullptr : out.data_ptr<float>();
+    C10_CUDA_CHECK(k::launch_supcon_bwd(dtype, a, stream));
+    return fused ? out : normalize_backward(x, norms, out, normalize);
+  };
+
   // Rows of f: with one set both terms of H (one pass), else the anchor-statistics term.
-  at::Tensor dzf = at::empty({sz.M, sz.D}, fopts);
   a.x = matrix(f);
   a.y = matrix(g);
   a.lx = lf.data_ptr<int64_t>();
@@ -159,13 +171,10 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   a.outer = true;
   a.inner = sz.single;
   a.shift = a.has_self ? sz.offset : 0;
-  a.dx = dzf.data_ptr<float>();
-  C10_CUDA_CHECK(k::launch_supcon_bwd(dtype, a, stream));
-  at::Tensor df = normalize_backward(f, nf, dzf, normalize);
+  at::Tensor df = pass(f, nf, sz.M);
   if (sz.single) return {df, at::empty({0, sz.D}, f.options())};
 
   // Rows of g: the columns' pass, anchors inner.
-  at::Tensor dzg = at::empty({sz.N, sz.D}, fopts);
   a.x = matrix(g);
   a.y = matrix(f);
   a.lx = lg.data_ptr<int64_t>();
@@ -175,9 +184,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   a.outer = false;
   a.inner = true;
   a.shift = a.has_self ? -sz.offset : 0;
-  a.dx = dzg.data_ptr<float>();
-  C10_CUDA_CHECK(k::launch_supcon_bwd(dtype, a, stream));
-  return {df, normalize_backward(g, ng, dzg, normalize)};
+  return {df, pass(g, ng, sz.N)};
 }
 
 }  // namespace

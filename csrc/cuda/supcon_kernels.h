@@ -58,6 +58,13 @@ struct BwdArgs {
   float inv_tau, nbt;
   int mode;            // BwdMode
   float* dx;           // (R, D) contiguous
+  // Tensor-core kernels only (mma_supported), when df is set: the chain rule through the
+  // normalisation in the epilogue, df = (dz - z (z . dz)) rnx with z = x rnx (dz rnx where
+  // ||x|| < eps; dz without normalisation), written to df (R, D, contiguous, the features'
+  // dtype) instead of dz to dx.
+  void* df;
+  const float* norms;  // (R,) ||x_r||, or null without normalisation
+  float norm_eps;
 };
 
 // bf16 / fp16 inputs that the CuTe kernels take (mma_supported) run there; other bf16 / fp16

@@ -6,7 +6,7 @@
 //
 // The maths is that of supcon_kernels.cuh (and csrc/supcon.cpp); only the tiling differs:
 //   forward:  128 anchors per CTA (4 warps x 32 rows), 64-column tiles;
-//   backward: 64 rows per CTA, 32-column tiles; S = X Y^T is recomputed, H = G(S) is formed
+//   backward: 64 rows per CTA, 64-column tiles (32 with soft mining); S = X Y^T is recomputed, H = G(S) is formed
 //             in registers and fed straight back as the A operand of dX += H Y (the
 //             accumulator layout of m16n8k16 is its A-operand layout), so each tile costs
 //             two tensor-core products and no shared-memory round trip.
@@ -32,9 +32,12 @@ constexpr int kThreads = 128;    // 4 warps, stacked along the rows of the tile
 constexpr int kFwdRows = 128;    // anchors per forward CTA
 constexpr int kFwdCols = 64;     // columns per forward tile
 constexpr int kBwdRows = 64;     // rows per backward CTA
-// 32 columns per backward tile: with 64 the soft, one-set variants exceed 255 registers and
-// spill (the H tile, its half copy and the 64 x 128 dX accumulators are live together).
-constexpr int kBwdCols = 32;
+// Columns per backward tile: 64, but 32 for soft mining, whose one-set variants exceed 255
+// registers at 64 and spill (H, its half copy and the 64 x 128 dX accumulators are live together).
+template <int kMode>
+constexpr int bwd_cols() {
+  return kMode == kBwdLse || kMode == kBwdUniform ? 64 : 32;
+}
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <typename T>
@@ -337,7 +340,7 @@ template <typename T, int kMode, int kSides>
 __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs p) {
   constexpr bool kUseOuter = kSides & kOuter, kUseInner = kSides & kInner;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  constexpr int kM = kBwdRows, kBlockN = kBwdCols;
+  constexpr int kM = kBwdRows, kBlockN = bwd_cols<kMode>();
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<SharedStorage<kM, kBlockN>*>(smem_raw);
   Tensor sX = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.x)), SmemTile<kM>{});
@@ -469,12 +472,50 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
   // Write the rows, undoing the 1 / max|g| scale and applying 1 / tau.
   const float scale = *p.gmax * p.inv_tau;
   Tensor dcoord = thr_mma.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kD>>{}));
+  static_assert(decltype(size<1>(dacc))::value == 1, "one 16-row slab per warp: e's row is bit 1");
+  if (p.df == nullptr) {
+    CUTE_UNROLL
+    for (int e = 0; e < size(dacc); e += 2) {
+      const int64_t x = x0 + get<0>(dcoord(e));
+      const int d = get<1>(dcoord(e));  // even; elements e, e + 1 are columns d, d + 1
+      if (x < R && d < D)
+        *reinterpret_cast<float2*>(p.dx + x * D + d) = make_float2(dacc(e) * scale, dacc(e + 1) * scale);
+    }
+    return;
+  }
+  // Through the normalisation: a row's D columns lie in one quad, so z . dz is a quad sum.
+  // Element e of dacc is row row0 + 8 ((e >> 1) & 1), column col0 + (e & 1) + 8 (e >> 2)
+  // (checked on the host by tests/cuda_emulation/supcon_mma_layouts.cu): two row pointers and
+  // immediate offsets, so that the epilogue needs no address per element.
+  const int row0 = get<0>(dcoord(0)), col0 = get<1>(dcoord(0));
+  const T* xrow[2];
+  T* frow[2];
+  float dot[2] = {0.f, 0.f}, rn[2];
+  bool ok[2], project[2];
   CUTE_UNROLL
-  for (int e = 0; e < size(dacc); e += 2) {
-    const int64_t x = x0 + get<0>(dcoord(e));
-    const int d = get<1>(dcoord(e));  // even; elements e, e + 1 are columns d, d + 1
-    if (x < R && d < D)
-      *reinterpret_cast<float2*>(p.dx + x * D + d) = make_float2(dacc(e) * scale, dacc(e + 1) * scale);
+  for (int r = 0; r < 2; ++r) {
+    const int64_t x = x0 + row0 + 8 * r;
+    ok[r] = x < R;
+    xrow[r] = static_cast<const T*>(p.x.data) + (ok[r] ? x : 0) * p.x.s0 + col0;
+    frow[r] = static_cast<T*>(p.df) + (ok[r] ? x : 0) * D + col0;
+    rn[r] = ok[r] ? p.rnx[x] : 0.f;
+    project[r] = ok[r] && p.norms != nullptr && p.norms[x] >= p.norm_eps;
+  }
+  CUTE_UNROLL
+  for (int e = 0; e < size(dacc); ++e) {
+    const int r = (e >> 1) & 1, off = (e & 1) + 8 * (e >> 2);
+    dacc(e) *= scale;
+    if (col0 + off < D) dot[r] += dacc(e) * float(xrow[r][off]);
+  }
+  CUTE_UNROLL
+  for (int r = 0; r < 2; ++r) dot[r] = quad_sum(dot[r]) * rn[r];  // z . dz
+  CUTE_UNROLL
+  for (int e = 0; e < size(dacc); ++e) {
+    const int r = (e >> 1) & 1, off = (e & 1) + 8 * (e >> 2);
+    if (ok[r] && col0 + off < D) {
+      const float v = project[r] ? dacc(e) - float(xrow[r][off]) * rn[r] * dot[r] : dacc(e);
+      frow[r][off] = T(v * rn[r]);
+    }
   }
 #endif
 }

@@ -11,7 +11,7 @@ using mma::kBwdRows;
 
 template <typename T, int kMode>
 cudaError_t bwd_sides(const BwdArgs& a, cudaStream_t stream) {
-  constexpr int smem = mma::shared_bytes<kBwdRows, mma::kBwdCols>();
+  constexpr int smem = mma::shared_bytes<kBwdRows, mma::bwd_cols<kMode>()>();
   if (a.outer && a.inner)
     return launch(mma::supcon_bwd_mma_kernel<T, kMode, mma::kBoth>, a.x.rows, kBwdRows, smem, stream, a);
   if (a.outer)
