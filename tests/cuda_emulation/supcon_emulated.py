@@ -42,7 +42,9 @@ class BwdArgs(ctypes.Structure):
                 ("rnx", _p), ("rny", _p), ("anchor", _p), ("M", ctypes.c_int64), ("gmax", _p),
                 ("outer", ctypes.c_bool), ("inner", ctypes.c_bool), ("has_self", ctypes.c_bool),
                 ("shift", ctypes.c_int64), ("inv_tau", ctypes.c_float), ("nbt", ctypes.c_float),
-                ("mode", ctypes.c_int), ("dx", _p)]
+                ("mode", ctypes.c_int), ("dx", _p),
+                # read by the tensor-core kernels only; null here (the emulated kernels write dx)
+                ("df", _p), ("norms", _p), ("norm_eps", ctypes.c_float)]
 
 
 def cuda_include_dir() -> str | None:
