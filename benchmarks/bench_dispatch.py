@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 from typing import Optional
 
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.host_timing import interleaved_us, write  # noqa: E402
+from benchmarks.host_timing import STATS_HEADER, cpu, interleaved_us, stats, write  # noqa: E402
 
 SCHEMA_FWD = ("(Tensor f, Tensor? g, Tensor y_f, Tensor? y_g, int self_offset, float temperature, "
               "float beta, float scale, bool normalize, bool lse_only, int reduction) -> (Tensor, Tensor)")
@@ -136,11 +135,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     results = measure(args.n, args.d, args.rounds, args.warmup)
-    print(f"host cost of one forward + backward per wrapper, CPU "
-          f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}")
-    print(f"{'wrapper':38s} {'median us':>10} {'p20':>8} {'p80':>8}")
+    print(f"host cost of one forward + backward per wrapper, CPU ({cpu()}), torch {torch.__version__}")
+    print(f"{'wrapper':38s} {STATS_HEADER}")
     for name, r in results.items():
-        print(f"{name:38s} {r['median_us']:10.1f} {r['p20_us']:8.1f} {r['p80_us']:8.1f}")
+        print(f"{name:38s} {stats(r)}")
     if args.out:
         write(args.out, results, n=args.n, d=args.d, rounds=args.rounds, warmup=args.warmup)
     return 0

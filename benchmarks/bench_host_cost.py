@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors reach the Triton backend (stubbed below)
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 import anchor_kernels as ak  # noqa: E402
 from anchor_kernels import reference  # noqa: E402
 from anchor_kernels.ops import supcon_triton  # noqa: E402
-from benchmarks.host_timing import interleaved_us, write  # noqa: E402
+from benchmarks.host_timing import STATS_HEADER, cpu, interleaved_us, stats, write  # noqa: E402
 
 
 def candidates(n: int, d: int, beta: float):
@@ -68,13 +67,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     results = {}
-    print(f"host cost of one forward + backward, N={args.n}, D={args.d}, CPU "
-          f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
-    print(f"{'beta':>5} {'candidate':28s} {'median us':>10} {'p20':>8} {'p80':>8}")
+    print(f"host cost of one forward + backward, N={args.n}, D={args.d}, CPU ({cpu()})")
+    print(f"{'beta':>5} {'candidate':28s} {STATS_HEADER}")
     for beta in args.betas:
         results[str(beta)] = measure(args.n, args.d, beta, args.rounds, args.warmup)
         for name, r in results[str(beta)].items():
-            print(f"{beta:5.1f} {name:28s} {r['median_us']:10.1f} {r['p20_us']:8.1f} {r['p80_us']:8.1f}")
+            print(f"{beta:5.1f} {name:28s} {stats(r)}")
     if args.out:
         write(args.out, results, n=args.n, d=args.d, rounds=args.rounds, warmup=args.warmup)
     return 0

@@ -1,5 +1,6 @@
 """Host-side timing on the CPU shared by the host-cost benchmarks: the runner's interleaved
-timer with one call of each candidate per round, in us, and the JSON they write."""
+timer with one call of each candidate per round, in us, the columns of their tables, and the
+JSON they write."""
 
 from __future__ import annotations
 
@@ -31,6 +32,19 @@ def interleaved_us(fns: dict, rounds: int, warmup: int, grad_to_none: Sequence[t
             raise t
     return {name: {"median_us": t.ms * 1e3, "p20_us": t.p20 * 1e3, "p80_us": t.p80 * 1e3}
             for name, t in out.items()}
+
+
+def cpu() -> str:
+    """The machine the timings ran on, for a table's title."""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+STATS_HEADER = f"{'median us':>10} {'p20':>8} {'p80':>8}"
+
+
+def stats(r: dict) -> str:
+    """One candidate's timing columns (an ``interleaved_us`` entry), under STATS_HEADER."""
+    return f"{r['median_us']:10.1f} {r['p20_us']:8.1f} {r['p80_us']:8.1f}"
 
 
 def write(path: str, results: dict, **settings) -> None:
