@@ -13,7 +13,7 @@ import torch
 
 from anchor_kernels import _ext
 
-from .cuda_emulation.supcon_emulated import cuda_include_dir
+from .cuda_emulation.supcon_emulated import cuda_include_dir, nvcc
 
 CUDA_SOURCES = sorted(glob.glob(os.path.join(_ext.CSRC_DIR, "cuda", "*.cu")))
 CUDA_GLUE = sorted(glob.glob(os.path.join(_ext.CSRC_DIR, "cuda", "*.cpp")))
@@ -182,8 +182,8 @@ def test_cuda_sources_compile_for_sm80_and_sm90(source, arch, tmp_path):
     tensor cores (HMMA in that architecture's SASS; elementwise kernels, ``MATMUL_FREE``, have
     no product to put there), and no tensor-core kernel (``mma`` in its name) may spill to local
     memory (stack or local bytes in ``cuobjdump --dump-resource-usage``)."""
-    nvcc = shutil.which("nvcc") or (os.path.join(_ext.cuda_home() or "", "bin", "nvcc"))
-    if not os.path.isfile(nvcc):
+    compiler = nvcc()
+    if compiler is None:
         pytest.skip("no nvcc on this machine")
     cutlass = _ext.cutlass_include()
     if cutlass is None:
@@ -192,7 +192,7 @@ def test_cuda_sources_compile_for_sm80_and_sm90(source, arch, tmp_path):
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
     obj = tmp_path / "kernels.o"
-    cmd = [nvcc, *CUDA_TARGETS[arch], "-std=c++17", "-O3", *COMMON_NVCC_FLAGS,
+    cmd = [compiler, *CUDA_TARGETS[arch], "-std=c++17", "-O3", *COMMON_NVCC_FLAGS,
            *_ext.cuda_flags(), "-I", _ext.CSRC_DIR, "-I", cutlass, "-c", source, "-o", str(obj)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -1,12 +1,16 @@
 """The CUDA SupCon kernels' device code on the host (tests/cuda_emulation): every tier-1
 machine checks their indexing, masks, online statistics, barriers and both backward passes
 against the float64 reference, FMA paths only (the tensor-core tile products need a GPU and
-are covered by the tier-2 tests in test_supcon_cpp.py)."""
+are covered by the tier-2 tests in test_supcon_cpp.py); of the CuTe kernels, the fragment
+layouts they assume."""
+
+import os
+import subprocess
 
 import pytest
 import torch
 
-from anchor_kernels import reference
+from anchor_kernels import _ext, reference
 
 from .cuda_emulation import supcon_emulated as emu
 from .utils import labels_for
@@ -125,18 +129,12 @@ def test_lse_only(emulator):
 def test_tensor_core_fragment_layouts(tmp_path):
     """The CuTe kernels' fragment layout assumptions, for every thread, checked on the host
     (tests/cuda_emulation/supcon_mma_layouts.cu): nvcc compiles it, the host runs it."""
-    import os
-    import shutil
-    import subprocess
-
-    from anchor_kernels import _ext
-
-    nvcc = shutil.which("nvcc") or os.path.join(_ext.cuda_home() or "", "bin", "nvcc")
-    if not os.path.isfile(nvcc) or _ext.cutlass_include() is None:
+    compiler = emu.nvcc()
+    if compiler is None or _ext.cutlass_include() is None:
         pytest.skip("needs nvcc and the nvidia-cutlass headers")
     source = os.path.join(os.path.dirname(__file__), "cuda_emulation", "supcon_mma_layouts.cu")
     exe = tmp_path / "layouts"
-    build = subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", _ext.CSRC_DIR,
+    build = subprocess.run([compiler, "-std=c++17", "--expt-relaxed-constexpr", "-I", _ext.CSRC_DIR,
                             "-I", _ext.cutlass_include(), source, "-o", str(exe)],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-4000:]

@@ -56,6 +56,14 @@ def cuda_include_dir() -> str | None:
     return None
 
 
+def nvcc() -> str | None:
+    """The CUDA compiler: on PATH, else in the toolkit torch found; None when there is none."""
+    from anchor_kernels import _ext
+
+    found = shutil.which("nvcc") or os.path.join(_ext.cuda_home() or "", "bin", "nvcc")
+    return found if os.path.isfile(found) else None
+
+
 def build(out_dir: str) -> str:
     """Compile emulator.cpp with the kernels into a shared library; returns its path."""
     include = cuda_include_dir()
