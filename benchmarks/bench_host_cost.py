@@ -4,13 +4,16 @@ device, so what is timed is what the host spends per call).
 
     .venv/bin/python benchmarks/bench_host_cost.py --out benchmarks/results/host_cost_cpu.json
 
-Candidates, interleaved (one call of each per round), garbage collector paused, median and
-20/80 % quantiles of `--rounds` rounds after `--warmup`:
+Two groups of candidates, each interleaved (one call of each per round), garbage collector
+paused, median and 20/80 % quantiles of `--rounds` rounds after `--warmup`. Host cost only:
 - `triton (launches stubbed)`: ``supcon_loss(f, y, backend="triton")`` + backward, with the
   module's single launch point replaced by a no-op (Triton's own launcher cost excluded);
-- `eager` and `compile`: the reference loss eager and under ``torch.compile``, at the same
-  small N on the CPU. Their math does run, so at this size they are an upper bound on their
-  host cost, not a stubbed measurement.
+- `autograd floor`: a ``torch.autograd.Function`` whose forward and backward only allocate
+  their outputs, and its backward from a scalar: what any fused op pays torch's autograd
+  before doing anything of its own;
+Math included (a second group, so that their work does not evict the first group's caches):
+- `eager` and `compile`: the reference loss eager and under ``torch.compile`` at the same
+  small N on the CPU: an upper bound on their host cost.
 """
 
 from __future__ import annotations
@@ -31,7 +34,21 @@ from anchor_kernels.ops import supcon_triton  # noqa: E402
 from benchmarks.host_timing import STATS_HEADER, cpu, interleaved_us, stats, write  # noqa: E402
 
 
+class _Floor(torch.autograd.Function):
+    """A fused op with no work: outputs allocated, nothing launched."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.new_empty(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.new_empty(ctx.shape)
+
+
 def candidates(n: int, d: int, beta: float):
+    """(host-only candidates, math-included candidates, the tensors whose .grad to reset)."""
     f = torch.randn(n, d, requires_grad=True)
     y = torch.randint(0, 10, (n,))
 
@@ -42,19 +59,22 @@ def candidates(n: int, d: int, beta: float):
         return reference.supcon_loss(x, y, hard_positive_beta=beta)
 
     compiled_loss = torch.compile(eager_loss)
-    return {"triton (launches stubbed)": triton_stubbed,
-            "eager": lambda: eager_loss(f).backward(),
-            "compile": lambda: compiled_loss(f).backward()}, f
+    host = {"triton (launches stubbed)": triton_stubbed,
+            "autograd floor": lambda: _Floor.apply(f).backward()}
+    math = {"eager": lambda: eager_loss(f).backward(),
+            "compile": lambda: compiled_loss(f).backward()}
+    return host, math, (f,)
 
 
 def measure(n: int, d: int, beta: float, rounds: int, warmup: int) -> dict:
-    fns, f = candidates(n, d, beta)
+    host, math, grads = candidates(n, d, beta)
     real_run = supcon_triton._run
     supcon_triton._run = lambda *args: None
     try:
-        return interleaved_us(fns, rounds, warmup, grad_to_none=(f,))
+        out = interleaved_us(host, rounds, warmup, grad_to_none=grads)
     finally:
         supcon_triton._run = real_run
+    return dict(out, **interleaved_us(math, rounds, warmup, grad_to_none=grads))
 
 
 def main(argv=None) -> int:

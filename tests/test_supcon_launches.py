@@ -94,3 +94,19 @@ def test_op_calls_use_their_own_counters(monkeypatch):
     assert supcon_triton._locks == {}
     supcon_triton.supcon_fwd(*args, reuse_locks=True)
     assert len(supcon_triton._locks) == 1
+
+
+def test_launch_plans_are_computed_once_per_shape():
+    """A training loop's repeated calls reuse their launch plans (grid, scalar arguments,
+    constexprs): only a new shape or new options compute one."""
+    plans = (supcon_triton._fwd_plan, supcon_triton._bwd_plan)
+    for plan in plans:
+        plan.cache_clear()
+    f = torch.randn(40, 16, device=DEVICE, requires_grad=True)
+    y = labels_for("random", 40).to(DEVICE)
+    for _ in range(3):
+        ak.supcon_loss(f, y, backend="triton").backward()
+    assert [(p.cache_info().misses, p.cache_info().hits) for p in plans] == [(1, 2), (1, 2)]
+    ak.supcon_loss(f[:33], y[:33], backend="triton").backward()  # a ragged last batch
+    ak.supcon_loss(f, y, temperature=0.2, backend="triton").backward()
+    assert [p.cache_info().misses for p in plans] == [3, 3]

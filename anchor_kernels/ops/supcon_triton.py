@@ -8,6 +8,7 @@ tests can count launches and benchmarks can stub them to measure the host cost a
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -196,16 +197,35 @@ def is_streaming(m: int, n: int) -> bool:
     return m * n >= STREAMING_MIN_LOGITS
 
 
-def _common(f: Tensor, g: Optional[Tensor], normalize: bool):
-    single = g is None
-    g_ = f if single else g
-    m, d = f.shape
-    n = g_.shape[0]
+@functools.lru_cache(maxsize=256)
+def _fwd_plan(m: int, n: int, d: int, f_strides: tuple, g_strides: tuple, dtype: torch.dtype,
+              precision: str, device: torch.device, single: bool, self_offset: int, temperature: float,
+              beta: float, scale: float, normalize: bool, lse_only: bool, reduction: int,
+              _policy) -> tuple:
+    """Everything of a forward launch but its tensors, computed once per problem shape and
+    options (about 30 us of Python a call otherwise). ``precision`` follows torch's float32
+    matmul setting; ``_policy`` holds the module's tunables, so that patching them (tests,
+    scripts/supcon_tune.py) takes effect."""
     block_d = max(16, next_power_of_2(d))
-    constexprs = dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=block_d == d,
-                      DOT_PRECISION=dot_precision(f.dtype), UPCAST=interpreter_upcast(f.dtype),
-                      BLOCK_D=block_d)
-    return single, g_, m, n, d, block_d, is_streaming(m, n), constexprs
+    streaming = is_streaming(m, n)
+    cx = dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=block_d == d,
+              DOT_PRECISION=precision, UPCAST=interpreter_upcast(dtype), BLOCK_D=block_d)
+    splits = num_splits(m, n, device)
+    per_split = chunk(n, splits)
+    splits = cdiv(n, per_split)
+    shift2 = fixed_shift(temperature, normalize, n)
+    norms = None
+    if streaming:
+        norms = ((cdiv(max(m, n), 64),), (m, n, d) + f_strides + g_strides,
+                 dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=cx["EVEN_D"],
+                      UPCAST=cx["UPCAST"], BLOCK_R=64, BLOCK_D=block_d))
+    return (ws_size(m, n, single), (m,) if reduction == 0 else (),
+            kernels.PART_ROWS.value * splits * m if splits > 1 else 0, cdiv(m, MIN_BLOCK) + 1, norms,
+            lambda meta: (cdiv(m, meta["BLOCK_M"]), splits),
+            (m, n, d) + f_strides + g_strides + (self_offset, 1.0 / temperature, beta, shift2, scale,
+                                                 per_split, _bucket(m), _bucket(n)),
+            dict(cx, NORMS_GIVEN=streaming, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only,
+                 FIXED_SHIFT=shift2 > 0.0, REDUCE=reduction, SPLIT=splits > 1))
 
 
 def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor], self_offset: int,
@@ -214,31 +234,49 @@ def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor
     """(loss, workspace): the loss reduced (0-d; reduction 1 sum, 2 mean) or per anchor (M,),
     times ``scale``; the float32 workspace holds what the backward reads. ``reuse_locks``:
     see ``_lock_buffer`` (True on the plain eager path only)."""
-    single, g_, m, n, d, block_d, streaming, cx = _common(f, g, normalize)
-    y_g_ = y_f if single else y_g
-    ws = torch.empty(ws_size(m, n, single), device=f.device, dtype=torch.float32)
-    loss = torch.empty((m,) if reduction == 0 else (), device=f.device, dtype=torch.float32)
-    loss_rows = loss if reduction == 0 else ws[:m]
-    splits = num_splits(m, n, f.device)
-    per_split = chunk(n, splits)
-    splits = cdiv(n, per_split)
-    part = torch.empty(kernels.PART_ROWS.value * splits * m, device=f.device,
-                       dtype=torch.float32) if splits > 1 else ws
-    locks = _lock_buffer(f.device, cdiv(m, MIN_BLOCK) + 1, reuse_locks)
-    shift2 = fixed_shift(temperature, normalize, n)
+    single = g is None
+    g_, y_g_ = (f, y_f) if single else (g, y_g)
+    device = f.device
+    ws_numel, loss_shape, part_numel, locks_numel, norms, grid, tail, cx = _fwd_plan(
+        f.shape[0], g_.shape[0], f.shape[1], f.stride(), g_.stride(), f.dtype,
+        dot_precision(f.dtype), device, single,
+        self_offset, temperature, beta, scale, normalize, lse_only, reduction,
+        (num_splits, STREAMING_MIN_LOGITS))
+    ws = torch.empty(ws_numel, device=device, dtype=torch.float32)
+    loss = torch.empty(loss_shape, device=device, dtype=torch.float32)
+    part = torch.empty(part_numel, device=device, dtype=torch.float32) if part_numel else ws
+    locks = _lock_buffer(device, locks_numel, reuse_locks)
     with device_guard(f):
-        if streaming:
-            _run(kernels._supcon_norms_kernel, (cdiv(max(m, n), 64),),
-                 (f, g_, ws, m, n, d, f.stride(0), f.stride(1), g_.stride(0), g_.stride(1)),
-                 dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=cx["EVEN_D"],
-                      UPCAST=cx["UPCAST"], BLOCK_R=64, BLOCK_D=block_d))
-        _launch("fwd", f.dtype, lambda meta: (cdiv(m, meta["BLOCK_M"]), splits),
-                (f, g_, y_f, y_g_, ws, loss_rows, loss, part, locks, m, n, d, f.stride(0),
-                 f.stride(1), g_.stride(0), g_.stride(1), self_offset, 1.0 / temperature, beta,
-                 shift2, scale, per_split, _bucket(m), _bucket(n)),
-                dict(cx, NORMS_GIVEN=streaming, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only,
-                     FIXED_SHIFT=shift2 > 0.0, REDUCE=reduction, SPLIT=splits > 1))
+        if norms is not None:
+            _run(kernels._supcon_norms_kernel, norms[0], (f, g_, ws) + norms[1], norms[2])
+        _launch("fwd", f.dtype, grid, (f, g_, y_f, y_g_, ws, loss if reduction == 0 else ws,
+                                       loss, part, locks) + tail, cx)
     return loss, ws
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_plan(m: int, n: int, d: int, f_strides: tuple, g_strides: tuple, dtype: torch.dtype,
+              precision: str, device: torch.device, single: bool, self_offset: int, temperature: float,
+              beta: float, scale: float, normalize: bool, lse_only: bool, exact: bool,
+              reduction: int, _policy) -> tuple:
+    """The backward's counterpart of ``_fwd_plan``."""
+    block_d = max(16, next_power_of_2(d))
+    cx = dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=block_d == d,
+              DOT_PRECISION=precision, UPCAST=interpreter_upcast(dtype), BLOCK_D=block_d)
+    splits = num_splits(m if single else m + n, n if single else max(m, n), device)
+    cols_per_split, rows_per_split = chunk(n, splits), chunk(m, splits)
+    splits = max(cdiv(n, cols_per_split), 1 if single else cdiv(m, rows_per_split))
+    shift2 = fixed_shift(temperature, normalize, n)
+    grid = (lambda meta: (cdiv(m, meta["BLOCK_M"]), splits)) if single else \
+        (lambda meta: (cdiv(m, meta["BLOCK_M"]) + cdiv(n, meta["BLOCK_N"]), splits))
+    # df and dg are allocated contiguous: strides (D, 1)
+    tail = (m, n, d) + f_strides + g_strides + (d, 1, d, 1, self_offset, 1.0 / temperature, beta,
+                                                shift2, scale, cols_per_split, rows_per_split,
+                                                _bucket(m), _bucket(n))
+    return (splits * (m + (0 if single else n)) * block_d if splits > 1 else 0,
+            cdiv(m, MIN_BLOCK) + cdiv(n, MIN_BLOCK) + 1, grid, tail,
+            dict(cx, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only, EXACT=exact and beta != 0.0,
+                 FIXED_SHIFT=shift2 > 0.0, GRAD_MODE=reduction, SPLIT=splits > 1))
 
 
 def supcon_bwd(grad: Tensor, f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor],
@@ -246,29 +284,22 @@ def supcon_bwd(grad: Tensor, f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: O
                normalize: bool, lse_only: bool, exact: bool, reduction: int,
                reuse_locks: bool = False) -> tuple[Tensor, Tensor]:
     """(df (M, D), dg (N, D); dg empty for one set, whose whole gradient is df)."""
-    single, g_, m, n, d, block_d, _, cx = _common(f, g, normalize)
-    y_g_ = y_f if single else y_g
+    single = g is None
+    g_, y_g_ = (f, y_f) if single else (g, y_g)
+    device = f.device
+    part_numel, locks_numel, grid, tail, cx = _bwd_plan(
+        f.shape[0], g_.shape[0], f.shape[1], f.stride(), g_.stride(), f.dtype,
+        dot_precision(f.dtype), device, single,
+        self_offset, temperature, beta, scale, normalize, lse_only, exact, reduction,
+        (num_splits,))
     grad = grad.contiguous()  # e.g. the stride-0 gradient of a sum
-    df = torch.empty(m, d, device=f.device, dtype=f.dtype)
-    dg = f.new_empty(0) if single else torch.empty(n, d, device=g.device, dtype=g.dtype)
-    splits = num_splits(m if single else m + n, n if single else max(m, n), f.device)
-    cols_per_split, rows_per_split = chunk(n, splits), chunk(m, splits)
-    splits = max(cdiv(n, cols_per_split), 1 if single else cdiv(m, rows_per_split))
-    part = torch.empty(splits * (m + (0 if single else n)) * block_d, device=f.device,
-                       dtype=torch.float32) if splits > 1 else ws
-    locks = _lock_buffer(f.device, cdiv(m, MIN_BLOCK) + cdiv(n, MIN_BLOCK) + 1, reuse_locks)
-    shift2 = fixed_shift(temperature, normalize, n)
-    dg_ = df if single else dg
-    programs = (lambda meta: (cdiv(m, meta["BLOCK_M"]), splits)) if single else \
-        (lambda meta: (cdiv(m, meta["BLOCK_M"]) + cdiv(n, meta["BLOCK_N"]), splits))
+    df = torch.empty(f.shape, device=device, dtype=f.dtype)
+    dg = f.new_empty(0) if single else torch.empty(g.shape, device=device, dtype=g.dtype)
+    part = torch.empty(part_numel, device=device, dtype=torch.float32) if part_numel else ws
+    locks = _lock_buffer(device, locks_numel, reuse_locks)
     with device_guard(f):
-        _launch("bwd", f.dtype, programs,
-                (f, g_, y_f, y_g_, ws, grad, df, dg_, part, locks, m, n, d, f.stride(0),
-                 f.stride(1), g_.stride(0), g_.stride(1), df.stride(0), df.stride(1),
-                 dg_.stride(0), dg_.stride(1), self_offset, 1.0 / temperature, beta, shift2,
-                 scale, cols_per_split, rows_per_split, _bucket(m), _bucket(n)),
-                dict(cx, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only, EXACT=exact and beta != 0.0,
-                     FIXED_SHIFT=shift2 > 0.0, GRAD_MODE=reduction, SPLIT=splits > 1))
+        _launch("bwd", f.dtype, grid, (f, g_, y_f, y_g_, ws, grad, df, df if single else dg, part,
+                                       locks) + tail, cx)
     return df, dg
 
 
@@ -301,18 +332,20 @@ def _(grad, f, g, y_f, y_g, ws, self_offset, temperature, beta, scale, normalize
 
 class SupConTriton(torch.autograd.Function):
     """The loss (and the workspace, not differentiable) with the fused backward. No zero
-    gradients are materialised for the workspace output."""
+    gradients are materialised for the workspace output. The options travel as one tuple
+    ``(self_offset, temperature, beta, scale, normalize, lse_only, exact, reduction)``:
+    ``apply`` walks every argument, so fewer arguments cost less host time."""
 
     @staticmethod
-    def forward(ctx, f, g, y_f, y_g, self_offset, temperature, beta, scale, normalize, lse_only,
-                exact, reduction):
+    def forward(ctx, f, g, y_f, y_g, options):
+        self_offset, temperature, beta, scale, normalize, lse_only, exact, reduction = options
         args = (f, g, y_f, y_g, self_offset, temperature, beta, scale, normalize, lse_only, reduction)
         if plain_eager(f):
             loss, ws = supcon_fwd(*args, reuse_locks=True)
         else:
             loss, ws = torch.ops.anchor_kernels.supcon_fwd_triton(*args)
         ctx.save_for_backward(f, g, y_f, y_g, ws)
-        ctx.args = (self_offset, temperature, beta, scale, normalize, lse_only, exact, reduction)
+        ctx.options = options
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(ws)
         return loss, ws
@@ -320,16 +353,15 @@ class SupConTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _ws_grad):
         if grad is None:
-            return (None,) * 12
+            return None, None, None, None, None
         f, g, y_f, y_g, ws = ctx.saved_tensors
-        with torch.no_grad():
-            if plain_eager(grad):
-                df, dg = supcon_bwd(grad, f, g, y_f, y_g, ws, *ctx.args, reuse_locks=True)
-            else:
-                df, dg = torch.ops.anchor_kernels.supcon_bwd_triton(grad, f, g, y_f, y_g, ws, *ctx.args)
+        if plain_eager(grad):
+            df, dg = supcon_bwd(grad, f, g, y_f, y_g, ws, *ctx.options, reuse_locks=True)
+        else:
+            with torch.no_grad():
+                df, dg = torch.ops.anchor_kernels.supcon_bwd_triton(grad, f, g, y_f, y_g, ws, *ctx.options)
         # create_graph=True: differentiating these gradients again raises, by name
-        df, dg = refuse_double_backward("triton", (df, None if g is None else dg), (f, g))
-        return (df, dg) + (None,) * 10
+        return refuse_double_backward("triton", (df, None if g is None else dg), (f, g)) + (None,) * 3
 
 
 _SIGNED = (torch.int8, torch.int16, torch.int32, torch.int64)
@@ -367,9 +399,9 @@ class TritonSupCon:
     def _apply(self, p: SupConProblem, scale: float, reduction: int) -> tuple[Tensor, Tensor]:
         n = p.f.shape[0] if p.g is None else p.g.shape[0]
         self_offset = n if p.anchor_offset is None else p.anchor_offset
-        return SupConTriton.apply(p.f, p.g, _labels(p.y_f), _labels(p.y_g), self_offset,
-                                  p.temperature, p.beta, scale, p.normalize, p.lse_only,
-                                  not p.detach_weights, reduction)
+        return SupConTriton.apply(p.f, p.g, _labels(p.y_f), _labels(p.y_g), (
+            self_offset, p.temperature, p.beta, scale, p.normalize, p.lse_only,
+            not p.detach_weights, reduction))
 
     def _composite(self, p: SupConProblem):
         """Modes whose positive term is computed outside the O(M N) kernel: top-k, and plain
