@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _validate as v
+from . import attack_graph
 from .pgd import BACKEND_NAMES, NORMS, check_bounds, check_budget, pgd_random_start, pgd_step
 from .supcon import supcon_loss
 
@@ -126,6 +127,11 @@ class PGD:
             the labels against the model's classes, which costs one device synchronisation
             per call (default). False leaves the attack loop without any host
             synchronisation, for a training loop whose inputs are known to be valid.
+        cuda_graph: capture the steps after the random start in a CUDA graph on the first
+            call for a given shape, and replay it on later calls (CUDA inputs only; see
+            ``anchor_kernels.attack_graph``). The model's parameters must be updated in place
+            between calls (as ``torch.optim`` does), and autocast runs without its weight
+            cache. Off by default.
 
     While attacking, the model's parameters have ``requires_grad`` off, so no weight
     gradient is computed for the input gradients the attack needs; each flag is restored
@@ -155,6 +161,7 @@ class PGD:
         backend: str = "auto",
         name: str | None = None,
         check_inputs: bool = True,
+        cuda_graph: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -181,6 +188,11 @@ class PGD:
         if not isinstance(check_inputs, bool):
             raise TypeError(f"check_inputs must be a bool, got {type(check_inputs).__name__}")
         self.check_inputs = check_inputs
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+        self.cuda_graph = cuda_graph
+        self._graphs = attack_graph.CapturedSteps()
+        self._classes: int | None = None  # the model's class count, known after a first call
         if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
             raise TypeError(f"autocast_dtype must be a torch.dtype, got {type(autocast_dtype).__name__}")
         # DDP's forward arms its reducer for a backward with parameter gradients, which the
@@ -224,8 +236,9 @@ class PGD:
 
     # -----------------------------------------------------------------------------------
 
-    def _check_inputs(self, x: Tensor, eps, alpha) -> None:
-        """Values of x (in [lo, hi], no NaN) and of tensor budgets: one device sync per call."""
+    def _check_inputs(self, x: Tensor, eps, alpha, y: Tensor | None = None) -> None:
+        """Values of x (in [lo, hi], no NaN), of tensor budgets and, when given, of the class
+        labels against the model's class count: one device sync per call."""
         checks = []
         lo_x, hi_x = torch.aminmax(x.detach())
         checks.append(((lo_x >= self.lo) & (hi_x <= self.hi)).reshape(1))
@@ -233,13 +246,19 @@ class PGD:
             checks.append(((eps >= 0) & torch.isfinite(eps)).all().reshape(1))
         if isinstance(alpha, Tensor):
             checks.append(((alpha > 0) & torch.isfinite(alpha)).all().reshape(1))
+        if y is not None:
+            checks.append(((y >= 0) & (y < self._classes)).all().reshape(1))
         ok = torch.cat(checks).cpu()
+        if y is not None and not ok[-1]:
+            c = self._classes
+            raise ValueError(f"y must hold class indices in [0, {c}) for the model's {c} classes, "
+                             f"got values in [{int(y.min())}, {int(y.max())}]")
         if not ok[0]:
             raise ValueError(f"x must lie in [lo, hi] = [{self.lo}, {self.hi}] (and hold no NaN); "
                              f"its values span [{lo_x.item()}, {hi_x.item()}]")
         if isinstance(eps, Tensor) and not ok[1]:
             raise ValueError("eps must be finite and >= 0 for every sample")
-        if isinstance(alpha, Tensor) and not ok[-1]:
+        if isinstance(alpha, Tensor) and not ok[1 + isinstance(eps, Tensor)]:
             raise ValueError("alpha must be finite and > 0 for every sample")
 
     def _forward(self, x: Tensor) -> Tensor:
@@ -251,7 +270,9 @@ class PGD:
     def _autocast(self, x: Tensor):
         if self.autocast_dtype is None:  # the caller's autocast context, if any, stays in force
             return contextlib.nullcontext()
-        return torch.autocast(x.device.type, dtype=self.autocast_dtype)
+        # a captured graph must cast the weights itself, not read a cache it does not own
+        return torch.autocast(x.device.type, dtype=self.autocast_dtype,
+                              cache_enabled=not self.cuda_graph)
 
     def _objective(self, x_adv: Tensor, y, clean_embeddings, first: bool = False) -> Tensor:
         # targeted: y holds the target labels and the attack descends their loss
@@ -260,6 +281,7 @@ class PGD:
             logits = self.model(self._normalize(x_adv)).float()
             if first:  # once per call (one sync): cross_entropy would fail obscurely (or assert on GPU)
                 _check_class_labels(y, logits)
+                self._classes = logits.shape[1]
             return sign * F.cross_entropy(logits, y, reduction="sum")
         out = self._forward(x_adv)
         if self.loss == "supcon":
@@ -286,7 +308,8 @@ class PGD:
         x = x.detach()
         if self.normalization_used is not None:  # attack in pixel space, as torchattacks
             x = self._denormalize(x).clamp(self.lo, self.hi)  # clamp: rounding of the inverse
-        if self.check_inputs:
+        graphed = self.cuda_graph and self.steps > 0
+        if self.check_inputs and not graphed:
             self._check_inputs(x, eps, alpha)
 
         with _EvalMode(self.model, self.eval_mode, self._keep_eval), _NoParameterGrads(self.model):
@@ -298,26 +321,59 @@ class PGD:
                                          generator=self.generator, backend=self.backend)
             else:
                 x_adv = x.clone()
-            clean = None
-            if self.loss == "supcon" and self.steps > 0:
-                with torch.no_grad(), self._autocast(x):
-                    clean = self._forward(x)
-            for step in range(self.steps):
-                x_adv.requires_grad_(True)
-                with torch.enable_grad(), self._autocast(x):
-                    objective = self._objective(x_adv, y, clean,
-                                                first=step == 0 and self.check_inputs)
-                if objective.dim() != 0:
-                    raise ValueError(f"the loss must be a scalar, got shape {tuple(objective.shape)}")
-                (grad,) = torch.autograd.grad(objective, x_adv)
-                x_adv = x_adv.detach()
-                pgd_step(x_adv, grad, x, eps, alpha, self.lo, self.hi, norm=self.norm,
-                         backend=self.backend)
+            if graphed:
+                x_adv = self._graphed_steps(x, x_adv, y, eps, alpha)
+            else:
+                x_adv = self._steps(x, x_adv, y, eps, alpha, self.check_inputs)
         if self.normalization_used is not None:
             return self._normalize(x_adv).detach()
         return x_adv.detach()
 
     forward = __call__
+
+    def _steps(self, x: Tensor, x_adv: Tensor, y, eps, alpha, check_labels: bool) -> Tensor:
+        """The K steps from the start ``x_adv``: the loop that ``cuda_graph`` captures."""
+        clean = None
+        if self.loss == "supcon" and self.steps > 0:
+            with torch.no_grad(), self._autocast(x):
+                clean = self._forward(x)
+        for step in range(self.steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad(), self._autocast(x):
+                objective = self._objective(x_adv, y, clean, first=step == 0 and check_labels)
+            if objective.dim() != 0:
+                raise ValueError(f"the loss must be a scalar, got shape {tuple(objective.shape)}")
+            (grad,) = torch.autograd.grad(objective, x_adv)
+            x_adv = x_adv.detach()
+            pgd_step(x_adv, grad, x, eps, alpha, self.lo, self.hi, norm=self.norm,
+                     backend=self.backend)
+        return x_adv
+
+    def _graphed_steps(self, x: Tensor, x_adv: Tensor, y, eps, alpha) -> Tensor:
+        """``_steps`` replayed from a captured CUDA graph (captured on a first call)."""
+        dev = x.device.type
+        autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        key = (tuple(x.shape), x.dtype, x.stride(), x.device, attack_graph.tensor_key(y),
+               attack_graph.tensor_key(eps), attack_graph.tensor_key(alpha), autocast,
+               self.targeted, attack_graph.state_key(self.model))
+        inputs = {"x": x, "start": x_adv}
+        for name, value in (("y", y), ("eps", eps), ("alpha", alpha)):
+            if isinstance(value, Tensor):
+                inputs[name] = value
+        if self.check_inputs:
+            # A first call checks the labels from its first logits; a replay cannot (the check
+            # synchronises), so it checks them here against the class count seen then.
+            replay_labels = self.loss == "ce" and key in self._graphs.entries
+            self._check_inputs(x, eps, alpha, y if replay_labels else None)
+
+        def body(t: dict, check_labels: bool = False) -> Tensor:
+            # the start is cloned: the steps update their x_adv in place, and a static input
+            # must stay a plain buffer for the next call's copy
+            with torch.autocast(dev, enabled=autocast[0], dtype=autocast[1], cache_enabled=False):
+                return self._steps(t["x"], t["start"].clone(), t.get("y", y), t.get("eps", eps),
+                                   t.get("alpha", alpha), check_labels)
+
+        return self._graphs.run(key, inputs, body, lambda: body(inputs, self.check_inputs))
 
     # --- torchattacks' Attack surface --------------------------------------------------
 

@@ -436,6 +436,7 @@ def test_lr_schedule():
     (["--epochs", "0"], "--epochs must be > 0 (or give --phase2-epochs)"),
     (["--width", "x"], "argument --width: invalid float value: 'x'"),
     (["--config", "/nonexistent.json"], "--config /nonexistent.json: no such file"),
+    (["--attack-graph", "--method", "trades"], "--attack-graph needs --method anchor or pgd-at"),
 ])
 def test_bad_flags_give_usage_errors_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -580,3 +581,22 @@ def test_gpu_compile_run(tmp_path):
     assert main(tiny(tmp_path, "--compile", width=0.25, synthetic_image_size=32, batch_size=64,
                      synthetic_train_size=128, device="cuda", loss_backend="auto")) == 0
     assert np.isfinite(read_jsonl(tmp_path / "metrics.jsonl")[0]["loss"])
+
+
+def test_attack_graph_needs_cuda(tmp_path):
+    with pytest.raises(ValueError, match="--attack-graph needs a CUDA device, the run is on cpu"):
+        trainer(tmp_path, "--attack-graph")
+
+
+@pytest.mark.gpu
+def test_gpu_attack_graph_steps_equal_the_eager_attack(tmp_path, _restore_determinism):
+    """--attack-graph replays the attack from a CUDA graph: with deterministic kernels, the
+    same losses step for step as the attack run eagerly (weights updated in place between)."""
+    losses = {}
+    for graph in (False, True):
+        t = trainer(tmp_path / str(graph), "--deterministic", *(["--attack-graph"] if graph else []),
+                    width=0.25, synthetic_image_size=32, batch_size=64, synthetic_train_size=256,
+                    loss_backend="triton", device="cuda")
+        batches = iter(t.train_loader.epoch(1, t.channels_last))
+        losses[graph] = [t.step(*next(batches))["loss"].item() for _ in range(3)]
+    assert losses[True] == losses[False]

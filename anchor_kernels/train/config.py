@@ -120,6 +120,8 @@ class TrainConfig:
                           choices=("auto", "bf16", "fp32"))
     channels_last: bool | None = _opt(None, "channels_last memory format (default: on for CUDA)")
     compile: bool = _opt(False, "torch.compile the model")
+    attack_graph: bool = _opt(False, "replay the training attack's steps from a CUDA graph, "
+                              "captured once per batch shape (CUDA; anchor and pgd-at)")
     deterministic: bool = _opt(False, "deterministic kernels, so that --resume is bit-exact on a GPU "
                                "too (slower; on the CPU runs are deterministic anyway)")
     sync_bn: bool = _opt(False, "SyncBatchNorm under torchrun")
@@ -165,6 +167,10 @@ class TrainConfig:
         if self.train_attack != "pgd" and self.method == "standard":
             raise ValueError(f"--train-attack {self.train_attack} needs an adversarial --method "
                              "(anchor, pgd-at or trades); standard training runs no attack")
+        if self.attack_graph and self.method not in ("anchor", "pgd-at"):
+            raise ValueError(f"--attack-graph needs --method anchor or pgd-at, got {self.method!r} "
+                             "(the TRADES attack's objective changes with every step's clean "
+                             "prediction; standard training runs no attack)")
         if self.hard_positive_topk is not None:
             need(isinstance(self.hard_positive_topk, int) and self.hard_positive_topk >= 1,
                  "hard-positive-topk", "an int >= 1", self.hard_positive_topk)
@@ -190,7 +196,7 @@ def flag_of(name: str) -> str:
 # different --epochs would change every remaining step.
 RESUME_FREE = {"out_dir", "overwrite", "resume", "eval_every",
                "eval_samples", "final_eval_samples", "eval_batch_size", "progress", "log_every",
-               "compile", "data", "loss_backend", "pgd_backend"}
+               "compile", "data", "loss_backend", "pgd_backend", "attack_graph"}
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:

@@ -85,8 +85,10 @@ def _pgd(model: nn.Module, cfg: TrainConfig, loss, **kw):
     # The training batches are the data set's own images, in [0, 1] by construction: no
     # per-step value check (and its host synchronisation) in the attack.
     name = None if cfg.train_attack == "pgd" else cfg.train_attack
+    # --attack-graph (not with TRADES, whose objective reads each step's clean prediction)
     return PGD(model, **attack_budget(cfg), loss=loss, eval_mode=cfg.attack_bn == "eval",
-               backend=cfg.pgd_backend, check_inputs=False, name=name, **kw)
+               backend=cfg.pgd_backend, check_inputs=False, name=name,
+               cuda_graph=cfg.attack_graph, **kw)
 
 
 class TradesAttack:

@@ -79,6 +79,8 @@ class Trainer:
         if state is None:
             self._claim_out_dir()
 
+        if cfg.attack_graph and dev.type != "cuda":
+            raise ValueError(f"--attack-graph needs a CUDA device, the run is on {dev.type}")
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)

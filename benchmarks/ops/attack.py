@@ -104,11 +104,11 @@ def work(p: Problem, pass_: str) -> Work:
     return Work(flops=float(p.inputs["flops"]))
 
 
-def _attack_build(backend: str, options: dict):
+def _attack_build(backend: str, options: dict, cuda_graph: bool = False):
     def build(p: Problem):
         net = model(p.device, p.dtype, options["width"])
         attack = PGD(net, eps=options["eps"], alpha=options["alpha"], steps=options["steps"],
-                     random_start=True, backend=backend, check_inputs=False)
+                     random_start=True, backend=backend, check_inputs=False, cuda_graph=cuda_graph)
         return functools.partial(attack, p.inputs["x"], p.inputs["y"]), ()
     return build
 
@@ -116,6 +116,13 @@ def _attack_build(backend: str, options: dict):
 def _backend_reasons(name: str):
     def reasons(p: Problem) -> list[str]:
         return P.available_backends(p.inputs["x"])[name]
+    return reasons
+
+
+def _graph_reasons(p: Problem) -> list[str]:
+    reasons = P.available_backends(p.inputs["x"])["triton"]
+    if p.device.type != "cuda":
+        reasons = reasons + ["CUDA graphs need a CUDA device"]
     return reasons
 
 
@@ -154,6 +161,9 @@ def candidates(device: torch.device, options: dict, settings: Settings) -> list[
         P.BACKEND_NAMES, device, settings, _backend_reasons,
         lambda name: _attack_build(name, options),
         note='attacks.PGD(backend="{name}", check_inputs=False)', differentiable=False)
+    out.append(Candidate("triton, CUDA graph", "backend", _attack_build("triton", options, True),
+                         _graph_reasons, differentiable=False,
+                         note='attacks.PGD(backend="triton", check_inputs=False, cuda_graph=True)'))
     out.append(Candidate("eager", "baseline", _attack_build("eager", options),
                          differentiable=False, note='attacks.PGD(backend="eager"): the reference step'))
     out.append(Candidate("torchattacks", "baseline", _torchattacks_build(options),
