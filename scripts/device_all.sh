@@ -65,8 +65,9 @@ stage bench_cuda_mma 150 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
 stage bench_supcon_fp32 90 python3 benchmarks/supcon_gpu_table.py --dtype float32 \
     --backends triton cuda eager --n 4096 16384 --out "$RES/supcon_gpu_fp32.json"
 stage bench_pgd 45 python3 benchmarks/bench_pgd.py --gpu --out "$RES/pgd_gpu.json"
-stage bench_train 80 python3 -m anchor_kernels.train.bench --batch 512 4096 \
-    --loss-backend conventional eager triton --steps 5 --warmup 2 --out "$RES/train_step.json"
+stage bench_train 120 python3 -m anchor_kernels.train.bench --batch 512 4096 \
+    --loss-backend conventional eager triton --attack-graph off on --steps 5 --warmup 2 \
+    --out "$RES/train_step.json"
 stage errors 90 python3 scripts/supcon_errors.py --n 4096 --backends triton cuda
 stage bench_hard_positive 90 python3 -m pytest -q benchmarks/bench_hard_positive.py \
     -k "bfloat16 and k4 and (triton or eager or compiled)" --benchmark-columns=median,iqr,rounds \

@@ -491,6 +491,19 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     assert "images/s" in capsys.readouterr().out and (tmp_path / "b.csv").exists()
 
 
+def test_bench_attack_graph_rows(tmp_path, capsys):
+    """--attack-graph off on: each backend twice; on the CPU the graph rows say why not."""
+    out = tmp_path / "b.json"
+    assert bench.main(["--device", "cpu", "--batch", "4", "--width", "0.0625", "--steps", "1",
+                       "--warmup", "0", "--pgd-steps", "1", "--image-size", "8",
+                       "--loss-backend", "eager", "--attack-graph", "off", "on",
+                       "--out", str(out)]) == 0
+    plain, graph = json.loads(out.read_text())["results"]
+    assert not plain["attack_graph"] and plain["images_per_s"] > 0
+    assert graph["attack_graph"] and "cuda_graph=True needs CUDA inputs" in graph["error"]
+    assert "eager+graph" in capsys.readouterr().out
+
+
 def test_bench_compares_with_the_conventional_step(tmp_path, capsys):
     """torchattacks' PGD + the eager loss + AMP, timed beside the trainer's step; the
     speed-ups are against it."""

@@ -8,7 +8,9 @@ torchattacks' PGD, the eager loss, AMP autocast, NCHW; ``anchor_kernels/train/ba
 For each batch size and backend: the same initial weights and batches, ``--warmup`` steps,
 then ``--steps`` timed steps between two device synchronisations; the trainer's step is also
 split into attack / model forward+backward / loss (forward and backward) with CUDA events.
-The speed-up column is against the conventional step where it ran, else against eager. Writes a
+``--attack-graph off on`` also times each backend with the attack replayed from a CUDA graph
+(rows "+graph"). The speed-up column is against the conventional step where it ran, else
+against eager (without the graph). Writes a
 JSON and a CSV (device, versions, date) next to ``--out``. Throughput does not depend on the
 pixel values, so synthetic data is enough.
 """
@@ -59,6 +61,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--attack-graph", nargs="+", default=["off"], choices=("off", "on"),
+                   help="the trainer's attack replayed from a CUDA graph ('on'), or not; "
+                        "'off on' times both (the conventional step has no such option)")
     p.add_argument("--out", default="benchmarks/results/train_step.json",
                    help="JSON path (the CSV goes beside it); '' writes nothing")
     args = p.parse_args(argv)
@@ -70,7 +75,8 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_config(args, batch: int, backend: str, device: torch.device, bf16: bool) -> dict:
+def run_config(args, batch: int, backend: str, device: torch.device, bf16: bool,
+               attack_graph: bool = False) -> dict:
     """One (batch, backend) measurement; the same seed gives the same weights and batches."""
     conventional = backend == CONVENTIONAL
     if conventional and args.method != "anchor":
@@ -78,7 +84,7 @@ def run_config(args, batch: int, backend: str, device: torch.device, bf16: bool)
     cfg = TrainConfig(method=args.method, pgd_steps=args.pgd_steps, width=args.width,
                       hard_positive_beta=args.hard_positive_beta,
                       loss_backend="eager" if conventional else backend,
-                      pgd_backend=args.pgd_backend, batch_size=batch)
+                      pgd_backend=args.pgd_backend, batch_size=batch, attack_graph=attack_graph)
     torch.manual_seed(0)
     fmt = torch.channels_last if device.type == "cuda" and not conventional else torch.contiguous_format
     net = AnchorNet(10, cfg.width, cfg.embed_dim).to(device, memory_format=fmt)
@@ -124,7 +130,7 @@ def run_config(args, batch: int, backend: str, device: torch.device, bf16: bool)
     wall = time.perf_counter() - t0
     sections = timer.totals()
     n = args.steps
-    row = {"batch": batch, "loss_backend": backend,
+    row = {"batch": batch, "loss_backend": backend, "attack_graph": attack_graph,
            "pgd_backend": "torchattacks" if conventional else cfg.pgd_backend,
            "method": cfg.method, "pgd_steps": cfg.pgd_steps,
            "width": cfg.width, "images_per_s": batch * n / wall, "step_ms": 1e3 * wall / n,
@@ -176,30 +182,35 @@ def main(argv=None) -> int:
     rows = []
     for batch in args.batch:
         group = []
-        for backend in args.loss_backend:
+        runs = [(backend, graph == "on") for backend in args.loss_backend
+                for graph in (["off"] if backend == CONVENTIONAL else args.attack_graph)]
+        for backend, graph in runs:
             try:
-                row = run_config(args, batch, backend, device, bf16)
+                row = run_config(args, batch, backend, device, bf16, graph)
             except torch.OutOfMemoryError as exc:
-                row = {"batch": batch, "loss_backend": backend,
+                row = {"batch": batch, "loss_backend": backend, "attack_graph": graph,
                        "error": f"out of memory: {str(exc).splitlines()[0]}"}
             except (ValueError, RuntimeError) as exc:
-                row = {"batch": batch, "loss_backend": backend, "error": str(exc).splitlines()[0]}
+                row = {"batch": batch, "loss_backend": backend, "attack_graph": graph,
+                       "error": str(exc).splitlines()[0]}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             group.append(row)
-        ok = {r["loss_backend"]: r["images_per_s"] for r in group if "error" not in r}
+        ok = {r["loss_backend"]: r["images_per_s"] for r in group
+              if "error" not in r and not r["attack_graph"]}
         ref_name = CONVENTIONAL if CONVENTIONAL in ok else "eager"
         ref = ok.get(ref_name)
         for row in group:
+            name = row["loss_backend"] + ("+graph" if row["attack_graph"] else "")
             if "error" in row:
-                print(f"{batch:>6} {row['loss_backend']:>12}  {row['error']}")
+                print(f"{batch:>6} {name:>12}  {row['error']}")
                 continue
             row["speedup_vs"] = ref_name
             row["speedup"] = row["images_per_s"] / ref if ref else None
             sp = f"{row['speedup']:.3f}x" if ref else "-"
             parts = " ".join(f"{row[k]:>8.2f}" if k in row else f"{'-':>8}"
                              for k in ("attack_ms", "fwd_bwd_ms", "loss_ms"))
-            print(f"{batch:>6} {row['loss_backend']:>12} {row['images_per_s']:>10.1f} "
+            print(f"{batch:>6} {name:>12} {row['images_per_s']:>10.1f} "
                   f"{row['step_ms']:>9.2f} {parts} {sp:>8}", flush=True)
         rows += group
     if args.out:
