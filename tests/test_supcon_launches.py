@@ -110,3 +110,27 @@ def test_launch_plans_are_computed_once_per_shape():
     ak.supcon_loss(f[:33], y[:33], backend="triton").backward()  # a ragged last batch
     ak.supcon_loss(f, y, temperature=0.2, backend="triton").backward()
     assert [p.cache_info().misses for p in plans] == [3, 3]
+
+
+def test_a_plan_asks_the_autotuner_once(monkeypatch):
+    """On a GPU the first launch of a plan goes through the autotuner; later launches of the
+    same plan call the kernel with the configuration it chose, skipping the autotuner's
+    per-launch Python (its key is rebuilt from every argument)."""
+    import triton
+
+    calls = []
+
+    class Tuner:
+        best_config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+
+    monkeypatch.setattr(supcon_triton, "INTERPRET", False)
+    monkeypatch.setattr(supcon_triton, "AUTOTUNE", True)
+    monkeypatch.setattr(supcon_triton, "_autotuned", {("fwd", "half"): Tuner()})
+    monkeypatch.setattr(supcon_triton, "_run", lambda kernel, grid, args, cx: calls.append((kernel, cx)))
+    chosen = [None]
+    for _ in range(3):
+        supcon_triton._launch("fwd", torch.bfloat16, None, (), {"LSE_ONLY": False}, chosen)
+    assert isinstance(calls[0][0], Tuner) and calls[0][1] == {"LSE_ONLY": False}
+    direct = {"LSE_ONLY": False, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_ctas": 1,
+              "num_stages": 2}
+    assert calls[1:] == [(supcon_triton._KERNELS["fwd"], direct)] * 2

@@ -124,15 +124,23 @@ def _run(kernel, grid, args: tuple, constexprs: dict) -> None:
     kernel[grid](*args, **constexprs)
 
 
-def _launch(name: str, dtype: torch.dtype, grid, args: tuple, constexprs: dict) -> None:
+def _launch(name: str, dtype: torch.dtype, grid, args: tuple, constexprs: dict, chosen: list) -> None:
+    """Launch kernel ``name``. ``chosen`` is the launch plan's slot for the configuration it
+    runs: the first launch of a plan asks the autotuner, later ones call the kernel with that
+    configuration directly (the autotuner's Python rebuilds its key from every argument,
+    about 40 us a launch on a 2-core host)."""
     if INTERPRET:
         _run(_KERNELS[name], grid, args, dict(constexprs, **INTERPRET_META))
-    elif AUTOTUNE:
-        _run(_autotuned[(name, config_family(dtype))], grid, args, constexprs)
-    else:
+        return
+    if chosen[0] is None:
+        if AUTOTUNE:
+            tuner = _autotuned[(name, config_family(dtype))]
+            _run(tuner, grid, args, constexprs)
+            chosen[0] = dict(constexprs, **tuner.best_config.all_kwargs())
+            return
         config = configs_for(name, dtype, constexprs["LSE_ONLY"], constexprs["SINGLE_SET"])[0]
-        _run(_KERNELS[name], grid, args, dict(constexprs, **config.kwargs, num_warps=config.num_warps,
-                                              num_stages=config.num_stages))
+        chosen[0] = dict(constexprs, **config.all_kwargs())
+    _run(_KERNELS[name], grid, args, chosen[0])
 
 
 def num_splits(rows: int, cols: int, device: torch.device) -> int:
@@ -203,7 +211,8 @@ def _fwd_plan(m: int, n: int, d: int, f_strides: tuple, g_strides: tuple, dtype:
               beta: float, scale: float, normalize: bool, lse_only: bool, reduction: int,
               _policy) -> tuple:
     """Everything of a forward launch but its tensors, computed once per problem shape and
-    options (about 30 us of Python a call otherwise). ``precision`` follows torch's float32
+    options (about 30 us of Python a call otherwise), and a slot for the configuration the
+    autotuner picks for it (see ``_launch``). ``precision`` follows torch's float32
     matmul setting; ``_policy`` holds the module's tunables, so that patching them (tests,
     scripts/supcon_tune.py) takes effect."""
     block_d = max(16, next_power_of_2(d))
@@ -225,7 +234,7 @@ def _fwd_plan(m: int, n: int, d: int, f_strides: tuple, g_strides: tuple, dtype:
             (m, n, d) + f_strides + g_strides + (self_offset, 1.0 / temperature, beta, shift2, scale,
                                                  per_split, _bucket(m), _bucket(n)),
             dict(cx, NORMS_GIVEN=streaming, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only,
-                 FIXED_SHIFT=shift2 > 0.0, REDUCE=reduction, SPLIT=splits > 1))
+                 FIXED_SHIFT=shift2 > 0.0, REDUCE=reduction, SPLIT=splits > 1), [None])
 
 
 def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor], self_offset: int,
@@ -237,7 +246,7 @@ def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor
     single = g is None
     g_, y_g_ = (f, y_f) if single else (g, y_g)
     device = f.device
-    ws_numel, loss_shape, part_numel, locks_numel, norms, grid, tail, cx = _fwd_plan(
+    ws_numel, loss_shape, part_numel, locks_numel, norms, grid, tail, cx, chosen = _fwd_plan(
         f.shape[0], g_.shape[0], f.shape[1], f.stride(), g_.stride(), f.dtype,
         dot_precision(f.dtype), device, single,
         self_offset, temperature, beta, scale, normalize, lse_only, reduction,
@@ -250,7 +259,7 @@ def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor
         if norms is not None:
             _run(kernels._supcon_norms_kernel, norms[0], (f, g_, ws) + norms[1], norms[2])
         _launch("fwd", f.dtype, grid, (f, g_, y_f, y_g_, ws, loss if reduction == 0 else ws,
-                                       loss, part, locks) + tail, cx)
+                                       loss, part, locks) + tail, cx, chosen)
     return loss, ws
 
 
@@ -276,7 +285,7 @@ def _bwd_plan(m: int, n: int, d: int, f_strides: tuple, g_strides: tuple, dtype:
     return (splits * (m + (0 if single else n)) * block_d if splits > 1 else 0,
             cdiv(m, MIN_BLOCK) + cdiv(n, MIN_BLOCK) + 1, grid, tail,
             dict(cx, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only, EXACT=exact and beta != 0.0,
-                 FIXED_SHIFT=shift2 > 0.0, GRAD_MODE=reduction, SPLIT=splits > 1))
+                 FIXED_SHIFT=shift2 > 0.0, GRAD_MODE=reduction, SPLIT=splits > 1), [None])
 
 
 def supcon_bwd(grad: Tensor, f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor],
@@ -287,7 +296,7 @@ def supcon_bwd(grad: Tensor, f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: O
     single = g is None
     g_, y_g_ = (f, y_f) if single else (g, y_g)
     device = f.device
-    part_numel, locks_numel, grid, tail, cx = _bwd_plan(
+    part_numel, locks_numel, grid, tail, cx, chosen = _bwd_plan(
         f.shape[0], g_.shape[0], f.shape[1], f.stride(), g_.stride(), f.dtype,
         dot_precision(f.dtype), device, single,
         self_offset, temperature, beta, scale, normalize, lse_only, exact, reduction,
@@ -299,7 +308,7 @@ def supcon_bwd(grad: Tensor, f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: O
     locks = _lock_buffer(device, locks_numel, reuse_locks)
     with device_guard(f):
         _launch("bwd", f.dtype, grid, (f, g_, y_f, y_g_, ws, grad, df, df if single else dg, part,
-                                       locks) + tail, cx)
+                                       locks) + tail, cx, chosen)
     return df, dg
 
 
