@@ -385,6 +385,17 @@ def test_host_cost_benchmarks_run_and_write_their_json(tmp_path):
         assert timings and all(0 < t["p20_us"] <= t["median_us"] <= t["p80_us"] for t in timings)
 
 
+def test_pgd_host_benchmark_runs_and_writes_its_json(tmp_path):
+    from benchmarks import bench_pgd_host
+
+    out = tmp_path / "pgd_host.json"
+    assert bench_pgd_host.main(["--batch", "2", "--rounds", "10", "--warmup", "1",
+                                "--out", str(out)]) == 0
+    timings = json.loads(out.read_text())["results"]
+    assert len(timings) == 3 and all(0 < t["p20_us"] <= t["median_us"] <= t["p80_us"]
+                                     for t in timings.values())
+
+
 def test_launch_benchmark_runs_without_a_gpu(tmp_path):
     """bench_launch times the GPU launch path with Triton's launch stubbed: it needs the real
     JIT kernels (no TRITON_INTERPRET), not a GPU."""

@@ -376,6 +376,37 @@ def test_opcheck_triton_ops():
                           (torch.empty_like(x), x, None, 0.03, 12345, 0.0, 1.0))
 
 
+def test_plain_eager_triton_calls_skip_the_dispatcher(monkeypatch):
+    """In plain eager mode the Triton step and random start call their implementations
+    directly (the registered ops cost about 100 us of dispatch a call); under a dispatch
+    mode, as under tracing, they go through the ops."""
+    if P.available_backends(torch.zeros(1))["triton"]:
+        pytest.skip("Triton cannot run on CPU tensors here")
+    from anchor_kernels.ops import pgd_triton
+
+    from .utils import DispatchedOps
+
+    direct = []
+    for name in ("pgd_step_triton", "pgd_random_start_triton"):
+        real = getattr(pgd_triton, name)
+        monkeypatch.setattr(pgd_triton, name, lambda *a, _real=real, _name=name: (
+            direct.append(_name), _real(*a))[1])
+    gen = torch.Generator().manual_seed(9)
+    x_adv, grad, x, _, _ = step_inputs((3, 2, 5), torch.float32, gen, per_sample=False)
+
+    def run():
+        ak.pgd_step(x_adv, grad, x, 0.03, 0.01, backend="triton")
+        ak.pgd_random_start(x, 0.03, seed=5, backend="triton")
+
+    run()
+    assert direct == ["pgd_step_triton", "pgd_random_start_triton"]
+    direct.clear()
+    with DispatchedOps() as mode:
+        run()
+    assert direct == []
+    assert {"anchor_kernels.pgd_step_triton", "anchor_kernels.pgd_random_start_triton"} <= set(mode.ops)
+
+
 def test_opcheck_cpp_ops():
     reasons = P.available_backends(torch.zeros(1))["cpu"]
     if reasons:

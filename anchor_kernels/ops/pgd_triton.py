@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._autograd import plain_eager
+
 # Both kernels are bandwidth-bound: 4096 elements per program with 8 warps gives each thread
 # 16 elements (four 16-byte loads per tensor in float32) in flight, enough to cover HBM latency.
 BLOCK = 4096
@@ -222,7 +224,6 @@ def _launch_args(t: Tensor) -> tuple:
     return n, max(n // batch, 1), (triton.cdiv(n, BLOCK),), n >= 2 ** 31 - BLOCK
 
 
-@torch.library.custom_op("anchor_kernels::pgd_step_triton", mutates_args=("x_adv",))
 def pgd_step_triton(x_adv: Tensor, grad: Tensor, x: Tensor, eps_t: Optional[Tensor],
                     alpha_t: Optional[Tensor], eps: float, alpha: float, lo: float,
                     hi: float) -> None:
@@ -240,7 +241,11 @@ def pgd_step_triton(x_adv: Tensor, grad: Tensor, x: Tensor, eps_t: Optional[Tens
             INT64=int64, num_warps=NUM_WARPS)
 
 
-@pgd_step_triton.register_fake
+_step_op = torch.library.custom_op("anchor_kernels::pgd_step_triton", pgd_step_triton,
+                                   mutates_args=("x_adv",))
+
+
+@_step_op.register_fake
 def _(x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi) -> None:
     return None
 
@@ -248,7 +253,6 @@ def _(x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi) -> None:
 L2_BLOCK = 1024
 
 
-@torch.library.custom_op("anchor_kernels::pgd_step_l2_triton", mutates_args=("x_adv",))
 def pgd_step_l2_triton(x_adv: Tensor, grad: Tensor, x: Tensor, eps_t: Optional[Tensor],
                        alpha_t: Optional[Tensor], eps: float, alpha: float, lo: float,
                        hi: float) -> None:
@@ -264,12 +268,15 @@ def pgd_step_l2_triton(x_adv: Tensor, grad: Tensor, x: Tensor, eps_t: Optional[T
             EPS_PER_SAMPLE=eps_t is not None, ALPHA_PER_SAMPLE=alpha_t is not None, num_warps=4)
 
 
-@pgd_step_l2_triton.register_fake
+_step_l2_op = torch.library.custom_op("anchor_kernels::pgd_step_l2_triton", pgd_step_l2_triton,
+                                      mutates_args=("x_adv",))
+
+
+@_step_l2_op.register_fake
 def _(x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi) -> None:
     return None
 
 
-@torch.library.custom_op("anchor_kernels::pgd_random_start_triton", mutates_args=("out",))
 def pgd_random_start_triton(out: Tensor, x: Tensor, eps_t: Optional[Tensor], eps: float,
                             seed: int, lo: float, hi: float) -> None:
     """out = clamp(x + eps (2u - 1), lo, hi); out, x: (B, ...) of one layout, contiguous or
@@ -286,7 +293,11 @@ def pgd_random_start_triton(out: Tensor, x: Tensor, eps_t: Optional[Tensor], eps
             enable_fp_fusion=False)
 
 
-@pgd_random_start_triton.register_fake
+_random_start_op = torch.library.custom_op("anchor_kernels::pgd_random_start_triton",
+                                           pgd_random_start_triton, mutates_args=("out",))
+
+
+@_random_start_op.register_fake
 def _(out, x, eps_t, eps, seed, lo, hi) -> None:
     return None
 
@@ -307,13 +318,20 @@ class TritonPGD:
             reasons.append("the L2 random start is implemented only in the eager backend")
         return reasons
 
+    # In plain eager mode the implementations are called directly: the registered ops would
+    # only dispatch to them, at about 100 us a call (torch.library.custom_op with a mutated
+    # argument, 2-core CPU host). torch.compile, functorch and dispatch modes get the ops.
     def step(self, x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi, norm) -> None:
-        op = torch.ops.anchor_kernels.pgd_step_triton if norm == "linf" else \
-            torch.ops.anchor_kernels.pgd_step_l2_triton
-        op(x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi)
+        if norm == "linf":
+            fn = pgd_step_triton if plain_eager(x_adv) else torch.ops.anchor_kernels.pgd_step_triton
+        else:
+            fn = pgd_step_l2_triton if plain_eager(x_adv) else torch.ops.anchor_kernels.pgd_step_l2_triton
+        fn(x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi)
 
     def random_start(self, out, x, eps_t, eps, seed, lo, hi, norm) -> None:
-        torch.ops.anchor_kernels.pgd_random_start_triton(out, x, eps_t, eps, seed, lo, hi)
+        fn = pgd_random_start_triton if plain_eager(out) else \
+            torch.ops.anchor_kernels.pgd_random_start_triton
+        fn(out, x, eps_t, eps, seed, lo, hi)
 
 
 BACKEND = TritonPGD()
