@@ -17,7 +17,6 @@ Wrappers, interleaved (one call of each per round), garbage collector paused, me
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Optional
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.host_timing import STATS_HEADER, cpu, interleaved_us, stats, write  # noqa: E402
+from benchmarks.host_timing import STATS_HEADER, arguments, cpu, interleaved_us, stats, write  # noqa: E402
 
 SCHEMA_FWD = ("(Tensor f, Tensor? g, Tensor y_f, Tensor? y_g, int self_offset, float temperature, "
               "float beta, float scale, bool normalize, bool lse_only, int reduction) -> (Tensor, Tensor)")
@@ -127,13 +126,7 @@ def measure(n: int, d: int, rounds: int, warmup: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=256)
-    parser.add_argument("--d", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2000)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, rounds=2000, warmup=100, n=256, d=128).parse_args(argv)
     results = measure(args.n, args.d, args.rounds, args.warmup)
     print(f"host cost of one forward + backward per wrapper, CPU ({cpu()}), torch {torch.__version__}")
     print(f"{'wrapper':38s} {STATS_HEADER}")

@@ -18,7 +18,6 @@ Math included (a second group, so that their work does not evict the first group
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -31,7 +30,7 @@ import torch  # noqa: E402
 import anchor_kernels as ak  # noqa: E402
 from anchor_kernels import reference  # noqa: E402
 from anchor_kernels.ops import supcon_triton  # noqa: E402
-from benchmarks.host_timing import STATS_HEADER, cpu, interleaved_us, stats, write  # noqa: E402
+from benchmarks.host_timing import STATS_HEADER, arguments, cpu, interleaved_us, stats, write  # noqa: E402
 
 
 class _Floor(torch.autograd.Function):
@@ -78,13 +77,8 @@ def measure(n: int, d: int, beta: float, rounds: int, warmup: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=256)
-    parser.add_argument("--d", type=int, default=128)
+    parser = arguments(__doc__, rounds=200, warmup=20, n=256, d=128)
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.0])
-    parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     results = {}
     print(f"host cost of one forward + backward, N={args.n}, D={args.d}, CPU ({cpu()})")

@@ -14,7 +14,6 @@ them), interleaved, garbage collector paused, median and 20/80 % quantiles:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,7 +23,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch  # noqa: E402
 
 from anchor_kernels.ops import supcon_triton as st  # noqa: E402
-from benchmarks.host_timing import STATS_HEADER, cpu, interleaved_us, stats, write  # noqa: E402
+from benchmarks.host_timing import STATS_HEADER, arguments, cpu, interleaved_us, stats, write  # noqa: E402
 
 
 class _NoLaunch:
@@ -66,13 +65,7 @@ def candidates(kernel: str, n: int, d: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=128)
-    parser.add_argument("--d", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=1000)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, rounds=1000, warmup=50, n=128, d=128).parse_args(argv)
     results = {}
     print(f"host cost of one launch, kernel run stubbed, CPU ({cpu()})")
     print(f"{'kernel':>6} {'candidate':20s} {STATS_HEADER}")

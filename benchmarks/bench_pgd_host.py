@@ -14,7 +14,6 @@ Candidates, interleaved, garbage collector paused, median and 20/80 % quantiles:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -26,7 +25,7 @@ import torch  # noqa: E402
 
 import anchor_kernels as ak  # noqa: E402
 from anchor_kernels.ops import pgd_triton  # noqa: E402
-from benchmarks.host_timing import STATS_HEADER, cpu, interleaved_us, stats, write  # noqa: E402
+from benchmarks.host_timing import STATS_HEADER, arguments, cpu, interleaved_us, stats, write  # noqa: E402
 
 
 class _NoLaunch:
@@ -51,12 +50,7 @@ def candidates(batch: int, eps: float = 8 / 255, alpha: float = 2 / 255) -> dict
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=1000)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, rounds=1000, warmup=50, batch=8).parse_args(argv)
     real = pgd_triton._pgd_step_linf_kernel
     pgd_triton._pgd_step_linf_kernel = _NoLaunch()
     try:

@@ -4,6 +4,7 @@ JSON they write."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -32,6 +33,18 @@ def interleaved_us(fns: dict, rounds: int, warmup: int, grad_to_none: Sequence[t
             raise t
     return {name: {"median_us": t.ms * 1e3, "p20_us": t.p20 * 1e3, "p80_us": t.p80 * 1e3}
             for name, t in out.items()}
+
+
+def arguments(doc: str, rounds: int, warmup: int, **sizes: int) -> argparse.ArgumentParser:
+    """The command line every host-cost script shares: ``--rounds``, ``--warmup``, ``--out``
+    and one int option per entry of ``sizes`` (``n=256`` gives ``--n``, default 256)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, default in sizes.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--out", default=None, help="JSON path for the results")
+    return parser
 
 
 def cpu() -> str:

@@ -10,7 +10,7 @@ import torch
 from anchor_kernels import attack_graph
 from anchor_kernels.attacks import PGD
 
-from .test_attacks import SmallNet, assert_in_box_ball, synthetic, trained  # noqa: F401
+from .test_attacks import SmallNet, assert_in_box_ball, deterministic_gpu_problem, trained  # noqa: F401
 
 
 class EmulatedGraphs:
@@ -115,12 +115,7 @@ def test_needs_cuda_inputs_and_a_bool(trained):  # noqa: F811
 @pytest.mark.gpu
 @pytest.mark.parametrize("loss", ["ce", "supcon"])
 def test_gpu_captured_attack_equals_eager(monkeypatch, loss):
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    torch.manual_seed(0)
-    model = SmallNet().cuda().eval()
-    x, y = synthetic(256, torch.Generator().manual_seed(1))
-    x, y = x.cuda(), y.cuda()
+    model, x, y = deterministic_gpu_problem(monkeypatch, 256)
     options = dict(loss="supcon", embed=model.embed, loss_backend="triton") if loss == "supcon" else {}
     eager, graphed = attacks(model, **options)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

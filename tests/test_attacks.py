@@ -356,15 +356,20 @@ def test_evaluate(trained):
         evaluate(model, data, [attack, attack])
 
 
-@pytest.mark.gpu
-def test_attack_gpu_fused_equals_eager(monkeypatch):
-    # the same gradients in every run, so that only the update differs between backends
+def deterministic_gpu_problem(monkeypatch, n: int):
+    """A SmallNet on the GPU in eval mode and n synthetic images, with deterministic cuDNN:
+    the same gradients in every run, so that only what a test varies differs."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     torch.manual_seed(0)
     model = SmallNet().cuda().eval()
-    x, y = synthetic(512, torch.Generator().manual_seed(1))
-    x, y = x.cuda(), y.cuda()
+    x, y = synthetic(n, torch.Generator().manual_seed(1))
+    return model, x.cuda(), y.cuda()
+
+
+@pytest.mark.gpu
+def test_attack_gpu_fused_equals_eager(monkeypatch):
+    model, x, y = deterministic_gpu_problem(monkeypatch, 512)
     runs = {b: PGD(model, steps=5, random_start=True, backend=b,
                    generator=torch.Generator().manual_seed(3))(x, y) for b in ("triton", "cuda", "eager")}
     assert torch.equal(runs["triton"], runs["eager"]) and torch.equal(runs["cuda"], runs["eager"])
