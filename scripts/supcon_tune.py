@@ -1,5 +1,6 @@
 """Size rules of the Triton loss, measured: forward + backward of ``supcon_loss(backend="triton")``
-on one GPU with the large-batch path (norm pre-pass, class sums) forced on and off, with the
+on one GPU with the large-batch path (norm pre-pass, class sums) forced on and off, with only
+the norm pre-pass forced on ("norms-first": per-logit labels, no class sums), with the
 column-chunk count (``num_splits``) halved, doubled or set to 1, and the default captured in a
 CUDA graph and replayed (what ``torch.compile(mode="reduce-overhead")`` users get: the GPU time
 without the host's), at each N. Also the host's floor: a trivial autograd forward + backward
@@ -34,23 +35,26 @@ BASE_SPLITS = st.num_splits
 
 
 @contextlib.contextmanager
-def variant(streaming, splits):
-    """Patch the two size rules for the duration of one candidate's calls."""
-    saved = st.STREAMING_MIN_LOGITS, st.num_splits
+def variant(streaming, splits, norms_first=None):
+    """Patch the size rules for the duration of one candidate's calls."""
+    saved = st.STREAMING_MIN_LOGITS, st.num_splits, st.NORMS_FIRST_MIN_LOGITS
     if streaming is not None:
         st.STREAMING_MIN_LOGITS = 0 if streaming else 1 << 62
+    if norms_first is not None:
+        st.NORMS_FIRST_MIN_LOGITS = 0 if norms_first else 1 << 62
     if splits is not None:
         st.num_splits = lambda r, c, dev: max(1, min(16, splits(BASE_SPLITS(r, c, dev))))
     try:
         yield
     finally:
-        st.STREAMING_MIN_LOGITS, st.num_splits = saved
+        st.STREAMING_MIN_LOGITS, st.num_splits, st.NORMS_FIRST_MIN_LOGITS = saved
 
 
 CANDIDATES = {
     "default": (None, None),
     "streaming": (True, None),
-    "one-launch": (False, None),
+    "one-launch": (False, None, False),
+    "norms-first": (False, None, True),
     "splits=1": (None, lambda s: 1),
     "splits/2": (None, lambda s: s // 2),
     "splits*2": (None, lambda s: s * 2),
@@ -139,8 +143,7 @@ def main():
         names = [c for c in CANDIDATES if c != "graph" and (n <= SMALL or not c.startswith("splits"))]
         runs = {}
         for name in names:  # warm-up: compile and autotune each
-            streaming, splits = CANDIDATES[name]
-            with variant(streaming, splits):
+            with variant(*CANDIDATES[name]):
                 for _ in range(3):
                     call()
             runs[name] = call
@@ -156,8 +159,7 @@ def main():
         gc.disable()
         for _ in range(args.rounds):
             for name, run in runs.items():
-                streaming, splits = CANDIDATES[name]
-                with variant(streaming, splits):
+                with variant(*CANDIDATES[name]):
                     times[name].append(timed(run, calls))
         gc.enable()
         row = {"n": n, "splits_default": BASE_SPLITS(n, n, dev), "streaming_default": st.is_streaming(n, n)}

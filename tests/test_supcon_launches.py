@@ -134,3 +134,19 @@ def test_a_plan_asks_the_autotuner_once(monkeypatch):
     direct = {"LSE_ONLY": False, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_ctas": 1,
               "num_stages": 2}
     assert calls[1:] == [(supcon_triton._KERNELS["fwd"], direct)] * 2
+
+
+def test_norms_first_adds_one_launch_and_no_ops(monkeypatch):
+    """NORMS_FIRST_MIN_LOGITS on: the norms kernel, then the same one-launch pair, per-logit
+    labels kept (no class sums, no extra torch ops)."""
+    monkeypatch.setattr(supcon_triton, "NORMS_FIRST_MIN_LOGITS", 1)
+    f = torch.randn(96, 32, device=DEVICE, requires_grad=True)
+    y = labels_for("random", 96).to(DEVICE)
+
+    def step():
+        loss = ak.supcon_loss(f, y, backend="triton")
+        loss.backward(torch.ones_like(loss))
+
+    launches, ops = count(monkeypatch, step)
+    assert launches == ["_supcon_norms_kernel", "_supcon_fwd_kernel", "_supcon_bwd_kernel"]
+    assert len(ops) <= 4, ops

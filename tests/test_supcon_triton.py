@@ -255,6 +255,24 @@ def test_streaming_path(monkeypatch, two_sets, splits):
         compare(g, y_g, hard_positive_beta=1.0)  # soft mining: per-logit positives, norms given
 
 
+@pytest.mark.parametrize("two_sets", [False, True])
+def test_norms_first_path(monkeypatch, two_sets):
+    """The norms kernel first, then the one-launch forward with per-logit labels and norms
+    read, not computed per tile (forced here on a small batch, with extreme norms too)."""
+    from anchor_kernels.ops import supcon_triton
+
+    monkeypatch.setattr(supcon_triton, "NORMS_FIRST_MIN_LOGITS", 1)
+    monkeypatch.setattr(supcon_triton, "num_splits", lambda rows, cols, device: 2)
+    g = torch.randn(300, 20, device=DEVICE)
+    g[::7] *= 1e20
+    y_g = labels_for("some_alone", 300).to(DEVICE) * 1000 - 7
+    for beta in (0.0, 1.0):
+        if two_sets:
+            compare(g[100:250], y_g[100:250], g, y_g, anchor_offset=100, hard_positive_beta=beta)
+        else:
+            compare(g, y_g, hard_positive_beta=beta)
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
 def test_label_dtypes(dtype):
     """Labels are compared as they come: any integer dtype, no densifying pre-pass."""

@@ -60,7 +60,8 @@ SPLIT_ALIGN = 128  # chunk boundaries on multiples of every BLOCK_M / BLOCK_N
 _KERNELS = {"fwd": kernels._supcon_fwd_kernel, "bwd": kernels._supcon_bwd_kernel}
 # Constexprs that select a kernel variant: part of the autotuning key, so that each variant
 # is tuned on its own.
-VARIANT_KEYS = ("NORMALIZE", "SINGLE_SET", "BETA_ZERO", "LSE_ONLY", "FIXED_SHIFT", "SPLIT", "EVEN_D")
+VARIANT_KEYS = ("NORMALIZE", "SINGLE_SET", "BETA_ZERO", "LSE_ONLY", "FIXED_SHIFT", "SPLIT", "EVEN_D",
+                "NORMS_GIVEN")
 # From this many logits (M N) on, the norms are computed by a small kernel before the main
 # one (instead of per tile), and plain SupCon takes its positive term from class sums
 # (supcon_classsum.py), leaving the O(M N) kernels a bare log-sum-exp. Below it, one
@@ -70,6 +71,13 @@ VARIANT_KEYS = ("NORMALIZE", "SINGLE_SET", "BETA_ZERO", "LSE_ONLY", "FIXED_SHIFT
 # 18.6 ms in one launch each way (scripts/supcon_tune.py; benchmarks/results/supcon_tune_h200*.json).
 # So it starts past the largest N measured; N = 131072 ran it in 58.7 ms.
 STREAMING_MIN_LOGITS = 131072 * 131072
+# From this many logits on (and on the large-batch path), the norms kernel runs first while the
+# forward keeps its per-logit labels. Computing the streamed tile's norms in the loop costs
+# the one-launch forward about 11 of its 27 thread-instructions per logit on sm_90 (plain
+# SupCon; soft mining 37 -> 25; `python -m anchor_kernels.ops.sm90_check`), for one launch
+# less. Where the saving outweighs the launch is for a GPU to say (scripts/supcon_tune.py,
+# candidate "norms-first"); until measured it starts where the large-batch path does.
+NORMS_FIRST_MIN_LOGITS = STREAMING_MIN_LOGITS
 
 
 def cdiv(a: int, b: int) -> int:
@@ -217,6 +225,7 @@ def _fwd_plan(m: int, n: int, d: int, f_strides: tuple, g_strides: tuple, dtype:
     scripts/supcon_tune.py) takes effect."""
     block_d = max(16, next_power_of_2(d))
     streaming = is_streaming(m, n)
+    norms_first = streaming or m * n >= NORMS_FIRST_MIN_LOGITS
     cx = dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=block_d == d,
               DOT_PRECISION=precision, UPCAST=interpreter_upcast(dtype), BLOCK_D=block_d)
     splits = num_splits(m, n, device)
@@ -224,7 +233,7 @@ def _fwd_plan(m: int, n: int, d: int, f_strides: tuple, g_strides: tuple, dtype:
     splits = cdiv(n, per_split)
     shift2 = fixed_shift(temperature, normalize, n)
     norms = None
-    if streaming:
+    if norms_first:
         norms = ((cdiv(max(m, n), 64),), (m, n, d) + f_strides + g_strides,
                  dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=cx["EVEN_D"],
                       UPCAST=cx["UPCAST"], BLOCK_R=64, BLOCK_D=block_d))
@@ -233,7 +242,7 @@ def _fwd_plan(m: int, n: int, d: int, f_strides: tuple, g_strides: tuple, dtype:
             lambda meta: (cdiv(m, meta["BLOCK_M"]), splits),
             (m, n, d) + f_strides + g_strides + (self_offset, 1.0 / temperature, beta, shift2, scale,
                                                  per_split, _bucket(m), _bucket(n)),
-            dict(cx, NORMS_GIVEN=streaming, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only,
+            dict(cx, NORMS_GIVEN=norms_first, BETA_ZERO=beta == 0.0, LSE_ONLY=lse_only,
                  FIXED_SHIFT=shift2 > 0.0, REDUCE=reduction, SPLIT=splits > 1), [None])
 
 
@@ -250,7 +259,7 @@ def supcon_fwd(f: Tensor, g: Optional[Tensor], y_f: Tensor, y_g: Optional[Tensor
         f.shape[0], g_.shape[0], f.shape[1], f.stride(), g_.stride(), f.dtype,
         dot_precision(f.dtype), device, single,
         self_offset, temperature, beta, scale, normalize, lse_only, reduction,
-        (num_splits, STREAMING_MIN_LOGITS))
+        (num_splits, STREAMING_MIN_LOGITS, NORMS_FIRST_MIN_LOGITS))
     ws = torch.empty(ws_numel, device=device, dtype=torch.float32)
     loss = torch.empty(loss_shape, device=device, dtype=torch.float32)
     part = torch.empty(part_numel, device=device, dtype=torch.float32) if part_numel else ws
@@ -445,7 +454,14 @@ class TritonSupCon:
 BACKEND = TritonSupCon()
 
 
-LSE_CEILING = {128: 8.0, 64: 8.5}  # per BLOCK_M of the half-precision forward configurations
+# Ceilings on the forward hot loop's thread-instructions per logit (sm90_check fails a variant
+# above its own), a little over what each compiles to with Triton 3.6, one set / two sets:
+# by (norms given, beta = 0, log-sum-exp only) and BLOCK_M. The bare log-sum-exp 7.4 / 7.9
+# (128 / 64 rows); one launch, plain SupCon 27.4 / 27.7, soft mining 37.0 / 37.4; norms
+# first, plain 16.0, soft 25.4.
+FWD_CEILING = {(True, True, True): {128: 8.0, 64: 8.5},
+               (False, True, False): {128: 28.5}, (False, False, False): {128: 38.5},
+               (True, True, False): {128: 17.0}, (True, False, False): {128: 26.5}}
 
 
 def sm90_compile_specs():
@@ -465,29 +481,27 @@ def sm90_compile_specs():
     loss = torch.empty((), dtype=torch.float32)
     part = torch.empty(16, dtype=torch.float32)
     locks = torch.empty(16, dtype=torch.int32)
-    # (streaming, beta = 0, lse_only): the largest batches' plain SupCon (the bare
-    # log-sum-exp), and in one launch each way (per-logit labels, column chunks, norms per
-    # tile) plain SupCon, what most calls run, and soft mining; one set and two; every
-    # configuration the autotuner can pick for the variant
+    # (norms given, beta = 0, lse_only): the largest batches' plain SupCon (the bare
+    # log-sum-exp), in one launch each way (per-logit labels, column chunks, norms per tile)
+    # plain SupCon, what most calls run, and soft mining, and both with the norms first (soft
+    # mining on the largest batches); one set and two; every configuration the autotuner can
+    # pick for the variant
     for single in (True, False):
         ws = torch.empty(ws_size(m, n, single), dtype=torch.float32)
         fwd_args = (f, f, y, y, ws, ws, loss, part, locks, m, n, d, d, 1, d, 1, 0 if single else n,
                     10.0, 0.0, 14.5, 1.0, n, m, n)
         bwd_args = (f, f, y, y, ws, loss, f, f, part, locks, m, n, d, d, 1, d, 1, d, 1, d, 1,
                     0 if single else n, 10.0, 0.0, 14.5, 1.0, n, m, m, n)
-        for streaming, beta_zero, lse_only in [(True, True, True), (False, True, False),
-                                               (False, False, False)]:
+        for variant in FWD_CEILING:
+            streaming, beta_zero, lse_only = variant
             flags = dict(NORMALIZE=True, SINGLE_SET=single, EVEN_D=True, UPCAST=False, BLOCK_D=d,
                          DOT_PRECISION=dot_precision(dtype), BETA_ZERO=beta_zero,
                          LSE_ONLY=lse_only, FIXED_SHIFT=True, SPLIT=not streaming)
             for config in configs_for("fwd", dtype, lse_only, single):
-                # The bare log-sum-exp loop: a ceiling on its thread-instructions per logit
-                # (sm90_check), at what it compiles to (7.4 at 128 x 64, 7.9 at 64 x 64).
-                ceiling = dict(MAX_INSTR_PER_LOGIT=LSE_CEILING[config.kwargs["BLOCK_M"]]) \
-                    if lse_only else {}
+                ceiling = FWD_CEILING[variant][config.kwargs["BLOCK_M"]]
                 launches.append(Launch(_KERNELS["fwd"], (1, 1), fwd_args, dict(
                     flags, NORMS_GIVEN=streaming, REDUCE=0 if lse_only else 2, **config.kwargs,
-                    **ceiling), config.num_warps, config.num_stages))
+                    MAX_INSTR_PER_LOGIT=ceiling), config.num_warps, config.num_stages))
             for config in configs_for("bwd", dtype, lse_only, single):
                 launches.append(Launch(_KERNELS["bwd"], (1, 1), bwd_args, dict(
                     flags, EXACT=False, GRAD_MODE=0 if lse_only else 2, **config.kwargs),
