@@ -207,6 +207,7 @@ class PGD:
         # torchattacks' state: attack mode, normalisation, BatchNorm/Dropout in train mode
         self.attack_mode, self.targeted, self._target_map, self._kth_min = "default", False, None, 1
         self.normalization_used: dict | None = None
+        self._stats_on: dict = {}  # (device, dtype) -> its copies of the normalisation's stats
         self._keep_eval: tuple = ()
         self._given_name = name
         self.name = name or self._default_name()
@@ -432,6 +433,7 @@ class PGD:
             raise ValueError("std must be > 0 for every channel")
         c = mean.numel()
         self.normalization_used = {"mean": mean.reshape(1, c, 1, 1), "std": std.reshape(1, c, 1, 1)}
+        self._stats_on = {}
 
     def set_model_training_mode(self, model_training: bool = False,
                                 batchnorm_training: bool = False,
@@ -499,15 +501,24 @@ class PGD:
         param = next(self.model.parameters(), None)
         return param.device if param is not None else torch.device("cpu")
 
+    def _stats_like(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, std) on x's device and dtype, copied there once: a CUDA graph cannot capture
+        the host-to-device copy, and a replay reads the copy its capture saw."""
+        key = (x.device, x.dtype)
+        if key not in self._stats_on:
+            n = self.normalization_used
+            self._stats_on[key] = (n["mean"].to(x.device, x.dtype), n["std"].to(x.device, x.dtype))
+        return self._stats_on[key]
+
     def _normalize(self, x: Tensor) -> Tensor:
         if self.normalization_used is None:
             return x
-        n = self.normalization_used
-        return (x - n["mean"].to(x.device, x.dtype)) / n["std"].to(x.device, x.dtype)
+        mean, std = self._stats_like(x)
+        return (x - mean) / std
 
     def _denormalize(self, x: Tensor) -> Tensor:
-        n = self.normalization_used
-        return x * n["std"].to(x.device, x.dtype) + n["mean"].to(x.device, x.dtype)
+        mean, std = self._stats_like(x)
+        return x * std + mean
 
     def _pixels(self, x: Tensor) -> Tensor:
         return x if self.normalization_used is None else self._denormalize(x)

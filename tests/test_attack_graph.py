@@ -57,6 +57,21 @@ def test_replays_equal_the_eager_attack(trained, monkeypatch, options):  # noqa:
     assert (graphs.captures, graphs.replays) == (1, 2)
 
 
+def test_normalised_inputs_replay_without_host_copies(trained, monkeypatch):  # noqa: F811
+    """With set_normalization_used the captured steps read the statistics' device copies
+    made once, outside the capture (a CUDA graph cannot capture a host-to-device copy)."""
+    model, x, y = trained
+    graphs = EmulatedGraphs(monkeypatch)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    eager, graphed = attacks(model)
+    for attack in (eager, graphed):
+        attack.set_normalization_used(mean, std)
+    xn = (x[:16] - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    for _ in range(2):
+        assert torch.equal(graphed(xn, y[:16]), eager(xn, y[:16]))
+    assert graphs.replays == 1 and list(graphed._stats_on) == [(x.device, x.dtype)]
+
+
 def test_new_shapes_and_new_parameters_capture_anew(trained, monkeypatch):  # noqa: F811
     model, x, y = trained
     graphs = EmulatedGraphs(monkeypatch)
