@@ -11,7 +11,7 @@ import torch
 
 from anchor_kernels import _ext, hard_positive_mining, reference
 from anchor_kernels.hard_positive import DISPATCH
-from anchor_kernels.ops.hard_positive_triton import MAX_K, hard_positive_triton
+from anchor_kernels.ops.hard_positive_triton import MAX_K
 
 from .cuda_emulation import hard_positive_emulated as emu
 from .cuda_emulation.similarity_emulated import build_emulator
@@ -312,8 +312,9 @@ def test_opcheck():
     z, c = torch.randn(5, 7, device=DEVICE), torch.randn(6, 7, device=DEVICE)
     y = torch.tensor([0, 1, 0, 1, 2], device=DEVICE)
     yc = torch.tensor([0, 0, 1, 1, 2, 2], device=DEVICE)
-    torch.library.opcheck(hard_positive_triton, (z, y, c, yc, 2, True, None))
-    torch.library.opcheck(hard_positive_triton, (z, y, z, y, 3, True, 0))
+    op = torch.ops.anchor_kernels.hard_positive_triton.default
+    torch.library.opcheck(op, (z, y, c, yc, 2, True, None))
+    torch.library.opcheck(op, (z, y, z, y, 3, True, 0))
     z, c, y, yc = z.cpu(), c.cpu(), y.cpu(), yc.cpu()
     torch.library.opcheck(torch.ops.anchor_kernels.hard_positive, (z, y, c, yc, 2, True, None))
     torch.library.opcheck(torch.ops.anchor_kernels.hard_positive, (z, y, z, y, 9, False, 0))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from anchor_kernels import _ext, pairwise_similarity, reference
-from anchor_kernels.ops.similarity_triton import similarity_bwd_triton, similarity_fwd_triton
+import anchor_kernels.ops.similarity_triton  # noqa: F401  registers the Triton ops
 from anchor_kernels.similarity import DISPATCH
 
 from .cuda_emulation import similarity_emulated as emu
@@ -203,11 +203,11 @@ def test_triton_gradients_match_float64_eager():
 
 def test_opcheck():
     a, b = torch.randn(5, 7, device=DEVICE), torch.randn(6, 7, device=DEVICE)
-    torch.library.opcheck(similarity_fwd_triton, (a, b, True, 0.5))
-    _, na, nb = similarity_fwd_triton(a, b, True, 0.5)
-    g = torch.randn(5, 6, device=DEVICE)
-    torch.library.opcheck(similarity_bwd_triton, (g, a, b, na, nb, True, 0.5))
     ops = torch.ops.anchor_kernels
+    torch.library.opcheck(ops.similarity_fwd_triton.default, (a, b, True, 0.5))
+    _, na, nb = ops.similarity_fwd_triton(a, b, True, 0.5)
+    g = torch.randn(5, 6, device=DEVICE)
+    torch.library.opcheck(ops.similarity_bwd_triton.default, (g, a, b, na, nb, True, 0.5))
     a, b, g = a.cpu().double(), b.cpu().double(), g.cpu().double()
     torch.library.opcheck(ops.similarity_fwd, (a.requires_grad_(), b, True, 0.5))
     _, na, nb = ops.similarity_fwd(a, b, True, 0.5)
@@ -381,23 +381,34 @@ def test_gpu_graph_safe(backend):
     assert_graph_safe(step, (a, b))
 
 
-def test_plain_eager_calls_skip_the_registered_autograd(monkeypatch):
-    """The cpu backend in plain eager mode goes through ``SimilarityCpp`` (kernels below the
-    autograd keys); under a dispatch mode, as under tracing, through the op and its
-    registered autograd; both give the same S and gradients."""
-    from anchor_kernels.ops import similarity_cpp
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_plain_eager_calls_skip_the_registered_autograd(monkeypatch, backend):
+    """In plain eager mode the backend's autograd.Function calls its kernels below the
+    autograd keys; under a dispatch mode, as under tracing, the op and its registered
+    autograd run; both give the same S and gradients, and neither differentiates twice."""
+    from anchor_kernels.ops import similarity_cpp, similarity_triton
 
+    reasons = DISPATCH.available(torch.zeros(1, 1), torch.zeros(1, 1))[backend]
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    function, op = {"cpu": (similarity_cpp.SimilarityCpp, "anchor_kernels.similarity_fwd"),
+                    "triton": (similarity_triton.SimilarityTriton,
+                               "anchor_kernels.similarity_fwd_triton")}[backend]
+    dtype = torch.float64 if backend == "cpu" else torch.float32
     applied = []
-    real = similarity_cpp.SimilarityCpp.apply
-    monkeypatch.setattr(similarity_cpp.SimilarityCpp, "apply",
-                        lambda *a: (applied.append(1), real(*a))[1])
-    a = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-    s = pairwise_similarity(a, b, temperature=0.5, backend="cpu")
+    real = function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: (applied.append(1), real(*a))[1])
+    a = torch.randn(9, 5, dtype=dtype, requires_grad=True)
+    b = torch.randn(7, 5, dtype=dtype, requires_grad=True)
+    s = pairwise_similarity(a, b, temperature=0.5, backend=backend)
     grads = torch.autograd.grad(s.square().sum(), (a, b))
     assert applied == [1]
     with DispatchedOps() as mode:
-        s_op = pairwise_similarity(a, b, temperature=0.5, backend="cpu")
+        s_op = pairwise_similarity(a, b, temperature=0.5, backend=backend)
         grads_op = torch.autograd.grad(s_op.square().sum(), (a, b))
-    assert applied == [1] and "anchor_kernels.similarity_fwd" in mode.ops
+    assert applied == [1] and op in mode.ops
     assert torch.equal(s, s_op) and all(torch.equal(x, y) for x, y in zip(grads, grads_op))
+    (da,) = torch.autograd.grad(pairwise_similarity(a, b, backend=backend).sum(), a,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        da.sum().backward()

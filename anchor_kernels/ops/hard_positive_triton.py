@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._autograd import plain_eager
 from .similarity_triton import dot_acc, flag_arg
 from . import triton_launch
 from .triton_launch import (Launch, device_guard, device_reasons, dot_precision,
@@ -159,7 +160,6 @@ def _out_like(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return (z.new_empty((m, k), dtype=torch.int64), z.new_empty((m, k), dtype=torch.float32))
 
 
-@torch.library.custom_op("anchor_kernels::hard_positive_triton", mutates_args=())
 def hard_positive_triton(z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor, k: int,
                          normalize: bool, anchor_offset: int | None) -> tuple[Tensor, Tensor]:
     """(indices (M, k) int64, cosines (M, k) float32) of each anchor's k hardest positives."""
@@ -181,7 +181,11 @@ def hard_positive_triton(z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor,
     return idx, cos
 
 
-@hard_positive_triton.register_fake
+_op = torch.library.custom_op("anchor_kernels::hard_positive_triton", hard_positive_triton,
+                              mutates_args=())
+
+
+@_op.register_fake
 def _(z, labels, c, c_labels, k, normalize, anchor_offset):
     return _out_like(z, k)
 
@@ -199,7 +203,9 @@ class TritonHardPositive:
 
     def __call__(self, z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor, k: int,
                  normalize: bool, anchor_offset: int | None) -> tuple[Tensor, Tensor]:
-        return hard_positive_triton(z, labels, c, c_labels, k, normalize, anchor_offset)
+        # plain eager mode calls the implementation, not the op (its dispatch only adds cost)
+        select = hard_positive_triton if plain_eager(z) else _op
+        return select(z, labels, c, c_labels, k, normalize, anchor_offset)
 
 
 BACKEND = TritonHardPositive()

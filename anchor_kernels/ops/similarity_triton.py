@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._autograd import call, eager_function, plain_eager, refuse_double_backward
 from . import triton_launch
 from .triton_launch import (Launch, device_guard, device_reasons, dot_precision,
                             interpreter_upcast)
@@ -244,7 +245,6 @@ def _check_2d(a: Tensor, b: Tensor) -> None:
     torch._check(a.shape[1] == b.shape[1], lambda: "a and b must have the same D")
 
 
-@torch.library.custom_op("anchor_kernels::similarity_fwd_triton", mutates_args=())
 def similarity_fwd_triton(a: Tensor, b: Tensor, normalize: bool,
                           temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """(S (M, N) in a's dtype, n_a (M,) fp32, n_b (N,) fp32): see the module docstring."""
@@ -258,7 +258,11 @@ def similarity_fwd_triton(a: Tensor, b: Tensor, normalize: bool,
     return s, na, nb
 
 
-@similarity_fwd_triton.register_fake
+_fwd_op = torch.library.custom_op("anchor_kernels::similarity_fwd_triton", similarity_fwd_triton,
+                                  mutates_args=())
+
+
+@_fwd_op.register_fake
 def _(a, b, normalize, temperature):
     _check_2d(a, b)
     m, n = a.shape[0], b.shape[0]
@@ -266,7 +270,6 @@ def _(a, b, normalize, temperature):
             a.new_empty((n,), dtype=torch.float32))
 
 
-@torch.library.custom_op("anchor_kernels::similarity_bwd_triton", mutates_args=())
 def similarity_bwd_triton(grad: Tensor, a: Tensor, b: Tensor, na: Tensor, nb: Tensor,
                           normalize: bool, temperature: float) -> tuple[Tensor, Tensor]:
     """(da (M, D), db (N, D)) for grad = dL/dS (M, N)."""
@@ -280,7 +283,11 @@ def similarity_bwd_triton(grad: Tensor, a: Tensor, b: Tensor, na: Tensor, nb: Te
     return da, db
 
 
-@similarity_bwd_triton.register_fake
+_bwd_op = torch.library.custom_op("anchor_kernels::similarity_bwd_triton", similarity_bwd_triton,
+                                  mutates_args=())
+
+
+@_bwd_op.register_fake
 def _(grad, a, b, na, nb, normalize, temperature):
     return (torch.empty_like(a, memory_format=torch.contiguous_format),
             torch.empty_like(b, memory_format=torch.contiguous_format))
@@ -296,11 +303,18 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_s, grad_na, grad_nb):
     # The norms are auxiliary outputs for this backward; they carry no gradient.
     a, b, na, nb = ctx.saved_tensors
-    da, db = similarity_bwd_triton(grad_s, a, b, na, nb, ctx.normalize, ctx.temperature)
-    return da, db, None, None  # a, b, normalize, temperature
+    bwd = similarity_bwd_triton if plain_eager(grad_s) else _bwd_op
+    da, db = bwd(grad_s, a, b, na, nb, ctx.normalize, ctx.temperature)
+    # create_graph=True: differentiating these gradients again raises, by name
+    return refuse_double_backward("triton", (da, db), (grad_s, a, b)) + (None, None)
 
 
-similarity_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+# The plain eager path: the same forward, saved state and backward as an autograd.Function
+# that calls the implementations (the registered op's dispatch and autograd wrapper cost
+# more than the work around a launch); torch.compile and dispatch modes get the op.
+SimilarityTriton = eager_function("SimilarityTriton", similarity_fwd_triton, _setup_context,
+                                  _backward, 4)
 
 
 class TritonSimilarity:
@@ -312,7 +326,7 @@ class TritonSimilarity:
         return device_reasons([a, b])
 
     def __call__(self, a: Tensor, b: Tensor, normalize: bool, temperature: float) -> Tensor:
-        return similarity_fwd_triton(a, b, normalize, temperature)[0]
+        return call(SimilarityTriton, _fwd_op, a, b, normalize, temperature)[0]
 
 
 BACKEND = TritonSimilarity()
