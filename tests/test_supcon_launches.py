@@ -150,3 +150,22 @@ def test_norms_first_adds_one_launch_and_no_ops(monkeypatch):
     launches, ops = count(monkeypatch, step)
     assert launches == ["_supcon_norms_kernel", "_supcon_fwd_kernel", "_supcon_bwd_kernel"]
     assert len(ops) <= 4, ops
+
+
+def test_launch_plans_follow_the_float32_matmul_precision(monkeypatch):
+    """The cached plans are keyed on torch's float32 matmul setting: "highest" multiplies in
+    full float32 ("ieee"), "high" allows TF32, from one call to the next."""
+    seen = []
+    real = supcon_triton._run
+    monkeypatch.setattr(supcon_triton, "_run", lambda kernel, grid, args, cx: (
+        seen.append(cx["DOT_PRECISION"]), real(kernel, grid, args, cx)))
+    f = torch.randn(40, 16, device=DEVICE)
+    y = labels_for("random", 40).to(DEVICE)
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "high", "highest"):
+            torch.set_float32_matmul_precision(precision)
+            ak.supcon_loss(f, y, backend="triton")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen == ["ieee", "tf32", "ieee"]
