@@ -325,3 +325,21 @@ def test_supcon_large_batch_forward_is_lean_and_does_not_spill(report):
         assert row["local_loads"] == 0 and row["local_stores"] == 0, label(row)
     first = [r for r in forward if r["constexprs"].get("BLOCK_M") == 128]
     assert first and all(r["instr_per_logit"] <= 12.5 for r in first)
+
+
+@pytest.mark.slow
+def test_every_supcon_forward_has_a_ceiling_and_norms_first_is_leaner(report):
+    """Every half-precision forward variant that runs has its instructions-per-logit ceiling;
+    with the norms kernel first, the per-logit-label forward drops the streamed tile's norms
+    (about 11 of its 27-37 thread-instructions per logit), for plain SupCon and soft mining."""
+    forward = [r for r in rows_of(report, "supcon_triton") if r["kernel"] == "_supcon_fwd_kernel"
+               and r["dtype"] in ("fp16", "bf16")]
+    per_logit = {}
+    for row in forward:
+        assert row["max_instr_per_logit"] is not None, label(row)
+        cx = row["constexprs"]
+        if not cx["LSE_ONLY"]:
+            per_logit[(cx["NORMS_GIVEN"], cx["BETA_ZERO"], cx["SINGLE_SET"])] = row["instr_per_logit"]
+    for beta_zero in (True, False):
+        for single in (True, False):
+            assert per_logit[(True, beta_zero, single)] < per_logit[(False, beta_zero, single)] - 8
