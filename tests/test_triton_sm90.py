@@ -343,3 +343,15 @@ def test_every_supcon_forward_has_a_ceiling_and_norms_first_is_leaner(report):
     for beta_zero in (True, False):
         for single in (True, False):
             assert per_logit[(True, beta_zero, single)] < per_logit[(False, beta_zero, single)] - 8
+
+
+@pytest.mark.slow
+def test_unchunked_two_set_backward_runs_on_wgmma_only(report):
+    """Two sets without column chunks (the large batches): the dK part takes BLOCK_M contrast
+    rows per program, the dQ part's tile shape, so no product falls back to mma.sync."""
+    rows = [r for r in rows_of(report, "supcon_triton") if r["kernel"] == "_supcon_bwd_kernel"
+            and r["dtype"] in ("fp16", "bf16") and not r["constexprs"]["SINGLE_SET"]
+            and not r["constexprs"]["SPLIT"]]
+    assert rows, "no unchunked two-set backward variant"
+    for row in rows:
+        assert all(s.startswith("HGMMA") for s in row["mma_shapes"]), label(row)

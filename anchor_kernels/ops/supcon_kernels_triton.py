@@ -610,8 +610,8 @@ def _supcon_bwd_kernel(
 
     Programs [0, ROW_PROGRAMS): BLOCK_M anchors each, dz_i = sum_j G_ij c_j / tau (dQ); with
     one set G_ji is added from the same tile (t, A and P are symmetric), so this is the whole
-    gradient, with no atomics. Two sets: the programs after them take BLOCK_N contrast rows
-    each, dc_j = sum_i G_ij z_i / tau (dK)."""
+    gradient, with no atomics. Two sets: the programs after them take contrast rows,
+    dc_j = sum_i G_ij z_i / tau (dK), in the tiles ``supcon_triton.dk_rows`` says."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -625,6 +625,9 @@ def _supcon_bwd_kernel(
     else:
         RG = RF + M
         ROW_PROGRAMS = tl.cdiv(M, BLOCK_M)
+        # dK tiles: see supcon_triton.dk_rows
+        DK_ROWS: tl.constexpr = BLOCK_N if SPLIT else BLOCK_M
+        DK_COLS: tl.constexpr = BLOCK_M if SPLIT else BLOCK_N
         if pid < ROW_PROGRAMS:
             _bwd_block(pid, split, splits, F, YF, RF, G, YG, RG, DF, PART, LOCKS, pid, WS,
                        GRAD, M, N, D, M, N, stride_fm, stride_fd, stride_gn, stride_gd,
@@ -638,4 +641,4 @@ def _supcon_bwd_kernel(
                        stride_gn, stride_gd, stride_fm, stride_fd, stride_dgn, stride_dgd,
                        SELF_OFFSET, inv_tau, beta, shift2, grad_scale, ROWS_PER_SPLIT, False,
                        False, NORMALIZE, BETA_ZERO, LSE_ONLY, EXACT, FIXED_SHIFT, GRAD_MODE,
-                       SPLIT, EVEN_D, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
+                       SPLIT, EVEN_D, DOT_PRECISION, UPCAST, DK_ROWS, DK_COLS, BLOCK_D)

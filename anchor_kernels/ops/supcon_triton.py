@@ -176,6 +176,14 @@ def fixed_shift(temperature: float, normalize: bool, n: int) -> float:
     return shift2 if 2.0 * shift2 + math.log2(max(n, 2)) <= 96.0 else 0.0
 
 
+def dk_rows(meta: dict, split: bool) -> int:
+    """Contrast rows per program in the two-set backward's dK part. Unchunked: BLOCK_M, the
+    dQ part's tile shape, so its products run on wgmma (32 resident rows, BLOCK_N, do not
+    fill a warpgroup's 64-row tile and compile to mma.sync). With column chunks: BLOCK_N,
+    because the chunk merge then needs registers that the larger block would spill."""
+    return meta["BLOCK_N"] if split else meta["BLOCK_M"]
+
+
 def ws_size(m: int, n: int, single: bool) -> int:
     """float32 workspace: STAT_ROWS rows of M stats, RF (M), RG (N, two sets), the count."""
     return (kernels.STAT_ROWS.value + 1) * m + (0 if single else n) + 1
@@ -286,7 +294,7 @@ def _bwd_plan(m: int, n: int, d: int, f_strides: tuple, g_strides: tuple, dtype:
     splits = max(cdiv(n, cols_per_split), 1 if single else cdiv(m, rows_per_split))
     shift2 = fixed_shift(temperature, normalize, n)
     grid = (lambda meta: (cdiv(m, meta["BLOCK_M"]), splits)) if single else \
-        (lambda meta: (cdiv(m, meta["BLOCK_M"]) + cdiv(n, meta["BLOCK_N"]), splits))
+        (lambda meta: (cdiv(m, meta["BLOCK_M"]) + cdiv(n, dk_rows(meta, splits > 1)), splits))
     # df and dg are allocated contiguous: strides (D, 1)
     tail = (m, n, d) + f_strides + g_strides + (d, 1, d, 1, self_offset, 1.0 / temperature, beta,
                                                 shift2, scale, cols_per_split, rows_per_split,
