@@ -100,13 +100,18 @@ stage sweep_large ${LARGE_LIMIT:-90} python3 -m benchmarks --ops supcon --dtypes
 stage sweep_large_beta1 45 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
     --sizes 16384 65536 --passes fwd+bwd --candidates triton --set supcon.beta=1.0 \
     --time-budget 40 --no-fit --no-progress --no-plot --out "$RES/supcon_large_beta1.json"
+# Two sets (N/8 anchors against N rows, a distributed process's shape): the backward's dK
+# programs on wgmma.
+stage sweep_two_sets 60 python3 -m benchmarks --ops supcon --dtypes bfloat16 --sizes 16384 65536 \
+    --passes fwd bwd fwd+bwd --candidates triton sdpa-flash --set supcon.anchors=0.125 \
+    --time-budget 50 --no-fit --no-progress --no-plot --out "$RES/supcon_two_sets.json"
 stage bench_attack 90 python3 -m benchmarks --ops attack --dtypes bfloat16 --sizes 512 4096 \
     --time-budget 80 --no-fit --no-progress --no-plot --out "$RES/attack.json"
 stage runner_sweep 140 python3 -m benchmarks --gpu-sweep --time-budget 60 --fit-budget 30 \
     --no-progress --out "$RES/sweep_h100.json"
 
 # Tables last (what comes back of the output is its end).
-for f in "$RES"/supcon_cuda.json "$RES"/supcon_small.json "$RES"/supcon_large.json "$RES"/supcon_large_beta1.json "$RES"/attack.json; do
+for f in "$RES"/supcon_cuda.json "$RES"/supcon_small.json "$RES"/supcon_large.json "$RES"/supcon_large_beta1.json "$RES"/supcon_two_sets.json "$RES"/attack.json; do
     [[ -f "$f" ]] && python3 -m benchmarks --replot "$f" --no-plot 2>&1 | grep -v "^wrote"
 done
 grep -A10 "interleaved rounds" "$LOG" || true

@@ -86,6 +86,23 @@ def test_every_registered_op_runs_its_eager_baseline(op, tmp_path):
     assert all((r["tflops"] or 0) > 0 or (r["gbps"] or 0) > 0 for r in doc["results"])
 
 
+def test_supcon_two_sets_time_m_anchors_against_n_rows(tmp_path):
+    """--set supcon.anchors=0.25: the first N/4 rows against all N (two sets, the distributed
+    loss's shape per process), counted as 6 M N D flops, on the C++ backend and the eager
+    and compiled references."""
+    out = tmp_path / "two.json"
+    assert run_cli("--sizes", 32, 64, "--candidates", "cpu", "eager", "--set", "supcon.anchors=0.25",
+                   "--no-fit", "--no-plot", "--out", out, *FAST) == 0
+    doc = json.loads(out.read_text())
+    results.validate(doc)
+    ran = [r for r in doc["results"] if r["status"] == "ok"]
+    assert {r["candidate"] for r in ran} >= {"eager"}
+    for r in ran:
+        assert r["m"] == r["n"] // 4
+        flops = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[r["pass"]] * r["m"] * r["n"] * 8
+        assert r["tflops"] == pytest.approx(flops / (r["ms"] * 1e-3) / 1e12)
+
+
 def test_an_op_with_no_backward_is_timed_forward_only_in_gb_per_s(tmp_path):
     out = tmp_path / "pgd.json"
     assert run_cli("--ops", "pgd", "--sizes", 8, 16, "--candidates", "eager", "--warmup-ms", 1,

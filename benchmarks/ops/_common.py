@@ -91,9 +91,9 @@ def _attention_reasons(p: Problem) -> list[str]:
 def _attention_build(p: Problem):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    # q, k, v (1, 1, N, D): one head over the same (N, D) as the op.
-    q, k, v = (torch.randn(1, 1, p.n, p.d, device=p.device, dtype=p.dtype, requires_grad=True)
-               for _ in range(3))
+    # q (1, 1, M, D), k and v (1, 1, N, D): one head over the op's shapes.
+    q, k, v = (torch.randn(1, 1, rows, p.d, device=p.device, dtype=p.dtype, requires_grad=True)
+               for rows in (p.m, p.n, p.n))
 
     def forward():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):

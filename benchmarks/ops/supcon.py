@@ -1,4 +1,6 @@
-"""SupCon / ANCHOR loss (``anchor_kernels.supcon_loss``): single set, M = N anchors.
+"""SupCon / ANCHOR loss (``anchor_kernels.supcon_loss``): single set, M = N anchors, or with
+``anchors`` < 1 two sets: the first M = anchors x N rows as anchors against all N as the
+contrast set (``anchor_offset=0``), the shape of one process of the distributed loss.
 
 Inputs: features (N, D) with ``requires_grad``, labels (N,) drawn from ``classes`` classes.
 Work: the similarity matmul, 2 M N D flops forward and 4 M N D backward (dz and dc); the
@@ -18,11 +20,11 @@ from ..records import Candidate, Problem, Settings, Work
 from . import _common
 
 NAME = "supcon"
-SIZE_LABEL = "N (batch rows; M = N anchors)"
+SIZE_LABEL = "N (batch rows; M = anchors x N anchors)"
 # beta > 0: soft hard-positive mining; topk > 0: the top-k mode (0: off); beta = topk = 0 is
 # standard SupCon.
 OPTIONS = {"d": 128, "classes": 10, "temperature": 0.1, "beta": 0.0, "topk": 0,
-           "detach_weights": True}
+           "detach_weights": True, "anchors": 1.0}
 
 _SIZES = {
     ("cpu", True): (256, 512, 1024, 2048),
@@ -41,8 +43,17 @@ def make_problem(n: int, dtype: torch.dtype, device: torch.device, options: dict
     f = torch.randn(n, options["d"], device=device, dtype=dtype, generator=gen)
     labels = torch.randint(0, options["classes"], (n,), device=device, generator=gen)
     f.requires_grad_()
-    return Problem(op=NAME, n=n, m=n, d=options["d"], dtype=dtype, device=device,
+    m = n if options["anchors"] >= 1 else max(1, round(n * options["anchors"]))
+    return Problem(op=NAME, n=n, m=m, d=options["d"], dtype=dtype, device=device,
                    inputs={"features": f, "labels": labels}, grad_inputs=(f,))
+
+
+def _loss_args(p: Problem) -> tuple[tuple, dict]:
+    """supcon_loss's tensors: one set, or the first M rows against all N (two sets)."""
+    f, y = p.inputs["features"], p.inputs["labels"]
+    if p.m == p.n:
+        return (f, y), {}
+    return (f[:p.m], y[:p.m]), dict(contrast=f, contrast_labels=y, anchor_offset=0)
 
 
 def work(p: Problem, pass_: str) -> Work:
@@ -58,8 +69,9 @@ def _loss_kwargs(options: dict) -> dict:
 
 def _backend_reasons(name: str, options: dict):
     def reasons(p: Problem) -> list[str]:
+        (f, y), two = _loss_args(p)
         problem = backends.SupConProblem(
-            f=p.inputs["features"], y_f=p.inputs["labels"], g=None, y_g=None,
+            f=f, y_f=y, g=two.get("contrast"), y_g=two.get("contrast_labels"),
             temperature=options["temperature"], beta=options["beta"], topk=options["topk"] or None,
             detach_weights=options["detach_weights"], normalize=True, anchor_offset=0)
         return backends.available_backends(problem)[name]
@@ -70,8 +82,8 @@ def _backend_build(name: str, options: dict):
     kwargs = _loss_kwargs(options)
 
     def build(p: Problem):
-        f, y = p.inputs["features"], p.inputs["labels"]
-        return functools.partial(supcon_loss, f, y, backend=name, **kwargs), p.grad_inputs
+        tensors, two = _loss_args(p)
+        return functools.partial(supcon_loss, *tensors, backend=name, **two, **kwargs), p.grad_inputs
     return build
 
 
@@ -81,7 +93,11 @@ def _compiled_build(options: dict, settings: Settings):
                           functools.partial(reference.supcon_loss, **kwargs), settings)
 
     def build(p: Problem):
-        return functools.partial(fn, p.inputs["features"], p.inputs["labels"]), p.grad_inputs
+        (f, y), two = _loss_args(p)
+        if two:
+            return functools.partial(fn, f, y, two["contrast"], two["contrast_labels"],
+                                     anchor_offset=0), p.grad_inputs
+        return functools.partial(fn, f, y), p.grad_inputs
     return build
 
 
