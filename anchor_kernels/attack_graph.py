@@ -30,11 +30,15 @@ def warm_up(fn: Callable[[], Tensor], device: torch.device) -> Tensor:
     result, so a first call runs the attack exactly once."""
     if device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs CUDA inputs; x is on {device.type}")
+    current = torch.cuda.current_stream(device)
     stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
+    stream.wait_stream(current)
     with torch.cuda.stream(stream):
         out = fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
+    current.wait_stream(stream)
+    # allocated on the side stream, used on this one: its memory must not be handed to the
+    # side stream's next allocation (streams are pooled) before this stream is done with it
+    out.record_stream(current)
     return out
 
 
