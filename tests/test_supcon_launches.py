@@ -169,3 +169,30 @@ def test_launch_plans_follow_the_float32_matmul_precision(monkeypatch):
     finally:
         torch.set_float32_matmul_precision(before)
     assert seen == ["ieee", "tf32", "ieee"]
+
+
+@pytest.mark.gpu
+def test_gpu_tuned_plans_launch_directly_after_the_first(monkeypatch):
+    """Tuned: a plan's first forward and backward go through the autotuner, later ones call
+    the kernels with its choice; every call gives the same loss and gradient bit for bit,
+    and the eager result."""
+    import triton
+
+    monkeypatch.setattr(supcon_triton, "AUTOTUNE", True)
+    for plan in (supcon_triton._fwd_plan, supcon_triton._bwd_plan):
+        plan.cache_clear()
+    kinds = []
+    real = supcon_triton._run
+    monkeypatch.setattr(supcon_triton, "_run", lambda kernel, grid, args, cx: (
+        kinds.append(isinstance(kernel, triton.runtime.Autotuner)), real(kernel, grid, args, cx)))
+    f = torch.randn(1000, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = labels_for("random", 1000).cuda()
+    runs = []
+    for _ in range(3):
+        loss = ak.supcon_loss(f, y, backend="triton", hard_positive_beta=1.0)
+        (grad,) = torch.autograd.grad(loss, f)
+        runs.append((loss, grad))
+    assert kinds == [True, True, False, False, False, False]
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
+    ref = ak.supcon_loss(f.float(), y, backend="eager", hard_positive_beta=1.0)
+    assert torch.allclose(runs[0][0], ref, rtol=2e-2, atol=2e-2)
