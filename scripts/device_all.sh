@@ -68,6 +68,17 @@ stage bench_pgd 45 python3 benchmarks/bench_pgd.py --gpu --out "$RES/pgd_gpu.jso
 stage bench_train 120 python3 -m anchor_kernels.train.bench --batch 512 4096 \
     --loss-backend conventional eager triton --attack-graph off on --steps 5 --warmup 2 \
     --out "$RES/train_step.json"
+# One epoch of 50,000 CIFAR-sized images (ANCHOR, PGD-10, full-width ResNet-18, bf16), the
+# attack eager and replayed from a CUDA graph: metrics.jsonl has the epoch's wall time (the
+# run's checkpoint stays out of the results).
+for graph in off on; do
+    run_dir=/tmp/train_epoch_graph_$graph
+    stage "train_epoch_graph_$graph" 150 bash -c "python3 -m anchor_kernels.train \
+        --dataset synthetic --synthetic-train-size 50000 --synthetic-test-size 1000 --epochs 1 \
+        --batch-size 512 --eval-samples 500 --final-eval-samples 500 --no-progress --overwrite \
+        --out-dir $run_dir $([[ $graph == on ]] && echo --attack-graph) \
+        && mkdir -p $RES/$(basename $run_dir) && cp $run_dir/*.json* $RES/$(basename $run_dir)/"
+done
 stage errors 90 python3 scripts/supcon_errors.py --n 4096 --backends triton cuda
 stage bench_hard_positive 90 python3 -m pytest -q benchmarks/bench_hard_positive.py \
     -k "bfloat16 and k4 and (triton or eager or compiled)" --benchmark-columns=median,iqr,rounds \
