@@ -45,9 +45,15 @@ def eager_function(name: str, op, setup_context, backward, n_inputs: int):
     return Function
 
 
+def direct_or_op(impl, op, *inputs):
+    """``impl(*inputs)`` in plain eager mode, else the registered ``op``, which would only
+    dispatch to ``impl`` there (tens of us a call) but is what tracing and dispatch modes need."""
+    return impl(*inputs) if plain_eager(inputs[0]) else op(*inputs)
+
+
 def call(function, op, *inputs):
     """``function.apply(*inputs)`` in plain eager mode, else the registered ``op``."""
-    return function.apply(*inputs) if plain_eager(inputs[0]) else op(*inputs)
+    return direct_or_op(function.apply, op, *inputs)
 
 
 def double_backward_error(backend: str) -> RuntimeError:

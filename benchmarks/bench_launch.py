@@ -23,18 +23,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch  # noqa: E402
 
 from anchor_kernels.ops import supcon_triton as st  # noqa: E402
-from benchmarks.host_timing import STATS_HEADER, arguments, cpu, interleaved_us, stats, write  # noqa: E402
-
-
-class _NoLaunch:
-    """Stands in for a JIT kernel: ``kernel[grid](...)`` calls ``run`` as Triton's does, and
-    ``run`` does nothing."""
-
-    def run(self, *args, **kwargs):
-        return None
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+from benchmarks.host_timing import NoLaunch, STATS_HEADER, arguments, cpu, interleaved_us, stats, write  # noqa: E402
 
 
 def candidates(kernel: str, n: int, d: int) -> dict:
@@ -46,13 +35,14 @@ def candidates(kernel: str, n: int, d: int) -> dict:
     common = (n, n, d, f.stride(), f.stride(), f.dtype, "tf32", torch.device("cpu"), True, n,
               0.1, 0.0, 1.0, True, False)
     if kernel == "fwd":
-        *_, grid, tail, cx, chosen = st._fwd_plan(*common, 2, (st.num_splits, st.STREAMING_MIN_LOGITS))
+        *_, grid, tail, cx, chosen = st._fwd_plan(
+            *common, 2, (st.num_splits, st.STREAMING_MIN_LOGITS, st.NORMS_FIRST_MIN_LOGITS))
         args = (f, f, y, y, ws, ws, ws, ws, ws) + tail
     else:
         _, _, grid, tail, cx, chosen = st._bwd_plan(*common, True, 2, (st.num_splits,))
         args = (f, f, y, y, ws, ws, f, f, ws, ws) + tail
     tuner = st._autotuned[(kernel, "half")]
-    tuner.fn = st._KERNELS[kernel] = _NoLaunch()  # this process launches nothing
+    tuner.fn = st._KERNELS[kernel] = NoLaunch()  # this process launches nothing
     # the autotuner's choice cached under its key (Triton 3.6's: the key arguments' values,
     # then every tensor argument's dtype), as after a first, tuned launch
     named = dict(zip(tuner.arg_names, args))

@@ -25,12 +25,7 @@ import torch  # noqa: E402
 
 import anchor_kernels as ak  # noqa: E402
 from anchor_kernels.ops import pgd_triton  # noqa: E402
-from benchmarks.host_timing import STATS_HEADER, arguments, cpu, interleaved_us, stats, write  # noqa: E402
-
-
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+from benchmarks.host_timing import NoLaunch, STATS_HEADER, arguments, cpu, interleaved_us, stats, write  # noqa: E402
 
 
 def candidates(batch: int, eps: float = 8 / 255, alpha: float = 2 / 255) -> dict:
@@ -52,7 +47,7 @@ def candidates(batch: int, eps: float = 8 / 255, alpha: float = 2 / 255) -> dict
 def main(argv=None) -> int:
     args = arguments(__doc__, rounds=1000, warmup=50, batch=8).parse_args(argv)
     real = pgd_triton._pgd_step_linf_kernel
-    pgd_triton._pgd_step_linf_kernel = _NoLaunch()
+    pgd_triton._pgd_step_linf_kernel = NoLaunch()
     try:
         results = interleaved_us(candidates(args.batch), args.rounds, args.warmup)
     finally:

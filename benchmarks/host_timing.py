@@ -47,6 +47,17 @@ def arguments(doc: str, rounds: int, warmup: int, **sizes: int) -> argparse.Argu
     return parser
 
 
+class NoLaunch:
+    """Stands in for a Triton JIT kernel: ``kernel[grid](...)`` calls ``run`` as Triton's does,
+    and ``run`` launches nothing, so that what is timed is the host's work around it."""
+
+    def run(self, *args, **kwargs):
+        return None
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+
+
 def cpu() -> str:
     """The machine the timings ran on, for a table's title."""
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._autograd import plain_eager
+from .._autograd import direct_or_op
 from .similarity_triton import dot_acc, flag_arg
 from . import triton_launch
 from .triton_launch import (Launch, device_guard, device_reasons, dot_precision,
@@ -203,9 +203,8 @@ class TritonHardPositive:
 
     def __call__(self, z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor, k: int,
                  normalize: bool, anchor_offset: int | None) -> tuple[Tensor, Tensor]:
-        # plain eager mode calls the implementation, not the op (its dispatch only adds cost)
-        select = hard_positive_triton if plain_eager(z) else _op
-        return select(z, labels, c, c_labels, k, normalize, anchor_offset)
+        return direct_or_op(hard_positive_triton, _op, z, labels, c, c_labels, k, normalize,
+                            anchor_offset)
 
 
 BACKEND = TritonHardPositive()

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._autograd import plain_eager
+from .._autograd import direct_or_op
 
 # Both kernels are bandwidth-bound: 4096 elements per program with 8 warps gives each thread
 # 16 elements (four 16-byte loads per tensor in float32) in flight, enough to cover HBM latency.
@@ -322,16 +322,11 @@ class TritonPGD:
     # only dispatch to them, at about 100 us a call (torch.library.custom_op with a mutated
     # argument, 2-core CPU host). torch.compile, functorch and dispatch modes get the ops.
     def step(self, x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi, norm) -> None:
-        if norm == "linf":
-            fn = pgd_step_triton if plain_eager(x_adv) else torch.ops.anchor_kernels.pgd_step_triton
-        else:
-            fn = pgd_step_l2_triton if plain_eager(x_adv) else torch.ops.anchor_kernels.pgd_step_l2_triton
-        fn(x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi)
+        impl, op = (pgd_step_triton, _step_op) if norm == "linf" else (pgd_step_l2_triton, _step_l2_op)
+        direct_or_op(impl, op, x_adv, grad, x, eps_t, alpha_t, eps, alpha, lo, hi)
 
     def random_start(self, out, x, eps_t, eps, seed, lo, hi, norm) -> None:
-        fn = pgd_random_start_triton if plain_eager(out) else \
-            torch.ops.anchor_kernels.pgd_random_start_triton
-        fn(out, x, eps_t, eps, seed, lo, hi)
+        direct_or_op(pgd_random_start_triton, _random_start_op, out, x, eps_t, eps, seed, lo, hi)
 
 
 BACKEND = TritonPGD()

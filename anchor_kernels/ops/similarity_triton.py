@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._autograd import call, eager_function, plain_eager, refuse_double_backward
+from .._autograd import call, direct_or_op, eager_function, refuse_double_backward
 from . import triton_launch
 from .triton_launch import (Launch, device_guard, device_reasons, dot_precision,
                             interpreter_upcast)
@@ -303,8 +303,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_s, grad_na, grad_nb):
     # The norms are auxiliary outputs for this backward; they carry no gradient.
     a, b, na, nb = ctx.saved_tensors
-    bwd = similarity_bwd_triton if plain_eager(grad_s) else _bwd_op
-    da, db = bwd(grad_s, a, b, na, nb, ctx.normalize, ctx.temperature)
+    da, db = direct_or_op(similarity_bwd_triton, _bwd_op, grad_s, a, b, na, nb, ctx.normalize,
+                          ctx.temperature)
     # create_graph=True: differentiating these gradients again raises, by name
     return refuse_double_backward("triton", (da, db), (grad_s, a, b)) + (None, None)
 

@@ -221,6 +221,14 @@ def is_streaming(m: int, n: int) -> bool:
     return m * n >= STREAMING_MIN_LOGITS
 
 
+def _shared_constexprs(d: int, dtype: torch.dtype, precision: str, normalize: bool,
+                       single: bool) -> tuple[int, dict]:
+    """(BLOCK_D, the constexprs both kernels take): the whole feature dimension per tile."""
+    block_d = max(16, next_power_of_2(d))
+    return block_d, dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=block_d == d,
+                         DOT_PRECISION=precision, UPCAST=interpreter_upcast(dtype), BLOCK_D=block_d)
+
+
 @functools.lru_cache(maxsize=256)
 def _fwd_plan(m: int, n: int, d: int, f_strides: tuple, g_strides: tuple, dtype: torch.dtype,
               precision: str, device: torch.device, single: bool, self_offset: int, temperature: float,
@@ -231,11 +239,9 @@ def _fwd_plan(m: int, n: int, d: int, f_strides: tuple, g_strides: tuple, dtype:
     autotuner picks for it (see ``_launch``). ``precision`` follows torch's float32
     matmul setting; ``_policy`` holds the module's tunables, so that patching them (tests,
     scripts/supcon_tune.py) takes effect."""
-    block_d = max(16, next_power_of_2(d))
+    block_d, cx = _shared_constexprs(d, dtype, precision, normalize, single)
     streaming = is_streaming(m, n)
     norms_first = streaming or m * n >= NORMS_FIRST_MIN_LOGITS
-    cx = dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=block_d == d,
-              DOT_PRECISION=precision, UPCAST=interpreter_upcast(dtype), BLOCK_D=block_d)
     splits = num_splits(m, n, device)
     per_split = chunk(n, splits)
     splits = cdiv(n, per_split)
@@ -286,9 +292,7 @@ def _bwd_plan(m: int, n: int, d: int, f_strides: tuple, g_strides: tuple, dtype:
               beta: float, scale: float, normalize: bool, lse_only: bool, exact: bool,
               reduction: int, _policy) -> tuple:
     """The backward's counterpart of ``_fwd_plan``."""
-    block_d = max(16, next_power_of_2(d))
-    cx = dict(NORMALIZE=normalize, SINGLE_SET=single, EVEN_D=block_d == d,
-              DOT_PRECISION=precision, UPCAST=interpreter_upcast(dtype), BLOCK_D=block_d)
+    block_d, cx = _shared_constexprs(d, dtype, precision, normalize, single)
     splits = num_splits(m if single else m + n, n if single else max(m, n), device)
     cols_per_split, rows_per_split = chunk(n, splits), chunk(m, splits)
     splits = max(cdiv(n, cols_per_split), 1 if single else cdiv(m, rows_per_split))
