@@ -46,6 +46,10 @@ AUTO_ORDER = {
 }
 
 
+# The fused ops' integer codes of supcon_loss's ``reduction`` (their "reduction" argument).
+REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
+
+
 @dataclass(frozen=True)
 class SupConProblem:
     """Flattened, validated inputs of one loss call (see ``reference.supcon_per_anchor``)."""

@@ -14,6 +14,8 @@ paused, median and 20/80 % quantiles of `--rounds` rounds after `--warmup`. Host
 Math included (a second group, so that their work does not evict the first group's caches):
 - `eager` and `compile`: the reference loss eager and under ``torch.compile`` at the same
   small N on the CPU: an upper bound on their host cost.
+The C++ backend (a third group, ``--cpp-n`` rows, 16 by default, where its kernels' work is
+small): `cpu` (``backend="cpu"``, one op call each way) beside `eager` at that N.
 """
 
 from __future__ import annotations
@@ -65,7 +67,15 @@ def candidates(n: int, d: int, beta: float):
     return host, math, (f,)
 
 
-def measure(n: int, d: int, beta: float, rounds: int, warmup: int) -> dict:
+def cpp_candidates(n: int, d: int, beta: float):
+    """The C++ backend and the eager reference at ``n`` rows, kernels included."""
+    f = torch.randn(n, d, requires_grad=True)
+    y = torch.randint(0, max(n // 4, 1), (n,))
+    return {f"cpu, N={n}": lambda: ak.supcon_loss(f, y, hard_positive_beta=beta, backend="cpu").backward(),
+            f"eager, N={n}": lambda: reference.supcon_loss(f, y, hard_positive_beta=beta).backward()}, (f,)
+
+
+def measure(n: int, d: int, beta: float, rounds: int, warmup: int, cpp_n: int) -> dict:
     host, math, grads = candidates(n, d, beta)
     real_run = supcon_triton._run
     supcon_triton._run = lambda *args: None
@@ -73,22 +83,28 @@ def measure(n: int, d: int, beta: float, rounds: int, warmup: int) -> dict:
         out = interleaved_us(host, rounds, warmup, grad_to_none=grads)
     finally:
         supcon_triton._run = real_run
-    return dict(out, **interleaved_us(math, rounds, warmup, grad_to_none=grads))
+    out.update(interleaved_us(math, rounds, warmup, grad_to_none=grads))
+    if cpp_n:
+        cpp, grads = cpp_candidates(cpp_n, d, beta)
+        out.update(interleaved_us(cpp, rounds, warmup, grad_to_none=grads))
+    return out
 
 
 def main(argv=None) -> int:
     parser = arguments(__doc__, rounds=200, warmup=20, n=256, d=128)
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--cpp-n", type=int, default=16, help="rows of the C++ group (0: none)")
     args = parser.parse_args(argv)
     results = {}
     print(f"host cost of one forward + backward, N={args.n}, D={args.d}, CPU ({cpu()})")
     print(f"{'beta':>5} {'candidate':28s} {STATS_HEADER}")
     for beta in args.betas:
-        results[str(beta)] = measure(args.n, args.d, beta, args.rounds, args.warmup)
+        results[str(beta)] = measure(args.n, args.d, beta, args.rounds, args.warmup, args.cpp_n)
         for name, r in results[str(beta)].items():
             print(f"{beta:5.1f} {name:28s} {stats(r)}")
     if args.out:
-        write(args.out, results, n=args.n, d=args.d, rounds=args.rounds, warmup=args.warmup)
+        write(args.out, results, n=args.n, d=args.d, cpp_n=args.cpp_n, rounds=args.rounds,
+              warmup=args.warmup)
     return 0
 
 

@@ -24,11 +24,16 @@
 // tile S_bc once and forms G_bc (stats of rows b) and G_cb^T (stats of rows c) from it, two
 // GEMMs per tile and no reduction across threads. Two sets take a row pass for df and a column
 // pass for dg. Nothing of size M x N is stored: the tile buffers are per thread.
+//
+// The ops return L_i times `scale` per anchor (reduction 0), or reduced (1: sum, 2: mean over
+// anchors with positives) to one value, whose gradient g_i they then expand themselves
+// (supcon_args.h), so a caller's forward + backward is one op call each way.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -522,16 +527,42 @@ void dispatch_backward(int mode, const T* X, const T* idx, int64_t R, const T* Y
 #undef ANCHOR_BWD_CASE
 }
 
+// The loss from the per-anchor values (0 for anchors without positives): times `scale`, and
+// summed or averaged over valid anchors (reference.reduce_loss), in loops over host memory.
+at::Tensor reduce_loss(const at::Tensor& loss, const at::Tensor& valid, double scale,
+                       int64_t reduction) {
+  if (reduction == kNone && scale == 1.0) return loss;
+  at::Tensor out = reduction == kNone ? at::empty_like(loss) : at::empty({}, loss.options());
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "supcon_reduce_cpu", [&] {
+    const scalar_t* lp = loss.data_ptr<scalar_t>();
+    const bool* vp = valid.data_ptr<bool>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const auto s = static_cast<scalar_t>(scale);
+    scalar_t total = 0;
+    int64_t count = 0;
+    for (int64_t i = 0; i < loss.numel(); ++i) {
+      if (reduction == kNone) op[i] = lp[i] * s;
+      total += lp[i] * s;
+      count += vp[i];
+    }
+    if (reduction == kSum) op[0] = total;
+    if (reduction == kMean) op[0] = total / static_cast<scalar_t>(std::max<int64_t>(count, 1));
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------
 // Ops
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cpu(
     const at::Tensor& f, const at::Tensor& labels, const std::optional<at::Tensor>& contrast,
     const std::optional<at::Tensor>& contrast_labels, double temperature, double beta,
-    bool detach_weights, bool normalize, std::optional<int64_t> anchor_offset, bool lse_only) {
+    bool detach_weights, bool normalize, std::optional<int64_t> anchor_offset, bool lse_only,
+    double scale, int64_t reduction) {
   (void)detach_weights;  // read by the backward only
   const Sizes sz = check_forward_args(f, labels, contrast, contrast_labels, temperature, beta,
                                       anchor_offset);
+  check_reduction(scale, reduction);
   const auto acc = acc_dtype(f.scalar_type());
   at::Tensor loss = at::empty({sz.M}, f.options().dtype(acc));
   at::Tensor valid = at::empty({sz.M}, f.options().dtype(at::kBool));
@@ -549,17 +580,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cpu(
                                sz.offset, temperature, beta, loss.data_ptr<scalar_t>(),
                                valid.data_ptr<bool>(), stats.data_ptr<scalar_t>());
   });
-  return {loss, valid, stats};
+  return {reduce_loss(loss, valid, scale, reduction), valid, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> supcon_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& f, const at::Tensor& labels,
     const std::optional<at::Tensor>& contrast, const std::optional<at::Tensor>& contrast_labels,
     const at::Tensor& stats, double temperature, double beta, bool detach_weights,
-    bool normalize, std::optional<int64_t> anchor_offset, bool lse_only) {
+    bool normalize, std::optional<int64_t> anchor_offset, bool lse_only, double scale,
+    int64_t reduction) {
   const Sizes sz = check_forward_args(f, labels, contrast, contrast_labels, temperature, beta,
                                       anchor_offset);
-  check_backward_args(sz, f, grad, stats);
+  check_backward_args(sz, f, grad, stats, scale, reduction);
   const auto acc = acc_dtype(f.scalar_type());
   at::Tensor df, dg;
   AT_DISPATCH_FLOATING_TYPES(acc, "supcon_bwd_cpu", [&] {
@@ -585,15 +617,23 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cpu(
     T* ap = arr.data_ptr<T>();
     const T inf = std::numeric_limits<T>::infinity();
     const bool soft_stats = mode == kBwdSoftDetached || mode == kBwdSoftExact;
+    int64_t count = 0;
     for (int64_t i = 0; i < sz.M; ++i) {
       const T lse = sp[4 * i], sbar = sp[4 * i + 1], c2 = sp[4 * i + 2], c3 = sp[4 * i + 3];
       // soft: (u, log lw) with log lw >= 0 for a non-empty P(i); else (log n, n)
       const bool ok = soft_stats ? c3 >= 0 : c3 > 0;
-      ap[i] = ok ? gp[i] : T(0);
+      count += ok;
+      ap[i] = ok ? T(1) : T(0);
       ap[sz.M + i] = ok ? lse : inf;
       ap[2 * sz.M + i] = soft_stats ? (ok ? c3 : T(0)) : (ok && mode == kBwdUniform ? T(1) / c3 : T(0));
       ap[3 * sz.M + i] = soft_stats && ok ? c2 : -inf;
       ap[4 * sz.M + i] = ok ? sbar : T(0);
+    }
+    // g_i: the incoming gradient (one value for a reduced loss) through reduce_loss
+    const T factor = static_cast<T>(scale) /
+                     static_cast<T>(reduction == kMean ? std::max<int64_t>(count, 1) : 1);
+    for (int64_t i = 0; i < sz.M; ++i) {
+      if (ap[i] != T(0)) ap[i] = gp[reduction == kNone ? i : 0] * factor;
     }
     const AnchorArrays<T> a{ap, ap + sz.M, ap + 2 * sz.M, ap + 3 * sz.M, ap + 4 * sz.M};
     const bool has_self = sz.offset >= 0;
@@ -628,12 +668,12 @@ TORCH_LIBRARY_FRAGMENT(anchor_kernels, m) {
   m.def(
       "supcon_fwd(Tensor features, Tensor labels, Tensor? contrast, Tensor? contrast_labels, "
       "float temperature, float beta, bool detach_weights, bool normalize, int? anchor_offset, "
-      "bool lse_only) -> (Tensor loss, Tensor valid, Tensor stats)");
+      "bool lse_only, float scale=1., int reduction=0) -> (Tensor loss, Tensor valid, Tensor stats)");
   m.def(
       "supcon_bwd(Tensor grad_loss, Tensor features, Tensor labels, Tensor? contrast, "
       "Tensor? contrast_labels, Tensor stats, float temperature, float beta, bool detach_weights, "
-      "bool normalize, int? anchor_offset, bool lse_only) -> (Tensor grad_features, "
-      "Tensor grad_contrast)");
+      "bool normalize, int? anchor_offset, bool lse_only, float scale=1., int reduction=0) -> "
+      "(Tensor grad_features, Tensor grad_contrast)");
 }
 
 TORCH_LIBRARY_IMPL(anchor_kernels, CPU, m) {

@@ -92,11 +92,28 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The reductions of the ops' `reduction` argument (supcon.REDUCTIONS): per anchor (M,), or
+// one value, the sum or the mean over valid anchors.
+enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
+
+inline void check_reduction(double scale, int64_t reduction) {
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "supcon: scale must be finite and > 0, got ",
+              scale);
+  TORCH_CHECK(reduction >= kNone && reduction <= kMean,
+              "supcon: reduction must be 0 (none), 1 (sum) or 2 (mean), got ", reduction);
+}
+
 inline void check_backward_args(const Sizes& s, const at::Tensor& f, const at::Tensor& grad,
-                                const at::Tensor& stats) {
+                                const at::Tensor& stats, double scale, int64_t reduction) {
   const auto acc = acc_dtype(f.scalar_type());
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == s.M, "supcon_bwd: grad_loss must have shape (",
-              s.M, ",), got ", grad.sizes());
+  check_reduction(scale, reduction);
+  if (reduction == kNone) {
+    TORCH_CHECK(grad.dim() == 1 && grad.size(0) == s.M, "supcon_bwd: grad_loss must have shape (",
+                s.M, ",) with reduction 0 (none), got ", grad.sizes());
+  } else {
+    TORCH_CHECK(grad.dim() == 0, "supcon_bwd: grad_loss must be 0-d with reduction ", reduction,
+                " (the loss is one value), got shape ", grad.sizes());
+  }
   TORCH_CHECK(grad.device() == f.device(), "supcon_bwd: grad_loss is on ", grad.device(),
               " but features is on ", f.device());
   TORCH_CHECK(at::isFloatingType(grad.scalar_type()),

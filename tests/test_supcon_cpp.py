@@ -263,18 +263,47 @@ def test_gradcheck_float64(case):
     assert torch.autograd.gradcheck(per_anchor, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("reduction", [1, 2])
+@pytest.mark.parametrize("single", [True, False])
+def test_gradcheck_reduced_in_the_op(single, reduction):
+    """The ops' own reduction (1 sum, 2 mean over valid anchors) and scale: the backward's
+    expansion of the one-value gradient is the true gradient, by finite differences, and the
+    value is the reference's. Anchor 4 has no positive, so the mean's count is not M."""
+    f = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 0, 1, 2, 0])
+    g = None if single else torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    y_g = None if single else torch.tensor([0, 1, 0, 1, 3, 0, 1, 2, 2])
+
+    def loss(*inputs):
+        out, _, _ = torch.ops.anchor_kernels.supcon_fwd(
+            inputs[0], y, None if single else inputs[1], y_g, 0.5, 1.5, False, True,
+            0 if single else None, False, 0.7, reduction)
+        return out
+
+    inputs = (f,) if single else (f, g)
+    assert loss(*inputs).shape == ()
+    assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    expected = ak.supcon_loss(f, y, contrast=g, contrast_labels=y_g, temperature=0.5,
+                              base_temperature=0.5 / 0.7, hard_positive_beta=1.5,
+                              anchor_offset=0 if single else None,
+                              reduction=("none", "sum", "mean")[reduction], backend="eager")
+    assert_close(loss(*inputs), expected, atol=1e-12, rtol=1e-12, what=f"reduction {reduction}")
+
+
+@pytest.mark.parametrize("reduced", [False, True])
 @pytest.mark.parametrize("single", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_opcheck(single, dtype):
+def test_opcheck(single, dtype, reduced):
     f = torch.randn(20, 8, dtype=dtype, requires_grad=True)
     y = labels_for("random", 20)
     g, y_g = (None, None) if single else (torch.randn(30, 8, dtype=dtype, requires_grad=True),
                                           labels_for("random", 30))
-    fwd_args = (f, y, g, y_g, 0.2, 1.5, False, True, 0, False)
+    reduction = (0.5, 2) if reduced else (1.0, 0)  # (scale, reduction)
+    fwd_args = (f, y, g, y_g, 0.2, 1.5, False, True, 0, False) + reduction
     torch.library.opcheck(torch.ops.anchor_kernels.supcon_fwd.default, fwd_args)
     _, _, stats = torch.ops.anchor_kernels.supcon_fwd(*fwd_args)
-    bwd_args = (torch.rand(20), f.detach(), y, None if g is None else g.detach(), y_g, stats,
-                0.2, 1.5, False, True, 0, False)
+    bwd_args = (torch.rand(() if reduced else 20), f.detach(), y, None if g is None else g.detach(),
+                y_g, stats, 0.2, 1.5, False, True, 0, False) + reduction
     torch.library.opcheck(torch.ops.anchor_kernels.supcon_bwd.default, bwd_args)
 
 
@@ -341,6 +370,13 @@ def test_op_argument_errors_name_the_tensor():
     with pytest.raises(RuntimeError, match=r"grad_loss must have shape \(8,\)"):
         torch.ops.anchor_kernels.supcon_bwd(torch.ones(7), f, y, None, None, stats, 0.1, 0.0,
                                             True, True, 0, False)
+    with pytest.raises(RuntimeError, match="grad_loss must be 0-d with reduction 2"):
+        torch.ops.anchor_kernels.supcon_bwd(torch.ones(8), f, y, None, None, stats, 0.1, 0.0,
+                                            True, True, 0, False, 1.0, 2)
+    with pytest.raises(RuntimeError, match=r"reduction must be 0 \(none\), 1 \(sum\) or 2 \(mean\), got 3"):
+        op(f, y, None, None, 0.1, 0.0, True, True, 0, False, 1.0, 3)
+    with pytest.raises(RuntimeError, match="scale must be finite and > 0, got -1"):
+        op(f, y, None, None, 0.1, 0.0, True, True, 0, False, -1.0, 2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -514,6 +550,19 @@ print(backends.select_backend("auto", backends.SupConProblem(x, y, None, None, 0
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("cpu")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_one_op_call_each_way(reduction):
+    """A reduced loss's forward and backward are one C++ op call each: the scale and the
+    reduction run inside the op, and no zero gradients are filled for valid and stats."""
+    f = torch.randn(24, 8, dtype=torch.float64, requires_grad=True)
+    y = labels_for("random", 24)
+    with DispatchedOps() as mode:
+        loss = ak.supcon_loss(f, y, base_temperature=0.07, reduction=reduction, backend="cpu")
+        torch.autograd.grad(loss, f)
+    ops = [op for op in mode.ops if op != "aten.ones_like"]  # the seed of autograd.grad
+    assert ops == ["anchor_kernels.supcon_fwd", "anchor_kernels.supcon_bwd"], mode.ops
 
 
 def test_plain_eager_calls_skip_the_registered_autograd(monkeypatch):

@@ -5,11 +5,15 @@ with their fake kernels and autograd registered here.
 Schemas (declared once, in ``csrc/supcon.cpp``; the dispatcher picks the CPU or CUDA kernel)::
 
     supcon_fwd(features (M, D), labels (M,), contrast (N, D)?, contrast_labels (N,)?,
-               temperature, beta, detach_weights, normalize, anchor_offset?, lse_only)
-        -> loss (M,), valid (M,) bool, stats (M, 4): per-anchor statistics that only the same
+               temperature, beta, detach_weights, normalize, anchor_offset?, lse_only,
+               scale=1, reduction=0)
+        -> loss, valid (M,) bool, stats (M, 4): per-anchor statistics that only the same
            device's supcon_bwd reads (their layout: csrc/supcon.cpp, csrc/cuda/supcon_kernels.cuh)
-    supcon_bwd(grad_loss (M,), <the forward's inputs>, stats, ...)
+    supcon_bwd(grad_loss, <the forward's inputs>, stats, ..., scale, reduction)
         -> grad_features (M, D), grad_contrast (N, D) ((0, D) when contrast is None)
+
+``loss`` is the per-anchor value times ``scale`` (M,) with reduction 0, or one value (0-d):
+1 their sum, 2 their mean over valid anchors; ``grad_loss`` has the loss's shape.
 
 ``loss`` and ``stats`` are float32 for half inputs, float64 for float64. ``detach_weights``
 is read by the backward only (it is a forward argument so that autograd can pass it on).
@@ -25,23 +29,24 @@ import torch
 from torch import Tensor
 
 from .. import _ext, reference
+from ..reference import reduce_loss
 from .._autograd import call, eager_function, refuse_double_backward
-from ..backends import SupConProblem
+from ..backends import REDUCTION_CODES, SupConProblem
 from . import supcon_topk
 
 LOAD_ERROR = _ext.load()
 
 
 def _fwd_fake(features, labels, contrast, contrast_labels, temperature, beta, detach_weights,
-              normalize, anchor_offset, lse_only):
+              normalize, anchor_offset, lse_only, scale=1.0, reduction=0):
     m = features.shape[0]
     acc = torch.promote_types(features.dtype, torch.float32)
-    return (features.new_empty((m,), dtype=acc), features.new_empty((m,), dtype=torch.bool),
-            features.new_empty((m, 4), dtype=acc))
+    return (features.new_empty((m,) if reduction == 0 else (), dtype=acc),
+            features.new_empty((m,), dtype=torch.bool), features.new_empty((m, 4), dtype=acc))
 
 
 def _bwd_fake(grad_loss, features, labels, contrast, contrast_labels, stats, temperature, beta,
-              detach_weights, normalize, anchor_offset, lse_only):
+              detach_weights, normalize, anchor_offset, lse_only, scale=1.0, reduction=0):
     dg = (features.new_empty((0, features.shape[1])) if contrast is None
           else contrast.new_empty(contrast.shape))
     return features.new_empty(features.shape), dg
@@ -51,19 +56,22 @@ def _setup_context(ctx, inputs, output):
     features, labels, contrast, contrast_labels, *scalars = inputs
     _, valid, stats = output
     ctx.mark_non_differentiable(valid, stats)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for valid and stats
     ctx.save_for_backward(features, labels, contrast, contrast_labels, stats)
-    ctx.scalars = scalars  # temperature, beta, detach_weights, normalize, anchor_offset, lse_only
+    # temperature, beta, detach_weights, normalize, anchor_offset, lse_only, scale, reduction
+    ctx.scalars = scalars
 
 
 def _backward(ctx, grad_loss, grad_valid, grad_stats):
+    if grad_loss is None:  # the loss unused
+        return (None,) * (4 + len(ctx.scalars))
     features, labels, contrast, contrast_labels, stats = ctx.saved_tensors
     df, dg = torch.ops.anchor_kernels.supcon_bwd(grad_loss, features, labels, contrast,
                                                  contrast_labels, stats, *ctx.scalars)
     df, dg = refuse_double_backward(features.device.type, (df, dg),
                                     (grad_loss, features, contrast))
-    # Gradients of (features, labels, contrast, contrast_labels, temperature, beta,
-    # detach_weights, normalize, anchor_offset, lse_only).
-    return df, None, (None if contrast is None else dg), None, None, None, None, None, None, None
+    # Gradients of (features, labels, contrast, contrast_labels, <the scalars>).
+    return (df, None, None if contrast is None else dg, None) + (None,) * len(ctx.scalars)
 
 
 if LOAD_ERROR is None:
@@ -72,14 +80,14 @@ if LOAD_ERROR is None:
     torch.library.register_autograd("anchor_kernels::supcon_fwd", _backward,
                                     setup_context=_setup_context)
     SupConCpp = eager_function("SupConCpp", torch.ops.anchor_kernels.supcon_fwd, _setup_context,
-                               _backward, 10)
+                               _backward, 12)
 
 
 def max_beta(dtype: torch.dtype) -> float:
     """The largest ``hard_positive_beta`` the kernels take for inputs of ``dtype``: beta times
     the accumulation dtype's rounding unit stays below 1e-4, so that the backward's weights,
     from recomputed cosines, agree with the forward's to that relative error."""
-    return 1e3 if torch.promote_types(dtype, torch.float32) == torch.float32 else 1e11
+    return 1e11 if dtype == torch.float64 else 1e3  # accumulation in float64, else float32
 
 
 class CppSupCon:
@@ -115,9 +123,8 @@ class CppSupCon:
                 + (" or float64 inputs" if p.out_dtype != torch.float64 else ""))
         return reasons
 
-    def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:
-        if p.topk is not None and not p.lse_only:  # LSE_i from these kernels' lse_only mode + sparse sbar_i
-            return supcon_topk.topk_per_anchor(self, p, self.name)
+    def _call(self, p: SupConProblem, scale: float, reduction: int) -> tuple[Tensor, Tensor]:
+        """(loss, valid) from one op call each way (``reduction`` as in the op schema)."""
         f, g = p.f, p.g
         if p.normalize and self.device_type == "cuda":
             # The CUDA kernels scale raw products by inverse norms: rows whose squares could
@@ -125,9 +132,21 @@ class CppSupCon:
             f = reference.prescale_rows(f)
             g = None if g is None else reference.prescale_rows(g)
         inputs = (f, p.y_f, g, p.y_g, p.temperature, p.beta, p.detach_weights, p.normalize,
-                  p.anchor_offset, p.lse_only)
+                  p.anchor_offset, p.lse_only, scale, reduction)
         loss, valid, _ = call(SupConCpp, torch.ops.anchor_kernels.supcon_fwd, *inputs)
         return loss, valid
+
+    def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:
+        if p.topk is not None and not p.lse_only:  # LSE_i from these kernels' lse_only mode + sparse sbar_i
+            return supcon_topk.topk_per_anchor(self, p, self.name)
+        return self._call(p, 1.0, 0)
+
+    def loss(self, p: SupConProblem, scale: float, reduction: str) -> Tensor:
+        """The loss with ``scale`` and the reduction applied inside the op."""
+        if p.topk is not None and not p.lse_only:
+            per_anchor, valid = self.per_anchor(p)
+            return reduce_loss(per_anchor, valid, scale, reduction)
+        return self._call(p, scale, REDUCTION_CODES[reduction])[0]
 
 
 CPU_BACKEND = CppSupCon("cpu", "cpu", (torch.float16, torch.bfloat16, torch.float32, torch.float64))

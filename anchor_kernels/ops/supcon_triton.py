@@ -18,8 +18,8 @@ import torch
 import triton
 from torch import Tensor
 
-from .._autograd import plain_eager, refuse_double_backward
-from ..backends import SupConProblem
+from .._autograd import apply, plain_eager, refuse_double_backward
+from ..backends import REDUCTION_CODES, SupConProblem
 from . import supcon_classsum, supcon_topk
 from . import supcon_kernels_triton as kernels
 from ..reference import reduce_loss
@@ -213,9 +213,6 @@ def _lock_buffer(device: torch.device, size: int, reuse: bool) -> Tensor:
     return buf
 
 
-REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
-
-
 def is_streaming(m: int, n: int) -> bool:
     """Whether an M x N problem takes the large-batch path (see STREAMING_MIN_LOGITS)."""
     return m * n >= STREAMING_MIN_LOGITS
@@ -361,27 +358,30 @@ def _(grad, f, g, y_f, y_g, ws, self_offset, temperature, beta, scale, normalize
 
 
 class SupConTriton(torch.autograd.Function):
-    """The loss (and the workspace, not differentiable) with the fused backward. No zero
-    gradients are materialised for the workspace output. The options travel as one tuple
-    ``(self_offset, temperature, beta, scale, normalize, lse_only, exact, reduction)``:
-    ``apply`` walks every argument, so fewer arguments cost less host time."""
+    """The loss with the fused backward; also the workspace (not differentiable) when the
+    caller reads it. No zero gradients are materialised for outputs without one. The
+    options travel as one tuple ``(self_offset, temperature, beta, scale, normalize,
+    lse_only, exact, reduction, with_workspace)``: ``apply`` walks every argument, so fewer
+    arguments cost less host time, and so does one output instead of two."""
 
     @staticmethod
     def forward(ctx, f, g, y_f, y_g, options):
-        self_offset, temperature, beta, scale, normalize, lse_only, exact, reduction = options
+        self_offset, temperature, beta, scale, normalize, lse_only, _, reduction, with_ws = options
         args = (f, g, y_f, y_g, self_offset, temperature, beta, scale, normalize, lse_only, reduction)
         if plain_eager(f):
             loss, ws = supcon_fwd(*args, reuse_locks=True)
         else:
             loss, ws = torch.ops.anchor_kernels.supcon_fwd_triton(*args)
         ctx.save_for_backward(f, g, y_f, y_g, ws)
-        ctx.options = options
+        ctx.options = options[:8]
         ctx.set_materialize_grads(False)
+        if not with_ws:
+            return loss
         ctx.mark_non_differentiable(ws)
         return loss, ws
 
     @staticmethod
-    def backward(ctx, grad, _ws_grad):
+    def backward(ctx, grad, *_ws_grad):
         if grad is None:
             return None, None, None, None, None
         f, g, y_f, y_g, ws = ctx.saved_tensors
@@ -426,12 +426,13 @@ class TritonSupCon:
             reasons += supcon_topk.topk_reasons(p, "triton")
         return reasons
 
-    def _apply(self, p: SupConProblem, scale: float, reduction: int) -> tuple[Tensor, Tensor]:
+    def _apply(self, p: SupConProblem, scale: float, reduction: int, with_ws: bool):
+        """The loss, and the workspace too with ``with_ws``."""
         n = p.f.shape[0] if p.g is None else p.g.shape[0]
         self_offset = n if p.anchor_offset is None else p.anchor_offset
-        return SupConTriton.apply(p.f, p.g, _labels(p.y_f), _labels(p.y_g), (
+        return apply(SupConTriton, p.f, p.g, _labels(p.y_f), _labels(p.y_g), (
             self_offset, p.temperature, p.beta, scale, p.normalize, p.lse_only,
-            not p.detach_weights, reduction))
+            not p.detach_weights, reduction, with_ws))
 
     def _composite(self, p: SupConProblem):
         """Modes whose positive term is computed outside the O(M N) kernel: top-k, and plain
@@ -449,7 +450,7 @@ class TritonSupCon:
         composite = self._composite(p)
         if composite is not None:
             return composite()
-        loss, ws = self._apply(p, 1.0, 0)
+        loss, ws = self._apply(p, 1.0, 0, True)
         m = p.f.shape[0]
         npos = kernels.NPOS_ROW.value
         return loss, ws[npos * m:(npos + 1) * m] > 0
@@ -460,7 +461,7 @@ class TritonSupCon:
         if composite is not None:
             per_anchor, valid = composite()
             return reduce_loss(per_anchor, valid, scale, reduction)
-        return self._apply(p, scale, REDUCTIONS[reduction])[0]
+        return self._apply(p, scale, REDUCTION_CODES[reduction], False)
 
 
 BACKEND = TritonSupCon()

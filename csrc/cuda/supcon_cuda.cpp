@@ -1,6 +1,6 @@
 // Torch glue of the CUDA SupCon kernels: argument checks (shared with the CPU kernels), the
 // O(M + N) per-row inputs (inverse norms, per-anchor statistics), the launches on the current
-// stream, and the chain rule through the normalisation. Built only with a CUDA torch and
+// stream, the chain rule through the normalisation, and the loss's scale and reduction. Built only with a CUDA torch and
 // toolkit; the kernels are in supcon_kernels.cu.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -58,6 +58,28 @@ at::Tensor normalize_backward(const at::Tensor& x, const at::Tensor& norms, cons
   return (at::where((norms >= kNormEps).unsqueeze(1), projected, dz) * rn).to(x.scalar_type());
 }
 
+// The loss from the per-anchor values (0 for anchors without positives): times `scale`, then
+// reduced in the reference's order (reference.reduce_loss), on the device: no reduction is
+// left to Python, and nothing synchronises.
+at::Tensor reduce_loss(const at::Tensor& per_anchor, const at::Tensor& valid, double scale,
+                       int64_t reduction) {
+  const at::Tensor scaled = scale == 1.0 ? per_anchor : per_anchor.mul(scale);
+  if (reduction == kNone) return scaled;
+  const at::Tensor total = scaled.sum();
+  if (reduction == kSum) return total;
+  return total.div(valid.sum().clamp_min(1).to(total.scalar_type()));
+}
+
+// d loss / d per-anchor value (M,) in `acc`, 0 where `valid` is false: the backward of
+// reduce_loss, with grad () for a reduced loss and (M,) per anchor. No host synchronisation
+// (the mean's count stays on the device).
+at::Tensor per_anchor_grad(const at::Tensor& grad, const at::Tensor& valid, double scale,
+                           int64_t reduction, at::ScalarType acc) {
+  at::Tensor g = grad.to(acc).mul(scale);
+  if (reduction == kMean) g = g.div(valid.sum().clamp_min(1).to(acc));
+  return at::where(valid, g, 0.0);
+}
+
 int forward_mode(bool lse_only, double beta) {
   return lse_only ? k::kFwdLse : (beta == 0 ? k::kFwdUniform : k::kFwdSoft);
 }
@@ -65,10 +87,12 @@ int forward_mode(bool lse_only, double beta) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cuda(
     const at::Tensor& f, const at::Tensor& labels, const std::optional<at::Tensor>& contrast,
     const std::optional<at::Tensor>& contrast_labels, double temperature, double beta,
-    bool detach_weights, bool normalize, std::optional<int64_t> anchor_offset, bool lse_only) {
+    bool detach_weights, bool normalize, std::optional<int64_t> anchor_offset, bool lse_only,
+    double scale, int64_t reduction) {
   (void)detach_weights;  // read by the backward only
   const Sizes sz = check_forward_args(f, labels, contrast, contrast_labels, temperature, beta,
                                       anchor_offset);
+  check_reduction(scale, reduction);
   const k::Dtype dtype = kernel_dtype(f);
   const c10::cuda::CUDAGuard guard(f.device());
   const at::Tensor g = sz.single ? f : *contrast;
@@ -98,17 +122,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cuda(
   a.valid = valid.data_ptr<bool>();
   a.stats = stats.data_ptr<float>();
   C10_CUDA_CHECK(k::launch_supcon_fwd(dtype, a, c10::cuda::getCurrentCUDAStream()));
-  return {loss, valid, stats};
+  return {reduce_loss(loss, valid, scale, reduction), valid, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& f, const at::Tensor& labels,
     const std::optional<at::Tensor>& contrast, const std::optional<at::Tensor>& contrast_labels,
     const at::Tensor& stats, double temperature, double beta, bool detach_weights,
-    bool normalize, std::optional<int64_t> anchor_offset, bool lse_only) {
+    bool normalize, std::optional<int64_t> anchor_offset, bool lse_only, double scale,
+    int64_t reduction) {
   const Sizes sz = check_forward_args(f, labels, contrast, contrast_labels, temperature, beta,
                                       anchor_offset);
-  check_backward_args(sz, f, grad, stats);
+  check_backward_args(sz, f, grad, stats, scale, reduction);
   const k::Dtype dtype = kernel_dtype(f);
   const c10::cuda::CUDAGuard guard(f.device());
   const int mode = lse_only ? k::kBwdLse
@@ -127,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   // get g = 0 and LSE = q = +inf so that their G rows are exactly 0.
   const double inf = std::numeric_limits<double>::infinity();
   const at::Tensor ok = stats.select(1, 3) > 0;
-  const at::Tensor ga = at::where(ok, grad.to(at::kFloat), 0.0);
+  const at::Tensor ga = per_anchor_grad(grad, ok, scale, reduction, at::kFloat);
   const at::Tensor q = mode == k::kBwdUniform ? at::where(ok, stats.select(1, 3).reciprocal(), 0.0)
                                               : at::where(ok, stats.select(1, 2), inf);
   const at::Tensor anchor = at::stack({ga, at::where(ok, stats.select(1, 0), inf), q,
