@@ -144,7 +144,7 @@ def test_failed_cuda_half_keeps_the_cpu_half(tmp_path):
     assert "CUDA half skipped" in out.stderr
 
 
-MATMUL_FREE = {"pgd_kernels.cu"}
+MATMUL_FREE = {"pgd_kernels.cu", "supcon_rows.cu"}
 # nvcc flags of each target: SASS for that architecture alone (cuobjdump -arch tells them apart).
 CUDA_TARGETS = {"sm_90": ["-gencode", "arch=compute_90,code=sm_90"],
                 "sm_80": ["-gencode", "arch=compute_80,code=sm_80"]}

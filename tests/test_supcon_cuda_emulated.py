@@ -126,6 +126,112 @@ def test_lse_only(emulator):
     assert (df.double() - x.grad).abs().max() < 1e-5
 
 
+# ---------------------------------------------------------------------------------------
+# The O(M + N) passes (csrc/cuda/supcon_rows.cuh), each against the ATen ops it replaces in
+# the glue, in both thread orders.
+
+def both_orders(fn):
+    a, b = fn(0), fn(1)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), "results depend on the thread order: a missing barrier"
+    return a
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_row_norms(emulator, dtype, normalize):
+    """Anchors and contrast rows in one launch: more rows than a CTA takes, D under and over
+    the lanes per row, strided rows, a zero row (1 / eps)."""
+    for m, n, d in ((1, 0, 1), (45, 0, 3), (33, 70, 130)):
+        f = torch.randn(m, 2 * d)[:, ::2].to(dtype)  # element stride 2
+        f[m // 2] = 0.0
+        g = None if n == 0 else torch.randn(n, d).to(dtype)
+        norms, inv = both_orders(lambda order: emulator.row_norms(f, g, normalize, order))
+        rows = f if g is None else torch.cat([f, g])
+        expected = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+        torch.testing.assert_close(norms, expected, rtol=1e-6, atol=0)
+        expected_inv = expected.clamp_min(emu.NORM_EPS).reciprocal() if normalize else torch.ones_like(expected)
+        torch.testing.assert_close(inv, expected_inv, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("m", [1, 7, 300])
+def test_loss_reduce(emulator, m):
+    loss = torch.randn(m)
+    valid = torch.rand(m) > 0.3
+    loss[~valid] = 0.0
+    for scale in (1.0, 0.7):
+        for code, name in enumerate(("none", "sum", "mean")):
+            (out,) = both_orders(lambda order: (emulator.loss_reduce(loss, valid, scale, code, order),))
+            expected = reference.reduce_loss(loss, valid, scale, name)
+            assert out.shape == expected.shape
+            torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    none_valid = torch.zeros(m, dtype=torch.bool)
+    out = emulator.loss_reduce(torch.zeros(m), none_valid, 1.0, 2)
+    assert out.item() == 0.0  # the mean over no valid anchor is 0, not NaN
+
+
+def staged_with_aten(stats, grad, scale, reduction, uniform):
+    """What the glue computed with ATen ops before the staging kernel (its specification)."""
+    m = stats.shape[0]
+    ok = stats[:, 3] > 0
+    g = grad.float().expand(m) * scale
+    if reduction == 2:
+        g = g / ok.sum().clamp_min(1)
+    ga = torch.where(ok, g, 0.0)
+    inf = float("inf")
+    q = torch.where(ok, stats[:, 3].reciprocal(), 0.0) if uniform else torch.where(ok, stats[:, 2], inf)
+    anchor = torch.stack([ga, torch.where(ok, stats[:, 0], inf), q, torch.where(ok, stats[:, 1], 0.0)])
+    amax = ga.abs().max()
+    return anchor, torch.where(amax > 0, amax, torch.ones_like(amax)).reshape(1)
+
+
+@pytest.mark.parametrize("m", [1, 9, 260])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_anchor_stage(emulator, m, uniform):
+    """Per-anchor grad (stride 1 and an expanded stride 0) and a reduced loss's one value, with
+    the scale and the mean's count of valid anchors; invalid anchors staged to give G = 0."""
+    stats = torch.randn(m, 4)
+    stats[:, 3] = torch.randint(0, 4, (m,)).float()  # |P(i)|, 0 for some: invalid
+    stats[0, 3] = 2.0
+    cases = [(torch.randn(m), 0), (torch.tensor(1.5).expand(m), 0), (torch.tensor(-0.5), 1),
+             (torch.tensor(0.25), 2)]
+    for grad, reduction in cases:
+        for scale in (1.0, 0.7):
+            anchor, gmax = both_orders(
+                lambda order: emulator.anchor_stage(stats, grad, scale, reduction, uniform, order))
+            exp_anchor, exp_gmax = staged_with_aten(stats, grad, scale, reduction, uniform)
+            torch.testing.assert_close(anchor, exp_anchor, rtol=1e-6, atol=0)
+            torch.testing.assert_close(gmax, exp_gmax, rtol=1e-6, atol=0)
+    stats[:, 3] = 0.0  # no valid anchor: every g_i is 0 and gmax falls back to 1
+    anchor, gmax = emulator.anchor_stage(stats, torch.tensor(1.0), 1.0, 2, uniform)
+    assert torch.equal(anchor[0], torch.zeros(m)) and gmax.item() == 1.0
+
+
+@pytest.mark.parametrize("single", [True, False])
+def test_reduced_loss_end_to_end(emulator, single):
+    """The glue's reduced path: the mean (over anchors with positives) times a scale, and its
+    0-d gradient expanded by the staging kernel, against the reference's loss and gradients."""
+    m, n = 40, 56
+    f = torch.randn(m, 16)
+    y = labels_for("some_alone", m)
+    g = None if single else torch.randn(n, 16)
+    y_g = None if single else labels_for("random", n)
+    offset = 0 if single else None
+    kw = dict(temperature=0.2, beta=1.0, normalize=True, anchor_offset=offset, lse_only=False)
+    loss, _, stats = emulator.forward(f, y, g, y_g, scale=0.5, reduction=2, **kw)
+    df, dg = emulator.backward(torch.tensor(1.0), f, y, g, y_g, stats, detach_weights=True,
+                               scale=0.5, reduction=2, **kw)
+    fx = f.double().requires_grad_()
+    gx = None if single else g.double().requires_grad_()
+    expected = reference.supcon_loss(fx, y, gx, y_g, temperature=0.2, base_temperature=0.4,
+                                     hard_positive_beta=1.0, anchor_offset=offset)
+    grads = torch.autograd.grad(expected, [fx] + ([] if single else [gx]))
+    assert loss.shape == () and abs(loss.item() - expected.item()) < 1e-5
+    assert (df.double() - grads[0]).abs().max() < 1e-5
+    if not single:
+        assert (dg.double() - grads[1]).abs().max() < 1e-5
+
+
 def test_tensor_core_fragment_layouts(tmp_path):
     """The CuTe kernels' fragment layout assumptions, for every thread, checked on the host
     (tests/cuda_emulation/supcon_mma_layouts.cu): nvcc compiles it, the host runs it."""

@@ -1,6 +1,7 @@
-// Torch glue of the CUDA SupCon kernels: argument checks (shared with the CPU kernels), the
-// O(M + N) per-row inputs (inverse norms, per-anchor statistics), the launches on the current
-// stream, the chain rule through the normalisation, and the loss's scale and reduction. Built only with a CUDA torch and
+// Torch glue of the CUDA SupCon kernels: argument checks (shared with the CPU kernels) and the
+// launches on the current stream: the row norms, the loss kernels and the loss's scale and
+// reduction (forward), the per-anchor staging (backward), and the chain rule through the
+// normalisation where the kernels do not fuse it. Built only with a CUDA torch and
 // toolkit; the kernels are in supcon_kernels.cu.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -38,46 +39,32 @@ k::Dtype kernel_dtype(const at::Tensor& x) {
 
 k::Matrix matrix(const at::Tensor& x) { return {x.data_ptr(), x.size(0), x.stride(0), x.stride(1)}; }
 
-// (R,) float32 row norms ||x_r||, computed in fp32 whatever the input dtype.
-at::Tensor row_norms(const at::Tensor& x) {
-  return at::linalg_vector_norm(x, 2, at::IntArrayRef{1}, false, at::kFloat);
-}
-
-at::Tensor inv_norms(const at::Tensor& norms, bool normalize) {
-  return normalize ? norms.clamp_min(kNormEps).reciprocal() : at::ones_like(norms);
-}
-
 // df from dz (fp32): (dz - z (z . dz)) / ||x|| with z = x / ||x||, or dz / eps where the
 // clamp max(||x||, eps) holds; dz itself without normalisation.
 at::Tensor normalize_backward(const at::Tensor& x, const at::Tensor& norms, const at::Tensor& dz,
                               bool normalize) {
   if (!normalize) return dz.to(x.scalar_type());
-  const at::Tensor rn = inv_norms(norms, true).unsqueeze(1);
+  const at::Tensor rn = norms.clamp_min(kNormEps).reciprocal().unsqueeze(1);
   const at::Tensor z = x.to(at::kFloat) * rn;
   const at::Tensor projected = dz - z * (z * dz).sum(1, true);
   return (at::where((norms >= kNormEps).unsqueeze(1), projected, dz) * rn).to(x.scalar_type());
 }
 
-// The loss from the per-anchor values (0 for anchors without positives): times `scale`, then
-// reduced in the reference's order (reference.reduce_loss), on the device: no reduction is
-// left to Python, and nothing synchronises.
-at::Tensor reduce_loss(const at::Tensor& per_anchor, const at::Tensor& valid, double scale,
-                       int64_t reduction) {
-  const at::Tensor scaled = scale == 1.0 ? per_anchor : per_anchor.mul(scale);
-  if (reduction == kNone) return scaled;
-  const at::Tensor total = scaled.sum();
-  if (reduction == kSum) return total;
-  return total.div(valid.sum().clamp_min(1).to(total.scalar_type()));
-}
-
-// d loss / d per-anchor value (M,) in `acc`, 0 where `valid` is false: the backward of
-// reduce_loss, with grad () for a reduced loss and (M,) per anchor. No host synchronisation
-// (the mean's count stays on the device).
-at::Tensor per_anchor_grad(const at::Tensor& grad, const at::Tensor& valid, double scale,
-                           int64_t reduction, at::ScalarType acc) {
-  at::Tensor g = grad.to(acc).mul(scale);
-  if (reduction == kMean) g = g.div(valid.sum().clamp_min(1).to(acc));
-  return at::where(valid, g, 0.0);
+// (2, M + N) float32: the row norms of f then g (g's only with two sets), and their inverses
+// (1 / max(||.||, eps), or 1 without normalisation), from one launch.
+at::Tensor row_norms(k::Dtype dtype, const at::Tensor& f, const at::Tensor& g, const Sizes& sz,
+                     bool normalize, cudaStream_t stream) {
+  at::Tensor out = at::empty({2, sz.M + (sz.single ? 0 : sz.N)}, f.options().dtype(at::kFloat));
+  k::RowNormArgs a{};
+  a.x = matrix(f);
+  a.y = sz.single ? k::Matrix{nullptr, 0, 0, 0} : matrix(g);
+  a.D = sz.D;
+  a.normalize = normalize;
+  a.eps = float(kNormEps);
+  a.norms = out.data_ptr<float>();
+  a.inv = a.norms + out.size(1);
+  C10_CUDA_CHECK(k::launch_row_norms(dtype, a, stream));
+  return out;
 }
 
 int forward_mode(bool lse_only, double beta) {
@@ -95,11 +82,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cuda(
   check_reduction(scale, reduction);
   const k::Dtype dtype = kernel_dtype(f);
   const c10::cuda::CUDAGuard guard(f.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor g = sz.single ? f : *contrast;
   const at::Tensor lf = labels.to(at::kLong).contiguous();
   const at::Tensor lg = sz.single ? lf : contrast_labels->to(at::kLong).contiguous();
-  const at::Tensor rnf = inv_norms(row_norms(f), normalize);
-  const at::Tensor rng = sz.single ? rnf : inv_norms(row_norms(g), normalize);
+  const at::Tensor norms = row_norms(dtype, f, g, sz, normalize, stream);
   const auto fopts = f.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({sz.M}, fopts);
   at::Tensor valid = at::empty({sz.M}, f.options().dtype(at::kBool));
@@ -111,8 +98,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cuda(
   a.D = sz.D;
   a.lx = lf.data_ptr<int64_t>();
   a.ly = lg.data_ptr<int64_t>();
-  a.rnx = rnf.data_ptr<float>();
-  a.rny = rng.data_ptr<float>();
+  a.rnx = norms.data_ptr<float>() + norms.size(1);
+  a.rny = sz.single ? a.rnx : a.rnx + sz.M;
   a.has_self = sz.offset >= 0;
   a.shift = a.has_self ? sz.offset : 0;
   a.inv_tau = float(1.0 / temperature);
@@ -121,8 +108,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cuda(
   a.loss = loss.data_ptr<float>();
   a.valid = valid.data_ptr<bool>();
   a.stats = stats.data_ptr<float>();
-  C10_CUDA_CHECK(k::launch_supcon_fwd(dtype, a, c10::cuda::getCurrentCUDAStream()));
-  return {reduce_loss(loss, valid, scale, reduction), valid, stats};
+  C10_CUDA_CHECK(k::launch_supcon_fwd(dtype, a, stream));
+  if (reduction == kNone && scale == 1.0) return {loss, valid, stats};
+
+  at::Tensor out = reduction == kNone ? at::empty({sz.M}, fopts) : at::empty({}, fopts);
+  const k::LossReduceArgs r{loss.data_ptr<float>(), valid.data_ptr<bool>(), sz.M, float(scale),
+                            int(reduction), out.data_ptr<float>()};
+  C10_CUDA_CHECK(k::launch_loss_reduce(r, stream));
+  return {out, valid, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
@@ -136,6 +129,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   check_backward_args(sz, f, grad, stats, scale, reduction);
   const k::Dtype dtype = kernel_dtype(f);
   const c10::cuda::CUDAGuard guard(f.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const int mode = lse_only ? k::kBwdLse
                    : beta == 0     ? k::kBwdUniform
                    : detach_weights ? k::kBwdSoftDetached
@@ -143,47 +137,51 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   const at::Tensor g = sz.single ? f : *contrast;
   const at::Tensor lf = labels.to(at::kLong).contiguous();
   const at::Tensor lg = sz.single ? lf : contrast_labels->to(at::kLong).contiguous();
-  const at::Tensor nf = row_norms(f);
-  const at::Tensor ng = sz.single ? nf : row_norms(g);
-  const at::Tensor rnf = inv_norms(nf, normalize);
-  const at::Tensor rng = sz.single ? rnf : inv_norms(ng, normalize);
+  const at::Tensor norms = row_norms(dtype, f, g, sz, normalize, stream);
+  const at::Tensor nf = norms[0].narrow(0, 0, sz.M);
+  const at::Tensor ng = sz.single ? nf : norms[0].narrow(0, sz.M, sz.N);
+  const float* rnf = norms.data_ptr<float>() + norms.size(1);
+  const float* rng = sz.single ? rnf : rnf + sz.M;
+  const auto fopts = f.options().dtype(at::kFloat);
 
-  // Per anchor (4, M): g_i, LSE_i, q_i (1/|P| or logW), sbar_i. Anchors that are not valid
-  // get g = 0 and LSE = q = +inf so that their G rows are exactly 0.
-  const double inf = std::numeric_limits<double>::infinity();
-  const at::Tensor ok = stats.select(1, 3) > 0;
-  const at::Tensor ga = per_anchor_grad(grad, ok, scale, reduction, at::kFloat);
-  const at::Tensor q = mode == k::kBwdUniform ? at::where(ok, stats.select(1, 3).reciprocal(), 0.0)
-                                              : at::where(ok, stats.select(1, 2), inf);
-  const at::Tensor anchor = at::stack({ga, at::where(ok, stats.select(1, 0), inf), q,
-                                       at::where(ok, stats.select(1, 1), 0.0)})
-                                .contiguous();
-  const at::Tensor amax = ga.abs().max();
-  const at::Tensor gmax = at::where(amax > 0, amax, at::ones_like(amax)).contiguous();
+  // Per anchor (4, M): g_i, LSE_i, q_i (1/|P| or logW), sbar_i, then gmax, from one launch.
+  // Invalid anchors get g = 0 and LSE = q = +inf, so that their G rows are exactly 0.
+  const at::Tensor st = stats.contiguous();
+  const at::Tensor gf = grad.to(at::kFloat);  // () or (M,), any stride (an expand's is 0)
+  at::Tensor staged = at::empty({4 * sz.M + 1}, fopts);
+  k::AnchorStageArgs s{};
+  s.stats = st.data_ptr<float>();
+  s.grad = gf.data_ptr<float>();
+  s.grad_stride = gf.dim() == 0 ? 0 : gf.stride(0);
+  s.M = sz.M;
+  s.scale = float(scale);
+  s.reduction = int(reduction);
+  s.uniform = mode == k::kBwdUniform;
+  s.anchor = staged.data_ptr<float>();
+  s.gmax = s.anchor + 4 * sz.M;
+  C10_CUDA_CHECK(k::launch_anchor_stage(s, stream));
 
   k::BwdArgs a{};
   a.D = sz.D;
-  a.anchor = anchor.data_ptr<float>();
+  a.anchor = s.anchor;
   a.M = sz.M;
-  a.gmax = gmax.data_ptr<float>();
+  a.gmax = s.gmax;
   a.has_self = sz.offset >= 0;
   a.inv_tau = float(1.0 / temperature);
   a.nbt = float(-beta * temperature);
   a.mode = mode;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto fopts = f.options().dtype(at::kFloat);
 
   // The tensor-core kernels apply the normalisation's chain rule in their epilogue and write
   // the gradient in the features' dtype; the others write dz in fp32 for normalize_backward.
   const bool fused = k::mma_supported(dtype, matrix(f), matrix(g), sz.D);
   a.norm_eps = float(kNormEps);
-  auto pass = [&](const at::Tensor& x, const at::Tensor& norms, int64_t rows) {
+  auto pass = [&](const at::Tensor& x, const at::Tensor& x_norms, int64_t rows) {
     at::Tensor out = at::empty({rows, sz.D}, fused ? x.options() : fopts);
     a.df = fused ? out.data_ptr() : nullptr;
-    a.norms = fused && normalize ? norms.data_ptr<float>() : nullptr;
+    a.norms = fused && normalize ? x_norms.data_ptr<float>() : nullptr;
     a.dx = fused ? nullptr : out.data_ptr<float>();
     C10_CUDA_CHECK(k::launch_supcon_bwd(dtype, a, stream));
-    return fused ? out : normalize_backward(x, norms, out, normalize);
+    return fused ? out : normalize_backward(x, x_norms, out, normalize);
   };
 
   // Rows of f: with one set both terms of H (one pass), else the anchor-statistics term.
@@ -191,8 +189,8 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   a.y = matrix(g);
   a.lx = lf.data_ptr<int64_t>();
   a.ly = lg.data_ptr<int64_t>();
-  a.rnx = rnf.data_ptr<float>();
-  a.rny = rng.data_ptr<float>();
+  a.rnx = rnf;
+  a.rny = rng;
   a.outer = true;
   a.inner = sz.single;
   a.shift = a.has_self ? sz.offset : 0;
@@ -204,8 +202,8 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   a.y = matrix(f);
   a.lx = lg.data_ptr<int64_t>();
   a.ly = lf.data_ptr<int64_t>();
-  a.rnx = rng.data_ptr<float>();
-  a.rny = rnf.data_ptr<float>();
+  a.rnx = rng;
+  a.rny = rnf;
   a.outer = false;
   a.inner = true;
   a.shift = a.has_self ? -sz.offset : 0;

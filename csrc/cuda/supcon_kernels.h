@@ -67,6 +67,42 @@ struct BwdArgs {
   float norm_eps;
 };
 
+// The O(M + N) passes around them (supcon_rows.cuh), launched by supcon_rows.cu.
+struct RowNormArgs {
+  Matrix x;       // anchors (M, D)
+  Matrix y;       // contrast rows (N, D); rows = 0 with one set
+  int64_t D;
+  bool normalize;
+  float eps;
+  float* norms;   // (M + N,): ||x_r||, then ||y_r||
+  float* inv;     // (M + N,): 1 / max(||.||, eps), or 1 without normalisation
+};
+
+struct LossReduceArgs {
+  const float* loss;   // (M,) per anchor, 0 where not valid
+  const bool* valid;   // (M,)
+  int64_t M;
+  float scale;
+  int reduction;       // 0 none: out (M,); 1 sum, 2 mean over valid anchors: out (1,)
+  float* out;
+};
+
+struct AnchorStageArgs {
+  const float* stats;  // (M, 4) contiguous, as the forward wrote them
+  const float* grad;   // incoming gradient: g_i at grad[i * grad_stride]
+  int64_t grad_stride; // 0 for a reduced loss's one value (or an expanded gradient)
+  int64_t M;
+  float scale;
+  int reduction;       // as in LossReduceArgs: 2 divides by the number of valid anchors
+  bool uniform;        // BwdMode kBwdUniform: q_i = 1 / |P(i)|
+  float* anchor;       // (4, M): BwdArgs::anchor
+  float* gmax;         // (1,): BwdArgs::gmax
+};
+
+cudaError_t launch_row_norms(Dtype dtype, const RowNormArgs& args, cudaStream_t stream);
+cudaError_t launch_loss_reduce(const LossReduceArgs& args, cudaStream_t stream);
+cudaError_t launch_anchor_stage(const AnchorStageArgs& args, cudaStream_t stream);
+
 // bf16 / fp16 inputs that the CuTe kernels take (mma_supported) run there; other bf16 / fp16
 // inputs on the WMMA kernels of supcon_kernels.cuh where the binary is built for sm_80 or newer;
 // fp32 inputs, and everything on older targets, as fp32 FMA. Returns the launch error, if any.

@@ -1,4 +1,4 @@
-// Runs the CUDA SupCon kernels (csrc/cuda/supcon_kernels.cuh) under the host emulation of
+// Runs the CUDA SupCon kernels (csrc/cuda/supcon_kernels.cuh, supcon_rows.cuh) under the host emulation of
 // cuda_host_shim.h; loaded with ctypes by tests/test_supcon_cpp.py.
 #include "cuda_host_shim.h"
 
@@ -7,7 +7,7 @@
 #include <cstdio>
 #include <vector>
 
-#include "cuda/supcon_kernels.cuh"
+#include "cuda/supcon_rows.cuh"
 
 emu::Index threadIdx, blockIdx;
 
@@ -143,5 +143,28 @@ extern "C" int emu_supcon_bwd(int dtype, const sc::BwdArgs* a, int order) {
   }
 }
 
+extern "C" int emu_row_norms(int dtype, const sc::RowNormArgs* a, int order) {
+  const unsigned gx = unsigned((a->x.rows + a->y.rows + dt::kNormRows - 1) / dt::kNormRows);
+  switch (dtype) {
+    case 1:
+      return run_grid(&dt::row_norms_kernel<__half>, *a, gx, 1, order);
+    case 2:
+      return run_grid(&dt::row_norms_kernel<__nv_bfloat16>, *a, gx, 1, order);
+    default:
+      return run_grid(&dt::row_norms_kernel<float>, *a, gx, 1, order);
+  }
+}
+
+extern "C" int emu_loss_reduce(const sc::LossReduceArgs* a, int order) {
+  return run_grid(&dt::loss_reduce_kernel, *a, 1, 1, order);
+}
+
+extern "C" int emu_anchor_stage(const sc::AnchorStageArgs* a, int order) {
+  return run_grid(&dt::anchor_stage_kernel, *a, 1, 1, order);
+}
+
+extern "C" int emu_sizeof_row_norm_args() { return int(sizeof(sc::RowNormArgs)); }
+extern "C" int emu_sizeof_loss_reduce_args() { return int(sizeof(sc::LossReduceArgs)); }
+extern "C" int emu_sizeof_anchor_stage_args() { return int(sizeof(sc::AnchorStageArgs)); }
 extern "C" int emu_sizeof_fwd_args() { return int(sizeof(sc::FwdArgs)); }
 extern "C" int emu_sizeof_bwd_args() { return int(sizeof(sc::BwdArgs)); }

@@ -1,5 +1,6 @@
 """The CUDA SupCon kernels run on the host (``emulator.cpp``), driven like ``csrc/cuda/supcon_cuda.cpp``
-drives them on a GPU: same per-row inputs, same launches, same chain rule through the norm.
+drives them on a GPU: the same launches (row norms, the loss kernels, the loss reduction and
+the backward's anchor staging), the same chain rule through the norm.
 
 The emulation compiles the kernels' device code without WMMA, so it checks everything but the
 tensor-core tile products (indexing, tiling, masks, self column, online statistics, pair
@@ -47,6 +48,22 @@ class BwdArgs(ctypes.Structure):
                 ("df", _p), ("norms", _p), ("norm_eps", ctypes.c_float)]
 
 
+class RowNormArgs(ctypes.Structure):
+    _fields_ = [("x", Matrix), ("y", Matrix), ("D", ctypes.c_int64), ("normalize", ctypes.c_bool),
+                ("eps", ctypes.c_float), ("norms", _p), ("inv", _p)]
+
+
+class LossReduceArgs(ctypes.Structure):
+    _fields_ = [("loss", _p), ("valid", _p), ("M", ctypes.c_int64), ("scale", ctypes.c_float),
+                ("reduction", ctypes.c_int), ("out", _p)]
+
+
+class AnchorStageArgs(ctypes.Structure):
+    _fields_ = [("stats", _p), ("grad", _p), ("grad_stride", ctypes.c_int64), ("M", ctypes.c_int64),
+                ("scale", ctypes.c_float), ("reduction", ctypes.c_int), ("uniform", ctypes.c_bool),
+                ("anchor", _p), ("gmax", _p)]
+
+
 def cuda_include_dir() -> str | None:
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -81,28 +98,58 @@ def build(out_dir: str) -> str:
 class Emulator:
     def __init__(self, lib_path: str):
         self.lib = ctypes.CDLL(lib_path)
-        assert self.lib.emu_sizeof_fwd_args() == ctypes.sizeof(FwdArgs)
-        assert self.lib.emu_sizeof_bwd_args() == ctypes.sizeof(BwdArgs)
+        for name, struct in (("fwd_args", FwdArgs), ("bwd_args", BwdArgs), ("row_norm_args", RowNormArgs),
+                             ("loss_reduce_args", LossReduceArgs),
+                             ("anchor_stage_args", AnchorStageArgs)):
+            assert getattr(self.lib, f"emu_sizeof_{name}")() == ctypes.sizeof(struct), name
 
     @staticmethod
-    def _matrix(x: torch.Tensor) -> Matrix:
+    def _matrix(x: torch.Tensor | None) -> Matrix:
+        if x is None:
+            return Matrix(None, 0, 0, 0)
         return Matrix(x.data_ptr(), x.shape[0], x.stride(0), x.stride(1))
 
     @staticmethod
-    def _norms(x, normalize):
-        n = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
-        return n, (n.clamp_min(NORM_EPS).reciprocal() if normalize else torch.ones_like(n))
+    def _check(rc: int) -> None:
+        assert rc == 0, "threads of a block passed different numbers of barriers"
+
+    def row_norms(self, f, g, normalize, order=0):
+        """(norms, inverse norms), each (M + N,): f's rows, then g's (none when g is None)."""
+        rows = f.shape[0] + (0 if g is None else g.shape[0])
+        out = torch.empty(2, rows)
+        args = RowNormArgs(self._matrix(f), self._matrix(g), f.shape[1], normalize, NORM_EPS,
+                           out[0].data_ptr(), out[1].data_ptr())
+        self._check(self.lib.emu_row_norms(DTYPE_CODES[f.dtype], ctypes.byref(args), order))
+        return out[0], out[1]
+
+    def loss_reduce(self, loss, valid, scale, reduction, order=0):
+        out = torch.empty(loss.shape[0] if reduction == 0 else 1)
+        args = LossReduceArgs(loss.data_ptr(), valid.data_ptr(), loss.shape[0], scale, reduction,
+                              out.data_ptr())
+        self._check(self.lib.emu_loss_reduce(ctypes.byref(args), order))
+        return out if reduction == 0 else out[0]
+
+    def anchor_stage(self, stats, grad, scale, reduction, uniform, order=0):
+        """(anchor (4, M), gmax (1,)) as the backward kernels read them."""
+        m = stats.shape[0]
+        grad = grad.float()
+        out = torch.empty(4 * m + 1)
+        args = AnchorStageArgs(stats.contiguous().data_ptr(), grad.data_ptr(),
+                               grad.stride(0) if grad.dim() else 0, m, scale, reduction, uniform,
+                               out.data_ptr(), out[4 * m:].data_ptr())
+        self._check(self.lib.emu_anchor_stage(ctypes.byref(args), order))
+        return out[:4 * m].view(4, m), out[4 * m:]
 
     def forward(self, f, y, g, y_g, *, temperature, beta, normalize, anchor_offset, lse_only,
-                order=0):
-        """(loss (M,), valid (M,), stats (M, 4)) as supcon_fwd returns them."""
+                scale=1.0, reduction=0, order=0):
+        """(loss, valid (M,), stats (M, 4)) as supcon_fwd returns them."""
         single = g is None
         gg = f if single else g
         lf = y.long().contiguous()
         lg = lf if single else y_g.long().contiguous()
-        _, rnf = self._norms(f, normalize)
-        rng = rnf if single else self._norms(gg, normalize)[1]
         m = f.shape[0]
+        _, inv = self.row_norms(f, g, normalize, order)
+        rnf, rng = inv[:m], (inv[:m] if single else inv[m:])
         loss, stats = torch.empty(m), torch.empty(m, 4)
         valid = torch.empty(m, dtype=torch.bool)
         has_self = anchor_offset is not None
@@ -111,32 +158,26 @@ class Emulator:
                        rnf.data_ptr(), rng.data_ptr(), has_self,
                        anchor_offset if has_self else 0, 1.0 / temperature, -beta * temperature,
                        mode, loss.data_ptr(), valid.data_ptr(), stats.data_ptr())
-        rc = self.lib.emu_supcon_fwd(DTYPE_CODES[f.dtype], ctypes.byref(args), order)
-        assert rc == 0, "threads of a block passed different numbers of barriers"
-        return loss, valid, stats
+        self._check(self.lib.emu_supcon_fwd(DTYPE_CODES[f.dtype], ctypes.byref(args), order))
+        if reduction == 0 and scale == 1.0:
+            return loss, valid, stats
+        return self.loss_reduce(loss, valid, scale, reduction, order), valid, stats
 
     def backward(self, grad, f, y, g, y_g, stats, *, temperature, beta, detach_weights,
-                 normalize, anchor_offset, lse_only, order=0):
+                 normalize, anchor_offset, lse_only, scale=1.0, reduction=0, order=0):
         """(grad f (M, D), grad g (N, D) or None) as supcon_bwd returns them."""
         single = g is None
         gg = f if single else g
         lf = y.long().contiguous()
         lg = lf if single else y_g.long().contiguous()
-        nf, rnf = self._norms(f, normalize)
-        ng, rng = (nf, rnf) if single else self._norms(gg, normalize)
+        m, d = f.shape
+        norms, inv = self.row_norms(f, g, normalize, order)
+        nf, rnf = norms[:m], inv[:m]
+        ng, rng = (nf, rnf) if single else (norms[m:], inv[m:])
         mode = (BWD_LSE if lse_only else BWD_UNIFORM if beta == 0
                 else BWD_SOFT_DETACHED if detach_weights else BWD_SOFT_EXACT)
-        inf = float("inf")
-        ok = stats[:, 3] > 0
-        ga = torch.where(ok, grad.float(), 0.0)
-        q = (torch.where(ok, stats[:, 3].reciprocal(), 0.0) if mode == BWD_UNIFORM
-             else torch.where(ok, stats[:, 2], inf))
-        anchor = torch.stack([ga, torch.where(ok, stats[:, 0], inf), q,
-                              torch.where(ok, stats[:, 1], 0.0)]).contiguous()
-        amax = ga.abs().max()
-        gmax = torch.where(amax > 0, amax, torch.ones_like(amax)).contiguous()
+        anchor, gmax = self.anchor_stage(stats, grad, scale, reduction, mode == BWD_UNIFORM, order)
         has_self = anchor_offset is not None
-        m, d = f.shape
 
         def launch(x, lx, rnx, yy, ly, rny, outer, inner, shift):
             dx = torch.empty(x.shape[0], d)
@@ -144,8 +185,7 @@ class Emulator:
                            rnx.data_ptr(), rny.data_ptr(), anchor.data_ptr(), m, gmax.data_ptr(),
                            outer, inner, has_self, shift if has_self else 0, 1.0 / temperature,
                            -beta * temperature, mode, dx.data_ptr())
-            rc = self.lib.emu_supcon_bwd(DTYPE_CODES[f.dtype], ctypes.byref(args), order)
-            assert rc == 0, "threads of a block passed different numbers of barriers"
+            self._check(self.lib.emu_supcon_bwd(DTYPE_CODES[f.dtype], ctypes.byref(args), order))
             return dx
 
         dzf = launch(f, lf, rnf, gg, lg, rng, True, single, anchor_offset or 0)
