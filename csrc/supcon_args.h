@@ -92,7 +92,7 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The reductions of the ops' `reduction` argument (supcon.REDUCTIONS): per anchor (M,), or
+// The ops' `reduction` codes (backends.REDUCTION_CODES in Python): per anchor (M,), or
 // one value, the sum or the mean over valid anchors.
 enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 
