@@ -13,10 +13,12 @@ def plain_eager(t: Tensor) -> bool:
     eager mode (no tracing, no dispatch mode, no tensor subclass), where the registered op
     would only dispatch to that same function (about 25 us a call on a 2-core CPU host, more
     with an autograd kernel registered on the op). Under torch.compile, fake tensors,
-    functorch or a TorchDispatchMode the registered op is called."""
+    functorch (wrapped tensors, or any transform active) or a TorchDispatchMode the registered
+    op is called."""
     return (type(t) is Tensor and not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+            and not torch._C._are_functorch_transforms_active())
 
 
 def eager_function(name: str, op, setup_context, backward, n_inputs: int):
@@ -45,15 +47,17 @@ def eager_function(name: str, op, setup_context, backward, n_inputs: int):
     return Function
 
 
+def _base_apply(function, *inputs):
+    """``function.apply(*inputs)`` without the Python prologue of ``autograd.Function.apply``:
+    a walk over the arguments that unwraps functorch's dead wrappers, which plain eager inputs
+    are not (about 5 us a call on a 2-core CPU host). For plain eager inputs only: tracing and
+    functorch recognise ``function.apply`` itself."""
+    return super(torch.autograd.Function, function).apply(*inputs)
+
+
 def apply(function, *inputs):
-    """``function.apply(*inputs)``, in plain eager mode without the Python prologue of
-    ``autograd.Function.apply``: a walk over the arguments that unwraps functorch's dead
-    wrappers, which plain eager inputs are not (about 5 us a call on a 2-core CPU host).
-    Elsewhere (torch.compile, functorch transforms) ``function.apply`` itself, which they
-    recognise."""
-    if plain_eager(inputs[0]) and not torch._C._are_functorch_transforms_active():
-        return super(torch.autograd.Function, function).apply(*inputs)
-    return function.apply(*inputs)
+    """``function.apply(*inputs)``, through ``_base_apply`` in plain eager mode."""
+    return _base_apply(function, *inputs) if plain_eager(inputs[0]) else function.apply(*inputs)
 
 
 def direct_or_op(impl, op, *inputs):
@@ -63,8 +67,8 @@ def direct_or_op(impl, op, *inputs):
 
 
 def call(function, op, *inputs):
-    """``function.apply(*inputs)`` in plain eager mode, else the registered ``op``."""
-    return direct_or_op(function.apply, op, *inputs)
+    """``function`` applied (``_base_apply``) in plain eager mode, else the registered ``op``."""
+    return _base_apply(function, *inputs) if plain_eager(inputs[0]) else op(*inputs)
 
 
 def double_backward_error(backend: str) -> RuntimeError:

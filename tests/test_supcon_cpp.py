@@ -572,8 +572,9 @@ def test_plain_eager_calls_skip_the_registered_autograd(monkeypatch):
     from anchor_kernels.ops import supcon_cpp
 
     applied = []
-    real = supcon_cpp.SupConCpp.apply
-    monkeypatch.setattr(supcon_cpp.SupConCpp, "apply", lambda *a: (applied.append(1), real(*a))[1])
+    real = supcon_cpp.SupConCpp.forward
+    monkeypatch.setattr(supcon_cpp.SupConCpp, "forward",
+                        staticmethod(lambda ctx, *a: (applied.append(1), real(ctx, *a))[1]))
     f = torch.randn(24, 8, dtype=torch.float64, requires_grad=True)
     y = labels_for("random", 24)
     loss = ak.supcon_loss(f, y, hard_positive_beta=1.0, backend="cpu")
