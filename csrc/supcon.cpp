@@ -617,23 +617,21 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cpu(
     T* ap = arr.data_ptr<T>();
     const T inf = std::numeric_limits<T>::infinity();
     const bool soft_stats = mode == kBwdSoftDetached || mode == kBwdSoftExact;
+    // soft: (u, log lw) with log lw >= 0 for a non-empty P(i); else (log n, n)
+    auto valid = [&](int64_t i) { return soft_stats ? sp[4 * i + 3] >= 0 : sp[4 * i + 3] > 0; };
     int64_t count = 0;
+    if (reduction == kMean)
+      for (int64_t i = 0; i < sz.M; ++i) count += valid(i);
+    // g_i: the incoming gradient (one value for a reduced loss) through reduce_loss
+    const T factor = static_cast<T>(scale) / static_cast<T>(std::max<int64_t>(count, 1));
     for (int64_t i = 0; i < sz.M; ++i) {
       const T lse = sp[4 * i], sbar = sp[4 * i + 1], c2 = sp[4 * i + 2], c3 = sp[4 * i + 3];
-      // soft: (u, log lw) with log lw >= 0 for a non-empty P(i); else (log n, n)
-      const bool ok = soft_stats ? c3 >= 0 : c3 > 0;
-      count += ok;
-      ap[i] = ok ? T(1) : T(0);
+      const bool ok = valid(i);
+      ap[i] = ok ? gp[reduction == kNone ? i : 0] * factor : T(0);
       ap[sz.M + i] = ok ? lse : inf;
       ap[2 * sz.M + i] = soft_stats ? (ok ? c3 : T(0)) : (ok && mode == kBwdUniform ? T(1) / c3 : T(0));
       ap[3 * sz.M + i] = soft_stats && ok ? c2 : -inf;
       ap[4 * sz.M + i] = ok ? sbar : T(0);
-    }
-    // g_i: the incoming gradient (one value for a reduced loss) through reduce_loss
-    const T factor = static_cast<T>(scale) /
-                     static_cast<T>(reduction == kMean ? std::max<int64_t>(count, 1) : 1);
-    for (int64_t i = 0; i < sz.M; ++i) {
-      if (ap[i] != T(0)) ap[i] = gp[reduction == kNone ? i : 0] * factor;
     }
     const AnchorArrays<T> a{ap, ap + sz.M, ap + 2 * sz.M, ap + 3 * sz.M, ap + 4 * sz.M};
     const bool has_self = sz.offset >= 0;
