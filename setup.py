@@ -8,8 +8,8 @@ To compile the extension ahead of time instead, with torch already installed:
 The CUDA half is built when torch is a CUDA build, a CUDA toolkit is found (torch.version.cuda
 and CUDA_HOME; no GPU is needed) and nvidia-cutlass is installed (its CuTe headers); otherwise
 the CPU half alone, with one line saying why. TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0") picks the
-GPU architectures it is compiled for; without it torch's builder takes the visible GPUs', so
-set it on a machine without one.
+GPU architectures it is compiled for; without it the visible GPUs', so set it on a machine
+without one. "9.0" is built as "9.0a", the Hopper-specific code the wgmma kernels need.
 ANCHOR_KERNELS_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 picks the CPU vector ISA (default: this
 machine's), e.g. DEFAULT for a build that runs on any x86-64.
 """
@@ -35,6 +35,8 @@ def extension_build():
     if skip:
         print(f"anchor_kernels: building the C++ extension for CPU only; CUDA half skipped: {skip}")
     sources = [os.path.relpath(p, HERE) for p in _ext.sources(with_cuda=skip is None)]
+    if skip is None and _ext.cuda_arch_list():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _ext.cuda_arch_list()  # Hopper as sm_90a
     kind = CppExtension if skip else CUDAExtension
     ext = kind("anchor_kernels._C", sources, include_dirs=_ext.include_dirs(with_cuda=skip is None),
                extra_compile_args={"cxx": _ext.cxx_flags(), "nvcc": _ext.cuda_flags()},

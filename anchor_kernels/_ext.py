@@ -65,8 +65,25 @@ def cxx_flags() -> list[str]:
     return ["-O3", *openmp_flags(), *(_CPU_FLAGS.get(cpu_capability(), []))]
 
 
+def cuda_arch_list() -> str:
+    """The GPU architectures the CUDA half is compiled for, in TORCH_CUDA_ARCH_LIST's syntax:
+    that variable when set, else the visible GPUs' compute capabilities ("" when there are
+    none: torch's builder then decides). Hopper's "9.0" becomes "9.0a": the wgmma, TMA and
+    setmaxnreg instructions of the Hopper kernels exist only in arch-specific sm_90a code,
+    which runs on exactly the devices that sm_90 code targets."""
+    arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";")
+    if not arches and torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        arches = ";".join(f"{major}.{minor}" for major, minor in caps)
+    names = [a.strip() for a in arches.split(";") if a.strip()]
+    return ";".join("9.0a" + a[3:] if a.startswith("9.0") and not a.startswith("9.0a") else a
+                    for a in names)
+
+
 def cuda_flags() -> list[str]:
-    return ["-O3", "--expt-relaxed-constexpr"]
+    """nvcc flags; ANCHOR_KERNELS_SM90A tells the launchers that the binary holds sm_90a code."""
+    sm90a = any(a.startswith("9.0a") for a in cuda_arch_list().split(";"))
+    return ["-O3", "--expt-relaxed-constexpr", *(["-DANCHOR_KERNELS_SM90A=1"] if sm90a else [])]
 
 
 def cuda_home() -> str | None:
@@ -135,7 +152,7 @@ def build_key(with_cuda: bool) -> str:
             h.update(os.path.relpath(path, CSRC_DIR).encode())
             with open(path, "rb") as fh:
                 h.update(fh.read())
-    parts = (cxx_flags(), cuda_flags() if with_cuda else None, torch.__version__,
+    parts = (cxx_flags(), (cuda_flags(), cuda_arch_list()) if with_cuda else None, torch.__version__,
              torch.version.cuda, sysconfig.get_config_var("SOABI"))
     if with_cuda:
         parts += (cutlass_include(), _cutlass_version())
@@ -205,6 +222,9 @@ def _build(with_cuda: bool, note: str = "") -> str | None:
     _ensure_ninja_on_path()
     from torch.utils import cpp_extension
 
+    arches, saved = cuda_arch_list(), os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if with_cuda and arches:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arches  # read by torch's builder
     try:
         cpp_extension.load(
             name=NAME,
@@ -219,6 +239,11 @@ def _build(with_cuda: bool, note: str = "") -> str | None:
         )
     except Exception as exc:
         return f"the C++ extension failed to build or load ({type(exc).__name__}): {_tail(exc)}"
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
     _state["library"] = build_dir
     return None
 

@@ -146,8 +146,13 @@ def test_failed_cuda_half_keeps_the_cpu_half(tmp_path):
 
 MATMUL_FREE = {"pgd_kernels.cu", "supcon_rows.cu"}
 # nvcc flags of each target: SASS for that architecture alone (cuobjdump -arch tells them apart).
-CUDA_TARGETS = {"sm_90": ["-gencode", "arch=compute_90,code=sm_90"],
+# Hopper is built as sm_90a (what _ext.cuda_arch_list makes of "9.0"), with the macro that
+# tells the launchers so.
+CUDA_TARGETS = {"sm_90a": ["-gencode", "arch=compute_90a,code=sm_90a", "-DANCHOR_KERNELS_SM90A=1"],
                 "sm_80": ["-gencode", "arch=compute_80,code=sm_80"]}
+# Hopper kernels (``sm90`` in their names): their body is sm_90a code alone (wgmma fed by TMA,
+# setmaxnreg), and compiles away for any other target.
+HOPPER_INSTRUCTIONS = ("HGMMA", "UTMALDG", "USETMAXREG")
 # Mangled half-precision element types: CUDA's (__half, __nv_bfloat16) and CUTLASS's.
 HALF_TYPES = ("6__half", "13__nv_bfloat16", "7cutlass6half_t", "7cutlass10bfloat16_t")
 
@@ -176,12 +181,14 @@ def _resource_usage(text):
 
 @pytest.mark.parametrize("arch", sorted(CUDA_TARGETS))
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
-def test_cuda_sources_compile_for_sm80_and_sm90(source, arch, tmp_path):
+def test_cuda_sources_compile_for_sm80_and_sm90a(source, arch, tmp_path):
     """nvcc -c for one architecture, with the flags torch's builder adds (no implicit half
     conversions) and the CUTLASS/CuTe headers; the half-precision matmul kernels must use the
     tensor cores (HMMA in that architecture's SASS; elementwise kernels, ``MATMUL_FREE``, have
-    no product to put there), and no tensor-core kernel (``mma`` in its name) may spill to local
-    memory (stack or local bytes in ``cuobjdump --dump-resource-usage``)."""
+    no product to put there), the Hopper kernels must hold wgmma, TMA loads and setmaxnreg in
+    the sm_90a build and nothing of them elsewhere, and no tensor-core kernel (``mma`` or
+    ``sm90`` in its name) may spill to local memory (stack or local bytes in
+    ``cuobjdump --dump-resource-usage``)."""
     compiler = nvcc()
     if compiler is None:
         pytest.skip("no nvcc on this machine")
@@ -207,25 +214,32 @@ def test_cuda_sources_compile_for_sm80_and_sm90(source, arch, tmp_path):
     assert archs == {arch}, (archs, res.stdout[-2000:])
     assert usage, f"no kernels in the {arch} object:\n{res.stdout[-2000:]}"
     spilling = {k: u for k, u in usage.items()
-                if "mma" in k.lower() and (u.get("LOCAL", 0) or u.get("STACK", 0))}
+                if ("mma" in k.lower() or "sm90" in k) and (u.get("LOCAL", 0) or u.get("STACK", 0))}
     assert not spilling, "\n".join(
         f"{k}: REG:{u.get('REG')} STACK:{u.get('STACK')} LOCAL:{u.get('LOCAL')}"
         for k, u in spilling.items())
 
     sass = subprocess.run([cuobjdump, "-sass", "-arch", arch, str(obj)], capture_output=True,
                           text=True).stdout
-    kernels, name = {}, None
+    kernels, name = {}, None  # kernel -> {instruction: count}
     for line in sass.splitlines():
         if "Function :" in line:
             name = line.split("Function :")[1].strip()
-            kernels[name] = 0
-        elif "HMMA" in line and name is not None:
-            kernels[name] += 1
+            kernels[name] = dict.fromkeys(("HMMA", *HOPPER_INSTRUCTIONS), 0)
+        elif name is not None:
+            for op in kernels[name]:
+                kernels[name][op] += f" {op}" in line
     assert set(kernels) == set(usage), (sorted(kernels), sorted(usage))
-    if os.path.basename(source) in MATMUL_FREE:
+    hopper = {k: c for k, c in kernels.items() if "sm90" in k}
+    for k, counts in hopper.items():
+        if arch == "sm_90a":
+            assert all(counts[op] > 0 for op in HOPPER_INSTRUCTIONS), (k, counts)
+        else:
+            assert not any(counts.values()), (k, counts)
+    if os.path.basename(source) in MATMUL_FREE or hopper:
         return
     half = [k for k in kernels if any(t in k for t in HALF_TYPES)]
-    assert half and all(kernels[k] > 0 for k in half), kernels
+    assert half and all(kernels[k]["HMMA"] > 0 for k in half), kernels
 
 
 @pytest.mark.parametrize("source", CUDA_GLUE, ids=os.path.basename)
@@ -257,3 +271,17 @@ def test_setup_py_reads_the_build_switch():
     assert "anchor_kernels" in out.stdout
     if torch.version.cuda is None:
         assert "CUDA half skipped" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("given,built", [("9.0", "9.0a"), ("8.0;9.0+PTX", "8.0;9.0a+PTX"),
+                                         ("8.0 9.0a", "8.0;9.0a"), ("8.0;8.6", "8.0;8.6")])
+def test_hopper_is_built_as_sm90a(given, built, monkeypatch):
+    """TORCH_CUDA_ARCH_LIST's "9.0" is built as "9.0a" (the wgmma / TMA kernels' target), and
+    the launchers are told (ANCHOR_KERNELS_SM90A) exactly when the binary holds it; the build
+    key follows the architectures."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", given)
+    assert _ext.cuda_arch_list() == built
+    assert ("-DANCHOR_KERNELS_SM90A=1" in _ext.cuda_flags()) == ("9.0a" in built)
+    key = _ext.build_key(True)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")
+    assert _ext.build_key(True) != key

@@ -521,6 +521,51 @@ def test_gpu_autocast_and_compile():
     assert_close(compiled(f), loss, atol=1e-2, rtol=1e-2, what="compiled")
 
 
+def _kernels_run(fn):
+    """Names of the CUDA kernels fn launches (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", OPTIONS[:3] + [dict(lse_only=True)],
+                         ids=["supcon", "soft", "soft-exact", "lse-only"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_hopper_forward_when_chosen(options, dtype, monkeypatch):
+    """ANCHOR_KERNELS_CUDA_KERNELS=sm90 on a compute capability 9.0 GPU runs the forward on the
+    Hopper kernel (wgmma, TMA; checked by its name in the profile) and matches the reference
+    (one set and two, partial tiles, the self pair on and off the tile diagonal); unset, the
+    sm_80 kernel runs."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernels run on compute capability 9.0")
+    if "-DANCHOR_KERNELS_SM90A=1" not in _ext.cuda_flags():
+        pytest.skip("the extension was not built with sm_90a code (TORCH_CUDA_ARCH_LIST)")
+    lse_only = options.get("lse_only", False)
+    options = {k: v for k, v in options.items() if k != "lse_only"}
+    n, d = 1000, 120
+    f = torch.randn(n, d, device="cuda")
+    y = labels_for("random", n).cuda()
+    problem = SupConProblem(f.to(dtype), y, None, None, 0.1, options.get("hard_positive_beta", 0.0),
+                            None, options.get("detach_weights", True), True, 0, lse_only=lse_only)
+    monkeypatch.delenv("ANCHOR_KERNELS_CUDA_KERNELS", raising=False)
+    names = _kernels_run(lambda: get_backend("cuda").per_anchor(problem))
+    assert not any("sm90" in k for k in names) and any("mma" in k for k in names), names
+    sm80, _ = get_backend("cuda").per_anchor(problem)
+    monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", "sm90")
+    names = _kernels_run(lambda: get_backend("cuda").per_anchor(problem))
+    assert any("supcon_fwd_sm90_kernel" in k for k in names), names
+    sm90, _ = get_backend("cuda").per_anchor(problem)
+    assert_close(sm90, sm80, atol=2e-3, rtol=2e-3, what=f"sm90 against sm80 {dtype}")
+    if not lse_only:
+        compare("cuda", f, y, dtype=dtype, **options)
+        g, y_g = torch.randn(700, d, device="cuda"), labels_for("random", 700).cuda()
+        compare("cuda", g[200:530].clone(), y_g[200:530].clone(), g, y_g, dtype=dtype,
+                anchor_offset=200, **options)
+        compare("cuda", f[:130], y[:130], g, y_g, dtype=dtype, anchor_offset=None, **options)
+
+
 @pytest.mark.gpu
 def test_gpu_refuses_float64():
     f = torch.randn(8, 4, device="cuda", dtype=torch.float64)

@@ -1,5 +1,5 @@
-// Host check of the fragment layouts the CuTe SupCon kernels (csrc/cuda/supcon_mma.cuh) rely
-// on, for every thread of a CTA: which rows and columns of a tile a thread's accumulators hold
+// Host check of the fragment layouts the CuTe SupCon kernels (csrc/cuda/supcon_mma.cuh and the
+// Hopper forward, supcon_sm90.cuh) rely on, for every thread of a CTA: which rows and columns of a tile a thread's accumulators hold
 // (the per-row statistics, quad reductions and the epilogue's addressing assume it), and that
 // the accumulators of S read as A fragments (acc_as_a_operand) hold the coordinates the next
 // product's A operand expects. Compiled with nvcc and run on the host by
@@ -7,6 +7,7 @@
 #include <cstdio>
 
 #include "cuda/supcon_mma.cuh"
+#include "cuda/supcon_sm90.cuh"
 
 using namespace cute;
 using namespace anchor_kernels::supcon_cuda::mma;
@@ -48,7 +49,73 @@ void check_tile() {
   }
 }
 
+// The Hopper forward's 128 x 128 tile over two consumer warpgroups: element v = k + 2 i + 4 j of
+// a thread's 64 accumulators is row i of its two (the second 8 below the first), column
+// col0 + 8 j + k; the four lanes of a quad hold the same rows (quad reductions) and together
+// every column; each tile element is held by exactly one thread, its warpgroup's 64 rows.
+template <typename T>
+void check_sm90_tile() {
+  namespace h = anchor_kernels::supcon_cuda::sm90;
+  h::TiledMmaS<T, h::kN> mma;
+  static int held[h::kM][h::kN];
+  for (auto& r : held)
+    for (int& v : r) v = 0;
+  for (int t = 0; t < 128 * h::kConsumers; ++t) {
+    auto coords = [&](int thread) {
+      return mma.get_thread_slice(thread).partition_C(make_identity_tensor(Shape<Int<h::kM>, Int<h::kN>>{}));
+    };
+    auto cC = coords(t);
+    CHECK(size(cC) == 64);
+    const int row0 = get<0>(cC(0)), col0 = get<1>(cC(0));
+    CHECK(row0 / 64 == t / 128);
+    for (int v = 0; v < size(cC); ++v) {
+      const int k = v % 2, i = (v / 2) % 2, j = v / 4;
+      CHECK(get<0>(cC(v)) == row0 + 8 * i);
+      CHECK(get<1>(cC(v)) == col0 + 8 * j + k);
+      for (int q = 1; q < 4; ++q) CHECK(get<0>(coords(t ^ q)(v)) == get<0>(cC(v)));
+      held[get<0>(cC(v))][get<1>(cC(v))]++;
+    }
+  }
+  for (int r = 0; r < h::kM; ++r)
+    for (int c = 0; c < h::kN; ++c) {
+      const int t = -1;  // CHECK names a thread; none here
+      CHECK(held[r][c] == 1);
+    }
+}
+
+// The Hopper backward: S over (kM, kCols) and dX over (kM, kD) give a thread the same two rows,
+// dX element v is row row0 + 8 ((v >> 1) & 1), column col0 + (v & 1) + 8 (v >> 2), and the S
+// accumulators read as A registers (sm90::acc_as_a_operand) hold the coordinates dX's A expects.
+template <typename T, int kCols>
+void check_sm90_backward() {
+  namespace h = anchor_kernels::supcon_cuda::sm90;
+  h::TiledMmaS<T, kCols> mma_s;
+  h::TiledMmaDx<T, kCols> mma_dx;
+  for (int t = 0; t < 128 * h::kConsumers; ++t) {
+    auto cS = mma_s.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<h::kM>, Int<kCols>>{}));
+    auto cD = mma_dx.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<h::kM>, Int<h::kD>>{}));
+    const int row0 = get<0>(cS(0)), col0 = get<1>(cD(0));
+    CHECK(size(cS) == kCols / 2 && size(cD) == 64 && get<0>(cD(0)) == row0);
+    for (int v = 0; v < size(cS); ++v) {
+      CHECK(get<0>(cS(v)) == row0 + 8 * ((v >> 1) & 1));
+      CHECK(get<1>(cS(v)) == get<1>(cS(0)) + (v & 1) + 8 * (v >> 2));
+    }
+    for (int v = 0; v < size(cD); ++v) {
+      CHECK(get<0>(cD(v)) == row0 + 8 * ((v >> 1) & 1));
+      CHECK(get<1>(cD(v)) == col0 + (v & 1) + 8 * (v >> 2));
+    }
+    auto cA = mma_dx.get_thread_slice(t).partition_A(make_identity_tensor(Shape<Int<h::kM>, Int<kCols>>{}));
+    auto cH = make_tensor(cS.data(), h::acc_as_a_operand(cS.layout()));
+    CHECK(size(cH) == size(cA));
+    for (int i = 0; i < size(cA); ++i) CHECK(cA(i) == cH(i));
+  }
+}
+
 int main() {
+  check_sm90_tile<bfloat16_t>();
+  check_sm90_tile<half_t>();
+  check_sm90_backward<bfloat16_t, 64>();
+  check_sm90_backward<half_t, 32>();
   check_tile<kFwdRows, 64>();
   check_tile<kBwdRows, 64>();
   check_tile<kBwdRows, 32>();

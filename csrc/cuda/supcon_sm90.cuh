@@ -1,0 +1,580 @@
+// Hopper (sm_90a) SupCon kernels on CuTe: TMA loads into a two-stage shared-memory pipeline
+// signalled by mbarriers, wgmma with fp32 accumulation, and producer / consumer warp
+// specialisation with setmaxnreg.
+//
+// Forward: one CTA takes 128 anchors and streams the contrast set through 128-column tiles:
+//   warpgroup 0, the producer, gives up registers (setmaxnreg.dec); one lane issues the TMA
+//     copies (the anchor block once, a column tile per stage) and the warp's 32 lanes stage
+//     the tile's labels and inverse norms in shared memory beside it;
+//   warpgroups 1 and 2, the consumers, take the registers (setmaxnreg.inc) and 64 anchor rows
+//     each: wgmma from shared memory to 64 fp32 accumulators per thread, then the per-logit
+//     work (inverse norms, masks, online log-sum-exp, positives) on the accumulators in
+//     registers, and the stage is handed back to the producer.
+// Backward: the same pipeline over 64-column tiles of the inner rows (32 with soft mining); each consumer recomputes
+// S for its 64 rows (wgmma from shared memory), forms H = G(S) on the accumulators, and feeds
+// H, converted to the features' dtype, from registers as the A operand of dX += H Y (wgmma with
+// Y's tile read transposed from the same shared memory), so a tile costs two wgmma products and
+// no shared-memory round trip of S or H.
+// The maths and the statistics written are those of the sm_80 kernels (supcon_mma.cuh, whose
+// gterm and quad reductions these use) and of csrc/supcon.cpp; the inputs taken are the same (bf16 / fp16, D <= 128, D % 8 == 0, rows
+// contiguous, 16-byte aligned with a row stride % 8 == 0), plus rows and strides below 2^31.
+// The accumulator layout the loops assume (a thread holds rows r0 and r0 + 8 of its warp's 16
+// and 32 columns, in pairs; a row's columns are spread over one quad) is checked on the host
+// by tests/cuda_emulation/supcon_mma_layouts.cu.
+// The kernel body exists only in sm_90a code (wgmma and setmaxnreg are sm_90a instructions);
+// compiled for any other target it is empty, and the launcher never selects it there.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cute/tensor.hpp>
+#include <cute/atom/copy_atom.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/arch/mma_sm90.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "supcon_kernels.h"
+#include "supcon_mma.cuh"
+
+namespace anchor_kernels::supcon_cuda::sm90 {
+
+using namespace cute;
+using mma::gterm;
+using mma::kLog2e;
+using mma::quad_max;
+using mma::quad_sum;
+
+constexpr int kD = 128;           // feature columns a tile holds (zero-filled by TMA past D)
+constexpr int kM = 128;           // rows per CTA: two consumer warpgroups of 64 rows
+constexpr int kN = 128;           // columns per forward tile
+constexpr int kStages = 2;        // column tiles in flight
+constexpr int kConsumers = 2;     // consumer warpgroups
+constexpr int kThreads = 128 * (1 + kConsumers);
+constexpr int kProducerRegs = 40;   // setmaxnreg: 40 x 128 + 232 x 256 <= 64 K registers
+constexpr int kConsumerRegs = 232;
+
+// K-major (rows, kD) tiles, 128-byte swizzle: the layout TMA writes and wgmma reads.
+template <typename T, int kRows>
+using SmemRows = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kRows>, Int<kD>>{}));
+template <typename T, int kRows>
+using SmemRowsStages = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                              Shape<Int<kRows>, Int<kD>, Int<kStages>>{}));
+// The same bytes seen as (kD, rows, stages): the B operand of dX += H Y, MN-major.
+template <typename T, int kRows>
+using SmemRowsStagesT = decltype(composition(
+    SmemRowsStages<T, kRows>{},
+    make_ordered_layout(Shape<Int<kD>, Int<kRows>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+
+// Two warpgroups stacked along the rows, each a 64 x kCols x 16 wgmma with both operands in
+// shared memory (S = X Y^T) ...
+template <typename T, int kCols>
+using TiledMmaS = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kCols>, Int<kD>>>(),
+                                          Layout<Shape<Int<kConsumers>, _1, _1>>{}));
+// ... and 64 x kD x 16 with A (H) from registers and B (Y^T) MN-major in shared memory.
+template <typename T, int kCols>
+using TiledMmaDx = decltype(make_tiled_mma(
+    GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kD>, Int<kCols>>, GMMA::Major::K, GMMA::Major::MN>(),
+    Layout<Shape<Int<kConsumers>, _1, _1>>{}));
+
+// The wgmma accumulator layout ((2, 2, V), M, N) read as A-operand registers ((2, 2, 2), M, V / 2):
+// the 16-bit A fragment of k-step q is the accumulator pairs of columns 16 q ... 16 q + 15.
+template <typename Layout>
+CUTE_HOST_DEVICE auto acc_as_a_operand(Layout l) {
+  auto d = logical_divide(l, Shape<Shape<Underscore, Underscore, _2>>{});
+  return make_layout(make_layout(get<0, 0>(d), get<0, 1>(d), get<0, 2, 0>(d)), get<1>(d),
+                     coalesce(make_layout(get<0, 2, 1>(d), get<2>(d))));
+}
+
+// The tiles, the column inputs beside each (Cols: per-stage arrays the producer warp fills),
+// and the barriers.
+template <typename T, int kCols, typename Cols>
+struct SharedStorage {
+  alignas(1024) T x[kM * kD];           // 128-byte swizzled tiles want 1024-byte alignment
+  alignas(1024) T y[kStages][kCols * kD];
+  Cols cols[kStages];
+  uint64_t x_full;                      // the row block landed
+  uint64_t full[kStages];               // a column tile and its column inputs landed
+  uint64_t empty[kStages];              // every consumer warp is done with the stage
+};
+
+struct FwdCols {
+  alignas(16) int64_t label[kN];
+  alignas(16) float rn[kN];
+};
+template <int kCols>
+struct BwdCols {
+  alignas(16) int64_t label[kCols];
+  alignas(16) float rn[kCols];
+  float4 anchor[kCols];  // inner anchors: g, LSE log2(e), q', sbar (BwdArgs::anchor, staged)
+};
+
+template <typename T>
+using FwdStorage = SharedStorage<T, kN, FwdCols>;
+// Backward tiles: 64 columns, 32 with soft mining (as the sm_80 kernel: at 64 its registers spill).
+template <int kMode>
+constexpr int bwd_cols() {
+  return mma::bwd_cols<kMode>();
+}
+template <typename T, int kMode>
+using BwdStorage = SharedStorage<T, bwd_cols<kMode>(), BwdCols<bwd_cols<kMode>()>>;
+
+// The TMA copy of (rows, D) row-major features into kRows x kD swizzled tiles.
+template <typename T, int kRows>
+auto make_tma_rows(const Matrix& m, int D) {
+  Tensor g = make_tensor(make_gmem_ptr(static_cast<const T*>(m.data)),
+                         make_shape(int(m.rows), D), make_stride(int(m.s0), Int<1>{}));
+  return make_tma_copy(SM90_TMA_LOAD{}, g, SmemRows<T, kRows>{});
+}
+template <typename T, int kRows>
+using TmaRows = decltype(make_tma_rows<T, kRows>(Matrix{}, 0));
+
+using Barrier = cutlass::arch::ClusterBarrier;
+using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+constexpr int kConsumerWarps = 4 * kConsumers;
+
+template <typename Storage>
+__device__ __forceinline__ void init_barriers(Storage& st) {
+  if (threadIdx.x == 0) {
+    TxBarrier::init(&st.x_full, 1);
+    CUTE_UNROLL
+    for (int s = 0; s < kStages; ++s) {
+      TxBarrier::init(&st.full[s], 32);  // the producer warp: one expect_tx, 31 plain arrivals
+      Barrier::init(&st.empty[s], kConsumerWarps);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+}
+
+// The producer warp: the row block [kM blockIdx.x, +kM) of x once, then every kCols-row tile of
+// y into the stages in turn, each with its column inputs (stage_column(cols, c, j) fills
+// column c of the stage from row j of y, or from nothing when j >= y's rows).
+template <typename T, int kCols, typename Storage, typename TmaX, typename TmaY, typename StageColumn>
+__device__ __forceinline__ void produce(Storage& st, const TmaX& tma_x, const TmaY& tma_y,
+                                        const Matrix& x, const Matrix& y, int D,
+                                        StageColumn&& stage_column) {
+  const int lane = threadIdx.x % 32;
+  const int n_tiles = int((y.rows + kCols - 1) / kCols);
+  Tensor sX = make_tensor(make_smem_ptr(st.x), SmemRows<T, kM>{});
+  Tensor sY = make_tensor(make_smem_ptr(&st.y[0][0]), SmemRowsStages<T, kCols>{});
+  Tensor gX = local_tile(tma_x.get_tma_tensor(make_shape(int(x.rows), D)), Shape<Int<kM>, Int<kD>>{},
+                         make_coord(int(blockIdx.x), 0));
+  Tensor gY = local_tile(tma_y.get_tma_tensor(make_shape(int(y.rows), D)),
+                         Shape<Int<kCols>, Int<kD>>{}, make_coord(_, 0));  // (kCols, kD, tiles)
+  auto [tXg, tXs] = tma_partition(tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sX),
+                                  group_modes<0, 2>(gX));
+  auto [tYg, tYs] = tma_partition(tma_y, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sY),
+                                  group_modes<0, 2>(gY));
+  if (lane == 0) {
+    TxBarrier::arrive_and_expect_tx(&st.x_full, kM * kD * sizeof(T));
+    copy(tma_x.with(st.x_full), tXg, tXs);
+  }
+  for (int t = 0; t < n_tiles; ++t) {
+    const int s = t % kStages;
+    // A fresh barrier counts as having completed the phase before its first: round 0 passes.
+    Barrier::wait(&st.empty[s], ((t / kStages) & 1) ^ 1);
+    for (int c = lane; c < kCols; c += 32) stage_column(st.cols[s], c, int64_t(t) * kCols + c);
+    if (lane == 0) {
+      TxBarrier::arrive_and_expect_tx(&st.full[s], kCols * kD * sizeof(T));
+      copy(tma_y.with(st.full[s]), tYg(_, t), tYs(_, s));
+    } else {
+      TxBarrier::arrive(&st.full[s]);  // after this lane's column inputs (release)
+    }
+  }
+}
+
+// Consumers hand a stage back once every lane of the warp is done with it.
+template <typename Storage>
+__device__ __forceinline__ void release(Storage& st, int s) {
+  __syncwarp();
+  if (threadIdx.x % 32 == 0) Barrier::arrive(&st.empty[s]);
+}
+
+// acc = A B (zero) or acc += A B over the k-steps of the fragments, waited for.
+template <typename Mma, typename FA, typename FB, typename Acc>
+__device__ __forceinline__ void wgmma(Mma& mma, const FA& a, const FB& b, Acc& acc, bool zero) {
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  mma.accumulate_ = zero ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    gemm(mma, a(_, _, k), b(_, _, k), acc);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+}
+
+// Per-row state of the online statistics, in log2 units of s (the sm_80 kernel's), except
+// that sums over positives are kept in units of t = acc / ||y|| and scaled by sc once at the
+// end: s = t sc, with sc = inv_tau log2(e) / ||x|| > 0, folds into exp2's FFMA.
+struct RowState {
+  float sc, kn;        // sc, and sc nbt: the soft weights' exponent per unit of t
+  int64_t label;
+  int64_t self_col;    // column of the self pair, or -1
+  float m, l;          // running max of s, sum of 2^(s - m)
+  float cnt, sw;       // positives: count, sum of t (uniform) or of w t (soft)
+  float tm, lw;        // soft: running max of t kn over positives, sum of 2^(t kn - tm)
+};
+
+template <int kMode>
+__device__ __forceinline__ void write_stats(const FwdArgs& p, int64_t i, const RowState& s) {
+  const float ln2 = 0.6931471805599453f;
+  const float l = quad_sum(s.l), c = quad_sum(s.cnt), sw = quad_sum(s.sw), lw = quad_sum(s.lw);
+  if (i >= p.x.rows || (threadIdx.x % 4) != 0) return;
+  const float lse = (s.m + log2f(l)) * ln2;
+  float* out = p.stats + 4 * i;
+  if constexpr (kMode == kFwdLse) {
+    const float count = float(p.y.rows - (p.has_self ? 1 : 0));
+    p.valid[i] = count > 0.f;
+    p.loss[i] = count > 0.f ? lse : 0.f;
+    out[0] = lse, out[1] = 0.f, out[2] = 0.f, out[3] = count;
+  } else {
+    constexpr bool kSoft = kMode == kFwdSoft;
+    const bool ok = c > 0.f;
+    const float sbar = ok ? (kSoft ? sw / lw : sw / c) * s.sc * ln2 : 0.f;
+    const float logw = kSoft ? (s.tm + log2f(lw)) * ln2 : logf(c);
+    p.valid[i] = ok;
+    p.loss[i] = ok ? lse - sbar : 0.f;
+    out[0] = lse, out[1] = sbar, out[2] = logw, out[3] = c;
+  }
+}
+
+// One tile's per-logit work for the consumer thread's two rows. acc(v) for v = k + 2 i + 4 j is
+// row i of the thread's two, column col0 + 8 j + k; kEdge tiles mask columns past N and the
+// self pair.
+template <int kMode, bool kEdge, typename Acc>
+__device__ __forceinline__ void tile_update(Acc& acc, RowState (&rs)[2], const int64_t* label,
+                                            const float* rn, int col0, int64_t y0, int64_t N) {
+  constexpr int kPairs = kN / 8;
+  constexpr bool kStatsPos = kMode != kFwdLse, kSoft = kMode == kFwdSoft;
+  // Pass 1: t = acc / ||y||, masks, the tile's row maxima.
+  float tmax[2] = {-INFINITY, -INFINITY};
+  CUTE_UNROLL
+  for (int j = 0; j < kPairs; ++j) {
+    const int c = col0 + 8 * j;
+    const float2 r2 = *reinterpret_cast<const float2*>(rn + c);
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i)
+      CUTE_UNROLL
+      for (int k = 0; k < 2; ++k) {
+        float& t = acc(k + 2 * i + 4 * j);
+        t *= k ? r2.y : r2.x;
+        if (kEdge && (y0 + c + k >= N || y0 + c + k == rs[i].self_col)) t = -INFINITY;
+        tmax[i] = fmaxf(tmax[i], t);
+      }
+  }
+  float m_use[2], tw[2] = {0.f, 0.f};
+  CUTE_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    RowState& r = rs[i];
+    const float m_new = fmaxf(r.m, quad_max(tmax[i]) * r.sc);
+    m_use[i] = m_new == -INFINITY ? 0.f : m_new;
+    r.l *= exp2f(r.m - m_use[i]);
+    r.m = m_new;
+  }
+  if constexpr (kSoft) {
+    // The tile's max of t kn over positives rescales the soft weights' running sums.
+    float ttm[2] = {-INFINITY, -INFINITY};
+    CUTE_UNROLL
+    for (int j = 0; j < kPairs; ++j) {
+      const longlong2 lab = *reinterpret_cast<const longlong2*>(label + col0 + 8 * j);
+      CUTE_UNROLL
+      for (int i = 0; i < 2; ++i)
+        CUTE_UNROLL
+        for (int k = 0; k < 2; ++k) {
+          const float t = acc(k + 2 * i + 4 * j);
+          if ((k ? lab.y : lab.x) == rs[i].label && (!kEdge || t != -INFINITY))
+            ttm[i] = fmaxf(ttm[i], t * rs[i].kn);
+        }
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      RowState& r = rs[i];
+      const float t_new = fmaxf(r.tm, quad_max(ttm[i]));
+      tw[i] = t_new == -INFINITY ? 0.f : t_new;
+      const float f = exp2f(r.tm - tw[i]);
+      r.lw *= f, r.sw *= f, r.tm = t_new;
+    }
+  }
+  // Pass 2: the exponentials and the positives.
+  CUTE_UNROLL
+  for (int j = 0; j < kPairs; ++j) {
+    longlong2 lab{};
+    if constexpr (kStatsPos) lab = *reinterpret_cast<const longlong2*>(label + col0 + 8 * j);
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i)
+      CUTE_UNROLL
+      for (int k = 0; k < 2; ++k) {
+        RowState& r = rs[i];
+        const float t = acc(k + 2 * i + 4 * j);
+        r.l += exp2f(fmaf(t, r.sc, -m_use[i]));
+        if constexpr (kStatsPos) {
+          // Masked columns have t = -inf: never positives.
+          if ((k ? lab.y : lab.x) == r.label && (!kEdge || t != -INFINITY)) {
+            r.cnt += 1.f;
+            if constexpr (kSoft) {
+              const float e = exp2f(fmaf(t, r.kn, -tw[i]));
+              r.lw += e;
+              r.sw += e * t;
+            } else {
+              r.sw += t;
+            }
+          }
+        }
+      }
+  }
+}
+
+template <typename T, int kMode>
+__global__ void __launch_bounds__(kThreads, 1)
+    supcon_fwd_sm90_kernel(const FwdArgs p, CUTE_GRID_CONSTANT const TmaRows<T, kM> tma_x,
+                           CUTE_GRID_CONSTANT const TmaRows<T, kN> tma_y) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  auto& st = *reinterpret_cast<FwdStorage<T>*>(smem_raw);
+  const int64_t M = p.x.rows, N = p.y.rows;
+  init_barriers(st);
+
+  if (threadIdx.x < 128) {  // producer warpgroup
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    if (threadIdx.x < 32)
+      produce<T, kN>(st, tma_x, tma_y, p.x, p.y, int(p.D), [&](FwdCols& cols, int c, int64_t j) {
+        cols.label[c] = j < N ? p.ly[j] : 0;
+        cols.rn[c] = j < N ? p.rny[j] : 0.f;
+      });
+    return;
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+  TiledMmaS<T, kN> mma;
+  auto thr = mma.get_thread_slice(threadIdx.x - 128);
+  Tensor sX = make_tensor(make_smem_ptr(st.x), SmemRows<T, kM>{});
+  Tensor sY = make_tensor(make_smem_ptr(&st.y[0][0]), SmemRowsStages<T, kN>{});
+  Tensor tSrX = thr.make_fragment_A(thr.partition_A(sX));  // (MMA, MMA_M, MMA_K) descriptors
+  Tensor tSrY = thr.make_fragment_B(thr.partition_B(sY));  // (MMA, MMA_N, MMA_K, stages)
+  Tensor acc = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
+  Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kN>>{}));
+  static_assert(decltype(size(acc))::value == 64, "a thread holds 2 rows x 32 columns");
+  const int col0 = get<1>(coord(0));
+  const int64_t x0 = int64_t(blockIdx.x) * kM;
+
+  RowState rs[2];
+  int64_t row[2];
+  CUTE_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    row[i] = x0 + get<0>(coord(2 * i));
+    const bool ok = row[i] < M;
+    RowState& r = rs[i];
+    r.sc = ok ? p.rnx[row[i]] * p.inv_tau * kLog2e : 1.f;  // rows past M: finite, unused
+    r.kn = r.sc * p.nbt;
+    r.label = ok ? p.lx[row[i]] : 0;
+    r.self_col = p.has_self ? row[i] + p.shift : -1;
+    r.m = -INFINITY, r.l = 0.f, r.cnt = 0.f, r.sw = 0.f, r.tm = -INFINITY, r.lw = 0.f;
+  }
+  TxBarrier::wait(&st.x_full, 0);
+
+  const int n_tiles = int((N + kN - 1) / kN);
+  for (int t = 0; t < n_tiles; ++t) {
+    const int s = t % kStages;
+    const int64_t y0 = int64_t(t) * kN;
+    TxBarrier::wait(&st.full[s], (t / kStages) & 1);
+    wgmma(mma, tSrX, tSrY(_, _, _, s), acc, true);
+    const bool edge = y0 + kN > N || mma::meets_diagonal<kM, kN>(p.has_self, p.shift, x0, y0);
+    if (edge)
+      tile_update<kMode, true>(acc, rs, st.cols[s].label, st.cols[s].rn, col0, y0, N);
+    else
+      tile_update<kMode, false>(acc, rs, st.cols[s].label, st.cols[s].rn, col0, y0, N);
+    release(st, s);
+  }
+  CUTE_UNROLL
+  for (int i = 0; i < 2; ++i) write_stats<kMode>(p, row[i], rs[i]);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: dX (R, D) (the BwdArgs contract of supcon_kernels.h), with the chain rule through
+// the normalisation in the epilogue when df is set, as the sm_80 kernel.
+
+template <typename T, int kMode, int kSides>
+__global__ void __launch_bounds__(kThreads, 1)
+    supcon_bwd_sm90_kernel(const BwdArgs p, CUTE_GRID_CONSTANT const TmaRows<T, kM> tma_x,
+                           CUTE_GRID_CONSTANT const TmaRows<T, bwd_cols<kMode>()> tma_y) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kBwdN = bwd_cols<kMode>();
+  constexpr bool kUseOuter = kSides & mma::kOuter, kUseInner = kSides & mma::kInner;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  auto& st = *reinterpret_cast<BwdStorage<T, kMode>*>(smem_raw);
+  const int64_t R = p.x.rows, Q = p.y.rows;
+  const int D = int(p.D);
+  // Anchor statistics in the units gterm takes; `none` is a row or column past the matrix,
+  // or a side that does not enter H: G = 0 exactly, no inf * 0.
+  const float4 none = make_float4(0.f, INFINITY, kMode == kBwdUniform ? 0.f : INFINITY, 0.f);
+  auto anchor_stats = [&](int64_t a) {
+    const float g = p.anchor[a], lse = p.anchor[p.M + a], q = p.anchor[2 * p.M + a];
+    return make_float4(g, lse * kLog2e, kMode == kBwdUniform ? q : q * kLog2e, p.anchor[3 * p.M + a]);
+  };
+  init_barriers(st);
+
+  if (threadIdx.x < 128) {  // producer warpgroup
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    if (threadIdx.x < 32)
+      produce<T, kBwdN>(st, tma_x, tma_y, p.x, p.y, D, [&](BwdCols<kBwdN>& cols, int c, int64_t j) {
+        const bool ok = j < Q;
+        cols.label[c] = ok ? p.ly[j] : 0;
+        cols.rn[c] = ok ? p.rny[j] : 0.f;
+        if (kUseInner) cols.anchor[c] = ok ? anchor_stats(j) : none;
+      });
+    return;
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+  const int ct = threadIdx.x - 128;
+  TiledMmaS<T, kBwdN> mma_s;
+  TiledMmaDx<T, kBwdN> mma_dx;
+  auto thr_s = mma_s.get_thread_slice(ct);
+  auto thr_dx = mma_dx.get_thread_slice(ct);
+  Tensor sX = make_tensor(make_smem_ptr(st.x), SmemRows<T, kM>{});
+  Tensor sY = make_tensor(make_smem_ptr(&st.y[0][0]), SmemRowsStages<T, kBwdN>{});
+  Tensor sYt = make_tensor(make_smem_ptr(&st.y[0][0]), SmemRowsStagesT<T, kBwdN>{});
+  Tensor tSrX = thr_s.make_fragment_A(thr_s.partition_A(sX));
+  Tensor tSrY = thr_s.make_fragment_B(thr_s.partition_B(sY));      // (MMA, N, K, stages)
+  Tensor tDrYt = thr_dx.make_fragment_B(thr_dx.partition_B(sYt));  // (MMA, kD, kBwdN / 16, stages)
+  Tensor acc = partition_fragment_C(mma_s, Shape<Int<kM>, Int<kBwdN>>{});
+  Tensor dacc = partition_fragment_C(mma_dx, Shape<Int<kM>, Int<kD>>{});
+  clear(dacc);
+  Tensor coord = thr_s.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kBwdN>>{}));
+  const int col0 = get<1>(coord(0));
+  const int64_t x0 = int64_t(blockIdx.x) * kM;
+  const float inv_gmax = 1.f / *p.gmax;
+  const float nbt = p.nbt;
+
+  float sc[2];
+  float4 ar[2];
+  int64_t lxr[2];
+  const int row0 = get<0>(coord(0));  // the thread's rows: row0 and row0 + 8 of the block
+  CUTE_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    const int64_t x = x0 + row0 + 8 * i;
+    const bool ok = x < R;
+    sc[i] = ok ? p.rnx[x] * p.inv_tau : 0.f;
+    lxr[i] = ok ? p.lx[x] : 0;
+    ar[i] = (ok && kUseOuter) ? anchor_stats(x) : none;
+  }
+  // The self pairs x + shift = y0 + c lie in tiles t_lo ... t_hi, at c - (row within the
+  // block) = base - (t - t_lo) kBwdN: 32-bit per-tile arithmetic, no 64-bit column indices held.
+  const int n_tiles = int((Q + kBwdN - 1) / kBwdN);
+  int t_lo = INT_MAX, t_hi = -1, base = 0;
+  if (p.has_self && x0 + p.shift + kM > 0) {
+    const int64_t d = x0 + p.shift;  // column of the block's first row's self pair
+    const int64_t lo = d > 0 ? d / kBwdN : 0;
+    t_lo = int(lo);
+    t_hi = int(min(int64_t(n_tiles - 1), (d + kM - 1) / kBwdN));
+    base = int(d - lo * kBwdN);
+  }
+  TxBarrier::wait(&st.x_full, 0);
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int s = t % kStages;
+    TxBarrier::wait(&st.full[s], (t / kStages) & 1);
+    wgmma(mma_s, tSrX, tSrY(_, _, _, s), acc, true);
+
+    // H (times 1 / ||y|| and 1 / max|g|, into half range) on the accumulators: element
+    // v = k + 2 i + 4 j is row i, column col0 + 8 j + k.
+    const int self_delta = t >= t_lo && t <= t_hi ? base - (t - t_lo) * kBwdN : INT_MIN;
+    const BwdCols<kBwdN>& cs = st.cols[s];
+    CUTE_UNROLL
+    for (int j = 0; j < kBwdN / 8; ++j)
+      CUTE_UNROLL
+      for (int k = 0; k < 2; ++k) {
+        const int lc = col0 + 8 * j + k;
+        const float rn = cs.rn[lc];
+        const int64_t lab = cs.label[lc];
+        const float4 ac = kUseInner ? cs.anchor[lc] : none;
+        CUTE_UNROLL
+        for (int i = 0; i < 2; ++i) {
+          float& a = acc(k + 2 * i + 4 * j);
+          const float sv = a * sc[i] * rn;
+          const bool pos = lab == lxr[i];
+          float h = 0.f;
+          if constexpr (kUseOuter) h = gterm<kMode>(sv, pos, ar[i].x, ar[i].y, ar[i].z, ar[i].w, nbt);
+          if constexpr (kUseInner) h += gterm<kMode>(sv, pos, ac.x, ac.y, ac.z, ac.w, nbt);
+          if (lc - (row0 + 8 * i) == self_delta) h = 0.f;
+          a = h * inv_gmax * rn;
+        }
+      }
+    // dX += H Y: H from the accumulators as A registers, Y^T from the stage.
+    Tensor h16 = make_tensor<T>(acc.layout());
+    CUTE_UNROLL
+    for (int e = 0; e < size(acc); ++e) h16(e) = T(acc(e));
+    Tensor tHr = make_tensor(h16.data(), acc_as_a_operand(h16.layout()));
+    wgmma(mma_dx, tHr, tDrYt(_, _, _, s), dacc, false);
+    release(st, s);
+  }
+
+  // Write the rows, undoing the 1 / max|g| scale and applying 1 / tau. Element v of dacc is
+  // row row0 + 8 ((v >> 1) & 1), column dcol0 + (v & 1) + 8 (v >> 2).
+  const float scale = *p.gmax * p.inv_tau;
+  Tensor dcoord = thr_dx.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kD>>{}));
+  const int dcol0 = get<1>(dcoord(0));  // its rows are those of S (checked on the host)
+  if (p.df == nullptr) {
+    CUTE_UNROLL
+    for (int v = 0; v < size(dacc); v += 2) {
+      const int64_t x = x0 + row0 + 8 * ((v >> 1) & 1);
+      const int d = dcol0 + 8 * (v >> 2);
+      if (x < R && d < D)
+        *reinterpret_cast<float2*>(p.dx + x * D + d) = make_float2(dacc(v) * scale, dacc(v + 1) * scale);
+    }
+    return;
+  }
+  // Through the normalisation: a row's D columns lie in one quad, so z . dz is a quad sum.
+  const T* xrow[2];
+  T* frow[2];
+  float dot[2] = {0.f, 0.f}, rn[2];
+  bool ok[2], project[2];
+  CUTE_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    const int64_t x = x0 + row0 + 8 * r;
+    ok[r] = x < R;
+    xrow[r] = static_cast<const T*>(p.x.data) + (ok[r] ? x : 0) * p.x.s0 + dcol0;
+    frow[r] = static_cast<T*>(p.df) + (ok[r] ? x : 0) * D + dcol0;
+    rn[r] = ok[r] ? p.rnx[x] : 0.f;
+    project[r] = ok[r] && p.norms != nullptr && p.norms[x] >= p.norm_eps;
+  }
+  CUTE_UNROLL
+  for (int v = 0; v < size(dacc); ++v) {
+    const int r = (v >> 1) & 1, off = (v & 1) + 8 * (v >> 2);
+    dacc(v) *= scale;
+    if (dcol0 + off < D) dot[r] += dacc(v) * float(xrow[r][off]);
+  }
+  CUTE_UNROLL
+  for (int r = 0; r < 2; ++r) dot[r] = quad_sum(dot[r]) * rn[r];  // z . dz
+  CUTE_UNROLL
+  for (int v = 0; v < size(dacc); ++v) {
+    const int r = (v >> 1) & 1, off = (v & 1) + 8 * (v >> 2);
+    if (ok[r] && dcol0 + off < D) {
+      const float val = project[r] ? dacc(v) - float(xrow[r][off]) * rn[r] * dot[r] : dacc(v);
+      frow[r][off] = T(val * rn[r]);
+    }
+  }
+#endif
+}
+
+// One CTA of kThreads per kM rows of args.x, with the Storage in dynamic shared memory.
+template <typename Storage, typename Args, typename TmaX, typename TmaY>
+inline cudaError_t launch(void (*kernel)(Args, TmaX, TmaY), const Args& args, const TmaX& tma_x,
+                          const TmaY& tma_y, cudaStream_t stream) {
+  constexpr int smem = int(sizeof(Storage));
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<unsigned((args.x.rows + kM - 1) / kM), kThreads, smem, stream>>>(args, tma_x, tma_y);
+  return cudaGetLastError();
+}
+
+}  // namespace anchor_kernels::supcon_cuda::sm90

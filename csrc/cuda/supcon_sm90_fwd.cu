@@ -1,0 +1,72 @@
+// Launcher of the Hopper SupCon forward (supcon_sm90.cuh) and the rule of when the Hopper
+// kernels run. CUDA and CuTe headers only; the backward is in supcon_sm90_bwd.cu.
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+
+#include "supcon_sm90.cuh"
+
+namespace anchor_kernels::supcon_cuda {
+namespace {
+
+template <typename T, int kMode>
+cudaError_t fwd_mode(const FwdArgs& a, cudaStream_t stream) {
+  return sm90::launch<sm90::FwdStorage<T>>(sm90::supcon_fwd_sm90_kernel<T, kMode>, a,
+                                            sm90::make_tma_rows<T, sm90::kM>(a.x, int(a.D)),
+                                            sm90::make_tma_rows<T, sm90::kN>(a.y, int(a.D)), stream);
+}
+
+template <typename T>
+cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
+  switch (a.mode) {
+    case kFwdLse:
+      return fwd_mode<T, kFwdLse>(a, stream);
+    case kFwdUniform:
+      return fwd_mode<T, kFwdUniform>(a, stream);
+    default:
+      return fwd_mode<T, kFwdSoft>(a, stream);
+  }
+}
+
+// Compute capability 9.0 (the only one sm_90a code runs on), asked once per device.
+bool device_is_sm90() {
+  static int cached[64] = {};  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) {
+    int major = 0, minor = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+                    major == 9 && minor == 0;
+    cached[dev] = ok ? 1 : 2;
+  }
+  return cached[dev] == 1;
+}
+
+bool fits_int(const Matrix& m) { return m.rows < INT_MAX && m.s0 < INT_MAX; }
+
+}  // namespace
+
+const char* cuda_kernels_choice() {
+  const char* v = std::getenv("ANCHOR_KERNELS_CUDA_KERNELS");
+  return v == nullptr || *v == '\0' ? "auto" : v;
+}
+
+bool sm90_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
+#if defined(ANCHOR_KERNELS_SM90A)
+  // Opt-in until the kernels are validated on a device: ANCHOR_KERNELS_CUDA_KERNELS=sm90.
+  return std::strcmp(cuda_kernels_choice(), "sm90") == 0 && mma_supported(dtype, x, y, D) &&
+         fits_int(x) && fits_int(y) && device_is_sm90();
+#else
+  (void)dtype, (void)x, (void)y, (void)D;
+  return false;  // the binary holds no sm_90a code
+#endif
+}
+
+cudaError_t launch_supcon_fwd_sm90(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {
+  return dtype == Dtype::kFloat16 ? fwd<cute::half_t>(args, stream) : fwd<cute::bfloat16_t>(args, stream);
+}
+
+}  // namespace anchor_kernels::supcon_cuda
