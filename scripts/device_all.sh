@@ -48,6 +48,10 @@ stage tests_triton 150 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x
 stage tests_triton_chunked 60 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x \
     tests/test_supcon_triton.py -k "chunked or two_sets or lse_only"
 stage tests_cuda_ext 120 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_cpp.py
+# The same tests with the Hopper (sm_90a) kernels chosen, which they await before becoming the
+# default on compute capability 9.0.
+stage tests_cuda_sm90 180 env ANCHOR_KERNELS_CUDA_KERNELS=sm90 python3 -m pytest -q -ra -x -m gpu \
+    tests/test_supcon_cpp.py
 stage tests_pgd 60 python3 -m pytest -q -ra -x tests/test_pgd.py tests/test_attacks.py tests/test_attack_graph.py -m gpu
 stage tests_sim 90 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
     tests/test_similarity.py tests/test_hard_positive.py tests/test_supcon_topk.py
@@ -62,6 +66,10 @@ stage bench_supcon_cuda 70 python3 benchmarks/supcon_gpu_table.py --backends cud
 stage bench_cuda_mma 150 python3 -m benchmarks --ops supcon --dtypes bfloat16 \
     --sizes ${CUDA_SIZES:-1024 4096 16384 65536} --passes fwd bwd fwd+bwd --candidates cuda triton \
     --time-budget 120 --no-fit --no-progress --no-plot --out "$RES/supcon_cuda.json"
+stage bench_cuda_sm90 150 env ANCHOR_KERNELS_CUDA_KERNELS=sm90 python3 -m benchmarks --ops supcon \
+    --dtypes bfloat16 --sizes ${CUDA_SIZES:-1024 4096 16384 65536} --passes fwd bwd fwd+bwd \
+    --candidates cuda triton --time-budget 120 --no-fit --no-progress --no-plot \
+    --out "$RES/supcon_cuda_sm90.json"
 stage bench_supcon_fp32 90 python3 benchmarks/supcon_gpu_table.py --dtype float32 \
     --backends triton cuda eager --n 4096 16384 --out "$RES/supcon_gpu_fp32.json"
 stage bench_pgd 45 python3 benchmarks/bench_pgd.py --gpu --out "$RES/pgd_gpu.json"

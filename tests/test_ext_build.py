@@ -179,16 +179,10 @@ def _resource_usage(text):
     return archs, usage
 
 
-@pytest.mark.parametrize("arch", sorted(CUDA_TARGETS))
-@pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
-def test_cuda_sources_compile_for_sm80_and_sm90a(source, arch, tmp_path):
-    """nvcc -c for one architecture, with the flags torch's builder adds (no implicit half
-    conversions) and the CUTLASS/CuTe headers; the half-precision matmul kernels must use the
-    tensor cores (HMMA in that architecture's SASS; elementwise kernels, ``MATMUL_FREE``, have
-    no product to put there), the Hopper kernels must hold wgmma, TMA loads and setmaxnreg in
-    the sm_90a build and nothing of them elsewhere, and no tensor-core kernel (``mma`` or
-    ``sm90`` in its name) may spill to local memory (stack or local bytes in
-    ``cuobjdump --dump-resource-usage``)."""
+@pytest.fixture(scope="module")
+def cuda_objects(tmp_path_factory):
+    """(source, arch) -> (nvcc's CompletedProcess, object path), every pair compiled at once on
+    all cores (nvcc is single-threaded: in sequence they would take twice as long on 2 cores)."""
     compiler = nvcc()
     if compiler is None:
         pytest.skip("no nvcc on this machine")
@@ -196,12 +190,34 @@ def test_cuda_sources_compile_for_sm80_and_sm90a(source, arch, tmp_path):
     if cutlass is None:
         pytest.skip(f"nvidia-cutlass is not installed (pip install {_ext.CUTLASS_REQUIREMENT}): "
                     "the CUDA kernels are compiled with its CuTe headers")
+    from concurrent.futures import ThreadPoolExecutor
+
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
-    obj = tmp_path / "kernels.o"
-    cmd = [compiler, *CUDA_TARGETS[arch], "-std=c++17", "-O3", *COMMON_NVCC_FLAGS,
-           *_ext.cuda_flags(), "-I", _ext.CSRC_DIR, "-I", cutlass, "-c", source, "-o", str(obj)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    out = tmp_path_factory.mktemp("cuda_objects")
+
+    def compile_one(source, arch):
+        obj = out / f"{os.path.basename(source)}.{arch}.o"
+        cmd = [compiler, *CUDA_TARGETS[arch], "-std=c++17", "-O3", *COMMON_NVCC_FLAGS,
+               *_ext.cuda_flags(), "-I", _ext.CSRC_DIR, "-I", cutlass, "-c", source, "-o", str(obj)]
+        return subprocess.run(cmd, capture_output=True, text=True), obj
+
+    pairs = [(src, arch) for src in CUDA_SOURCES for arch in CUDA_TARGETS]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return dict(zip(pairs, pool.map(lambda pair: compile_one(*pair), pairs)))
+
+
+@pytest.mark.parametrize("arch", sorted(CUDA_TARGETS))
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
+def test_cuda_sources_compile_for_sm80_and_sm90a(source, arch, cuda_objects):
+    """nvcc -c for one architecture, with the flags torch's builder adds (no implicit half
+    conversions) and the CUTLASS/CuTe headers; the half-precision matmul kernels must use the
+    tensor cores (HMMA in that architecture's SASS; elementwise kernels, ``MATMUL_FREE``, have
+    no product to put there), the Hopper kernels must hold wgmma, TMA loads and setmaxnreg in
+    the sm_90a build and nothing of them elsewhere, and no tensor-core kernel (``mma`` or
+    ``sm90`` in its name) may spill to local memory (stack or local bytes in
+    ``cuobjdump --dump-resource-usage``)."""
+    result, obj = cuda_objects[(source, arch)]
     assert result.returncode == 0, result.stderr[-4000:]
     cuobjdump = _cuobjdump()
     if cuobjdump is None:
@@ -285,3 +301,63 @@ def test_hopper_is_built_as_sm90a(given, built, monkeypatch):
     key = _ext.build_key(True)
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")
     assert _ext.build_key(True) != key
+
+
+def _kernel_sass(obj, arch):
+    """{kernel: [(address, instruction text)]} from ``cuobjdump -sass``."""
+    sass = subprocess.run([_cuobjdump(), "-sass", "-arch", arch, str(obj)], capture_output=True,
+                          text=True).stdout
+    kernels, name = {}, None
+    for line in sass.splitlines():
+        if "Function :" in line:
+            name = line.split("Function :")[1].strip()
+            kernels[name] = []
+        elif name is not None and line.strip().startswith("/*") and ";" in line:
+            addr, text = line.strip()[2:].split("*/", 1)
+            kernels[name].append((int(addr, 16), text.split(";")[0].strip()))
+    return kernels
+
+
+def _tensor_core_loop(instructions):
+    """The instructions of the innermost loop around a kernel's HGMMAs: from the target of the
+    backward branch that closes it to that branch."""
+    hgmma = [a for a, text in instructions if " HGMMA" in f" {text}"]
+    loops = []
+    for addr, text in instructions:
+        op = text.split()
+        if "BRA" in [o.split(".")[0] for o in op] and op[-1].startswith("0x"):
+            target = int(op[-1], 16)
+            if target <= hgmma[0] and addr >= hgmma[-1]:
+                loops.append((addr - target, target, addr))
+    assert loops, "no loop around the HGMMAs"
+    _, start, end = min(loops)
+    return [text for a, text in instructions if start <= a <= end]
+
+
+# The Hopper forward's per-logit budget: loop instructions per logit a consumer thread holds
+# (64 per tile), over its two copies of the per-logit code (edge tiles with masks, inner tiles
+# without), and exponentials per logit in each. Log-sum-exp only: scale, max, exp, sum; plain
+# SupCon adds the label compare and the positives' count and sum; soft mining a second pass
+# over the positives and their weights. (nvcc 13.0 gives 8.9, 13.6 and 24.3.)
+HOPPER_FWD_BUDGET = {"ELi0E": (9.5, 1), "ELi1E": (14.0, 1), "ELi2E": (25.0, 2)}
+
+
+def test_hopper_forward_instructions_per_logit(cuda_objects):
+    """Counted, not timed: the Hopper forward's tile loop stays under its per-logit
+    instruction budget, with one MUFU.EX2 per exponential of the maths and no more."""
+    if _cuobjdump() is None:
+        pytest.skip("no cuobjdump (it ships with Triton)")
+    source = os.path.join(_ext.CSRC_DIR, "cuda", "supcon_sm90_fwd.cu")
+    result, obj = cuda_objects[(source, "sm_90a")]
+    assert result.returncode == 0, result.stderr[-4000:]
+    checked = 0
+    for name, instructions in _kernel_sass(obj, "sm_90a").items():
+        mode = next(m for m in HOPPER_FWD_BUDGET if m in name.split("_t")[1][:6])
+        budget, exps_per_logit = HOPPER_FWD_BUDGET[mode]
+        loop = _tensor_core_loop(instructions)
+        per_logit = len(loop) / (2 * 64)
+        exps = sum("MUFU.EX2" in text for text in loop)
+        assert per_logit <= budget, (name, per_logit)
+        assert exps <= 2 * 64 * exps_per_logit + 16, (name, exps)
+        checked += 1
+    assert checked == 6, checked  # bf16 and fp16, three modes

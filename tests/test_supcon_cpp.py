@@ -533,11 +533,11 @@ def _kernels_run(fn):
 @pytest.mark.parametrize("options", OPTIONS[:3] + [dict(lse_only=True)],
                          ids=["supcon", "soft", "soft-exact", "lse-only"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_hopper_forward_when_chosen(options, dtype, monkeypatch):
-    """ANCHOR_KERNELS_CUDA_KERNELS=sm90 on a compute capability 9.0 GPU runs the forward on the
-    Hopper kernel (wgmma, TMA; checked by its name in the profile) and matches the reference
-    (one set and two, partial tiles, the self pair on and off the tile diagonal); unset, the
-    sm_80 kernel runs."""
+def test_gpu_hopper_kernels_when_chosen(options, dtype, monkeypatch):
+    """ANCHOR_KERNELS_CUDA_KERNELS=sm90 on a compute capability 9.0 GPU runs the loss on the
+    Hopper kernels (wgmma, TMA; checked by their names in the profile) and matches the sm_80
+    kernels and the reference, forward and gradients (one set and two, partial tiles, the self
+    pair on and off the tile diagonal); unset, the sm_80 kernels run."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper kernels run on compute capability 9.0")
     if "-DANCHOR_KERNELS_SM90A=1" not in _ext.cuda_flags():
@@ -547,17 +547,25 @@ def test_gpu_hopper_forward_when_chosen(options, dtype, monkeypatch):
     n, d = 1000, 120
     f = torch.randn(n, d, device="cuda")
     y = labels_for("random", n).cuda()
-    problem = SupConProblem(f.to(dtype), y, None, None, 0.1, options.get("hard_positive_beta", 0.0),
-                            None, options.get("detach_weights", True), True, 0, lse_only=lse_only)
+
+    def run():
+        x = f.to(dtype).requires_grad_()
+        problem = SupConProblem(x, y, None, None, 0.1, options.get("hard_positive_beta", 0.0), None,
+                                options.get("detach_weights", True), True, 0, lse_only=lse_only)
+        loss, _ = get_backend("cuda").per_anchor(problem)
+        loss.sum().backward()
+        return loss.detach(), x.grad
+
     monkeypatch.delenv("ANCHOR_KERNELS_CUDA_KERNELS", raising=False)
-    names = _kernels_run(lambda: get_backend("cuda").per_anchor(problem))
+    names = _kernels_run(run)
     assert not any("sm90" in k for k in names) and any("mma" in k for k in names), names
-    sm80, _ = get_backend("cuda").per_anchor(problem)
+    sm80 = run()
     monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", "sm90")
-    names = _kernels_run(lambda: get_backend("cuda").per_anchor(problem))
+    names = _kernels_run(run)
     assert any("supcon_fwd_sm90_kernel" in k for k in names), names
-    sm90, _ = get_backend("cuda").per_anchor(problem)
-    assert_close(sm90, sm80, atol=2e-3, rtol=2e-3, what=f"sm90 against sm80 {dtype}")
+    assert any("supcon_bwd_sm90_kernel" in k for k in names), names
+    for a, b, what in zip(run(), sm80, ("loss", "grad")):
+        assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, what=f"sm90 against sm80 {dtype} {what}")
     if not lse_only:
         compare("cuda", f, y, dtype=dtype, **options)
         g, y_g = torch.randn(700, d, device="cuda"), labels_for("random", 700).cuda()

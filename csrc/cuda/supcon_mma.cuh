@@ -20,6 +20,7 @@
 #include <cute/tensor.hpp>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "supcon_kernels.h"
 
@@ -39,6 +40,15 @@ constexpr int bwd_cols() {
   return kMode == kBwdLse || kMode == kBwdUniform ? 64 : 32;
 }
 constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x by the MUFU.EX2 instruction alone: exp2f adds a range check and two multiplies to each
+// call, to keep results below 2^-126 as denormals. Every exponential here is a probability or a
+// weight summed next to a maximum of 1, where a denormal flushed to 0 changes no sum.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 template <typename T>
 struct MmaOp;
@@ -253,27 +263,27 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
       tmax = quad_max(tmax);
       const float m_new = fmaxf(m[r], tmax);
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      float tl = l[r] * exp2f(m[r] - m_use);
+      float tl = l[r] * exp2_ftz(m[r] - m_use);
       m[r] = m_new;
       float tw = 0.f;
       if constexpr (kSoft) {
         ttm = quad_max(ttm);
         const float t_new = fmaxf(tm[r], ttm);
         const float t_use = t_new == -INFINITY ? 0.f : t_new;
-        const float f = exp2f(tm[r] - t_use);
+        const float f = exp2_ftz(tm[r] - t_use);
         lw[r] *= f, sw[r] *= f, tm[r] = t_new;
         tw = t_use;
       }
       CUTE_UNROLL
       for (int c = 0; c < kC; ++c) {
-        tl += exp2f(s[c] - m_use);
+        tl += exp2_ftz(s[c] - m_use);
         if constexpr (kStatsPos) {
           // Masked columns have s = -inf: never positives.
           const bool pos = lab[c] == yi[r] && s[c] != -INFINITY;
           if (pos) {
             cnt[r] += 1.f;
             if constexpr (kSoft) {
-              const float e = exp2f(s[c] * nbt - tw);
+              const float e = exp2_ftz(s[c] * nbt - tw);
               lw[r] += e;
               sw[r] += e * s[c];
             } else {
@@ -317,16 +327,19 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
 
 // G(x, y) / g-free part for one anchor, with s in natural units; q is 1/|P| (uniform) or
 // log W * log2(e) (soft), lse2 = LSE * log2(e). Invalid anchors have g = 0, lse2 = q = +inf.
-template <int kMode>
+// kFtz: 2^x by exp2_ftz (the Hopper kernel); exp2f in this file's kernel, whose soft-mining
+// variants ptxas gives a stack frame with the inline ex2.
+template <int kMode, bool kFtz = false>
 __device__ __forceinline__ float gterm(float s, bool pos, float g, float lse2, float q, float sbar,
                                        float nbt) {
-  const float pr = exp2f(fmaf(s, kLog2e, -lse2));
+  const auto exp2 = [](float x) { return kFtz ? exp2_ftz(x) : exp2f(x); };
+  const float pr = exp2(fmaf(s, kLog2e, -lse2));
   if constexpr (kMode == kBwdLse) {
     return g * pr;
   } else if constexpr (kMode == kBwdUniform) {
     return g * (pr - (pos ? q : 0.f));
   } else {
-    float w = pos ? exp2f(fmaf(s, nbt * kLog2e, -q)) : 0.f;
+    float w = pos ? exp2(fmaf(s, nbt * kLog2e, -q)) : 0.f;
     if constexpr (kMode == kBwdSoftExact) w *= 1.f + nbt * (s - sbar);
     return g * (pr - w);
   }
@@ -335,6 +348,81 @@ __device__ __forceinline__ float gterm(float s, bool pos, float g, float lse2, f
 // Which anchors' statistics enter H (BwdArgs::outer / inner), fixed at compile time: one set
 // needs both terms, each pass of two sets one.
 enum Sides { kOuter = 1, kInner = 2, kBoth = 3 };
+
+// The backward's epilogue, this kernel's and the Hopper one's (supcon_sm90.cuh): dX's rows
+// undo the 1 / max|g| scale and take 1 / tau, then go to dx (fp32) or, through the
+// normalisation, to df. Element e of dacc is row x0 + row0 + 8 ((e >> 1) & 1), column
+// col0 + (e & 1) + 8 (e >> 2) in both kernels (checked on the host by
+// tests/cuda_emulation/supcon_mma_layouts.cu): two row pointers and immediate offsets, so
+// that the epilogue needs no address per element. A row's D columns lie in one quad, so
+// z . dz is a quad sum.
+template <typename T, typename Acc>
+__device__ __forceinline__ void write_dx(const BwdArgs& p, Acc& dacc, int64_t x0, int row0, int col0) {
+  const int64_t R = p.x.rows;
+  const int D = int(p.D);
+  const float scale = *p.gmax * p.inv_tau;
+  if (p.df == nullptr) {
+    CUTE_UNROLL
+    for (int e = 0; e < size(dacc); e += 2) {
+      const int64_t x = x0 + row0 + 8 * ((e >> 1) & 1);
+      const int d = col0 + 8 * (e >> 2);  // even; elements e, e + 1 are columns d, d + 1
+      if (x < R && d < D)
+        *reinterpret_cast<float2*>(p.dx + x * D + d) = make_float2(dacc(e) * scale, dacc(e + 1) * scale);
+    }
+    return;
+  }
+  const T* xrow[2];
+  T* frow[2];
+  float dot[2] = {0.f, 0.f}, rn[2];
+  bool ok[2], project[2];
+  CUTE_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    const int64_t x = x0 + row0 + 8 * r;
+    ok[r] = x < R;
+    xrow[r] = static_cast<const T*>(p.x.data) + (ok[r] ? x : 0) * p.x.s0 + col0;
+    frow[r] = static_cast<T*>(p.df) + (ok[r] ? x : 0) * D + col0;
+    rn[r] = ok[r] ? p.rnx[x] : 0.f;
+    project[r] = ok[r] && p.norms != nullptr && p.norms[x] >= p.norm_eps;
+  }
+  CUTE_UNROLL
+  for (int e = 0; e < size(dacc); ++e) {
+    const int r = (e >> 1) & 1, off = (e & 1) + 8 * (e >> 2);
+    dacc(e) *= scale;
+    if (col0 + off < D) dot[r] += dacc(e) * float(xrow[r][off]);
+  }
+  CUTE_UNROLL
+  for (int r = 0; r < 2; ++r) dot[r] = quad_sum(dot[r]) * rn[r];  // z . dz
+  CUTE_UNROLL
+  for (int e = 0; e < size(dacc); ++e) {
+    const int r = (e >> 1) & 1, off = (e & 1) + 8 * (e >> 2);
+    if (ok[r] && col0 + off < D) {
+      const float v = project[r] ? dacc(e) - float(xrow[r][off]) * rn[r] * dot[r] : dacc(e);
+      frow[r][off] = T(v * rn[r]);
+    }
+  }
+}
+
+// Calls launch(mode, sides), both std::integral_constant, for the backward variant a asks for.
+template <int kMode, typename Launch>
+cudaError_t dispatch_sides(const BwdArgs& a, Launch& launch) {
+  using Mode = std::integral_constant<int, kMode>;
+  if (a.outer && a.inner) return launch(Mode{}, std::integral_constant<int, kBoth>{});
+  if (a.outer) return launch(Mode{}, std::integral_constant<int, kOuter>{});
+  return launch(Mode{}, std::integral_constant<int, kInner>{});
+}
+template <typename Launch>
+cudaError_t dispatch_bwd(const BwdArgs& a, Launch&& launch) {
+  switch (a.mode) {
+    case kBwdLse:
+      return dispatch_sides<kBwdLse>(a, launch);
+    case kBwdUniform:
+      return dispatch_sides<kBwdUniform>(a, launch);
+    case kBwdSoftDetached:
+      return dispatch_sides<kBwdSoftDetached>(a, launch);
+    default:
+      return dispatch_sides<kBwdSoftExact>(a, launch);
+  }
+}
 
 template <typename T, int kMode, int kSides>
 __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs p) {
@@ -469,54 +557,9 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
     }
   }
 
-  // Write the rows, undoing the 1 / max|g| scale and applying 1 / tau.
-  const float scale = *p.gmax * p.inv_tau;
   Tensor dcoord = thr_mma.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kD>>{}));
   static_assert(decltype(size<1>(dacc))::value == 1, "one 16-row slab per warp: e's row is bit 1");
-  if (p.df == nullptr) {
-    CUTE_UNROLL
-    for (int e = 0; e < size(dacc); e += 2) {
-      const int64_t x = x0 + get<0>(dcoord(e));
-      const int d = get<1>(dcoord(e));  // even; elements e, e + 1 are columns d, d + 1
-      if (x < R && d < D)
-        *reinterpret_cast<float2*>(p.dx + x * D + d) = make_float2(dacc(e) * scale, dacc(e + 1) * scale);
-    }
-    return;
-  }
-  // Through the normalisation: a row's D columns lie in one quad, so z . dz is a quad sum.
-  // Element e of dacc is row row0 + 8 ((e >> 1) & 1), column col0 + (e & 1) + 8 (e >> 2)
-  // (checked on the host by tests/cuda_emulation/supcon_mma_layouts.cu): two row pointers and
-  // immediate offsets, so that the epilogue needs no address per element.
-  const int row0 = get<0>(dcoord(0)), col0 = get<1>(dcoord(0));
-  const T* xrow[2];
-  T* frow[2];
-  float dot[2] = {0.f, 0.f}, rn[2];
-  bool ok[2], project[2];
-  CUTE_UNROLL
-  for (int r = 0; r < 2; ++r) {
-    const int64_t x = x0 + row0 + 8 * r;
-    ok[r] = x < R;
-    xrow[r] = static_cast<const T*>(p.x.data) + (ok[r] ? x : 0) * p.x.s0 + col0;
-    frow[r] = static_cast<T*>(p.df) + (ok[r] ? x : 0) * D + col0;
-    rn[r] = ok[r] ? p.rnx[x] : 0.f;
-    project[r] = ok[r] && p.norms != nullptr && p.norms[x] >= p.norm_eps;
-  }
-  CUTE_UNROLL
-  for (int e = 0; e < size(dacc); ++e) {
-    const int r = (e >> 1) & 1, off = (e & 1) + 8 * (e >> 2);
-    dacc(e) *= scale;
-    if (col0 + off < D) dot[r] += dacc(e) * float(xrow[r][off]);
-  }
-  CUTE_UNROLL
-  for (int r = 0; r < 2; ++r) dot[r] = quad_sum(dot[r]) * rn[r];  // z . dz
-  CUTE_UNROLL
-  for (int e = 0; e < size(dacc); ++e) {
-    const int r = (e >> 1) & 1, off = (e & 1) + 8 * (e >> 2);
-    if (ok[r] && col0 + off < D) {
-      const float v = project[r] ? dacc(e) - float(xrow[r][off]) * rn[r] * dot[r] : dacc(e);
-      frow[r][off] = T(v * rn[r]);
-    }
-  }
+  write_dx<T>(p, dacc, x0, get<0>(dcoord(0)), get<1>(dcoord(0)));
 #endif
 }
 

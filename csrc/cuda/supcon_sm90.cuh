@@ -44,6 +44,7 @@
 namespace anchor_kernels::supcon_cuda::sm90 {
 
 using namespace cute;
+using mma::exp2_ftz;
 using mma::gterm;
 using mma::kLog2e;
 using mma::quad_max;
@@ -276,7 +277,7 @@ __device__ __forceinline__ void tile_update(Acc& acc, RowState (&rs)[2], const i
     RowState& r = rs[i];
     const float m_new = fmaxf(r.m, quad_max(tmax[i]) * r.sc);
     m_use[i] = m_new == -INFINITY ? 0.f : m_new;
-    r.l *= exp2f(r.m - m_use[i]);
+    r.l *= exp2_ftz(r.m - m_use[i]);
     r.m = m_new;
   }
   if constexpr (kSoft) {
@@ -299,7 +300,7 @@ __device__ __forceinline__ void tile_update(Acc& acc, RowState (&rs)[2], const i
       RowState& r = rs[i];
       const float t_new = fmaxf(r.tm, quad_max(ttm[i]));
       tw[i] = t_new == -INFINITY ? 0.f : t_new;
-      const float f = exp2f(r.tm - tw[i]);
+      const float f = exp2_ftz(r.tm - tw[i]);
       r.lw *= f, r.sw *= f, r.tm = t_new;
     }
   }
@@ -314,13 +315,13 @@ __device__ __forceinline__ void tile_update(Acc& acc, RowState (&rs)[2], const i
       for (int k = 0; k < 2; ++k) {
         RowState& r = rs[i];
         const float t = acc(k + 2 * i + 4 * j);
-        r.l += exp2f(fmaf(t, r.sc, -m_use[i]));
+        r.l += exp2_ftz(fmaf(t, r.sc, -m_use[i]));
         if constexpr (kStatsPos) {
           // Masked columns have t = -inf: never positives.
           if ((k ? lab.y : lab.x) == r.label && (!kEdge || t != -INFINITY)) {
             r.cnt += 1.f;
             if constexpr (kSoft) {
-              const float e = exp2f(fmaf(t, r.kn, -tw[i]));
+              const float e = exp2_ftz(fmaf(t, r.kn, -tw[i]));
               r.lw += e;
               r.sw += e * t;
             } else {
@@ -503,8 +504,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           const float sv = a * sc[i] * rn;
           const bool pos = lab == lxr[i];
           float h = 0.f;
-          if constexpr (kUseOuter) h = gterm<kMode>(sv, pos, ar[i].x, ar[i].y, ar[i].z, ar[i].w, nbt);
-          if constexpr (kUseInner) h += gterm<kMode>(sv, pos, ac.x, ac.y, ac.z, ac.w, nbt);
+          if constexpr (kUseOuter) h = gterm<kMode, true>(sv, pos, ar[i].x, ar[i].y, ar[i].z, ar[i].w, nbt);
+          if constexpr (kUseInner) h += gterm<kMode, true>(sv, pos, ac.x, ac.y, ac.z, ac.w, nbt);
           if (lc - (row0 + 8 * i) == self_delta) h = 0.f;
           a = h * inv_gmax * rn;
         }
@@ -518,51 +519,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     release(st, s);
   }
 
-  // Write the rows, undoing the 1 / max|g| scale and applying 1 / tau. Element v of dacc is
-  // row row0 + 8 ((v >> 1) & 1), column dcol0 + (v & 1) + 8 (v >> 2).
-  const float scale = *p.gmax * p.inv_tau;
   Tensor dcoord = thr_dx.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kD>>{}));
-  const int dcol0 = get<1>(dcoord(0));  // its rows are those of S (checked on the host)
-  if (p.df == nullptr) {
-    CUTE_UNROLL
-    for (int v = 0; v < size(dacc); v += 2) {
-      const int64_t x = x0 + row0 + 8 * ((v >> 1) & 1);
-      const int d = dcol0 + 8 * (v >> 2);
-      if (x < R && d < D)
-        *reinterpret_cast<float2*>(p.dx + x * D + d) = make_float2(dacc(v) * scale, dacc(v + 1) * scale);
-    }
-    return;
-  }
-  // Through the normalisation: a row's D columns lie in one quad, so z . dz is a quad sum.
-  const T* xrow[2];
-  T* frow[2];
-  float dot[2] = {0.f, 0.f}, rn[2];
-  bool ok[2], project[2];
-  CUTE_UNROLL
-  for (int r = 0; r < 2; ++r) {
-    const int64_t x = x0 + row0 + 8 * r;
-    ok[r] = x < R;
-    xrow[r] = static_cast<const T*>(p.x.data) + (ok[r] ? x : 0) * p.x.s0 + dcol0;
-    frow[r] = static_cast<T*>(p.df) + (ok[r] ? x : 0) * D + dcol0;
-    rn[r] = ok[r] ? p.rnx[x] : 0.f;
-    project[r] = ok[r] && p.norms != nullptr && p.norms[x] >= p.norm_eps;
-  }
-  CUTE_UNROLL
-  for (int v = 0; v < size(dacc); ++v) {
-    const int r = (v >> 1) & 1, off = (v & 1) + 8 * (v >> 2);
-    dacc(v) *= scale;
-    if (dcol0 + off < D) dot[r] += dacc(v) * float(xrow[r][off]);
-  }
-  CUTE_UNROLL
-  for (int r = 0; r < 2; ++r) dot[r] = quad_sum(dot[r]) * rn[r];  // z . dz
-  CUTE_UNROLL
-  for (int v = 0; v < size(dacc); ++v) {
-    const int r = (v >> 1) & 1, off = (v & 1) + 8 * (v >> 2);
-    if (ok[r] && dcol0 + off < D) {
-      const float val = project[r] ? dacc(v) - float(xrow[r][off]) * rn[r] * dot[r] : dacc(v);
-      frow[r][off] = T(val * rn[r]);
-    }
-  }
+  mma::write_dx<T>(p, dacc, x0, row0, get<1>(dcoord(0)));  // dX's rows are S's (host-checked)
 #endif
 }
 

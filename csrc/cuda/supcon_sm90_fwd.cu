@@ -45,7 +45,12 @@ bool device_is_sm90() {
   return cached[dev] == 1;
 }
 
-bool fits_int(const Matrix& m) { return m.rows < INT_MAX && m.s0 < INT_MAX; }
+// What a TMA descriptor of the rows takes (CuTe asserts it when encoding one): at least one
+// row, a row stride of at least a row (mma_supported already asks 16-byte multiples and
+// alignment), and the kernels' int shapes.
+bool tma_fits(const Matrix& m, int64_t D) {
+  return m.rows > 0 && m.rows < INT_MAX && m.s0 >= D && m.s0 < INT_MAX;
+}
 
 }  // namespace
 
@@ -58,7 +63,7 @@ bool sm90_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
 #if defined(ANCHOR_KERNELS_SM90A)
   // Opt-in until the kernels are validated on a device: ANCHOR_KERNELS_CUDA_KERNELS=sm90.
   return std::strcmp(cuda_kernels_choice(), "sm90") == 0 && mma_supported(dtype, x, y, D) &&
-         fits_int(x) && fits_int(y) && device_is_sm90();
+         tma_fits(x, D) && tma_fits(y, D) && device_is_sm90();
 #else
   (void)dtype, (void)x, (void)y, (void)D;
   return false;  // the binary holds no sm_90a code
