@@ -10,14 +10,16 @@
 //     each: wgmma from shared memory to 64 fp32 accumulators per thread, then the per-logit
 //     work (inverse norms, masks, online log-sum-exp, positives) on the accumulators in
 //     registers, and the stage is handed back to the producer.
-// Backward: the same pipeline over 64-column tiles of the inner rows (32 with soft mining); each consumer recomputes
-// S for its 64 rows (wgmma from shared memory), forms H = G(S) on the accumulators, and feeds
-// H, converted to the features' dtype, from registers as the A operand of dX += H Y (wgmma with
-// Y's tile read transposed from the same shared memory), so a tile costs two wgmma products and
-// no shared-memory round trip of S or H.
+// Backward: the same pipeline over 64-column tiles of the inner rows (32 with soft mining);
+// each consumer recomputes S for its 64 rows (wgmma from shared memory), forms H = G(S) on the
+// accumulators, and feeds H, converted to the features' dtype, from registers as the A operand
+// of dX += H Y (wgmma with Y's tile read transposed from the same shared memory), so a tile
+// costs two wgmma products and no shared-memory round trip of S or H.
 // The maths and the statistics written are those of the sm_80 kernels (supcon_mma.cuh, whose
-// gterm and quad reductions these use) and of csrc/supcon.cpp; the inputs taken are the same (bf16 / fp16, D <= 128, D % 8 == 0, rows
-// contiguous, 16-byte aligned with a row stride % 8 == 0), plus rows and strides below 2^31.
+// gterm, quad reductions, chain-rule epilogue and variant dispatch these use) and of
+// csrc/supcon.cpp. The inputs taken are those of the sm_80 kernels (bf16 / fp16, D <= 128,
+// D % 8 == 0, rows contiguous, 16-byte aligned with a row stride % 8 == 0) that a TMA
+// descriptor can describe (supcon_sm90_fwd.cu: sm90_supported).
 // The accumulator layout the loops assume (a thread holds rows r0 and r0 + 8 of its warp's 16
 // and 32 columns, in pairs; a row's columns are spread over one quad) is checked on the host
 // by tests/cuda_emulation/supcon_mma_layouts.cu.
@@ -196,9 +198,11 @@ __device__ __forceinline__ void release(Storage& st, int s) {
   if (threadIdx.x % 32 == 0) Barrier::arrive(&st.empty[s]);
 }
 
-// acc = A B (zero) or acc += A B over the k-steps of the fragments, waited for.
-template <typename Mma, typename FA, typename FB, typename Acc>
-__device__ __forceinline__ void wgmma(Mma& mma, const FA& a, const FB& b, Acc& acc, bool zero) {
+// acc = A B (zero) or acc += A B over the k-steps of the fragments, waited for. kRegA: A is
+// in registers (fenced like the accumulators, so that no write to it moves past the wgmma).
+template <bool kRegA = false, typename Mma, typename FA, typename FB, typename Acc>
+__device__ __forceinline__ void wgmma(Mma& mma, FA& a, const FB& b, Acc& acc, bool zero) {
+  if constexpr (kRegA) warpgroup_fence_operand(a);
   warpgroup_fence_operand(acc);
   warpgroup_arrive();
   mma.accumulate_ = zero ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
@@ -210,6 +214,7 @@ __device__ __forceinline__ void wgmma(Mma& mma, const FA& a, const FB& b, Acc& a
   warpgroup_commit_batch();
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
+  if constexpr (kRegA) warpgroup_fence_operand(a);
 }
 
 // Per-row state of the online statistics, in log2 units of s (the sm_80 kernel's), except
@@ -515,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     CUTE_UNROLL
     for (int e = 0; e < size(acc); ++e) h16(e) = T(acc(e));
     Tensor tHr = make_tensor(h16.data(), acc_as_a_operand(h16.layout()));
-    wgmma(mma_dx, tHr, tDrYt(_, _, _, s), dacc, false);
+    wgmma<true>(mma_dx, tHr, tDrYt(_, _, _, s), dacc, false);
     release(st, s);
   }
 
