@@ -575,6 +575,16 @@ def test_gpu_hopper_kernels_when_chosen(options, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_kernel_choice_is_checked(monkeypatch):
+    f = torch.randn(16, 8, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", "sm_90")
+    with pytest.raises(RuntimeError, match="ANCHOR_KERNELS_CUDA_KERNELS must be auto, sm80 or sm90, got 'sm_90'"):
+        ak.supcon_loss(f, labels_for("random", 16).cuda(), backend="cuda")
+    monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", "sm80")
+    assert torch.isfinite(ak.supcon_loss(f, labels_for("random", 16).cuda(), backend="cuda"))
+
+
+@pytest.mark.gpu
 def test_gpu_refuses_float64():
     f = torch.randn(8, 4, device="cuda", dtype=torch.float64)
     with pytest.raises(ValueError, match="dtype torch.float64 is not supported by the cuda kernels"):

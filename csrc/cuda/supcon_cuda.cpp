@@ -11,6 +11,7 @@
 
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "supcon_args.h"
@@ -67,6 +68,15 @@ at::Tensor row_norms(k::Dtype dtype, const at::Tensor& f, const at::Tensor& g, c
   return out;
 }
 
+// ANCHOR_KERNELS_CUDA_KERNELS picks the tensor-core kernel family (supcon_kernels.h); a value
+// it does not name is an error here rather than a silent fall-back.
+void check_kernel_choice() {
+  const std::string choice = k::cuda_kernels_choice();
+  TORCH_CHECK(choice == "auto" || choice == "sm80" || choice == "sm90",
+              "supcon (CUDA): ANCHOR_KERNELS_CUDA_KERNELS must be auto, sm80 or sm90, got '",
+              choice, "'");
+}
+
 int forward_mode(bool lse_only, double beta) {
   return lse_only ? k::kFwdLse : (beta == 0 ? k::kFwdUniform : k::kFwdSoft);
 }
@@ -80,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cuda(
   const Sizes sz = check_forward_args(f, labels, contrast, contrast_labels, temperature, beta,
                                       anchor_offset);
   check_reduction(scale, reduction);
+  check_kernel_choice();
   const k::Dtype dtype = kernel_dtype(f);
   const c10::cuda::CUDAGuard guard(f.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -127,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   const Sizes sz = check_forward_args(f, labels, contrast, contrast_labels, temperature, beta,
                                       anchor_offset);
   check_backward_args(sz, f, grad, stats, scale, reduction);
+  check_kernel_choice();
   const k::Dtype dtype = kernel_dtype(f);
   const c10::cuda::CUDAGuard guard(f.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();

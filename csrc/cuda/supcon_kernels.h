@@ -120,7 +120,8 @@ cudaError_t launch_supcon_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t
 // inputs of mma_supported with at least one row and row strides of at least D, both below
 // 2^31, on a compute capability 9.0 device, in a binary built with sm_90a code
 // (ANCHOR_KERNELS_SM90A); until their first validation on a device, only when
-// ANCHOR_KERNELS_CUDA_KERNELS=sm90 (cuda_kernels_choice(): "auto" when unset).
+// ANCHOR_KERNELS_CUDA_KERNELS=sm90 (cuda_kernels_choice(): "auto" when unset; "auto" and
+// "sm80" take the sm_80 kernels, the torch glue refuses other values).
 const char* cuda_kernels_choice();
 bool sm90_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
 cudaError_t launch_supcon_fwd_sm90(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
