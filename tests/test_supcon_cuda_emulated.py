@@ -232,17 +232,30 @@ def test_reduced_loss_end_to_end(emulator, single):
         assert (dg.double() - grads[1]).abs().max() < 1e-5
 
 
-def test_tensor_core_fragment_layouts(tmp_path):
-    """The CuTe kernels' fragment layout assumptions, for every thread, checked on the host
-    (tests/cuda_emulation/supcon_mma_layouts.cu): nvcc compiles it, the host runs it."""
+def _run_host_check(name, tmp_path):
+    """Compile tests/cuda_emulation/<name> with nvcc and the CuTe headers, run it on the host,
+    and require that it reports no failure."""
     compiler = emu.nvcc()
     if compiler is None or _ext.cutlass_include() is None:
         pytest.skip("needs nvcc and the nvidia-cutlass headers")
-    source = os.path.join(os.path.dirname(__file__), "cuda_emulation", "supcon_mma_layouts.cu")
-    exe = tmp_path / "layouts"
+    source = os.path.join(os.path.dirname(__file__), "cuda_emulation", name)
+    exe = tmp_path / "check"
     build = subprocess.run([compiler, "-std=c++17", "--expt-relaxed-constexpr", "-I", _ext.CSRC_DIR,
                             "-I", _ext.cutlass_include(), source, "-o", str(exe)],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-4000:]
     out = subprocess.run([str(exe)], capture_output=True, text=True)
     assert out.returncode == 0 and "failures 0" in out.stdout, out.stdout[-4000:]
+
+
+def test_tensor_core_fragment_layouts(tmp_path):
+    """The CuTe kernels' fragment layout assumptions, for every thread, checked on the host
+    (tests/cuda_emulation/supcon_mma_layouts.cu): nvcc compiles it, the host runs it."""
+    _run_host_check("supcon_mma_layouts.cu", tmp_path)
+
+
+def test_hopper_forward_math(tmp_path):
+    """The Hopper forward's per-logit code (online log-sum-exp in units of t, positives, soft
+    weights, masks, the statistics) against float64, on the host
+    (tests/cuda_emulation/supcon_sm90_math.cu)."""
+    _run_host_check("supcon_sm90_math.cu", tmp_path)

@@ -227,37 +227,59 @@ struct RowState {
   float m, l;          // running max of s, sum of 2^(s - m)
   float cnt, sw;       // positives: count, sum of t (uniform) or of w t (soft)
   float tm, lw;        // soft: running max of t kn over positives, sum of 2^(t kn - tm)
+
+  CUTE_HOST_DEVICE static RowState start(float sc, float nbt, int64_t label, int64_t self_col) {
+    return {sc, sc * nbt, label, self_col, -INFINITY, 0.f, 0.f, 0.f, -INFINITY, 0.f};
+  }
 };
 
-template <int kMode>
-__device__ __forceinline__ void write_stats(const FwdArgs& p, int64_t i, const RowState& s) {
+// The reductions over the four lanes of a quad, which hold the same rows: shuffles on the
+// device; Quad is a parameter so that tests/cuda_emulation/supcon_sm90_math.cu can run the
+// per-logit code below on the host with one lane holding a row's columns.
+struct QuadShuffle {
+  __device__ float max(float v) const { return quad_max(v); }
+  __device__ float sum(float v) const { return quad_sum(v); }
+};
+
+// A row's statistics from its final state (the FwdArgs contract: loss, valid, and stats
+// LSE, sbar, log W, |P|); lse_count is |A(i)|, the count of the log-sum-exp-only mode.
+struct RowStats {
+  float loss, lse, sbar, logw, count;
+  bool valid;
+};
+template <int kMode, typename Quad>
+CUTE_HOST_DEVICE RowStats finish_row(const RowState& s, float lse_count, const Quad& quad) {
   const float ln2 = 0.6931471805599453f;
-  const float l = quad_sum(s.l), c = quad_sum(s.cnt), sw = quad_sum(s.sw), lw = quad_sum(s.lw);
-  if (i >= p.x.rows || (threadIdx.x % 4) != 0) return;
+  const float l = quad.sum(s.l), c = quad.sum(s.cnt), sw = quad.sum(s.sw), lw = quad.sum(s.lw);
   const float lse = (s.m + log2f(l)) * ln2;
-  float* out = p.stats + 4 * i;
   if constexpr (kMode == kFwdLse) {
-    const float count = float(p.y.rows - (p.has_self ? 1 : 0));
-    p.valid[i] = count > 0.f;
-    p.loss[i] = count > 0.f ? lse : 0.f;
-    out[0] = lse, out[1] = 0.f, out[2] = 0.f, out[3] = count;
+    const bool ok = lse_count > 0.f;
+    return {ok ? lse : 0.f, lse, 0.f, 0.f, lse_count, ok};
   } else {
     constexpr bool kSoft = kMode == kFwdSoft;
     const bool ok = c > 0.f;
     const float sbar = ok ? (kSoft ? sw / lw : sw / c) * s.sc * ln2 : 0.f;
     const float logw = kSoft ? (s.tm + log2f(lw)) * ln2 : logf(c);
-    p.valid[i] = ok;
-    p.loss[i] = ok ? lse - sbar : 0.f;
-    out[0] = lse, out[1] = sbar, out[2] = logw, out[3] = c;
+    return {ok ? lse - sbar : 0.f, lse, sbar, logw, c, ok};
   }
+}
+
+template <int kMode>
+__device__ __forceinline__ void write_stats(const FwdArgs& p, int64_t i, const RowState& s) {
+  const RowStats r = finish_row<kMode>(s, float(p.y.rows - (p.has_self ? 1 : 0)), QuadShuffle{});
+  if (i >= p.x.rows || (threadIdx.x % 4) != 0) return;
+  p.valid[i] = r.valid;
+  p.loss[i] = r.loss;
+  float* out = p.stats + 4 * i;
+  out[0] = r.lse, out[1] = r.sbar, out[2] = r.logw, out[3] = r.count;
 }
 
 // One tile's per-logit work for the consumer thread's two rows. acc(v) for v = k + 2 i + 4 j is
 // row i of the thread's two, column col0 + 8 j + k; kEdge tiles mask columns past N and the
 // self pair.
-template <int kMode, bool kEdge, typename Acc>
-__device__ __forceinline__ void tile_update(Acc& acc, RowState (&rs)[2], const int64_t* label,
-                                            const float* rn, int col0, int64_t y0, int64_t N) {
+template <int kMode, bool kEdge, typename Acc, typename Quad = QuadShuffle>
+CUTE_HOST_DEVICE void tile_update(Acc& acc, RowState (&rs)[2], const int64_t* label, const float* rn,
+                                  int col0, int64_t y0, int64_t N, const Quad& quad = {}) {
   constexpr int kPairs = kN / 8;
   constexpr bool kStatsPos = kMode != kFwdLse, kSoft = kMode == kFwdSoft;
   // Pass 1: t = acc / ||y||, masks, the tile's row maxima.
@@ -280,7 +302,7 @@ __device__ __forceinline__ void tile_update(Acc& acc, RowState (&rs)[2], const i
   CUTE_UNROLL
   for (int i = 0; i < 2; ++i) {
     RowState& r = rs[i];
-    const float m_new = fmaxf(r.m, quad_max(tmax[i]) * r.sc);
+    const float m_new = fmaxf(r.m, quad.max(tmax[i]) * r.sc);
     m_use[i] = m_new == -INFINITY ? 0.f : m_new;
     r.l *= exp2_ftz(r.m - m_use[i]);
     r.m = m_new;
@@ -303,7 +325,7 @@ __device__ __forceinline__ void tile_update(Acc& acc, RowState (&rs)[2], const i
     CUTE_UNROLL
     for (int i = 0; i < 2; ++i) {
       RowState& r = rs[i];
-      const float t_new = fmaxf(r.tm, quad_max(ttm[i]));
+      const float t_new = fmaxf(r.tm, quad.max(ttm[i]));
       tw[i] = t_new == -INFINITY ? 0.f : t_new;
       const float f = exp2_ftz(r.tm - tw[i]);
       r.lw *= f, r.sw *= f, r.tm = t_new;
@@ -377,12 +399,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < 2; ++i) {
     row[i] = x0 + get<0>(coord(2 * i));
     const bool ok = row[i] < M;
-    RowState& r = rs[i];
-    r.sc = ok ? p.rnx[row[i]] * p.inv_tau * kLog2e : 1.f;  // rows past M: finite, unused
-    r.kn = r.sc * p.nbt;
-    r.label = ok ? p.lx[row[i]] : 0;
-    r.self_col = p.has_self ? row[i] + p.shift : -1;
-    r.m = -INFINITY, r.l = 0.f, r.cnt = 0.f, r.sw = 0.f, r.tm = -INFINITY, r.lw = 0.f;
+    // Rows past M: finite, unused.
+    rs[i] = RowState::start(ok ? p.rnx[row[i]] * p.inv_tau * kLog2e : 1.f, p.nbt,
+                            ok ? p.lx[row[i]] : 0, p.has_self ? row[i] + p.shift : -1);
   }
   TxBarrier::wait(&st.x_full, 0);
 
