@@ -256,6 +256,7 @@ def test_tensor_core_fragment_layouts(tmp_path):
 
 def test_hopper_forward_math(tmp_path):
     """The Hopper forward's per-logit code (online log-sum-exp in units of t, positives, soft
-    weights, masks, the statistics) against float64, on the host
+    weights, masks, the statistics) against float64, and the backward's 32-bit self-pair
+    arithmetic against the 64-bit condition, on the host
     (tests/cuda_emulation/supcon_sm90_math.cu)."""
     _run_host_check("supcon_sm90_math.cu", tmp_path)

@@ -427,6 +427,30 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Backward: dX (R, D) (the BwdArgs contract of supcon_kernels.h), with the chain rule through
 // the normalisation in the epilogue when df is set, as the sm_80 kernel.
 
+// Where the self pairs x + shift = y0 + c of a block's rows x = x0 + r (r < kM) lie among
+// kCols-column tiles: in tiles t_lo ... t_hi, at c - r = delta(t) = base - (t - t_lo) kCols
+// (INT_MIN elsewhere). 32-bit per-tile arithmetic, so that no 64-bit column index per row is
+// held in registers; checked on the host by tests/cuda_emulation/supcon_sm90_math.cu.
+template <int kCols>
+struct SelfPairs {
+  int t_lo = INT_MAX, t_hi = -1, base = 0;
+
+  CUTE_HOST_DEVICE static SelfPairs of(bool has_self, int64_t shift, int64_t x0, int n_tiles) {
+    SelfPairs sp;
+    const int64_t d = x0 + shift;  // column of the block's first row's self pair
+    if (has_self && d + kM > 0) {
+      const int64_t lo = d > 0 ? d / kCols : 0;
+      sp.t_lo = int(lo);
+      sp.t_hi = int(d + kM - 1 < int64_t(n_tiles) * kCols ? (d + kM - 1) / kCols : n_tiles - 1);
+      sp.base = int(d - lo * kCols);
+    }
+    return sp;
+  }
+  CUTE_HOST_DEVICE int delta(int t) const {
+    return t >= t_lo && t <= t_hi ? base - (t - t_lo) * kCols : INT_MIN;
+  }
+};
+
 template <typename T, int kMode, int kSides>
 __global__ void __launch_bounds__(kThreads, 1)
     supcon_bwd_sm90_kernel(const BwdArgs p, CUTE_GRID_CONSTANT const TmaRows<T, kM> tma_x,
@@ -492,17 +516,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     lxr[i] = ok ? p.lx[x] : 0;
     ar[i] = (ok && kUseOuter) ? anchor_stats(x) : none;
   }
-  // The self pairs x + shift = y0 + c lie in tiles t_lo ... t_hi, at c - (row within the
-  // block) = base - (t - t_lo) kBwdN: 32-bit per-tile arithmetic, no 64-bit column indices held.
   const int n_tiles = int((Q + kBwdN - 1) / kBwdN);
-  int t_lo = INT_MAX, t_hi = -1, base = 0;
-  if (p.has_self && x0 + p.shift + kM > 0) {
-    const int64_t d = x0 + p.shift;  // column of the block's first row's self pair
-    const int64_t lo = d > 0 ? d / kBwdN : 0;
-    t_lo = int(lo);
-    t_hi = int(min(int64_t(n_tiles - 1), (d + kM - 1) / kBwdN));
-    base = int(d - lo * kBwdN);
-  }
+  const auto self_pairs = SelfPairs<kBwdN>::of(p.has_self, p.shift, x0, n_tiles);
   TxBarrier::wait(&st.x_full, 0);
 
   for (int t = 0; t < n_tiles; ++t) {
@@ -512,7 +527,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // H (times 1 / ||y|| and 1 / max|g|, into half range) on the accumulators: element
     // v = k + 2 i + 4 j is row i, column col0 + 8 j + k.
-    const int self_delta = t >= t_lo && t <= t_hi ? base - (t - t_lo) * kBwdN : INT_MIN;
+    const int self_delta = self_pairs.delta(t);
     const BwdCols<kBwdN>& cs = st.cols[s];
     CUTE_UNROLL
     for (int j = 0; j < kBwdN / 8; ++j)

@@ -1,5 +1,6 @@
 // Host check of the Hopper forward's per-logit code (csrc/cuda/supcon_sm90.cuh: RowState,
-// tile_update, finish_row) against a float64 evaluation of the same statistics.
+// tile_update, finish_row) against a float64 evaluation of the same statistics, and of the
+// backward's self-pair arithmetic (SelfPairs) against the 64-bit condition it replaces.
 //
 // One lane's view, with its quad reductions the identity: the thread holds two rows and, of
 // every 128-column tile, the 32 columns 8 j + k (j < 16, k < 2); the reference sums over those
@@ -125,7 +126,33 @@ void check_mode() {
           if (self0 < n) check_case<kMode>(n, self0, scale, seed++, classes);
 }
 
+// SelfPairs: c - r == delta(t) exactly when x0 + r + shift == t kCols + c, for every row of the
+// block, every column of every tile, blocks before, across and after the diagonal, and both
+// signs of the shift (one set; the columns' pass of two sets has shift = -offset).
+template <int kCols>
+void check_self_pairs() {
+  constexpr int kM = sm90::kM;
+  for (int64_t shift : {int64_t(0), int64_t(5), int64_t(-70), int64_t(300), int64_t(-1000)})
+    for (int64_t x0 : {int64_t(0), int64_t(128), int64_t(256), int64_t(1024)})
+      for (int n_tiles : {1, 3, 9, 40})
+        for (bool has_self : {true, false}) {
+          const auto sp = sm90::SelfPairs<kCols>::of(has_self, shift, x0, n_tiles);
+          for (int t = 0; t < n_tiles; ++t) {
+            const int d = sp.delta(t);
+            for (int r = 0; r < kM; ++r)
+              for (int c = 0; c < kCols; ++c) {
+                const bool self = has_self && x0 + r + shift == int64_t(t) * kCols + c;
+                if ((c - r == d) != self && failures++ < 20)
+                  printf("failed: self pair shift %lld x0 %lld tile %d row %d col %d\n",
+                         (long long)shift, (long long)x0, t, r, c);
+              }
+          }
+        }
+}
+
 int main() {
+  check_self_pairs<64>();
+  check_self_pairs<32>();
   check_mode<kFwdLse>();
   check_mode<kFwdUniform>();
   check_mode<kFwdSoft>();
