@@ -568,6 +568,17 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
 #endif
 }
 
+// probe(device) for the current device, asked once per device and remembered (false for a
+// device that cannot be named). Each call site's lambda is a type of its own, so its cache is.
+template <typename Probe>
+inline bool once_per_device(Probe probe) {
+  static int cached[64] = {};  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) cached[dev] = probe(dev) ? 1 : 2;
+  return cached[dev] == 1;
+}
+
 // One CTA of kThreads per block_rows rows, with smem bytes of dynamic shared memory.
 template <typename Args>
 inline cudaError_t launch(void (*kernel)(Args), int64_t rows, int block_rows, int smem,

@@ -30,19 +30,14 @@ bool rows_fit(const Matrix& m) {
 }
 
 // Whether the binary holds sm_80+ code for the current device (the kernels compile to an empty
-// body for older targets). Asked once per device.
+// body for older targets).
 bool device_has_mma_code() {
-  static int cached[64] = {};  // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (cached[dev] == 0) {
+  return mma::once_per_device([](int) {
     cudaFuncAttributes attr{};
-    const bool ok =
-        cudaFuncGetAttributes(&attr, mma::supcon_fwd_mma_kernel<cute::bfloat16_t, kFwdLse>) == cudaSuccess &&
-        attr.binaryVersion >= 80;
-    cached[dev] = ok ? 1 : 2;
-  }
-  return cached[dev] == 1;
+    return cudaFuncGetAttributes(&attr, mma::supcon_fwd_mma_kernel<cute::bfloat16_t, kFwdLse>) ==
+               cudaSuccess &&
+           attr.binaryVersion >= 80;
+  });
 }
 
 }  // namespace

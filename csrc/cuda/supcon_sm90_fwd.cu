@@ -30,19 +30,14 @@ cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
   }
 }
 
-// Compute capability 9.0 (the only one sm_90a code runs on), asked once per device.
+// Compute capability 9.0, the only one sm_90a code runs on.
 bool device_is_sm90() {
-  static int cached[64] = {};  // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (cached[dev] == 0) {
+  return mma::once_per_device([](int dev) {
     int major = 0, minor = 0;
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-                    major == 9 && minor == 0;
-    cached[dev] = ok ? 1 : 2;
-  }
-  return cached[dev] == 1;
+    return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+           major == 9 && minor == 0;
+  });
 }
 
 // What a TMA descriptor of the rows takes (CuTe asserts it when encoding one): at least one
