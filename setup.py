@@ -35,8 +35,9 @@ def extension_build():
     if skip:
         print(f"anchor_kernels: building the C++ extension for CPU only; CUDA half skipped: {skip}")
     sources = [os.path.relpath(p, HERE) for p in _ext.sources(with_cuda=skip is None)]
-    if skip is None and _ext.cuda_arch_list():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = _ext.cuda_arch_list()  # Hopper as sm_90a
+    arches = _ext.cuda_arch_list() if skip is None else ""
+    if arches:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arches  # Hopper as sm_90a
     kind = CppExtension if skip else CUDAExtension
     ext = kind("anchor_kernels._C", sources, include_dirs=_ext.include_dirs(with_cuda=skip is None),
                extra_compile_args={"cxx": _ext.cxx_flags(), "nvcc": _ext.cuda_flags()},

@@ -222,8 +222,9 @@ def _build(with_cuda: bool, note: str = "") -> str | None:
     _ensure_ninja_on_path()
     from torch.utils import cpp_extension
 
-    arches, saved = cuda_arch_list(), os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if with_cuda and arches:
+    arches = cuda_arch_list() if with_cuda else ""
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arches:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arches  # read by torch's builder
     try:
         cpp_extension.load(
