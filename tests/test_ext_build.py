@@ -235,16 +235,9 @@ def test_cuda_sources_compile_for_sm80_and_sm90a(source, arch, cuda_objects):
         f"{k}: REG:{u.get('REG')} STACK:{u.get('STACK')} LOCAL:{u.get('LOCAL')}"
         for k, u in spilling.items())
 
-    sass = subprocess.run([cuobjdump, "-sass", "-arch", arch, str(obj)], capture_output=True,
-                          text=True).stdout
-    kernels, name = {}, None  # kernel -> {instruction: count}
-    for line in sass.splitlines():
-        if "Function :" in line:
-            name = line.split("Function :")[1].strip()
-            kernels[name] = dict.fromkeys(("HMMA", *HOPPER_INSTRUCTIONS), 0)
-        elif name is not None:
-            for op in kernels[name]:
-                kernels[name][op] += f" {op}" in line
+    kernels = {name: {op: sum(f" {op}" in f" {text}" for _, text in instructions)
+                       for op in ("HMMA", *HOPPER_INSTRUCTIONS)}
+               for name, instructions in _kernel_sass(obj, arch).items()}  # kernel -> counts
     assert set(kernels) == set(usage), (sorted(kernels), sorted(usage))
     hopper = {k: c for k, c in kernels.items() if "sm90" in k}
     for k, counts in hopper.items():
