@@ -260,3 +260,11 @@ def test_hopper_forward_math(tmp_path):
     arithmetic against the 64-bit condition, on the host
     (tests/cuda_emulation/supcon_sm90_math.cu)."""
     _run_host_check("supcon_sm90_math.cu", tmp_path)
+
+
+def test_hopper_shared_memory_descriptors(tmp_path):
+    """The wgmma descriptors CuTe builds from the Hopper kernels' shared-memory layouts, decoded
+    as the hardware reads them (K-major S operands, the MN-major transposed Y of dX += H Y, every
+    k-step, stage and warpgroup), address the elements the TMA copies put there
+    (tests/cuda_emulation/supcon_sm90_smem.cu)."""
+    _run_host_check("supcon_sm90_smem.cu", tmp_path)

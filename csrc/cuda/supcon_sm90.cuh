@@ -22,7 +22,8 @@
 // descriptor can describe (supcon_sm90_fwd.cu: sm90_supported).
 // The accumulator layout the loops assume (a thread holds rows r0 and r0 + 8 of its warp's 16
 // and 32 columns, in pairs; a row's columns are spread over one quad) is checked on the host
-// by tests/cuda_emulation/supcon_mma_layouts.cu.
+// by tests/cuda_emulation/supcon_mma_layouts.cu; the shared-memory side (the wgmma descriptors
+// of every product against the bytes the TMA copies write) by supcon_sm90_smem.cu.
 // The kernel body exists only in sm_90a code (wgmma and setmaxnreg are sm_90a instructions);
 // compiled for any other target it is empty, and the launcher never selects it there.
 #pragma once
