@@ -157,6 +157,30 @@ def test_lse_only_empty_denominator():
     assert not valid.any() and lse.item() == 0.0 and torch.count_nonzero(f.grad) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("two_sets", [False, True])
+def test_classsum_path(monkeypatch, two_sets, dtype):
+    """Plain SupCon on large batches: the positive term from class sums around the kernels'
+    log-sum-exp-only mode (forced here on a small batch; labels of any integer range)."""
+    from anchor_kernels.ops import supcon_classsum, supcon_cpp
+
+    calls = []
+    classsum = supcon_classsum.classsum_per_anchor
+    monkeypatch.setattr(supcon_cpp, "CLASSSUM_MIN_LOGITS", 1)
+    monkeypatch.setattr(supcon_classsum, "classsum_per_anchor",
+                        lambda backend, p: calls.append(p.beta) or classsum(backend, p))
+    g = torch.randn(300, 20, dtype=torch.float64)
+    y_g = labels_for("some_alone", 300) * 1000 - 7
+    if two_sets:
+        compare("cpu", g[100:250], y_g[100:250], g, y_g, dtype=dtype, anchor_offset=100)
+        compare("cpu", g[:40], y_g[:40], g, y_g, dtype=dtype, anchor_offset=None)
+    else:
+        compare("cpu", g, y_g, dtype=dtype)
+        compare("cpu", g, y_g, dtype=dtype, normalize=False, temperature=0.5)
+        compare("cpu", g, y_g, dtype=dtype, hard_positive_beta=1.0)
+    assert calls == [0.0, 0.0]  # soft mining keeps its per-logit positives
+
+
 def test_strided_inputs_and_labels():
     base = torch.randn(64, 2 * 59, dtype=torch.float64)
     f = base[:, ::2]  # non-unit stride along D

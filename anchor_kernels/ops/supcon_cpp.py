@@ -32,9 +32,16 @@ from .. import _ext, reference
 from ..reference import reduce_loss
 from .._autograd import call, eager_function, refuse_double_backward
 from ..backends import REDUCTION_CODES, SupConProblem
-from . import supcon_topk
+from . import supcon_composite, supcon_topk
 
 LOAD_ERROR = _ext.load()
+
+# From this many logits (M N) on, plain SupCon (beta = 0) takes its positive term from class
+# sums around these kernels' log-sum-exp-only mode (supcon_classsum.py): some 50 small torch
+# ops for less per-logit work. Where that pays is for a GPU to say; the one measurement, of the
+# Triton kernels on an H200, found no gain up to N = 65536 (supcon_triton.STREAMING_MIN_LOGITS),
+# so these kernels start where those do.
+CLASSSUM_MIN_LOGITS = 131072 * 131072
 
 
 def _fwd_fake(features, labels, contrast, contrast_labels, temperature, beta, detach_weights,
@@ -136,15 +143,20 @@ class CppSupCon:
         loss, valid, _ = call(SupConCpp, torch.ops.anchor_kernels.supcon_fwd, *inputs)
         return loss, valid
 
+    def _composite(self, p: SupConProblem):
+        return supcon_composite.composite(self, p, self.name, CLASSSUM_MIN_LOGITS)
+
     def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:
-        if p.topk is not None and not p.lse_only:  # LSE_i from these kernels' lse_only mode + sparse sbar_i
-            return supcon_topk.topk_per_anchor(self, p, self.name)
+        composite = self._composite(p)
+        if composite is not None:
+            return composite()
         return self._call(p, 1.0, 0)
 
     def loss(self, p: SupConProblem, scale: float, reduction: str) -> Tensor:
         """The loss with ``scale`` and the reduction applied inside the op."""
-        if p.topk is not None and not p.lse_only:
-            per_anchor, valid = self.per_anchor(p)
+        composite = self._composite(p)
+        if composite is not None:
+            per_anchor, valid = composite()
             return reduce_loss(per_anchor, valid, scale, reduction)
         return self._call(p, scale, REDUCTION_CODES[reduction])[0]
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._autograd import apply, plain_eager, refuse_double_backward
 from ..backends import REDUCTION_CODES, SupConProblem
-from . import supcon_classsum, supcon_topk
+from . import supcon_composite, supcon_topk
 from . import supcon_kernels_triton as kernels
 from ..reference import reduce_loss
 from .triton_launch import device_guard, dot_precision, interpreter_upcast, interpreting
@@ -435,16 +435,7 @@ class TritonSupCon:
             not p.detach_weights, reduction, with_ws))
 
     def _composite(self, p: SupConProblem):
-        """Modes whose positive term is computed outside the O(M N) kernel: top-k, and plain
-        SupCon on large batches (class sums)."""
-        if p.lse_only:
-            return None
-        if p.topk is not None:
-            return lambda: supcon_topk.topk_per_anchor(self, p, "triton")
-        n = p.f.shape[0] if p.g is None else p.g.shape[0]
-        if p.beta == 0.0 and is_streaming(p.f.shape[0], n):
-            return lambda: supcon_classsum.classsum_per_anchor(self, p)
-        return None
+        return supcon_composite.composite(self, p, "triton", STREAMING_MIN_LOGITS)
 
     def per_anchor(self, p: SupConProblem) -> tuple[Tensor, Tensor]:
         composite = self._composite(p)
