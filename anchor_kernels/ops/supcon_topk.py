@@ -18,19 +18,9 @@ size M x N:
 The selection is a constant of the loss (weights are piecewise constant), so the gradient is
 ``dL/ds_ij = g_i (p_ij - [j in T(i)] / k')`` exactly as the reference with detached weights.
 
-A fused backend supports top-k by calling the two helpers below::
-
-    def not_supported_reasons(self, p):
-        ...
-        if p.topk is not None and not p.lse_only:
-            reasons += supcon_topk.topk_reasons(p, "triton")
-
-    def per_anchor(self, p):
-        if p.topk is not None and not p.lse_only:
-            return supcon_topk.topk_per_anchor(self, p, "triton")
-        ...
-
-(``lse_only`` is the kernels' mode and wins: such a problem returns LSE_i only.)
+A fused backend supports top-k by adding ``topk_reasons`` to its refusals, and runs it through
+``supcon_composite.composite``, which calls ``topk_per_anchor`` (``lse_only`` is the kernels'
+mode and wins: such a problem returns LSE_i only).
 
 Precision: the selection ranks float32 cosines (half inputs multiplied exactly with float32
 accumulation). Positives whose cosines differ by less than that rounding may be ranked
