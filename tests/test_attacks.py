@@ -1,5 +1,6 @@
 """The PGD attack and robust evaluation on small models."""
 
+import datetime
 import json
 
 import pytest
@@ -386,7 +387,9 @@ def test_ddp_model_is_attacked_through_its_module(trained, tmp_path):
     if not dist.is_available() or dist.is_initialized():
         pytest.skip("needs torch.distributed and no process group already running")
     _, x, y = trained
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    # A collective that waits past the timeout raises instead of hanging the run.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         ddp = nn.parallel.DistributedDataParallel(SmallNet())
         attack = PGD(ddp, eps=0.05, alpha=0.01, steps=2)
