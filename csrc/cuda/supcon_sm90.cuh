@@ -1,20 +1,22 @@
-// Hopper (sm_90a) SupCon kernels on CuTe: TMA loads into a two-stage shared-memory pipeline
-// signalled by mbarriers, wgmma with fp32 accumulation, and producer / consumer warp
-// specialisation with setmaxnreg.
+// Hopper (sm_90a) SupCon kernels on CuTe: TMA loads into a three-stage shared-memory pipeline
+// signalled by mbarriers, wgmma with fp32 accumulation, producer / consumer warp
+// specialisation with setmaxnreg, and the two consumer warpgroups taking turns at the tensor
+// cores (ping-pong), so that one's products overlap the other's per-logit work.
 //
 // Forward: one CTA takes 128 anchors and streams the contrast set through 128-column tiles:
 //   warpgroup 0, the producer, gives up registers (setmaxnreg.dec); one lane issues the TMA
 //     copies (the anchor block once, a column tile per stage) and the warp's 32 lanes stage
 //     the tile's labels and inverse norms in shared memory beside it;
 //   warpgroups 1 and 2, the consumers, take the registers (setmaxnreg.inc) and 64 anchor rows
-//     each: wgmma from shared memory to 64 fp32 accumulators per thread, then the per-logit
-//     work (inverse norms, masks, online log-sum-exp, positives) on the accumulators in
-//     registers, and the stage is handed back to the producer.
+//     each: in its turn, wgmma from shared memory to 64 fp32 accumulators per thread; then the
+//     per-logit work (inverse norms, masks, online log-sum-exp, positives) on the accumulators
+//     in registers, and the stage is handed back to the producer.
 // Backward: the same pipeline over 64-column tiles of the inner rows (32 with soft mining);
-// each consumer recomputes S for its 64 rows (wgmma from shared memory), forms H = G(S) on the
-// accumulators, and feeds H, converted to the features' dtype, from registers as the A operand
-// of dX += H Y (wgmma with Y's tile read transposed from the same shared memory), so a tile
-// costs two wgmma products and no shared-memory round trip of S or H.
+// each consumer recomputes S for its 64 rows (wgmma from shared memory), forms H = G(S) from
+// the accumulators, and feeds H, converted to the features' dtype, from registers as the A
+// operand of dX += H Y (wgmma with Y's tile read transposed from the same shared memory), in
+// its next turn, with the next tile's S product: a tile costs two wgmma products and no
+// shared-memory round trip of S or H.
 // The maths and the statistics written are those of the sm_80 kernels (supcon_mma.cuh, whose
 // gterm, quad reductions, chain-rule epilogue and variant dispatch these use) and of
 // csrc/supcon.cpp. The inputs taken are those of the sm_80 kernels (bf16 / fp16, D <= 128,
@@ -56,7 +58,10 @@ using mma::quad_sum;
 constexpr int kD = 128;           // feature columns a tile holds (zero-filled by TMA past D)
 constexpr int kM = 128;           // rows per CTA: two consumer warpgroups of 64 rows
 constexpr int kN = 128;           // columns per forward tile
-constexpr int kStages = 2;        // column tiles in flight
+// Column tiles in flight: the consumers run half a turn apart (ping-pong, below), so a stage is
+// freed half a turn later than either is done with it (in the backward, a turn later: its dX
+// product is issued with the next tile's S); a third stage gives the next copy that slack.
+constexpr int kStages = 3;
 constexpr int kConsumers = 2;     // consumer warpgroups
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kProducerRegs = 40;   // setmaxnreg: 40 x 128 + 232 x 256 <= 64 K registers
@@ -199,10 +204,11 @@ __device__ __forceinline__ void release(Storage& st, int s) {
   if (threadIdx.x % 32 == 0) Barrier::arrive(&st.empty[s]);
 }
 
-// acc = A B (zero) or acc += A B over the k-steps of the fragments, waited for. kRegA: A is
-// in registers (fenced like the accumulators, so that no write to it moves past the wgmma).
+// acc = A B (zero) or acc += A B over the k-steps of the fragments, issued (asynchronous);
+// wgmma_wait waits for every product issued. kRegA: A is in registers (fenced like the
+// accumulators, so that no access to it moves across the asynchronous product).
 template <bool kRegA = false, typename Mma, typename FA, typename FB, typename Acc>
-__device__ __forceinline__ void wgmma(Mma& mma, FA& a, const FB& b, Acc& acc, bool zero) {
+__device__ __forceinline__ void wgmma_issue(Mma& mma, FA& a, const FB& b, Acc& acc, bool zero) {
   if constexpr (kRegA) warpgroup_fence_operand(a);
   warpgroup_fence_operand(acc);
   warpgroup_arrive();
@@ -213,10 +219,35 @@ __device__ __forceinline__ void wgmma(Mma& mma, FA& a, const FB& b, Acc& acc, bo
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
+}
+template <bool kRegA = false, typename FA, typename Acc>
+__device__ __forceinline__ void wgmma_wait(FA& a, Acc& acc) {
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
   if constexpr (kRegA) warpgroup_fence_operand(a);
 }
+
+// Ping-pong (as FlashAttention-3's forward): the two consumer warpgroups take turns at the
+// tensor cores, so that one's product runs while the other does its per-logit work. Without
+// it both wait on the same tile's barrier and issue their products together, then both do
+// the per-logit work: the tensor cores and the ALUs each idle half the time. Warpgroup w
+// issues a product once the other has issued its previous one: it waits on named barrier w
+// (its own 128 threads sync, the other's 128 arrive) and, after issuing, lets the other go.
+struct PingPong {
+  int wg;       // this consumer warpgroup: 0 or 1
+  int n_turns;  // products each warpgroup issues
+  static constexpr uint32_t kThreads = 2 * 128;
+
+  __device__ void start() const {  // warpgroup 0 goes first
+    if (wg == 1 && n_turns > 0) cutlass::arch::NamedBarrier::arrive(kThreads, 0);
+  }
+  __device__ void wait_turn() const { cutlass::arch::NamedBarrier::sync(kThreads, wg); }
+  // After issuing turn t. Every arrival is waited for: warpgroup 0's n_turns syncs take the
+  // first arrival and n_turns - 1 more, so warpgroup 1 skips its last.
+  __device__ void pass_turn(int t) const {
+    if (wg == 0 || t + 1 < n_turns) cutlass::arch::NamedBarrier::arrive(kThreads, wg ^ 1);
+  }
+};
 
 // Per-row state of the online statistics, in log2 units of s (the sm_80 kernel's), except
 // that sums over positives are kept in units of t = acc / ||y|| and scaled by sc once at the
@@ -407,11 +438,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   TxBarrier::wait(&st.x_full, 0);
 
   const int n_tiles = int((N + kN - 1) / kN);
+  const PingPong turns{int(threadIdx.x - 128) / 128, n_tiles};
+  turns.start();
   for (int t = 0; t < n_tiles; ++t) {
     const int s = t % kStages;
     const int64_t y0 = int64_t(t) * kN;
     TxBarrier::wait(&st.full[s], (t / kStages) & 1);
-    wgmma(mma, tSrX, tSrY(_, _, _, s), acc, true);
+    turns.wait_turn();
+    wgmma_issue(mma, tSrX, tSrY(_, _, _, s), acc, true);
+    turns.pass_turn(t);
+    wgmma_wait(tSrX, acc);
     const bool edge = y0 + kN > N || mma::meets_diagonal<kM, kN>(p.has_self, p.shift, x0, y0);
     if (edge)
       tile_update<kMode, true>(acc, rs, st.cols[s].label, st.cols[s].rn, col0, y0, N);
@@ -521,10 +557,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   const auto self_pairs = SelfPairs<kBwdN>::of(p.has_self, p.shift, x0, n_tiles);
   TxBarrier::wait(&st.x_full, 0);
 
-  for (int t = 0; t < n_tiles; ++t) {
-    const int s = t % kStages;
-    TxBarrier::wait(&st.full[s], (t / kStages) & 1);
-    wgmma(mma_s, tSrX, tSrY(_, _, _, s), acc, true);
+  // Turn t (ping-pong with the other consumer) issues tile t's S product and tile t - 1's dX
+  // product together; H(t) is then formed while the other warpgroup's turn runs, and kept,
+  // as the next turn's A operand. A stage is handed back once its dX product is done: turn
+  // n_tiles issues the last dX product alone.
+  Tensor h16 = make_tensor<T>(acc.layout());
+  Tensor tHr = make_tensor(h16.data(), acc_as_a_operand(h16.layout()));
+  const PingPong turns{ct / 128, n_tiles + 1};
+  turns.start();
+  for (int t = 0; t <= n_tiles; ++t) {
+    const int s = t % kStages, prev = (t + kStages - 1) % kStages;
+    if (t < n_tiles) TxBarrier::wait(&st.full[s], (t / kStages) & 1);
+    turns.wait_turn();
+    if (t < n_tiles) wgmma_issue(mma_s, tSrX, tSrY(_, _, _, s), acc, true);
+    if (t > 0) wgmma_issue<true>(mma_dx, tHr, tDrYt(_, _, _, prev), dacc, false);  // dX += H Y
+    turns.pass_turn(t);
+    wgmma_wait<true>(tHr, acc);
+    warpgroup_fence_operand(dacc);
+    if (t > 0) release(st, prev);
+    if (t == n_tiles) break;
 
     // H (times 1 / ||y|| and 1 / max|g|, into half range) on the accumulators: element
     // v = k + 2 i + 4 j is row i, column col0 + 8 j + k.
@@ -540,23 +591,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float4 ac = kUseInner ? cs.anchor[lc] : none;
         CUTE_UNROLL
         for (int i = 0; i < 2; ++i) {
-          float& a = acc(k + 2 * i + 4 * j);
-          const float sv = a * sc[i] * rn;
+          const float sv = acc(k + 2 * i + 4 * j) * sc[i] * rn;
           const bool pos = lab == lxr[i];
           float h = 0.f;
           if constexpr (kUseOuter) h = gterm<kMode, true>(sv, pos, ar[i].x, ar[i].y, ar[i].z, ar[i].w, nbt);
           if constexpr (kUseInner) h += gterm<kMode, true>(sv, pos, ac.x, ac.y, ac.z, ac.w, nbt);
           if (lc - (row0 + 8 * i) == self_delta) h = 0.f;
-          a = h * inv_gmax * rn;
+          h16(k + 2 * i + 4 * j) = T(h * inv_gmax * rn);
         }
       }
-    // dX += H Y: H from the accumulators as A registers, Y^T from the stage.
-    Tensor h16 = make_tensor<T>(acc.layout());
-    CUTE_UNROLL
-    for (int e = 0; e < size(acc); ++e) h16(e) = T(acc(e));
-    Tensor tHr = make_tensor(h16.data(), acc_as_a_operand(h16.layout()));
-    wgmma<true>(mma_dx, tHr, tDrYt(_, _, _, s), dacc, false);
-    release(st, s);
   }
 
   Tensor dcoord = thr_dx.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kD>>{}));

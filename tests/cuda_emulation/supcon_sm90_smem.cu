@@ -105,7 +105,8 @@ Desc start_at(Desc d, uint32_t offset) {
 template <typename T, int kCols, typename Storage>
 void check_s(const char* what) {
   static Storage st;
-  CHECK(at(st, st.x) % 1024 == 0 && at(st, st.y[0]) % 1024 == 0 && at(st, st.y[1]) % 1024 == 0, what);
+  CHECK(at(st, st.x) % 1024 == 0, what);
+  for (int s = 0; s < h::kStages; ++s) CHECK(at(st, st.y[s]) % 1024 == 0, what);
   h::TiledMmaS<T, kCols> mma;
   Tensor sX = make_tensor(make_smem_ptr(st.x), h::SmemRows<T, h::kM>{});
   Tensor sY = make_tensor(make_smem_ptr(&st.y[0][0]), h::SmemRowsStages<T, kCols>{});
