@@ -430,6 +430,19 @@ def test_gpu_options(dtype, options):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature,beta", [(0.1, 0.0), (0.1, 2.0), (0.02, 0.0), (0.1, 31.0)],
+                         ids=["fixed", "fixed-soft", "running-small-tau", "running-large-beta"])
+def test_gpu_fixed_and_running_shifts(dtype, temperature, beta):
+    """The tensor-core forwards' two ways to shift the exponentials (FwdArgs::shift2): the
+    bounds of normalised rows where 2 shift + log2(N) <= 96 admits them, running maxima past
+    it (tau = 0.02: 2 log2(e) / tau = 144; beta = 31: 2 beta log2(e) = 89 > 96 - log2(700))."""
+    f = torch.randn(700, 64, device="cuda")
+    compare("cuda", f, labels_for("random", 700).cuda(), dtype=dtype, temperature=temperature,
+            hard_positive_beta=beta)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m,n,offset", [(3, 97, 0), (97, 1300, 1203), (600, 40, None), (1025, 3000, 1000)])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("d", [64, 130])

@@ -32,6 +32,11 @@ struct FwdArgs {
   bool has_self;      // anchor i is column i + shift
   int64_t shift;
   float inv_tau, nbt;  // 1 / tau and -beta * tau
+  // Normalised rows bound every logit: s log2(e) <= shift2 = log2(e) / tau (1 + 2^-8). When
+  // > 0, the tensor-core forwards shift their exponentials by that bound (and the soft
+  // weights' by |nbt| shift2) instead of running maxima; the caller sets it only where no
+  // exponential that matters can underflow (supcon_cuda.cpp: fixed_shift). 0: running maxima.
+  float shift2;
   int mode;            // FwdMode
   float* loss;         // (M,)
   bool* valid;         // (M,)

@@ -162,7 +162,28 @@ __device__ __forceinline__ bool meets_diagonal(bool has_self, int64_t shift, int
 // ---------------------------------------------------------------------------------------
 // Forward: per anchor LSE, sbar, log W and |P| (the FwdArgs contract of supcon_kernels.h).
 
-template <typename T, int kMode>
+// Calls launch(mode, fixed), std::integral_constant and std::bool_constant, for the forward
+// variant a asks for: its FwdMode, and fixed shifts (FwdArgs::shift2 > 0) or running maxima.
+template <bool kFixed, typename Launch>
+cudaError_t dispatch_mode(const FwdArgs& a, Launch& launch) {
+  using Fixed = std::bool_constant<kFixed>;
+  switch (a.mode) {
+    case kFwdLse:
+      return launch(std::integral_constant<int, kFwdLse>{}, Fixed{});
+    case kFwdUniform:
+      return launch(std::integral_constant<int, kFwdUniform>{}, Fixed{});
+    default:
+      return launch(std::integral_constant<int, kFwdSoft>{}, Fixed{});
+  }
+}
+template <typename Launch>
+cudaError_t dispatch_fwd(const FwdArgs& a, Launch&& launch) {
+  return a.shift2 > 0.f ? dispatch_mode<true>(a, launch) : dispatch_mode<false>(a, launch);
+}
+
+// kFixed: the shifts of the exponentials are the bounds FwdArgs::shift2 gives (normalised
+// rows), not running maxima: no maxima per tile, no rescaling.
+template <typename T, int kMode, bool kFixed>
 __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kM = kFwdRows, kBlockN = kFwdCols;
@@ -212,8 +233,8 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
   constexpr int kR = 2 * kMi;  // rows this thread holds
   constexpr int kC = 2 * kNi;  // columns this thread holds in each tile
 
-  // Per-row state, in log2 units: running max m and sum l of 2^(s - m); positives: count,
-  // and sum s (uniform) or running max / sums of the soft weights 2^(nbt s).
+  // Per-row state, in log2 units: shift m (running max, or fixed) and sum l of 2^(s - m);
+  // positives: count, and sum s (uniform) or shift / sums of the soft weights 2^(nbt s).
   float sc[kR], m[kR], l[kR], cnt[kR], sw[kR], tm[kR], lw[kR];
   int64_t yi[kR], self_c[kR];
   CUTE_UNROLL
@@ -223,7 +244,8 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
     sc[r] = ok ? p.rnx[i] * p.inv_tau * kLog2e : 0.f;
     yi[r] = ok ? p.lx[i] : 0;
     self_c[r] = p.has_self ? i + p.shift : -1;
-    m[r] = -INFINITY, l[r] = 0.f, cnt[r] = 0.f, sw[r] = 0.f, tm[r] = -INFINITY, lw[r] = 0.f;
+    m[r] = kFixed ? p.shift2 : -INFINITY, tm[r] = kFixed ? fabsf(p.nbt) * p.shift2 : -INFINITY;
+    l[r] = 0.f, cnt[r] = 0.f, sw[r] = 0.f, lw[r] = 0.f;
   }
   const float nbt = p.nbt;
   constexpr bool kStatsPos = kMode != kFwdLse, kSoft = kMode == kFwdSoft;
@@ -262,16 +284,20 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
       for (int c = 0; c < kC; ++c) {
         s[c] = acc(make_coord(c % 2, r % 2), r / 2, c / 2) * sc[r] * rn[c];
         if (edge && (col[c] >= N || col[c] == self_c[r])) s[c] = -INFINITY;
-        tmax = fmaxf(tmax, s[c]);
-        if (kSoft && lab[c] == yi[r] && s[c] != -INFINITY) ttm = fmaxf(ttm, s[c] * nbt);
+        if constexpr (!kFixed) {
+          tmax = fmaxf(tmax, s[c]);
+          if (kSoft && lab[c] == yi[r] && s[c] != -INFINITY) ttm = fmaxf(ttm, s[c] * nbt);
+        }
       }
-      tmax = quad_max(tmax);
-      const float m_new = fmaxf(m[r], tmax);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      float tl = l[r] * exp2_ftz(m[r] - m_use);
-      m[r] = m_new;
-      float tw = 0.f;
-      if constexpr (kSoft) {
+      float m_use = m[r], tl = l[r], tw = tm[r];
+      if constexpr (!kFixed) {
+        tmax = quad_max(tmax);
+        const float m_new = fmaxf(m[r], tmax);
+        m_use = m_new == -INFINITY ? 0.f : m_new;
+        tl *= exp2_ftz(m[r] - m_use);
+        m[r] = m_new;
+      }
+      if constexpr (kSoft && !kFixed) {
         ttm = quad_max(ttm);
         const float t_new = fmaxf(tm[r], ttm);
         const float t_use = t_new == -INFINITY ? 0.f : t_new;

@@ -14,14 +14,10 @@ using mma::kFwdRows;
 template <typename T>
 cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
   constexpr int smem = mma::shared_bytes<kFwdRows, mma::kFwdCols>();
-  switch (a.mode) {
-    case kFwdLse:
-      return launch(mma::supcon_fwd_mma_kernel<T, kFwdLse>, a.x.rows, kFwdRows, smem, stream, a);
-    case kFwdUniform:
-      return launch(mma::supcon_fwd_mma_kernel<T, kFwdUniform>, a.x.rows, kFwdRows, smem, stream, a);
-    default:
-      return launch(mma::supcon_fwd_mma_kernel<T, kFwdSoft>, a.x.rows, kFwdRows, smem, stream, a);
-  }
+  return mma::dispatch_fwd(a, [&](auto mode, auto fixed) {
+    return launch(mma::supcon_fwd_mma_kernel<T, decltype(mode)::value, decltype(fixed)::value>,
+                  a.x.rows, kFwdRows, smem, stream, a);
+  });
 }
 
 bool rows_fit(const Matrix& m) {
@@ -34,7 +30,7 @@ bool rows_fit(const Matrix& m) {
 bool device_has_mma_code() {
   return mma::once_per_device([](int) {
     cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, mma::supcon_fwd_mma_kernel<cute::bfloat16_t, kFwdLse>) ==
+    return cudaFuncGetAttributes(&attr, mma::supcon_fwd_mma_kernel<cute::bfloat16_t, kFwdLse, false>) ==
                cudaSuccess &&
            attr.binaryVersion >= 80;
   });

@@ -252,16 +252,21 @@ struct PingPong {
 // Per-row state of the online statistics, in log2 units of s (the sm_80 kernel's), except
 // that sums over positives are kept in units of t = acc / ||y|| and scaled by sc once at the
 // end: s = t sc, with sc = inv_tau log2(e) / ||x|| > 0, folds into exp2's FFMA.
+// With a fixed shift (FwdArgs::shift2 > 0: normalised rows, |t sc| <= shift2) the shifts are
+// that bound and its soft-weights counterpart, |t kn| <= |nbt| shift2, from the start: no
+// running maxima, no rescaling (tile_update's kFixed).
 struct RowState {
   float sc, kn;        // sc, and sc nbt: the soft weights' exponent per unit of t
   int64_t label;
   int64_t self_col;    // column of the self pair, or -1
-  float m, l;          // running max of s, sum of 2^(s - m)
+  float m, l;          // shift of s (running max, or the fixed bound), sum of 2^(s - m)
   float cnt, sw;       // positives: count, sum of t (uniform) or of w t (soft)
-  float tm, lw;        // soft: running max of t kn over positives, sum of 2^(t kn - tm)
+  float tm, lw;        // soft: shift of t kn over positives, sum of 2^(t kn - tm)
 
-  CUTE_HOST_DEVICE static RowState start(float sc, float nbt, int64_t label, int64_t self_col) {
-    return {sc, sc * nbt, label, self_col, -INFINITY, 0.f, 0.f, 0.f, -INFINITY, 0.f};
+  CUTE_HOST_DEVICE static RowState start(float sc, float nbt, int64_t label, int64_t self_col,
+                                         float shift2 = 0.f) {
+    const float m = shift2 > 0.f ? shift2 : -INFINITY, tm = shift2 > 0.f ? fabsf(nbt) * shift2 : -INFINITY;
+    return {sc, sc * nbt, label, self_col, m, 0.f, 0.f, 0.f, tm, 0.f};
   }
 };
 
@@ -308,13 +313,13 @@ __device__ __forceinline__ void write_stats(const FwdArgs& p, int64_t i, const R
 
 // One tile's per-logit work for the consumer thread's two rows. acc(v) for v = k + 2 i + 4 j is
 // row i of the thread's two, column col0 + 8 j + k; kEdge tiles mask columns past N and the
-// self pair.
-template <int kMode, bool kEdge, typename Acc, typename Quad = QuadShuffle>
+// self pair; kFixed: the rows' shifts are fixed (RowState), no maxima are taken.
+template <int kMode, bool kEdge, bool kFixed, typename Acc, typename Quad = QuadShuffle>
 CUTE_HOST_DEVICE void tile_update(Acc& acc, RowState (&rs)[2], const int64_t* label, const float* rn,
                                   int col0, int64_t y0, int64_t N, const Quad& quad = {}) {
   constexpr int kPairs = kN / 8;
   constexpr bool kStatsPos = kMode != kFwdLse, kSoft = kMode == kFwdSoft;
-  // Pass 1: t = acc / ||y||, masks, the tile's row maxima.
+  // Pass 1: t = acc / ||y||, masks, the tile's row maxima (not needed with fixed shifts).
   float tmax[2] = {-INFINITY, -INFINITY};
   CUTE_UNROLL
   for (int j = 0; j < kPairs; ++j) {
@@ -327,19 +332,19 @@ CUTE_HOST_DEVICE void tile_update(Acc& acc, RowState (&rs)[2], const int64_t* la
         float& t = acc(k + 2 * i + 4 * j);
         t *= k ? r2.y : r2.x;
         if (kEdge && (y0 + c + k >= N || y0 + c + k == rs[i].self_col)) t = -INFINITY;
-        tmax[i] = fmaxf(tmax[i], t);
+        if constexpr (!kFixed) tmax[i] = fmaxf(tmax[i], t);
       }
   }
-  float m_use[2], tw[2] = {0.f, 0.f};
+  float m_use[2] = {rs[0].m, rs[1].m}, tw[2] = {rs[0].tm, rs[1].tm};
   CUTE_UNROLL
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < 2 && !kFixed; ++i) {
     RowState& r = rs[i];
     const float m_new = fmaxf(r.m, quad.max(tmax[i]) * r.sc);
     m_use[i] = m_new == -INFINITY ? 0.f : m_new;
     r.l *= exp2_ftz(r.m - m_use[i]);
     r.m = m_new;
   }
-  if constexpr (kSoft) {
+  if constexpr (kSoft && !kFixed) {
     // The tile's max of t kn over positives rescales the soft weights' running sums.
     float ttm[2] = {-INFINITY, -INFINITY};
     CUTE_UNROLL
@@ -392,7 +397,7 @@ CUTE_HOST_DEVICE void tile_update(Acc& acc, RowState (&rs)[2], const int64_t* la
   }
 }
 
-template <typename T, int kMode>
+template <typename T, int kMode, bool kFixed>
 __global__ void __launch_bounds__(kThreads, 1)
     supcon_fwd_sm90_kernel(const FwdArgs p, CUTE_GRID_CONSTANT const TmaRows<T, kM> tma_x,
                            CUTE_GRID_CONSTANT const TmaRows<T, kN> tma_y) {
@@ -433,7 +438,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const bool ok = row[i] < M;
     // Rows past M: finite, unused.
     rs[i] = RowState::start(ok ? p.rnx[row[i]] * p.inv_tau * kLog2e : 1.f, p.nbt,
-                            ok ? p.lx[row[i]] : 0, p.has_self ? row[i] + p.shift : -1);
+                            ok ? p.lx[row[i]] : 0, p.has_self ? row[i] + p.shift : -1,
+                            kFixed ? p.shift2 : 0.f);
   }
   TxBarrier::wait(&st.x_full, 0);
 
@@ -450,9 +456,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait(tSrX, acc);
     const bool edge = y0 + kN > N || mma::meets_diagonal<kM, kN>(p.has_self, p.shift, x0, y0);
     if (edge)
-      tile_update<kMode, true>(acc, rs, st.cols[s].label, st.cols[s].rn, col0, y0, N);
+      tile_update<kMode, true, kFixed>(acc, rs, st.cols[s].label, st.cols[s].rn, col0, y0, N);
     else
-      tile_update<kMode, false>(acc, rs, st.cols[s].label, st.cols[s].rn, col0, y0, N);
+      tile_update<kMode, false, kFixed>(acc, rs, st.cols[s].label, st.cols[s].rn, col0, y0, N);
     release(st, s);
   }
   CUTE_UNROLL
@@ -612,6 +618,7 @@ template <typename Storage, typename Args, typename TmaX, typename TmaY>
 inline cudaError_t launch(void (*kernel)(Args, TmaX, TmaY), const Args& args, const TmaX& tma_x,
                           const TmaY& tma_y, cudaStream_t stream) {
   constexpr int smem = int(sizeof(Storage));
+  static_assert(smem <= 227 * 1024, "more shared memory than a Hopper CTA may take");
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   kernel<<<unsigned((args.x.rows + kM - 1) / kM), kThreads, smem, stream>>>(args, tma_x, tma_y);

@@ -11,23 +11,14 @@
 namespace anchor_kernels::supcon_cuda {
 namespace {
 
-template <typename T, int kMode>
-cudaError_t fwd_mode(const FwdArgs& a, cudaStream_t stream) {
-  return sm90::launch<sm90::FwdStorage<T>>(sm90::supcon_fwd_sm90_kernel<T, kMode>, a,
-                                            sm90::make_tma_rows<T, sm90::kM>(a.x, int(a.D)),
-                                            sm90::make_tma_rows<T, sm90::kN>(a.y, int(a.D)), stream);
-}
-
 template <typename T>
 cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
-  switch (a.mode) {
-    case kFwdLse:
-      return fwd_mode<T, kFwdLse>(a, stream);
-    case kFwdUniform:
-      return fwd_mode<T, kFwdUniform>(a, stream);
-    default:
-      return fwd_mode<T, kFwdSoft>(a, stream);
-  }
+  return mma::dispatch_fwd(a, [&](auto mode, auto fixed) {
+    return sm90::launch<sm90::FwdStorage<T>>(
+        sm90::supcon_fwd_sm90_kernel<T, decltype(mode)::value, decltype(fixed)::value>, a,
+        sm90::make_tma_rows<T, sm90::kM>(a.x, int(a.D)), sm90::make_tma_rows<T, sm90::kN>(a.y, int(a.D)),
+        stream);
+  });
 }
 
 // Compute capability 9.0, the only one sm_90a code runs on.

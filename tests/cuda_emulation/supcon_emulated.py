@@ -34,8 +34,8 @@ class Matrix(ctypes.Structure):
 class FwdArgs(ctypes.Structure):
     _fields_ = [("x", Matrix), ("y", Matrix), ("D", ctypes.c_int64), ("lx", _p), ("ly", _p),
                 ("rnx", _p), ("rny", _p), ("has_self", ctypes.c_bool), ("shift", ctypes.c_int64),
-                ("inv_tau", ctypes.c_float), ("nbt", ctypes.c_float), ("mode", ctypes.c_int),
-                ("loss", _p), ("valid", _p), ("stats", _p)]
+                ("inv_tau", ctypes.c_float), ("nbt", ctypes.c_float), ("shift2", ctypes.c_float),
+                ("mode", ctypes.c_int), ("loss", _p), ("valid", _p), ("stats", _p)]
 
 
 class BwdArgs(ctypes.Structure):
@@ -157,7 +157,7 @@ class Emulator:
         args = FwdArgs(self._matrix(f), self._matrix(gg), f.shape[1], lf.data_ptr(), lg.data_ptr(),
                        rnf.data_ptr(), rng.data_ptr(), has_self,
                        anchor_offset if has_self else 0, 1.0 / temperature, -beta * temperature,
-                       mode, loss.data_ptr(), valid.data_ptr(), stats.data_ptr())
+                       0.0, mode, loss.data_ptr(), valid.data_ptr(), stats.data_ptr())
         self._check(self.lib.emu_supcon_fwd(DTYPE_CODES[f.dtype], ctypes.byref(args), order))
         if reduction == 0 and scale == 1.0:
             return loss, valid, stats

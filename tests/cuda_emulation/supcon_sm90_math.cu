@@ -37,8 +37,11 @@ void close(double got, double want, double tol, const char* what, int mode, int 
     printf("failed: %s mode %d row %d: got %.7g want %.7g\n", what, mode, row, got, want);
 }
 
-template <int kMode>
-void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classes) {
+// kFixed: normalised rows (acc = cos ||x|| ||y||, |cos| <= 1, scale_acc unused) and the fixed
+// shifts of FwdArgs::shift2; otherwise raw products of any scale and running maxima.
+template <int kMode, bool kFixed>
+void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classes, float tau = 0.1f,
+                float beta = 1.5f) {
   constexpr int kN = sm90::kN;
   std::mt19937 gen(seed);
   std::uniform_real_distribution<float> uni(-1.f, 1.f), pos(0.5f, 2.f);
@@ -46,18 +49,21 @@ void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classe
   std::vector<float> rn(tiles * kN, 0.f);
   std::vector<int64_t> label(tiles * kN, 0);
   for (int c = 0; c < n; ++c) rn[c] = pos(gen), label[c] = int64_t(gen() % classes) * 1000003;
-  const float inv_tau = 1.f / 0.1f, nbt = kMode == kFwdSoft ? -1.5f * 0.1f : 0.f;
+  const float inv_tau = 1.f / tau, nbt = kMode == kFwdSoft ? -beta * tau : 0.f;
+  const float shift2 = kFixed ? inv_tau * mma::kLog2e * (1.f + 1.f / 256) : 0.f;
   float sc[2];
   int64_t lab[2], self[2];
   std::vector<float> acc[2];
   RowState rs[2];
   for (int i = 0; i < 2; ++i) {
-    sc[i] = pos(gen) * inv_tau * mma::kLog2e;
+    const float norm = pos(gen);  // ||x||
+    sc[i] = inv_tau * mma::kLog2e / norm;
     lab[i] = int64_t(gen() % classes) * 1000003;
     self[i] = self0 < 0 ? -1 : self0 + 8 * i;  // the thread's rows are 8 apart
     acc[i].resize(tiles * kN);
-    for (float& a : acc[i]) a = uni(gen) * scale_acc;
-    rs[i] = RowState::start(sc[i], nbt, lab[i], self[i]);
+    for (int c = 0; c < tiles * kN; ++c)
+      acc[i][c] = kFixed ? uni(gen) * norm / (rn[c] > 0.f ? rn[c] : 1.f) : uni(gen) * scale_acc;
+    rs[i] = RowState::start(sc[i], nbt, lab[i], self[i], shift2);
   }
   for (int t = 0; t < tiles; ++t) {
     const int64_t y0 = int64_t(t) * kN;
@@ -68,9 +74,9 @@ void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classe
     }
     const bool edge = y0 + kN > n || (self0 >= 0 && y0 <= self0 + 8 && self0 < y0 + kN);
     if (edge)
-      sm90::tile_update<kMode, true>(f, rs, &label[y0], &rn[y0], 0, y0, n, QuadIdentity{});
+      sm90::tile_update<kMode, true, kFixed>(f, rs, &label[y0], &rn[y0], 0, y0, n, QuadIdentity{});
     else
-      sm90::tile_update<kMode, false>(f, rs, &label[y0], &rn[y0], 0, y0, n, QuadIdentity{});
+      sm90::tile_update<kMode, false, kFixed>(f, rs, &label[y0], &rn[y0], 0, y0, n, QuadIdentity{});
   }
   for (int i = 0; i < 2; ++i) {
     // float64 reference over the thread's columns: s in natural units.
@@ -121,9 +127,15 @@ void check_mode() {
   unsigned seed = 1;
   for (int n : {1, 2, 37, 128, 200, 640})
     for (int64_t self0 : {int64_t(-1), int64_t(0), int64_t(3), int64_t(130), int64_t(121)})
-      for (float scale : {1.f, 60.f})
-        for (int classes : {1, 3, 50})
-          if (self0 < n) check_case<kMode>(n, self0, scale, seed++, classes);
+      for (int classes : {1, 3, 50})
+        if (self0 < n) {
+          for (float scale : {1.f, 60.f}) check_case<kMode, false>(n, self0, scale, seed++, classes);
+          // Fixed shifts: at the default temperature, a small one, and a large beta, each of
+          // which FwdArgs::shift2's rule admits (2 shift + log2 N <= 96).
+          check_case<kMode, true>(n, self0, 1.f, seed++, classes);
+          check_case<kMode, true>(n, self0, 1.f, seed++, classes, 0.04f);
+          check_case<kMode, true>(n, self0, 1.f, seed++, classes, 0.1f, 30.f);
+        }
 }
 
 // SelfPairs: c - r == delta(t) exactly when x0 + r + shift == t kCols + c, for every row of the
