@@ -360,6 +360,38 @@ def test_hopper_forward_instructions_per_logit(cuda_objects):
     assert checked == 12, checked  # bf16 and fp16, three modes, running maxima or fixed shifts
 
 
+# The Hopper backward's, by (BwdMode, sides): loop instructions per logit a consumer thread
+# holds (kBwdN / 2 per tile: 32 at 64 columns, 16 at 32 for soft mining), and exponentials per
+# logit and side. Per side H takes p_ij (one exponential), plus the soft weight (a second) and
+# its exact-gradient factor; one set has both sides in one pass (sides 3). The loop also holds
+# the turn, the S and dX products and the stage hand-back. (nvcc 13.0 gives 13.4, 13.9, 16.9;
+# 17.7, 18.2, 23.4; 23.6, 24.1, 30.8; 25.8, 26.3, 34.9 for sides 1, 2, 3 of modes 0 to 3.)
+HOPPER_BWD_BUDGET = {0: (14.0, 14.5, 17.5, 1), 1: (18.3, 18.8, 24.0, 1),
+                     2: (24.2, 24.7, 31.5, 2), 3: (26.5, 27.0, 35.8, 2)}
+
+
+def test_hopper_backward_instructions_per_logit(cuda_objects):
+    """Counted, not timed: the Hopper backward's tile loop stays under its per-logit
+    instruction budget, with the exponentials of the maths and no more."""
+    if _cuobjdump() is None:
+        pytest.skip("no cuobjdump (it ships with Triton)")
+    source = os.path.join(_ext.CSRC_DIR, "cuda", "supcon_sm90_bwd.cu")
+    result, obj = cuda_objects[(source, "sm_90a")]
+    assert result.returncode == 0, result.stderr[-4000:]
+    checked = 0
+    for name, instructions in _kernel_sass(obj, "sm_90a").items():
+        params = name.split("_t")[1][:10]  # e.g. ELi3ELi2E: mode 3, sides 2
+        mode, sides = int(params[3]), int(params[7])
+        *budgets, exps_per_side = HOPPER_BWD_BUDGET[mode]
+        logits = (64 if mode < 2 else 32) // 2  # per thread and tile
+        loop = _tensor_core_loop(instructions)
+        exps = sum("MUFU.EX2" in text for text in loop)
+        assert len(loop) / logits <= budgets[sides - 1], (name, len(loop) / logits)
+        assert exps <= logits * exps_per_side * (2 if sides == 3 else 1) + 4, (name, exps)
+        checked += 1
+    assert checked == 24, checked  # bf16 and fp16, four modes, three sides
+
+
 def test_hopper_consumers_take_turns(cuda_objects):
     """Counted, not timed: in every Hopper kernel's tile loop a consumer warpgroup waits for its
     turn (a named barrier, not the CTA's barrier 0) before it issues its products, and lets the
