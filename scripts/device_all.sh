@@ -140,4 +140,5 @@ for f in "$RES"/supcon_cuda.json "$RES"/supcon_small.json "$RES"/supcon_large.js
     [[ -f "$f" ]] && python3 -m benchmarks --replot "$f" --no-plot 2>&1 | grep -v "^wrote"
 done
 grep -A10 "interleaved rounds" "$LOG" || true
+grep -A33 "sm90 ran" "$LOG" || true  # the Hopper smoke table
 echo; cat "$SUMMARY"; pack
