@@ -338,16 +338,20 @@ HOPPER_FWD_BUDGET = {("ELi0E", False): (9.5, 1), ("ELi1E", False): (14.0, 1), ("
                      ("ELi0E", True): (8.0, 1), ("ELi1E", True): (12.8, 1), ("ELi2E", True): (16.0, 2)}
 
 
+def _hopper_kernels(cuda_objects, stem):
+    """{kernel: [(address, instruction)]} of csrc/cuda/<stem>'s sm_90a build."""
+    if _cuobjdump() is None:
+        pytest.skip("no cuobjdump (it ships with Triton)")
+    result, obj = cuda_objects[(os.path.join(_ext.CSRC_DIR, "cuda", stem), "sm_90a")]
+    assert result.returncode == 0, result.stderr[-4000:]
+    return _kernel_sass(obj, "sm_90a")
+
+
 def test_hopper_forward_instructions_per_logit(cuda_objects):
     """Counted, not timed: the Hopper forward's tile loop stays under its per-logit
     instruction budget, with one MUFU.EX2 per exponential of the maths and no more."""
-    if _cuobjdump() is None:
-        pytest.skip("no cuobjdump (it ships with Triton)")
-    source = os.path.join(_ext.CSRC_DIR, "cuda", "supcon_sm90_fwd.cu")
-    result, obj = cuda_objects[(source, "sm_90a")]
-    assert result.returncode == 0, result.stderr[-4000:]
     checked = 0
-    for name, instructions in _kernel_sass(obj, "sm_90a").items():
+    for name, instructions in _hopper_kernels(cuda_objects, "supcon_sm90_fwd.cu").items():
         params = name.split("_t")[1][:12]  # e.g. ELi2ELb1E: mode 2, fixed shifts
         mode = next(m for m, _ in HOPPER_FWD_BUDGET if params.startswith(m))
         budget, exps_per_logit = HOPPER_FWD_BUDGET[mode, "Lb1E" in params]
@@ -373,13 +377,8 @@ HOPPER_BWD_BUDGET = {0: (14.0, 14.5, 17.5, 1), 1: (18.3, 18.8, 24.0, 1),
 def test_hopper_backward_instructions_per_logit(cuda_objects):
     """Counted, not timed: the Hopper backward's tile loop stays under its per-logit
     instruction budget, with the exponentials of the maths and no more."""
-    if _cuobjdump() is None:
-        pytest.skip("no cuobjdump (it ships with Triton)")
-    source = os.path.join(_ext.CSRC_DIR, "cuda", "supcon_sm90_bwd.cu")
-    result, obj = cuda_objects[(source, "sm_90a")]
-    assert result.returncode == 0, result.stderr[-4000:]
     checked = 0
-    for name, instructions in _kernel_sass(obj, "sm_90a").items():
+    for name, instructions in _hopper_kernels(cuda_objects, "supcon_sm90_bwd.cu").items():
         params = name.split("_t")[1][:10]  # e.g. ELi3ELi2E: mode 3, sides 2
         mode, sides = int(params[3]), int(params[7])
         *budgets, exps_per_side = HOPPER_BWD_BUDGET[mode]
@@ -397,13 +396,9 @@ def test_hopper_consumers_take_turns(cuda_objects):
     turn (a named barrier, not the CTA's barrier 0) before it issues its products, and lets the
     other warpgroup go (BAR.ARV) after issuing them and before waiting for them, so that one's
     products run while the other does its per-logit work."""
-    if _cuobjdump() is None:
-        pytest.skip("no cuobjdump (it ships with Triton)")
     checked = 0
     for stem in ("supcon_sm90_fwd.cu", "supcon_sm90_bwd.cu"):
-        result, obj = cuda_objects[(os.path.join(_ext.CSRC_DIR, "cuda", stem), "sm_90a")]
-        assert result.returncode == 0, result.stderr[-4000:]
-        for name, instructions in _kernel_sass(obj, "sm_90a").items():
+        for name, instructions in _hopper_kernels(cuda_objects, stem).items():
             loop = _tensor_core_loop(instructions)
             at = lambda op: [i for i, text in enumerate(loop) if op in text]
             hgmma, turn = at("HGMMA"), [i for i in at("BAR.SYNC") if not loop[i].endswith(" 0x0")]
