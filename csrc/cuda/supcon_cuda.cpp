@@ -9,8 +9,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
@@ -83,18 +81,6 @@ int forward_mode(bool lse_only, double beta) {
   return lse_only ? k::kFwdLse : (beta == 0 ? k::kFwdUniform : k::kFwdSoft);
 }
 
-// FwdArgs::shift2: with normalised rows every logit is bounded, s log2(e) <= log2(e) / tau,
-// and the tensor-core forwards may shift their exponentials by that bound (and the soft
-// weights' by beta log2(e)) instead of keeping running maxima. Only where the smallest term a
-// row can sum, 2^(-2 shift), stays far above float32's underflow for any N: the Triton
-// kernels' rule, 2 shift + log2(N) <= 96, for both.
-float fixed_shift(bool normalize, double temperature, double beta, int64_t n) {
-  if (!normalize) return 0.f;
-  const double shift2 = 1.4426950408889634 / temperature * (1.0 + 1.0 / 256);
-  const double room = 96.0 - std::log2(double(std::max<int64_t>(n, 1)));
-  return 2 * shift2 <= room && 2 * beta * temperature * shift2 <= room ? float(shift2) : 0.f;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cuda(
     const at::Tensor& f, const at::Tensor& labels, const std::optional<at::Tensor>& contrast,
     const std::optional<at::Tensor>& contrast_labels, double temperature, double beta,
@@ -130,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cuda(
   a.inv_tau = float(1.0 / temperature);
   a.nbt = float(-beta * temperature);
   a.mode = forward_mode(lse_only, beta);
-  a.shift2 = fixed_shift(normalize, temperature, a.mode == k::kFwdSoft ? beta : 0.0, sz.N);
+  a.shift2 = k::fixed_shift(normalize, temperature, a.mode == k::kFwdSoft ? beta : 0.0, sz.N);
   a.loss = loss.data_ptr<float>();
   a.valid = valid.data_ptr<bool>();
   a.stats = stats.data_ptr<float>();

@@ -5,6 +5,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace anchor_kernels::supcon_cuda {
@@ -35,13 +37,26 @@ struct FwdArgs {
   // Normalised rows bound every logit: s log2(e) <= shift2 = log2(e) / tau (1 + 2^-8). When
   // > 0, the tensor-core forwards shift their exponentials by that bound (and the soft
   // weights' by |nbt| shift2) instead of running maxima; the caller sets it only where no
-  // exponential that matters can underflow (supcon_cuda.cpp: fixed_shift). 0: running maxima.
+  // exponential that matters can underflow (fixed_shift, below). 0: running maxima.
   float shift2;
   int mode;            // FwdMode
   float* loss;         // (M,)
   bool* valid;         // (M,)
   float* stats;        // (M, 4): LSE, sbar, logW, |P| (|A| with lse_only)
 };
+
+// FwdArgs::shift2: with normalised rows every logit is bounded, s log2(e) <= log2(e) / tau,
+// and the tensor-core forwards may shift their exponentials by that bound (and the soft
+// weights' by beta log2(e)) instead of keeping running maxima. Only where the smallest term a
+// row can sum, 2^(-2 shift), stays far above float32's underflow: the Triton kernels' rule,
+// 2 shift + log2(N) <= 96, for both. (Checked at its boundary by
+// tests/cuda_emulation/supcon_sm90_math.cu.)
+inline float fixed_shift(bool normalize, double temperature, double beta, int64_t n) {
+  if (!normalize) return 0.f;
+  const double shift2 = 1.4426950408889634 / temperature * (1.0 + 1.0 / 256);
+  const double room = 96.0 - std::log2(double(std::max<int64_t>(n, 1)));
+  return 2 * shift2 <= room && 2 * beta * temperature * shift2 <= room ? float(shift2) : 0.f;
+}
 
 // dX (R, D) fp32 = sum_y H_xy c_y / tau over the inner rows y (c_y = y row times rny), where
 // H_xy = G(x, y) with anchor x's statistics (outer) + G(y, x) with anchor y's (inner), and

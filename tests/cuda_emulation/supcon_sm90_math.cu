@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "cuda/supcon_sm90.cuh"
@@ -37,11 +38,17 @@ void close(double got, double want, double tol, const char* what, int mode, int 
     printf("failed: %s mode %d row %d: got %.7g want %.7g\n", what, mode, row, got, want);
 }
 
+// Cosines of the fixed-shift cases: random, or the extremes that make a row's terms smallest
+// (every cosine -1: the log-sum-exp's terms 2^(-2 shift2); positives at +1 and others at -1:
+// the soft weights' 2^(-2 beta log2(e)) with the largest log-sum-exp beside them).
+enum Cosines { kRandom, kAllOpposite, kPositivesAligned };
+
 // kFixed: normalised rows (acc = cos ||x|| ||y||, |cos| <= 1, scale_acc unused) and the fixed
-// shifts of FwdArgs::shift2; otherwise raw products of any scale and running maxima.
+// shifts that fixed_shift (supcon_kernels.h, the rule the glue applies) admits for tau, beta
+// and n; otherwise raw products of any scale and running maxima.
 template <int kMode, bool kFixed>
 void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classes, float tau = 0.1f,
-                float beta = 1.5f) {
+                float beta = 1.5f, Cosines cosines = kRandom) {
   constexpr int kN = sm90::kN;
   std::mt19937 gen(seed);
   std::uniform_real_distribution<float> uni(-1.f, 1.f), pos(0.5f, 2.f);
@@ -50,7 +57,9 @@ void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classe
   std::vector<int64_t> label(tiles * kN, 0);
   for (int c = 0; c < n; ++c) rn[c] = pos(gen), label[c] = int64_t(gen() % classes) * 1000003;
   const float inv_tau = 1.f / tau, nbt = kMode == kFwdSoft ? -beta * tau : 0.f;
-  const float shift2 = kFixed ? inv_tau * mma::kLog2e * (1.f + 1.f / 256) : 0.f;
+  const float shift2 = kFixed ? fixed_shift(true, tau, kMode == kFwdSoft ? beta : 0.0, n) : 0.f;
+  if (kFixed && shift2 <= 0.f && failures++ < 20)
+    printf("failed: fixed_shift refuses tau %g beta %g n %d\n", tau, beta, n);
   float sc[2];
   int64_t lab[2], self[2];
   std::vector<float> acc[2];
@@ -61,8 +70,11 @@ void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classe
     lab[i] = int64_t(gen() % classes) * 1000003;
     self[i] = self0 < 0 ? -1 : self0 + 8 * i;  // the thread's rows are 8 apart
     acc[i].resize(tiles * kN);
-    for (int c = 0; c < tiles * kN; ++c)
-      acc[i][c] = kFixed ? uni(gen) * norm / (rn[c] > 0.f ? rn[c] : 1.f) : uni(gen) * scale_acc;
+    for (int c = 0; c < tiles * kN; ++c) {
+      const float cos = cosines == kRandom ? uni(gen)
+                        : cosines == kPositivesAligned && label[c] == lab[i] ? 1.f : -1.f;
+      acc[i][c] = kFixed ? cos * norm / (rn[c] > 0.f ? rn[c] : 1.f) : uni(gen) * scale_acc;
+    }
     rs[i] = RowState::start(sc[i], nbt, lab[i], self[i], shift2);
   }
   for (int t = 0; t < tiles; ++t) {
@@ -122,6 +134,16 @@ void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classe
   }
 }
 
+// [last false, first true] of a predicate false at lo and true at hi, by bisection.
+template <typename Pred>
+std::pair<float, float> bracket(Pred pred, float lo, float hi) {
+  for (int k = 0; k < 60; ++k) {
+    const float mid = 0.5f * (lo + hi);
+    (pred(mid) ? hi : lo) = mid;
+  }
+  return {lo, hi};
+}
+
 template <int kMode>
 void check_mode() {
   unsigned seed = 1;
@@ -130,11 +152,18 @@ void check_mode() {
       for (int classes : {1, 3, 50})
         if (self0 < n) {
           for (float scale : {1.f, 60.f}) check_case<kMode, false>(n, self0, scale, seed++, classes);
-          // Fixed shifts: at the default temperature, a small one, and a large beta, each of
-          // which FwdArgs::shift2's rule admits (2 shift + log2 N <= 96).
+          // Fixed shifts: at the default temperature, and at the limits fixed_shift itself
+          // admits for n (the smallest temperature, the largest beta), with the extreme
+          // cosines there: a rule that admitted more would let those terms underflow.
+          const float tau_min =
+              bracket([&](float tau) { return fixed_shift(true, tau, 0.0, n) > 0.f; }, 1e-3f, 1.f).second;
+          const float beta_max =
+              bracket([&](float b) { return fixed_shift(true, 0.1, b, n) == 0.f; }, 0.f, 1e3f).first;
           check_case<kMode, true>(n, self0, 1.f, seed++, classes);
-          check_case<kMode, true>(n, self0, 1.f, seed++, classes, 0.04f);
-          check_case<kMode, true>(n, self0, 1.f, seed++, classes, 0.1f, 30.f);
+          for (Cosines cosines : {kRandom, kAllOpposite, kPositivesAligned}) {
+            check_case<kMode, true>(n, self0, 1.f, seed++, classes, tau_min, 1.5f, cosines);
+            check_case<kMode, true>(n, self0, 1.f, seed++, classes, 0.1f, beta_max, cosines);
+          }
         }
 }
 
