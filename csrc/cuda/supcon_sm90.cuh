@@ -125,10 +125,7 @@ struct BwdCols {
 template <typename T>
 using FwdStorage = SharedStorage<T, kN, FwdCols>;
 // Backward tiles: 64 columns, 32 with soft mining (as the sm_80 kernel: at 64 its registers spill).
-template <int kMode>
-constexpr int bwd_cols() {
-  return mma::bwd_cols<kMode>();
-}
+using mma::bwd_cols;
 template <typename T, int kMode>
 using BwdStorage = SharedStorage<T, bwd_cols<kMode>(), BwdCols<bwd_cols<kMode>()>>;
 
