@@ -665,6 +665,24 @@ def test_one_op_call_each_way(reduction):
     assert ops == ["anchor_kernels.supcon_fwd", "anchor_kernels.supcon_bwd"], mode.ops
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("single", [True, False])
+def test_gpu_one_op_call_each_way(dtype, single):
+    """On CUDA too a normalised loss is one op call each way, for every dtype: rows that could
+    overflow are scaled inside the op, not by eager ops in front of it."""
+    f = torch.randn(64, 32, device="cuda", dtype=dtype, requires_grad=True)
+    y = labels_for("random", 64).cuda()
+    g = None if single else torch.randn(80, 32, device="cuda", dtype=dtype, requires_grad=True)
+    y_g = None if single else labels_for("random", 80).cuda()
+    with DispatchedOps() as mode:
+        loss = ak.supcon_loss(f, y, contrast=g, contrast_labels=y_g, backend="cuda",
+                              anchor_offset=0 if single else None)
+        torch.autograd.grad(loss, [f] + ([] if single else [g]))
+    ops = [op for op in mode.ops if op != "aten.ones_like"]  # the seed of autograd.grad
+    assert ops == ["anchor_kernels.supcon_fwd", "anchor_kernels.supcon_bwd"], mode.ops
+
+
 def test_plain_eager_calls_skip_the_registered_autograd(monkeypatch):
     """In plain eager mode the loss goes through ``SupConCpp`` (the kernels below the autograd
     keys, about half the host cost); under a dispatch mode, as under tracing, through the op

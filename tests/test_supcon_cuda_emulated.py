@@ -96,18 +96,32 @@ def test_strided_and_zero_rows(emulator):
     check_fp32(ours, ref)
 
 
+def eager_low_precision(f, y, g, y_g, weights, dtype, **options):
+    """The eager reference on inputs of ``dtype``: (loss, valid, grad f, grad g) as run()'s."""
+    xl = f.to(dtype).requires_grad_()
+    gl = None if g is None else g.to(dtype).requires_grad_()
+    low, valid = reference.supcon_per_anchor(xl, y, gl, y_g, **options)
+    grads = torch.autograd.grad((low.float() * weights.float()).sum(), [xl] + ([] if g is None else [gl]))
+    return low.detach(), valid, grads[0], None if g is None else grads[1]
+
+
+def check_half(ours, ref, eager):
+    """Loss and gradients within twice the eager low-precision reference's error."""
+    for name, a, e, l in zip(("loss", "grad f", "grad g"), (ours[0], ours[2], ours[3]),
+                             (ref[0], ref[2], ref[3]), (eager[0], eager[2], eager[3])):
+        if e is not None:
+            eager_err = (l.double() - e).abs().max().item()
+            err = (a.double() - e).abs().max().item()
+            assert err <= 2 * eager_err + 1e-3 * (1 + e.abs().max().item()), f"{name}: {err:.3e} vs {eager_err:.3e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs(emulator, dtype):
     """Half inputs through the tensor-core kernels' FMA fallback: within 2x eager's error."""
     f, y = torch.randn(97, 64), labels_for("random", 97)
-    ours, ref, (fx, _, weights) = run(emulator, f, y, dtype=dtype, beta=1.0, detach_weights=False)
-    xl = f.to(dtype).requires_grad_()
-    low, _ = reference.supcon_per_anchor(xl, y, hard_positive_beta=1.0, detach_weights=False)
-    (low_grad,) = torch.autograd.grad((low.float() * weights.float()).sum(), xl)
-    for name, a, e, l in (("loss", ours[0], ref[0], low), ("grad", ours[2], ref[2], low_grad)):
-        eager_err = (l.double() - e).abs().max().item()
-        err = (a.double() - e).abs().max().item()
-        assert err <= 2 * eager_err + 1e-3 * (1 + e.abs().max().item()), f"{name}: {err:.3e} vs {eager_err:.3e}"
+    ours, ref, (_, _, weights) = run(emulator, f, y, dtype=dtype, beta=1.0, detach_weights=False)
+    check_half(ours, ref, eager_low_precision(f, y, None, None, weights, dtype, hard_positive_beta=1.0,
+                                              detach_weights=False))
 
 
 def test_lse_only(emulator):
@@ -133,7 +147,9 @@ def test_lse_only(emulator):
 def both_orders(fn):
     a, b = fn(0), fn(1)
     for x, y in zip(a, b):
-        assert torch.equal(x, y), "results depend on the thread order: a missing barrier"
+        same = (x is None and y is None) or torch.equal(x, y) or (
+            x.is_floating_point() and torch.allclose(x, y, rtol=0, atol=0, equal_nan=True))
+        assert same, "results depend on the thread order: a missing barrier"
     return a
 
 
@@ -146,12 +162,82 @@ def test_row_norms(emulator, dtype, normalize):
         f = torch.randn(m, 2 * d)[:, ::2].to(dtype)  # element stride 2
         f[m // 2] = 0.0
         g = None if n == 0 else torch.randn(n, d).to(dtype)
-        norms, inv = both_orders(lambda order: emulator.row_norms(f, g, normalize, order))
+        scaled, norms, inv, pre = both_orders(lambda order: emulator.row_norms(f, g, normalize, order))
         rows = f if g is None else torch.cat([f, g])
+        assert torch.equal(scaled, rows)  # nothing to scale: the copy holds the rows as they are
+        assert (pre is None) == (dtype == torch.float16 or not normalize)
+        assert pre is None or torch.equal(pre, torch.ones(rows.shape[0]))
         expected = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
         torch.testing.assert_close(norms, expected, rtol=1e-6, atol=0)
         expected_inv = expected.clamp_min(emu.NORM_EPS).reciprocal() if normalize else torch.ones_like(expected)
         torch.testing.assert_close(inv, expected_inv, rtol=1e-6, atol=0)
+
+
+def _huge_rows(dtype, n=45, d=33):
+    """Rows at every magnitude a float32 sum of squares cannot take: the largest finite value,
+    just past the prescale threshold sqrt(FLT_MAX / 4D), and in between; with ordinary and
+    tiny rows, a zero row, an infinite element and a NaN beside them."""
+    x = torch.randn(n, d, dtype=torch.float64)
+    big = (torch.finfo(torch.float32).max / (4.0 * d)) ** 0.5
+    x[0] *= 0.99 * torch.finfo(torch.float32).max / x[0].abs().max()  # finite in bf16 too
+    x[1] *= big * 1.001 / x[1].abs().max()
+    x[2] *= big * 0.999 / x[2].abs().max()  # below the threshold: left as it is
+    x[3:12] *= 1e30
+    x[12:15] *= 1e-30
+    x[15] = 0.0
+    x[16, 3] = float("inf")
+    x[17, 5] = float("nan")
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_norms_prescaled_copy(emulator, dtype):
+    """With normalisation, bf16 and fp32 rows whose squares could overflow float32 are scaled
+    by a power of two into the copy the loss kernels read: bitwise what the reference's
+    prescale_rows gives (exactly; itself checked against F.normalize in test_reference), with the
+    copy's norms and the factors of overflow_safe_scale."""
+    f = _huge_rows(dtype)
+    g = _huge_rows(dtype, n=20)[torch.randperm(20)]
+    scaled, norms, inv, pre = both_orders(lambda order: emulator.row_norms(f, g, True, order))
+    rows = torch.cat([f, g])
+    want = reference.prescale_rows(rows)
+    torch.testing.assert_close(scaled, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(pre, reference.overflow_safe_scale(rows)[:, 0])
+    assert (pre < 1).sum() >= 20 and pre[2] == 1  # the test scales rows, and only past the threshold
+    expected = torch.linalg.vector_norm(want, dim=1, dtype=torch.float32)
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(norms[finite], expected[finite], rtol=1e-6, atol=0)
+    assert torch.isfinite(norms[pre < 1]).all() and (norms[pre < 1] >= 0.5).all()
+    torch.testing.assert_close(inv[finite], expected[finite].clamp_min(emu.NORM_EPS).reciprocal(),
+                               rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("single", [True, False])
+def test_huge_rows_inside_the_op(emulator, dtype, single):
+    """Rows up to float32's largest value through the glue's overflow-safe copy: finite loss
+    and gradients, against the float64 reference on the same rounded rows (float32: 1e-4;
+    bf16: within twice the eager bf16 reference's error), gradients (which scale as 1 / ||x||)
+    compared at unit scale, so that a row's factor missing from the chain rule shows."""
+    f = _huge_rows(torch.float64, n=40, d=24)
+    f[16:18] = torch.randn(2, 24, dtype=torch.float64)  # no inf or NaN
+    f[18:] *= 1e33
+    f = f.to(dtype).double()
+    y = labels_for("random", 40)
+    g, y_g = (None, None) if single else (torch.cat([f[20:], f[:20] * 2.0 ** -100]), y.roll(7))
+    offset = 0 if single else None
+    ours, ref, (_, _, weights) = run(emulator, f, y, g, y_g, dtype=dtype, beta=1.0, anchor_offset=offset)
+    assert all(torch.isfinite(a).all() for a in ours if a is not None and a.is_floating_point())
+
+    def at_unit(out):
+        return (out[0], out[1], out[2].double() * f.norm(dim=1, keepdim=True),
+                None if single else out[3].double() * g.norm(dim=1, keepdim=True))
+
+    if dtype == torch.float32:
+        check_fp32(at_unit(ours), at_unit(ref))
+    else:
+        eager = eager_low_precision(f, y, g, y_g, weights, dtype, hard_positive_beta=1.0, anchor_offset=offset)
+        check_half(at_unit(ours), at_unit(ref), at_unit(eager))
 
 
 @pytest.mark.parametrize("m", [1, 7, 300])

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _ext, reference
+from .. import _ext
 from ..reference import reduce_loss
 from .._autograd import call, eager_function, refuse_double_backward
 from ..backends import REDUCTION_CODES, SupConProblem
@@ -132,13 +132,9 @@ class CppSupCon:
 
     def _call(self, p: SupConProblem, scale: float, reduction: int) -> tuple[Tensor, Tensor]:
         """(loss, valid) from one op call each way (``reduction`` as in the op schema)."""
-        f, g = p.f, p.g
-        if p.normalize and self.device_type == "cuda":
-            # The CUDA kernels scale raw products by inverse norms: rows whose squares could
-            # overflow are scaled exactly first (the CPU kernels normalise robustly themselves).
-            f = reference.prescale_rows(f)
-            g = None if g is None else reference.prescale_rows(g)
-        inputs = (f, p.y_f, g, p.y_g, p.temperature, p.beta, p.detach_weights, p.normalize,
+        # Rows whose squares could overflow are scaled exactly inside the op (the CUDA
+        # kernels' overflow-safe copy, the CPU kernels' robust norms).
+        inputs = (p.f, p.y_f, p.g, p.y_g, p.temperature, p.beta, p.detach_weights, p.normalize,
                   p.anchor_offset, p.lse_only, scale, reduction)
         loss, valid, _ = call(SupConCpp, torch.ops.anchor_kernels.supcon_fwd, *inputs)
         return loss, valid

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
@@ -41,29 +42,62 @@ k::Dtype kernel_dtype(const at::Tensor& x) {
 k::Matrix matrix(const at::Tensor& x) { return {x.data_ptr(), x.size(0), x.stride(0), x.stride(1)}; }
 
 // df from dz (fp32): (dz - z (z . dz)) / ||x|| with z = x / ||x||, or dz / eps where the
-// clamp max(||x||, eps) holds; dz itself without normalisation.
-at::Tensor normalize_backward(const at::Tensor& x, const at::Tensor& norms, const at::Tensor& dz,
-                              bool normalize) {
+// clamp max(||x||, eps) holds, times the rows' prescale factors (x is the copy the kernels
+// read); dz itself without normalisation.
+at::Tensor normalize_backward(const at::Tensor& x, const at::Tensor& norms,
+                              const at::Tensor& prescale, const at::Tensor& dz, bool normalize) {
   if (!normalize) return dz.to(x.scalar_type());
   const at::Tensor rn = norms.clamp_min(kNormEps).reciprocal().unsqueeze(1);
   const at::Tensor z = x.to(at::kFloat) * rn;
   const at::Tensor projected = dz - z * (z * dz).sum(1, true);
-  return (at::where((norms >= kNormEps).unsqueeze(1), projected, dz) * rn).to(x.scalar_type());
+  at::Tensor df = at::where((norms >= kNormEps).unsqueeze(1), projected, dz) * rn;
+  if (prescale.defined()) df = df * prescale.unsqueeze(1);
+  return df.to(x.scalar_type());
 }
 
-// (2, M + N) float32: the row norms of f then g (g's only with two sets), and their inverses
-// (1 / max(||.||, eps), or 1 without normalisation), from one launch.
-at::Tensor row_norms(k::Dtype dtype, const at::Tensor& f, const at::Tensor& g, const Sizes& sz,
-                     bool normalize, cudaStream_t stream) {
-  at::Tensor out = at::empty({2, sz.M + (sz.single ? 0 : sz.N)}, f.options().dtype(at::kFloat));
+// What the loss kernels read of f and g, from one launch: the rows themselves, or for bf16 and
+// fp32 inputs with normalisation their overflow-safe copy (RowNormArgs::scaled), and per row
+// (f's, then g's with two sets) the norm, its inverse 1 / max(||.||, eps) (or 1 without
+// normalisation) and, with the copy, the prescale factor.
+struct Rows {
+  at::Tensor f, g;      // the kernels' operands
+  at::Tensor stats;     // (3, R) float32: norms, inverses, prescale factors
+  bool copied;          // stats[2] holds prescale factors (else it is not written)
+  int64_t M;
+  bool single;
+
+  // Rows of g start at M in stats, or are f's with one set.
+  int64_t start(bool of_g) const { return of_g && !single ? M : 0; }
+  int64_t count(bool of_g) const { return of_g ? g.size(0) : M; }
+  const float* inv(bool of_g) const { return stats.data_ptr<float>() + stats.size(1) + start(of_g); }
+  at::Tensor norms(bool of_g) const { return stats[0].narrow(0, start(of_g), count(of_g)); }
+  at::Tensor prescale(bool of_g) const {
+    return copied ? stats[2].narrow(0, start(of_g), count(of_g)) : at::Tensor();
+  }
+};
+
+Rows row_norms(k::Dtype dtype, const at::Tensor& f, const at::Tensor& g, const Sizes& sz,
+               bool normalize, cudaStream_t stream) {
+  const int64_t rows = sz.M + (sz.single ? 0 : sz.N);
+  // fp32 sums of fp16 squares cannot overflow: fp16 rows are read as they are.
+  const bool copy = normalize && dtype != k::Dtype::kFloat16;
+  Rows out{f, g, at::empty({3, rows}, f.options().dtype(at::kFloat)), copy, sz.M, sz.single};
   k::RowNormArgs a{};
   a.x = matrix(f);
   a.y = sz.single ? k::Matrix{nullptr, 0, 0, 0} : matrix(g);
   a.D = sz.D;
   a.normalize = normalize;
   a.eps = float(kNormEps);
-  a.norms = out.data_ptr<float>();
-  a.inv = a.norms + out.size(1);
+  a.norms = out.stats.data_ptr<float>();
+  a.inv = a.norms + rows;
+  if (copy) {
+    const at::Tensor scaled = at::empty({rows, sz.D}, f.options());
+    out.f = scaled.narrow(0, 0, sz.M);
+    out.g = sz.single ? out.f : scaled.narrow(0, sz.M, sz.N);
+    a.scaled = scaled.data_ptr();
+    a.prescale = a.inv + rows;
+    a.big = float(std::sqrt(double(std::numeric_limits<float>::max()) / (4.0 * double(sz.D))));
+  }
   C10_CUDA_CHECK(k::launch_row_norms(dtype, a, stream));
   return out;
 }
@@ -97,20 +131,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cuda(
   const at::Tensor g = sz.single ? f : *contrast;
   const at::Tensor lf = labels.to(at::kLong).contiguous();
   const at::Tensor lg = sz.single ? lf : contrast_labels->to(at::kLong).contiguous();
-  const at::Tensor norms = row_norms(dtype, f, g, sz, normalize, stream);
+  const Rows rows = row_norms(dtype, f, g, sz, normalize, stream);
   const auto fopts = f.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({sz.M}, fopts);
   at::Tensor valid = at::empty({sz.M}, f.options().dtype(at::kBool));
   at::Tensor stats = at::empty({sz.M, 4}, fopts);
 
   k::FwdArgs a{};
-  a.x = matrix(f);
-  a.y = matrix(g);
+  a.x = matrix(rows.f);
+  a.y = matrix(rows.g);
   a.D = sz.D;
   a.lx = lf.data_ptr<int64_t>();
   a.ly = lg.data_ptr<int64_t>();
-  a.rnx = norms.data_ptr<float>() + norms.size(1);
-  a.rny = sz.single ? a.rnx : a.rnx + sz.M;
+  a.rnx = rows.inv(false);
+  a.rny = rows.inv(true);
   a.has_self = sz.offset >= 0;
   a.shift = a.has_self ? sz.offset : 0;
   a.inv_tau = float(1.0 / temperature);
@@ -150,11 +184,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   const at::Tensor g = sz.single ? f : *contrast;
   const at::Tensor lf = labels.to(at::kLong).contiguous();
   const at::Tensor lg = sz.single ? lf : contrast_labels->to(at::kLong).contiguous();
-  const at::Tensor norms = row_norms(dtype, f, g, sz, normalize, stream);
-  const at::Tensor nf = norms[0].narrow(0, 0, sz.M);
-  const at::Tensor ng = sz.single ? nf : norms[0].narrow(0, sz.M, sz.N);
-  const float* rnf = norms.data_ptr<float>() + norms.size(1);
-  const float* rng = sz.single ? rnf : rnf + sz.M;
+  const Rows rows = row_norms(dtype, f, g, sz, normalize, stream);
   const auto fopts = f.options().dtype(at::kFloat);
 
   // Per anchor (4, M): g_i, LSE_i, q_i (1/|P| or logW), sbar_i, then gmax, from one launch.
@@ -186,41 +216,42 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
 
   // The tensor-core kernels apply the normalisation's chain rule in their epilogue and write
   // the gradient in the features' dtype; the others write dz in fp32 for normalize_backward.
-  const bool fused = k::mma_supported(dtype, matrix(f), matrix(g), sz.D);
+  const bool fused = k::mma_supported(dtype, matrix(rows.f), matrix(rows.g), sz.D);
   a.norm_eps = float(kNormEps);
-  auto pass = [&](const at::Tensor& x, const at::Tensor& x_norms, int64_t rows) {
-    at::Tensor out = at::empty({rows, sz.D}, fused ? x.options() : fopts);
+  auto pass = [&](const at::Tensor& x, const at::Tensor& x_norms, const at::Tensor& x_prescale) {
+    at::Tensor out = at::empty({x.size(0), sz.D}, fused ? x.options() : fopts);
     a.df = fused ? out.data_ptr() : nullptr;
     a.norms = fused && normalize ? x_norms.data_ptr<float>() : nullptr;
+    a.prescale = fused && x_prescale.defined() ? x_prescale.data_ptr<float>() : nullptr;
     a.dx = fused ? nullptr : out.data_ptr<float>();
     C10_CUDA_CHECK(k::launch_supcon_bwd(dtype, a, stream));
-    return fused ? out : normalize_backward(x, x_norms, out, normalize);
+    return fused ? out : normalize_backward(x, x_norms, x_prescale, out, normalize);
   };
 
   // Rows of f: with one set both terms of H (one pass), else the anchor-statistics term.
-  a.x = matrix(f);
-  a.y = matrix(g);
+  a.x = matrix(rows.f);
+  a.y = matrix(rows.g);
   a.lx = lf.data_ptr<int64_t>();
   a.ly = lg.data_ptr<int64_t>();
-  a.rnx = rnf;
-  a.rny = rng;
+  a.rnx = rows.inv(false);
+  a.rny = rows.inv(true);
   a.outer = true;
   a.inner = sz.single;
   a.shift = a.has_self ? sz.offset : 0;
-  at::Tensor df = pass(f, nf, sz.M);
+  at::Tensor df = pass(rows.f, rows.norms(false), rows.prescale(false));
   if (sz.single) return {df, at::empty({0, sz.D}, f.options())};
 
   // Rows of g: the columns' pass, anchors inner.
-  a.x = matrix(g);
-  a.y = matrix(f);
+  a.x = matrix(rows.g);
+  a.y = matrix(rows.f);
   a.lx = lg.data_ptr<int64_t>();
   a.ly = lf.data_ptr<int64_t>();
-  a.rnx = rng;
-  a.rny = rnf;
+  a.rnx = rows.inv(true);
+  a.rny = rows.inv(false);
   a.outer = false;
   a.inner = true;
   a.shift = a.has_self ? -sz.offset : 0;
-  return {df, pass(g, ng, sz.N)};
+  return {df, pass(rows.g, rows.norms(true), rows.prescale(true))};
 }
 
 }  // namespace

@@ -79,15 +79,25 @@ struct BwdArgs {
   int mode;            // BwdMode
   float* dx;           // (R, D) contiguous
   // Tensor-core kernels only (mma_supported), when df is set: the chain rule through the
-  // normalisation in the epilogue, df = (dz - z (z . dz)) rnx with z = x rnx (dz rnx where
-  // ||x|| < eps; dz without normalisation), written to df (R, D, contiguous, the features'
-  // dtype) instead of dz to dx.
+  // normalisation in the epilogue, df = (dz - z (z . dz)) rnx prescale with z = x rnx
+  // (dz rnx prescale where ||x|| < eps; dz without normalisation), written to df (R, D,
+  // contiguous, the features' dtype) instead of dz to dx.
   void* df;
   const float* norms;  // (R,) ||x_r||, or null without normalisation
+  // (R,) the power of two each row of x was prescaled by (RowNormArgs::scaled; df's rows take
+  // it as the chain rule's last factor), or null where the rows are the inputs themselves.
+  const float* prescale;
   float norm_eps;
 };
 
 // The O(M + N) passes around them (supcon_rows.cuh), launched by supcon_rows.cu.
+//
+// With `scaled` set (bf16 / fp32 inputs with normalisation), rows whose sum of squares could
+// overflow float32 (max |x_r| > big = sqrt(FLT_MAX / 4D)) are scaled by 2^-e, with
+// 2^(e-1) <= max |x_r| < 2^e (reference.overflow_safe_scale), into a contiguous copy the loss
+// kernels read instead of the inputs: a power of two changes no unit vector, and the raw
+// products of the copy's rows cannot overflow. The norms are then the copy's, and `prescale`
+// holds each row's factor (1 for almost all) for the backward's chain rule.
 struct RowNormArgs {
   Matrix x;       // anchors (M, D)
   Matrix y;       // contrast rows (N, D); rows = 0 with one set
@@ -96,6 +106,9 @@ struct RowNormArgs {
   float eps;
   float* norms;   // (M + N,): ||x_r||, then ||y_r||
   float* inv;     // (M + N,): 1 / max(||.||, eps), or 1 without normalisation
+  void* scaled;   // (M + N, D) contiguous, the inputs' dtype: x's rows then y's; or null
+  float* prescale;  // (M + N,) with `scaled`: each row's factor
+  float big;
 };
 
 struct LossReduceArgs {

@@ -382,7 +382,7 @@ enum Sides { kOuter = 1, kInner = 2, kBoth = 3 };
 
 // The backward's epilogue, this kernel's and the Hopper one's (supcon_sm90.cuh): dX's rows
 // undo the 1 / max|g| scale and take 1 / tau, then go to dx (fp32) or, through the
-// normalisation, to df. Element e of dacc is row x0 + row0 + 8 ((e >> 1) & 1), column
+// normalisation and the rows' prescale factors, to df. Element e of dacc is row x0 + row0 + 8 ((e >> 1) & 1), column
 // col0 + (e & 1) + 8 (e >> 2) in both kernels (checked on the host by
 // tests/cuda_emulation/supcon_mma_layouts.cu): two row pointers and immediate offsets, so
 // that the epilogue needs no address per element. A row's D columns lie in one quad, so
@@ -404,7 +404,7 @@ __device__ __forceinline__ void write_dx(const BwdArgs& p, Acc& dacc, int64_t x0
   }
   const T* xrow[2];
   T* frow[2];
-  float dot[2] = {0.f, 0.f}, rn[2];
+  float dot[2] = {0.f, 0.f}, rn[2], pre[2];
   bool ok[2], project[2];
   CUTE_UNROLL
   for (int r = 0; r < 2; ++r) {
@@ -413,6 +413,7 @@ __device__ __forceinline__ void write_dx(const BwdArgs& p, Acc& dacc, int64_t x0
     xrow[r] = static_cast<const T*>(p.x.data) + (ok[r] ? x : 0) * p.x.s0 + col0;
     frow[r] = static_cast<T*>(p.df) + (ok[r] ? x : 0) * D + col0;
     rn[r] = ok[r] ? p.rnx[x] : 0.f;
+    pre[r] = ok[r] && p.prescale != nullptr ? p.prescale[x] : 1.f;
     project[r] = ok[r] && p.norms != nullptr && p.norms[x] >= p.norm_eps;
   }
   CUTE_UNROLL
@@ -428,7 +429,7 @@ __device__ __forceinline__ void write_dx(const BwdArgs& p, Acc& dacc, int64_t x0
     const int r = (e >> 1) & 1, off = (e & 1) + 8 * (e >> 2);
     if (ok[r] && col0 + off < D) {
       const float v = project[r] ? dacc(e) - float(xrow[r][off]) * rn[r] * dot[r] : dacc(e);
-      frow[r][off] = T(v * rn[r]);
+      frow[r][off] = T(v * rn[r] * pre[r]);  // the prescale last: exact (a power of two)
     }
   }
 }

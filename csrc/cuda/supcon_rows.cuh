@@ -1,6 +1,7 @@
 // The O(M + N) passes around the SupCon kernels, on the device so that the torch glue
 // (supcon_cuda.cpp) launches three kernels each way instead of about twenty ATen ops:
-//   row_norms_kernel: ||x_r|| and 1 / max(||x_r||, eps) of the anchors and contrast rows;
+//   row_norms_kernel: ||x_r|| and 1 / max(||x_r||, eps) of the anchors and contrast rows, and
+//     the overflow-safe copy of bf16 / fp32 rows the loss kernels read (RowNormArgs::scaled);
 //   loss_reduce_kernel: the forward's scale and reduction (sum, or mean over valid anchors);
 //   anchor_stage_kernel: the backward's per-anchor inputs (BwdArgs::anchor, gmax).
 // The two reductions run in one CTA, in a fixed order (bitwise reproducible, no atomics, no
@@ -8,6 +9,7 @@
 // (tests/cuda_emulation), so block-wide steps go through __syncthreads and shared memory.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -20,6 +22,9 @@ constexpr int kNormRows = kThreads / kNormLanes;  // rows per CTA
 
 // Rows r < x.rows of x, then the rows of y (y.rows = 0 with one set). Each row's sum of
 // squares is taken by kNormLanes neighbouring threads over strided elements of D, in fp32.
+// With p.scaled, a first sweep finds the row's max |x| and its prescale factor, and the
+// second writes the scaled row and sums the squares of what it wrote (the values the loss
+// kernels read).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) row_norms_kernel(const RowNormArgs p) {
   const int64_t r = int64_t(blockIdx.x) * kNormRows + threadIdx.x / kNormLanes;
@@ -27,16 +32,36 @@ __global__ void __launch_bounds__(kThreads) row_norms_kernel(const RowNormArgs p
   const bool in_x = r < p.x.rows;
   const Matrix& m = in_x ? p.x : p.y;
   const int64_t row = in_x ? r : r - p.x.rows;
+  const bool live = r < p.x.rows + p.y.rows;
+  float scale = 1.f;
+  if (p.scaled != nullptr) {
+    float amax = 0.f;
+    for (int64_t d = lane; d < p.D; d += kNormLanes)
+      amax = fmaxf(amax, fabsf(to_float(load<T>(m, row, d, p.D))));
+    for (int o = 1; o < kNormLanes; o *= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (amax > p.big && amax <= FLT_MAX) {  // finite: an inf or NaN row stays as it is
+      int e;
+      frexpf(amax, &e);
+      scale = ldexpf(1.f, -e);
+    }
+  }
+  T* out = live && p.scaled != nullptr ? static_cast<T*>(p.scaled) + r * p.D : nullptr;
   float ss = 0.f;
   for (int64_t d = lane; d < p.D; d += kNormLanes) {
-    const float v = to_float(load<T>(m, row, d, p.D));  // 0 past the last row
+    float v = to_float(load<T>(m, row, d, p.D));  // 0 past the last row
+    if (out != nullptr) {
+      const T c = from_float<T>(v * scale);
+      out[d] = c;
+      v = to_float(c);
+    }
     ss = fmaf(v, v, ss);
   }
   for (int o = 1; o < kNormLanes; o *= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (lane == 0 && r < p.x.rows + p.y.rows) {
+  if (lane == 0 && live) {
     const float n = sqrtf(ss);
     p.norms[r] = n;
     p.inv[r] = p.normalize ? 1.f / fmaxf(n, p.eps) : 1.f;
+    if (p.scaled != nullptr) p.prescale[r] = scale;
   }
 }
 

@@ -45,12 +45,13 @@ class BwdArgs(ctypes.Structure):
                 ("shift", ctypes.c_int64), ("inv_tau", ctypes.c_float), ("nbt", ctypes.c_float),
                 ("mode", ctypes.c_int), ("dx", _p),
                 # read by the tensor-core kernels only; null here (the emulated kernels write dx)
-                ("df", _p), ("norms", _p), ("norm_eps", ctypes.c_float)]
+                ("df", _p), ("norms", _p), ("prescale", _p), ("norm_eps", ctypes.c_float)]
 
 
 class RowNormArgs(ctypes.Structure):
     _fields_ = [("x", Matrix), ("y", Matrix), ("D", ctypes.c_int64), ("normalize", ctypes.c_bool),
-                ("eps", ctypes.c_float), ("norms", _p), ("inv", _p)]
+                ("eps", ctypes.c_float), ("norms", _p), ("inv", _p), ("scaled", _p),
+                ("prescale", _p), ("big", ctypes.c_float)]
 
 
 class LossReduceArgs(ctypes.Structure):
@@ -114,13 +115,25 @@ class Emulator:
         assert rc == 0, "threads of a block passed different numbers of barriers"
 
     def row_norms(self, f, g, normalize, order=0):
-        """(norms, inverse norms), each (M + N,): f's rows, then g's (none when g is None)."""
+        """(rows, norms, inverse norms, prescale factors): what the loss kernels read, f's
+        then g's rows (none when g is None) as one (M + N, D) tensor, and per row of it its
+        statistics. ``rows`` and ``prescale`` are the overflow-safe copy and its factors for
+        bf16 and fp32 inputs with normalisation (as supcon_cuda.cpp asks for them), else the
+        inputs themselves and None."""
         rows = f.shape[0] + (0 if g is None else g.shape[0])
-        out = torch.empty(2, rows)
-        args = RowNormArgs(self._matrix(f), self._matrix(g), f.shape[1], normalize, NORM_EPS,
-                           out[0].data_ptr(), out[1].data_ptr())
+        d = f.shape[1]
+        out = torch.empty(3, rows)
+        copy = normalize and f.dtype != torch.float16
+        scaled = torch.empty(rows, d, dtype=f.dtype) if copy else None
+        big = (torch.finfo(torch.float32).max / (4.0 * d)) ** 0.5 if copy else 0.0
+        args = RowNormArgs(self._matrix(f), self._matrix(g), d, normalize, NORM_EPS,
+                           out[0].data_ptr(), out[1].data_ptr(),
+                           scaled.data_ptr() if copy else None,
+                           out[2].data_ptr() if copy else None, big)
         self._check(self.lib.emu_row_norms(DTYPE_CODES[f.dtype], ctypes.byref(args), order))
-        return out[0], out[1]
+        if not copy:
+            scaled = f if g is None else torch.cat([f, g])
+        return scaled, out[0], out[1], out[2] if copy else None
 
     def loss_reduce(self, loss, valid, scale, reduction, order=0):
         out = torch.empty(loss.shape[0] if reduction == 0 else 1)
@@ -148,7 +161,8 @@ class Emulator:
         lf = y.long().contiguous()
         lg = lf if single else y_g.long().contiguous()
         m = f.shape[0]
-        _, inv = self.row_norms(f, g, normalize, order)
+        rows, _, inv, _ = self.row_norms(f, g, normalize, order)
+        f, gg = rows[:m], (rows[:m] if single else rows[m:])
         rnf, rng = inv[:m], (inv[:m] if single else inv[m:])
         loss, stats = torch.empty(m), torch.empty(m, 4)
         valid = torch.empty(m, dtype=torch.bool)
@@ -171,9 +185,11 @@ class Emulator:
         lf = y.long().contiguous()
         lg = lf if single else y_g.long().contiguous()
         m, d = f.shape
-        norms, inv = self.row_norms(f, g, normalize, order)
-        nf, rnf = norms[:m], inv[:m]
-        ng, rng = (nf, rnf) if single else (norms[m:], inv[m:])
+        rows, norms, inv, pre = self.row_norms(f, g, normalize, order)
+        f, gg = rows[:m], (rows[:m] if single else rows[m:])
+        pre = torch.ones(rows.shape[0]) if pre is None else pre
+        nf, rnf, pf = norms[:m], inv[:m], pre[:m]
+        ng, rng, pg = (nf, rnf, pf) if single else (norms[m:], inv[m:], pre[m:])
         mode = (BWD_LSE if lse_only else BWD_UNIFORM if beta == 0
                 else BWD_SOFT_DETACHED if detach_weights else BWD_SOFT_EXACT)
         anchor, gmax = self.anchor_stage(stats, grad, scale, reduction, mode == BWD_UNIFORM, order)
@@ -189,17 +205,18 @@ class Emulator:
             return dx
 
         dzf = launch(f, lf, rnf, gg, lg, rng, True, single, anchor_offset or 0)
-        df = _normalize_backward(f, nf, dzf, normalize)
+        df = _normalize_backward(f, nf, pf, dzf, normalize)
         if single:
             return df, None
         dzg = launch(gg, lg, rng, f, lf, rnf, False, True, -(anchor_offset or 0))
-        return df, _normalize_backward(gg, ng, dzg, normalize)
+        return df, _normalize_backward(gg, ng, pg, dzg, normalize)
 
 
-def _normalize_backward(x, norms, dz, normalize):
+def _normalize_backward(x, norms, prescale, dz, normalize):
     if not normalize:
         return dz.to(x.dtype)
     rn = norms.clamp_min(NORM_EPS).reciprocal().unsqueeze(1)
     z = x.float() * rn
     projected = dz - z * (z * dz).sum(1, keepdim=True)
-    return (torch.where((norms >= NORM_EPS).unsqueeze(1), projected, dz) * rn).to(x.dtype)
+    df = torch.where((norms >= NORM_EPS).unsqueeze(1), projected, dz) * rn
+    return (df * prescale.unsqueeze(1)).to(x.dtype)
