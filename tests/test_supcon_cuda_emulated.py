@@ -340,12 +340,13 @@ def test_tensor_core_fragment_layouts(tmp_path):
     _run_host_check("supcon_mma_layouts.cu", tmp_path)
 
 
-def test_hopper_forward_math(tmp_path):
-    """The Hopper forward's per-logit code (online log-sum-exp in units of t, positives, soft
-    weights, masks, the statistics) against float64, and the backward's 32-bit self-pair
-    arithmetic against the 64-bit condition, on the host
-    (tests/cuda_emulation/supcon_sm90_math.cu)."""
-    _run_host_check("supcon_sm90_math.cu", tmp_path)
+def test_forward_math(tmp_path):
+    """The forwards' per-logit code (online log-sum-exp in units of t, positives, soft
+    weights, masks, the statistics; the sm_80 kernel's 64-column tiles and the Hopper one's
+    128) against float64, and the Hopper backward's 32-bit self-pair arithmetic against the
+    64-bit condition, on the host
+    (tests/cuda_emulation/supcon_fwd_math.cu)."""
+    _run_host_check("supcon_fwd_math.cu", tmp_path)
 
 
 def test_hopper_shared_memory_descriptors(tmp_path):

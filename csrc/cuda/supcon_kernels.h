@@ -50,7 +50,7 @@ struct FwdArgs {
 // weights' by beta log2(e)) instead of keeping running maxima. Only where the smallest term a
 // row can sum, 2^(-2 shift), stays far above float32's underflow: the Triton kernels' rule,
 // 2 shift + log2(N) <= 96, for both. (Checked at its boundary by
-// tests/cuda_emulation/supcon_sm90_math.cu.)
+// tests/cuda_emulation/supcon_fwd_math.cu.)
 inline float fixed_shift(bool normalize, double temperature, double beta, int64_t n) {
   if (!normalize) return 0.f;
   const double shift2 = 1.4426950408889634 / temperature * (1.0 + 1.0 / 256);

@@ -162,6 +162,165 @@ __device__ __forceinline__ bool meets_diagonal(bool has_self, int64_t shift, int
 // ---------------------------------------------------------------------------------------
 // Forward: per anchor LSE, sbar, log W and |P| (the FwdArgs contract of supcon_kernels.h).
 
+// Per-row state of the forwards' online statistics (both kernels'), in log2 units of s, except
+// that sums over positives are kept in units of t = acc / ||y|| and scaled by sc once at the
+// end: s = t sc, with sc = inv_tau log2(e) / ||x|| > 0, folds into exp2's FFMA.
+// With a fixed shift (FwdArgs::shift2 > 0: normalised rows, |t sc| <= shift2) the shifts are
+// that bound and its soft-weights counterpart, |t kn| <= |nbt| shift2, from the start: no
+// running maxima, no rescaling (tile_update's kFixed).
+struct RowState {
+  float sc, kn;        // sc, and sc nbt: the soft weights' exponent per unit of t
+  int64_t label;
+  int64_t self_col;    // column of the self pair, or -1
+  float m, l;          // shift of s (running max, or the fixed bound), sum of 2^(s - m)
+  float cnt, sw;       // positives: count, sum of t (uniform) or of w t (soft)
+  float tm, lw;        // soft: shift of t kn over positives, sum of 2^(t kn - tm)
+
+  CUTE_HOST_DEVICE static RowState start(float sc, float nbt, int64_t label, int64_t self_col,
+                                         float shift2 = 0.f) {
+    const float m = shift2 > 0.f ? shift2 : -INFINITY, tm = shift2 > 0.f ? fabsf(nbt) * shift2 : -INFINITY;
+    return {sc, sc * nbt, label, self_col, m, 0.f, 0.f, 0.f, tm, 0.f};
+  }
+};
+
+// The reductions over the four lanes of a quad, which hold the same rows: shuffles on the
+// device; Quad is a parameter so that tests/cuda_emulation/supcon_fwd_math.cu can run the
+// per-logit code below on the host with one lane holding a row's columns.
+struct QuadShuffle {
+  __device__ float max(float v) const { return quad_max(v); }
+  __device__ float sum(float v) const { return quad_sum(v); }
+};
+
+// A row's statistics from its final state (the FwdArgs contract: loss, valid, and stats
+// LSE, sbar, log W, |P|); lse_count is |A(i)|, the count of the log-sum-exp-only mode.
+struct RowStats {
+  float loss, lse, sbar, logw, count;
+  bool valid;
+};
+template <int kMode, typename Quad>
+CUTE_HOST_DEVICE RowStats finish_row(const RowState& s, float lse_count, const Quad& quad) {
+  const float ln2 = 0.6931471805599453f;
+  const float l = quad.sum(s.l), c = quad.sum(s.cnt), sw = quad.sum(s.sw), lw = quad.sum(s.lw);
+  const float lse = (s.m + log2f(l)) * ln2;
+  if constexpr (kMode == kFwdLse) {
+    const bool ok = lse_count > 0.f;
+    return {ok ? lse : 0.f, lse, 0.f, 0.f, lse_count, ok};
+  } else {
+    constexpr bool kSoft = kMode == kFwdSoft;
+    const bool ok = c > 0.f;
+    const float sbar = ok ? (kSoft ? sw / lw : sw / c) * s.sc * ln2 : 0.f;
+    const float logw = kSoft ? (s.tm + log2f(lw)) * ln2 : logf(c);
+    return {ok ? lse - sbar : 0.f, lse, sbar, logw, c, ok};
+  }
+}
+
+template <int kMode>
+__device__ __forceinline__ void write_stats(const FwdArgs& p, int64_t i, const RowState& s) {
+  const RowStats r = finish_row<kMode>(s, float(p.y.rows - (p.has_self ? 1 : 0)), QuadShuffle{});
+  if (i >= p.x.rows || (threadIdx.x % 4) != 0) return;
+  p.valid[i] = r.valid;
+  p.loss[i] = r.loss;
+  float* out = p.stats + 4 * i;
+  out[0] = r.lse, out[1] = r.sbar, out[2] = r.logw, out[3] = r.count;
+}
+
+// Built with ANCHOR_KERNELS_INNER_TILES_ONLY (by tests/test_ext_build.py alone, never run), the
+// forwards leave out the edge tiles' copy of their per-logit code, so that the instructions an
+// inner tile runs can be counted from the SASS.
+#if defined(ANCHOR_KERNELS_INNER_TILES_ONLY)
+constexpr bool kEdgeCopy = false;
+#else
+constexpr bool kEdgeCopy = true;
+#endif
+
+// One kCols-column tile's per-logit work for two rows of a thread, 8 apart (an m16 slab of the
+// sm_80 forward's accumulators, a Hopper consumer's 64-row slab): acc(v) for v = k + 2 i + 4 j
+// is row i of the two, column col0 + 8 j + k (tests/cuda_emulation/supcon_mma_layouts.cu);
+// label and rn are the tile's per-column inputs. kEdge tiles mask columns past N and the self
+// pair; kFixed: the rows' shifts are fixed (RowState), no maxima are taken.
+template <int kMode, bool kEdge, bool kFixed, int kCols, typename Acc, typename Quad = QuadShuffle>
+CUTE_HOST_DEVICE void tile_update(Acc&& acc, RowState (&rs)[2], const int64_t* label, const float* rn,
+                                  int col0, int64_t y0, int64_t N, const Quad& quad = {}) {
+  constexpr int kPairs = kCols / 8;
+  constexpr bool kStatsPos = kMode != kFwdLse, kSoft = kMode == kFwdSoft;
+  // Pass 1: t = acc / ||y||, masks, the tile's row maxima (not needed with fixed shifts).
+  float tmax[2] = {-INFINITY, -INFINITY};
+  CUTE_UNROLL
+  for (int j = 0; j < kPairs; ++j) {
+    const int c = col0 + 8 * j;
+    const float2 r2 = *reinterpret_cast<const float2*>(rn + c);
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i)
+      CUTE_UNROLL
+      for (int k = 0; k < 2; ++k) {
+        float& t = acc(k + 2 * i + 4 * j);
+        t *= k ? r2.y : r2.x;
+        if (kEdge && (y0 + c + k >= N || y0 + c + k == rs[i].self_col)) t = -INFINITY;
+        if constexpr (!kFixed) tmax[i] = fmaxf(tmax[i], t);
+      }
+  }
+  float m_use[2] = {rs[0].m, rs[1].m}, tw[2] = {rs[0].tm, rs[1].tm};
+  CUTE_UNROLL
+  for (int i = 0; i < 2 && !kFixed; ++i) {
+    RowState& r = rs[i];
+    const float m_new = fmaxf(r.m, quad.max(tmax[i]) * r.sc);
+    m_use[i] = m_new == -INFINITY ? 0.f : m_new;
+    r.l *= exp2_ftz(r.m - m_use[i]);
+    r.m = m_new;
+  }
+  if constexpr (kSoft && !kFixed) {
+    // The tile's max of t kn over positives rescales the soft weights' running sums.
+    float ttm[2] = {-INFINITY, -INFINITY};
+    CUTE_UNROLL
+    for (int j = 0; j < kPairs; ++j) {
+      const longlong2 lab = *reinterpret_cast<const longlong2*>(label + col0 + 8 * j);
+      CUTE_UNROLL
+      for (int i = 0; i < 2; ++i)
+        CUTE_UNROLL
+        for (int k = 0; k < 2; ++k) {
+          const float t = acc(k + 2 * i + 4 * j);
+          if ((k ? lab.y : lab.x) == rs[i].label && (!kEdge || t != -INFINITY))
+            ttm[i] = fmaxf(ttm[i], t * rs[i].kn);
+        }
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      RowState& r = rs[i];
+      const float t_new = fmaxf(r.tm, quad.max(ttm[i]));
+      tw[i] = t_new == -INFINITY ? 0.f : t_new;
+      const float f = exp2_ftz(r.tm - tw[i]);
+      r.lw *= f, r.sw *= f, r.tm = t_new;
+    }
+  }
+  // Pass 2: the exponentials and the positives.
+  CUTE_UNROLL
+  for (int j = 0; j < kPairs; ++j) {
+    longlong2 lab{};
+    if constexpr (kStatsPos) lab = *reinterpret_cast<const longlong2*>(label + col0 + 8 * j);
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i)
+      CUTE_UNROLL
+      for (int k = 0; k < 2; ++k) {
+        RowState& r = rs[i];
+        const float t = acc(k + 2 * i + 4 * j);
+        r.l += exp2_ftz(fmaf(t, r.sc, -m_use[i]));
+        if constexpr (kStatsPos) {
+          // Masked columns have t = -inf: never positives.
+          if ((k ? lab.y : lab.x) == r.label && (!kEdge || t != -INFINITY)) {
+            r.cnt += 1.f;
+            if constexpr (kSoft) {
+              const float e = exp2_ftz(fmaf(t, r.kn, -tw[i]));
+              r.lw += e;
+              r.sw += e * t;
+            } else {
+              r.sw += t;
+            }
+          }
+        }
+      }
+  }
+}
+
 // Calls launch(mode, fixed), std::integral_constant and std::bool_constant, for the forward
 // variant a asks for: its FwdMode, and fixed shifts (FwdArgs::shift2 > 0) or running maxima.
 template <bool kFixed, typename Launch>
@@ -229,26 +388,23 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
   Tensor tYr_v = thr_b.retile_D(tYr);
   Tensor acc = partition_fragment_C(tiled_mma, Shape<Int<kM>, Int<kBlockN>>{});
   Tensor coord = thr_mma.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kBlockN>>{}));
-  constexpr int kMi = decltype(size<1>(acc))::value, kNi = decltype(size<2>(acc))::value;
-  constexpr int kR = 2 * kMi;  // rows this thread holds
-  constexpr int kC = 2 * kNi;  // columns this thread holds in each tile
+  constexpr int kMi = decltype(size<1>(acc))::value;  // m16 slabs of the thread's rows
 
-  // Per-row state, in log2 units: shift m (running max, or fixed) and sum l of 2^(s - m);
-  // positives: count, and sum s (uniform) or shift / sums of the soft weights 2^(nbt s).
-  float sc[kR], m[kR], l[kR], cnt[kR], sw[kR], tm[kR], lw[kR];
-  int64_t yi[kR], self_c[kR];
+  // Per-row statistics (RowState), two rows 8 apart per m16 slab mi of the thread's rows.
+  RowState rs[kMi][2];
+  int64_t row[kMi][2];
   CUTE_UNROLL
-  for (int r = 0; r < kR; ++r) {
-    const int64_t i = x0 + get<0>(coord(make_coord(0, r % 2), r / 2, 0));
-    const bool ok = i < M;
-    sc[r] = ok ? p.rnx[i] * p.inv_tau * kLog2e : 0.f;
-    yi[r] = ok ? p.lx[i] : 0;
-    self_c[r] = p.has_self ? i + p.shift : -1;
-    m[r] = kFixed ? p.shift2 : -INFINITY, tm[r] = kFixed ? fabsf(p.nbt) * p.shift2 : -INFINITY;
-    l[r] = 0.f, cnt[r] = 0.f, sw[r] = 0.f, lw[r] = 0.f;
-  }
-  const float nbt = p.nbt;
-  constexpr bool kStatsPos = kMode != kFwdLse, kSoft = kMode == kFwdSoft;
+  for (int mi = 0; mi < kMi; ++mi)
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      row[mi][i] = x0 + get<0>(coord(make_coord(0, i), mi, 0));
+      const bool ok = row[mi][i] < M;
+      // Rows past M: finite, unused.
+      rs[mi][i] = RowState::start(ok ? p.rnx[row[mi][i]] * p.inv_tau * kLog2e : 1.f, p.nbt,
+                                  ok ? p.lx[row[mi][i]] : 0, p.has_self ? row[mi][i] + p.shift : -1,
+                                  kFixed ? p.shift2 : 0.f);
+    }
+  const int col0 = get<1>(coord(0));
 
   for (int t = 0; t < n_tiles; ++t) {
     const int buf = t & 1;
@@ -266,90 +422,22 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
     gemm_smem(tiled_mma, copy_a, tXs, tXr, tXr_v, copy_b, tYs, tYr, tYr_v, acc);
     if (t + 1 < n_tiles) stage_columns(t + 1, buf ^ 1);  // read after the next barrier
 
-    float rn[kC];
-    int64_t lab[kC], col[kC];
-    CUTE_UNROLL
-    for (int c = 0; c < kC; ++c) {
-      const int lc = get<1>(coord(make_coord(c % 2, 0), 0, c / 2));
-      rn[c] = st.cols[buf].rn[lc];
-      lab[c] = st.cols[buf].label[lc];
-      col[c] = y0 + lc;
-    }
     const bool edge = y0 + kBlockN > N || meets_diagonal<kM, kBlockN>(p.has_self, p.shift, x0, y0);
-    CUTE_UNROLL
-    for (int r = 0; r < kR; ++r) {
-      float s[kC];
-      float tmax = -INFINITY, ttm = -INFINITY;
+    const ColumnStats<kBlockN>& cols = st.cols[buf];
+    if (kEdgeCopy && edge) {
       CUTE_UNROLL
-      for (int c = 0; c < kC; ++c) {
-        s[c] = acc(make_coord(c % 2, r % 2), r / 2, c / 2) * sc[r] * rn[c];
-        if (edge && (col[c] >= N || col[c] == self_c[r])) s[c] = -INFINITY;
-        if constexpr (!kFixed) {
-          tmax = fmaxf(tmax, s[c]);
-          if (kSoft && lab[c] == yi[r] && s[c] != -INFINITY) ttm = fmaxf(ttm, s[c] * nbt);
-        }
-      }
-      float m_use = m[r], tl = l[r], tw = tm[r];
-      if constexpr (!kFixed) {
-        tmax = quad_max(tmax);
-        const float m_new = fmaxf(m[r], tmax);
-        m_use = m_new == -INFINITY ? 0.f : m_new;
-        tl *= exp2_ftz(m[r] - m_use);
-        m[r] = m_new;
-      }
-      if constexpr (kSoft && !kFixed) {
-        ttm = quad_max(ttm);
-        const float t_new = fmaxf(tm[r], ttm);
-        const float t_use = t_new == -INFINITY ? 0.f : t_new;
-        const float f = exp2_ftz(tm[r] - t_use);
-        lw[r] *= f, sw[r] *= f, tm[r] = t_new;
-        tw = t_use;
-      }
-      CUTE_UNROLL
-      for (int c = 0; c < kC; ++c) {
-        tl += exp2_ftz(s[c] - m_use);
-        if constexpr (kStatsPos) {
-          // Masked columns have s = -inf: never positives.
-          const bool pos = lab[c] == yi[r] && s[c] != -INFINITY;
-          if (pos) {
-            cnt[r] += 1.f;
-            if constexpr (kSoft) {
-              const float e = exp2_ftz(s[c] * nbt - tw);
-              lw[r] += e;
-              sw[r] += e * s[c];
-            } else {
-              sw[r] += s[c];
-            }
-          }
-        }
-      }
-      l[r] = tl;
-    }
-  }
-
-  const float ln2 = 0.6931471805599453f;
-  CUTE_UNROLL
-  for (int r = 0; r < kR; ++r) {
-    const float lr = quad_sum(l[r]), c = quad_sum(cnt[r]), swr = quad_sum(sw[r]);
-    const float lwr = quad_sum(lw[r]);
-    const int64_t i = x0 + get<0>(coord(make_coord(0, r % 2), r / 2, 0));
-    if (i >= M || (tid % 4) != 0) continue;
-    const float lse = (m[r] + log2f(lr)) * ln2;
-    float* out = p.stats + 4 * i;
-    if constexpr (kMode == kFwdLse) {
-      const float count = float(N - (p.has_self ? 1 : 0));
-      p.valid[i] = count > 0.f;
-      p.loss[i] = count > 0.f ? lse : 0.f;
-      out[0] = lse, out[1] = 0.f, out[2] = 0.f, out[3] = count;
+      for (int mi = 0; mi < kMi; ++mi)
+        tile_update<kMode, true, kFixed, kBlockN>(acc(_, mi, _), rs[mi], cols.label, cols.rn, col0, y0, N);
     } else {
-      const bool ok = c > 0.f;
-      const float sbar = ok ? (kSoft ? swr / lwr : swr / c) * ln2 : 0.f;
-      const float logw = kSoft ? (tm[r] + log2f(lwr)) * ln2 : logf(c);
-      p.valid[i] = ok;
-      p.loss[i] = ok ? lse - sbar : 0.f;
-      out[0] = lse, out[1] = sbar, out[2] = logw, out[3] = c;
+      CUTE_UNROLL
+      for (int mi = 0; mi < kMi; ++mi)
+        tile_update<kMode, false, kFixed, kBlockN>(acc(_, mi, _), rs[mi], cols.label, cols.rn, col0, y0, N);
     }
   }
+  CUTE_UNROLL
+  for (int mi = 0; mi < kMi; ++mi)
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i) write_stats<kMode>(p, row[mi][i], rs[mi][i]);
 #endif
 }
 

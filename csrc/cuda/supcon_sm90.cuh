@@ -52,8 +52,12 @@ using namespace cute;
 using mma::exp2_ftz;
 using mma::gterm;
 using mma::kLog2e;
+using mma::QuadShuffle;
 using mma::quad_max;
 using mma::quad_sum;
+using mma::RowState;
+using mma::tile_update;
+using mma::write_stats;
 
 constexpr int kD = 128;           // feature columns a tile holds (zero-filled by TMA past D)
 constexpr int kM = 128;           // rows per CTA: two consumer warpgroups of 64 rows
@@ -246,154 +250,6 @@ struct PingPong {
   }
 };
 
-// Per-row state of the online statistics, in log2 units of s (the sm_80 kernel's), except
-// that sums over positives are kept in units of t = acc / ||y|| and scaled by sc once at the
-// end: s = t sc, with sc = inv_tau log2(e) / ||x|| > 0, folds into exp2's FFMA.
-// With a fixed shift (FwdArgs::shift2 > 0: normalised rows, |t sc| <= shift2) the shifts are
-// that bound and its soft-weights counterpart, |t kn| <= |nbt| shift2, from the start: no
-// running maxima, no rescaling (tile_update's kFixed).
-struct RowState {
-  float sc, kn;        // sc, and sc nbt: the soft weights' exponent per unit of t
-  int64_t label;
-  int64_t self_col;    // column of the self pair, or -1
-  float m, l;          // shift of s (running max, or the fixed bound), sum of 2^(s - m)
-  float cnt, sw;       // positives: count, sum of t (uniform) or of w t (soft)
-  float tm, lw;        // soft: shift of t kn over positives, sum of 2^(t kn - tm)
-
-  CUTE_HOST_DEVICE static RowState start(float sc, float nbt, int64_t label, int64_t self_col,
-                                         float shift2 = 0.f) {
-    const float m = shift2 > 0.f ? shift2 : -INFINITY, tm = shift2 > 0.f ? fabsf(nbt) * shift2 : -INFINITY;
-    return {sc, sc * nbt, label, self_col, m, 0.f, 0.f, 0.f, tm, 0.f};
-  }
-};
-
-// The reductions over the four lanes of a quad, which hold the same rows: shuffles on the
-// device; Quad is a parameter so that tests/cuda_emulation/supcon_sm90_math.cu can run the
-// per-logit code below on the host with one lane holding a row's columns.
-struct QuadShuffle {
-  __device__ float max(float v) const { return quad_max(v); }
-  __device__ float sum(float v) const { return quad_sum(v); }
-};
-
-// A row's statistics from its final state (the FwdArgs contract: loss, valid, and stats
-// LSE, sbar, log W, |P|); lse_count is |A(i)|, the count of the log-sum-exp-only mode.
-struct RowStats {
-  float loss, lse, sbar, logw, count;
-  bool valid;
-};
-template <int kMode, typename Quad>
-CUTE_HOST_DEVICE RowStats finish_row(const RowState& s, float lse_count, const Quad& quad) {
-  const float ln2 = 0.6931471805599453f;
-  const float l = quad.sum(s.l), c = quad.sum(s.cnt), sw = quad.sum(s.sw), lw = quad.sum(s.lw);
-  const float lse = (s.m + log2f(l)) * ln2;
-  if constexpr (kMode == kFwdLse) {
-    const bool ok = lse_count > 0.f;
-    return {ok ? lse : 0.f, lse, 0.f, 0.f, lse_count, ok};
-  } else {
-    constexpr bool kSoft = kMode == kFwdSoft;
-    const bool ok = c > 0.f;
-    const float sbar = ok ? (kSoft ? sw / lw : sw / c) * s.sc * ln2 : 0.f;
-    const float logw = kSoft ? (s.tm + log2f(lw)) * ln2 : logf(c);
-    return {ok ? lse - sbar : 0.f, lse, sbar, logw, c, ok};
-  }
-}
-
-template <int kMode>
-__device__ __forceinline__ void write_stats(const FwdArgs& p, int64_t i, const RowState& s) {
-  const RowStats r = finish_row<kMode>(s, float(p.y.rows - (p.has_self ? 1 : 0)), QuadShuffle{});
-  if (i >= p.x.rows || (threadIdx.x % 4) != 0) return;
-  p.valid[i] = r.valid;
-  p.loss[i] = r.loss;
-  float* out = p.stats + 4 * i;
-  out[0] = r.lse, out[1] = r.sbar, out[2] = r.logw, out[3] = r.count;
-}
-
-// One tile's per-logit work for the consumer thread's two rows. acc(v) for v = k + 2 i + 4 j is
-// row i of the thread's two, column col0 + 8 j + k; kEdge tiles mask columns past N and the
-// self pair; kFixed: the rows' shifts are fixed (RowState), no maxima are taken.
-template <int kMode, bool kEdge, bool kFixed, typename Acc, typename Quad = QuadShuffle>
-CUTE_HOST_DEVICE void tile_update(Acc& acc, RowState (&rs)[2], const int64_t* label, const float* rn,
-                                  int col0, int64_t y0, int64_t N, const Quad& quad = {}) {
-  constexpr int kPairs = kN / 8;
-  constexpr bool kStatsPos = kMode != kFwdLse, kSoft = kMode == kFwdSoft;
-  // Pass 1: t = acc / ||y||, masks, the tile's row maxima (not needed with fixed shifts).
-  float tmax[2] = {-INFINITY, -INFINITY};
-  CUTE_UNROLL
-  for (int j = 0; j < kPairs; ++j) {
-    const int c = col0 + 8 * j;
-    const float2 r2 = *reinterpret_cast<const float2*>(rn + c);
-    CUTE_UNROLL
-    for (int i = 0; i < 2; ++i)
-      CUTE_UNROLL
-      for (int k = 0; k < 2; ++k) {
-        float& t = acc(k + 2 * i + 4 * j);
-        t *= k ? r2.y : r2.x;
-        if (kEdge && (y0 + c + k >= N || y0 + c + k == rs[i].self_col)) t = -INFINITY;
-        if constexpr (!kFixed) tmax[i] = fmaxf(tmax[i], t);
-      }
-  }
-  float m_use[2] = {rs[0].m, rs[1].m}, tw[2] = {rs[0].tm, rs[1].tm};
-  CUTE_UNROLL
-  for (int i = 0; i < 2 && !kFixed; ++i) {
-    RowState& r = rs[i];
-    const float m_new = fmaxf(r.m, quad.max(tmax[i]) * r.sc);
-    m_use[i] = m_new == -INFINITY ? 0.f : m_new;
-    r.l *= exp2_ftz(r.m - m_use[i]);
-    r.m = m_new;
-  }
-  if constexpr (kSoft && !kFixed) {
-    // The tile's max of t kn over positives rescales the soft weights' running sums.
-    float ttm[2] = {-INFINITY, -INFINITY};
-    CUTE_UNROLL
-    for (int j = 0; j < kPairs; ++j) {
-      const longlong2 lab = *reinterpret_cast<const longlong2*>(label + col0 + 8 * j);
-      CUTE_UNROLL
-      for (int i = 0; i < 2; ++i)
-        CUTE_UNROLL
-        for (int k = 0; k < 2; ++k) {
-          const float t = acc(k + 2 * i + 4 * j);
-          if ((k ? lab.y : lab.x) == rs[i].label && (!kEdge || t != -INFINITY))
-            ttm[i] = fmaxf(ttm[i], t * rs[i].kn);
-        }
-    }
-    CUTE_UNROLL
-    for (int i = 0; i < 2; ++i) {
-      RowState& r = rs[i];
-      const float t_new = fmaxf(r.tm, quad.max(ttm[i]));
-      tw[i] = t_new == -INFINITY ? 0.f : t_new;
-      const float f = exp2_ftz(r.tm - tw[i]);
-      r.lw *= f, r.sw *= f, r.tm = t_new;
-    }
-  }
-  // Pass 2: the exponentials and the positives.
-  CUTE_UNROLL
-  for (int j = 0; j < kPairs; ++j) {
-    longlong2 lab{};
-    if constexpr (kStatsPos) lab = *reinterpret_cast<const longlong2*>(label + col0 + 8 * j);
-    CUTE_UNROLL
-    for (int i = 0; i < 2; ++i)
-      CUTE_UNROLL
-      for (int k = 0; k < 2; ++k) {
-        RowState& r = rs[i];
-        const float t = acc(k + 2 * i + 4 * j);
-        r.l += exp2_ftz(fmaf(t, r.sc, -m_use[i]));
-        if constexpr (kStatsPos) {
-          // Masked columns have t = -inf: never positives.
-          if ((k ? lab.y : lab.x) == r.label && (!kEdge || t != -INFINITY)) {
-            r.cnt += 1.f;
-            if constexpr (kSoft) {
-              const float e = exp2_ftz(fmaf(t, r.kn, -tw[i]));
-              r.lw += e;
-              r.sw += e * t;
-            } else {
-              r.sw += t;
-            }
-          }
-        }
-      }
-  }
-}
-
 template <typename T, int kMode, bool kFixed>
 __global__ void __launch_bounds__(kThreads, 1)
     supcon_fwd_sm90_kernel(const FwdArgs p, CUTE_GRID_CONSTANT const TmaRows<T, kM> tma_x,
@@ -452,10 +308,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     turns.pass_turn(t);
     wgmma_wait(tSrX, acc);
     const bool edge = y0 + kN > N || mma::meets_diagonal<kM, kN>(p.has_self, p.shift, x0, y0);
-    if (edge)
-      tile_update<kMode, true, kFixed>(acc, rs, st.cols[s].label, st.cols[s].rn, col0, y0, N);
+    if (mma::kEdgeCopy && edge)
+      tile_update<kMode, true, kFixed, kN>(acc, rs, st.cols[s].label, st.cols[s].rn, col0, y0, N);
     else
-      tile_update<kMode, false, kFixed>(acc, rs, st.cols[s].label, st.cols[s].rn, col0, y0, N);
+      tile_update<kMode, false, kFixed, kN>(acc, rs, st.cols[s].label, st.cols[s].rn, col0, y0, N);
     release(st, s);
   }
   CUTE_UNROLL
@@ -470,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Where the self pairs x + shift = y0 + c of a block's rows x = x0 + r (r < kM) lie among
 // kCols-column tiles: in tiles t_lo ... t_hi, at c - r = delta(t) = base - (t - t_lo) kCols
 // (INT_MIN elsewhere). 32-bit per-tile arithmetic, so that no 64-bit column index per row is
-// held in registers; checked on the host by tests/cuda_emulation/supcon_sm90_math.cu.
+// held in registers; checked on the host by tests/cuda_emulation/supcon_fwd_math.cu.
 template <int kCols>
 struct SelfPairs {
   int t_lo = INT_MAX, t_hi = -1, base = 0;

@@ -1,7 +1,7 @@
 // Host check of the fragment layouts the CuTe SupCon kernels (csrc/cuda/supcon_mma.cuh and the
-// Hopper forward, supcon_sm90.cuh) rely on, for every thread of a CTA: which rows and columns of a tile a thread's accumulators hold
-// (the per-row statistics, quad reductions and the epilogue's addressing assume it), and that
-// the accumulators of S read as A fragments (acc_as_a_operand) hold the coordinates the next
+// Hopper forward, supcon_sm90.cuh) rely on, for every thread of a CTA: which rows and columns
+// of a tile a thread's accumulators hold (the per-row statistics, quad reductions and the
+// epilogue's addressing assume it), and that the accumulators of S read as A fragments (acc_as_a_operand) hold the coordinates the next
 // product's A operand expects. Compiled with nvcc and run on the host by
 // tests/test_supcon_cuda_emulated.py; prints the number of failures, exits non-zero on any.
 #include <cstdio>
@@ -36,6 +36,17 @@ void check_tile() {
         CHECK(get<1>(x) == get<1>(cC(make_coord(c % 2, 0), 0, c / 2)));
         CHECK(get<0>(cQ(make_coord(c % 2, r % 2), r / 2, c / 2)) == get<0>(x));
       }
+    // The forwards' per-logit code (mma::tile_update) reads m16 slab mi as
+    // acc(_, mi, _)(k + 2 i + 4 j): row i of the slab's two (8 apart), column col0 + 8 j + k.
+    for (int mi = 0; mi < kMi; ++mi) {
+      auto slab = cC(_, mi, _);
+      CHECK(size(slab) == kN / 2);
+      for (int v = 0; v < size(slab); ++v) {
+        const int k = v % 2, i = (v / 2) % 2, j = v / 4;
+        CHECK(get<0>(slab(v)) == get<0>(cC(make_coord(0, 0), mi, 0)) + 8 * i);
+        CHECK(get<1>(slab(v)) == get<1>(cC(0)) + 8 * j + k);
+      }
+    }
     // Element e: row row0 + 8 ((e >> 1) & 1) + 16 kNumWarps-slab, column col0 + (e & 1) + 8 (e >> 2).
     if (kMi == 1)
       for (int e = 0; e < size(cC); ++e) {

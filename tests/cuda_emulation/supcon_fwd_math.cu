@@ -1,14 +1,15 @@
-// Host check of the Hopper forward's per-logit code (csrc/cuda/supcon_sm90.cuh: RowState,
-// tile_update, finish_row) against a float64 evaluation of the same statistics, and of the
-// backward's self-pair arithmetic (SelfPairs) against the 64-bit condition it replaces.
+// Host check of the forwards' per-logit code (csrc/cuda/supcon_mma.cuh: RowState, tile_update,
+// finish_row, shared by the sm_80 kernel's 64-column tiles and the Hopper kernel's 128-column
+// ones) against a float64 evaluation of the same statistics, and of the Hopper backward's
+// self-pair arithmetic (SelfPairs) against the 64-bit condition it replaces.
 //
 // One lane's view, with its quad reductions the identity: the thread holds two rows and, of
-// every 128-column tile, the 32 columns 8 j + k (j < 16, k < 2); the reference sums over those
-// columns alone. Cases cover the three modes, several tiles (the online rescaling of the
-// log-sum-exp and of the soft weights), a last partial tile, the self pair inside, at the edge
-// of and outside the thread's columns, rows without positives, and large logits. Compiled with
-// nvcc and run on the host by tests/test_supcon_cuda_emulated.py; prints the number of
-// failures, exits non-zero on any.
+// every kCols-column tile, the kCols / 4 columns 8 j + k (j < kCols / 8, k < 2); the reference
+// sums over those columns alone. Cases cover the three modes, several tiles (the online
+// rescaling of the log-sum-exp and of the soft weights), a last partial tile, the self pair
+// inside, at the edge of and outside the thread's columns, rows without positives, and large
+// logits. Compiled with nvcc and run on the host by tests/test_supcon_cuda_emulated.py; prints
+// the number of failures, exits non-zero on any.
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -18,7 +19,7 @@
 #include "cuda/supcon_sm90.cuh"
 
 using namespace anchor_kernels::supcon_cuda;
-using sm90::RowState;
+using mma::RowState;
 
 static int failures = 0;
 
@@ -27,8 +28,9 @@ struct QuadIdentity {
   CUTE_HOST_DEVICE float sum(float v) const { return v; }
 };
 
+template <int kCols>
 struct Fragment {  // acc(v), v = k + 2 i + 4 j
-  float v[64];
+  float v[kCols / 2];
   CUTE_HOST_DEVICE float& operator()(int i) { return v[i]; }
 };
 
@@ -46,10 +48,9 @@ enum Cosines { kRandom, kAllOpposite, kPositivesAligned };
 // kFixed: normalised rows (acc = cos ||x|| ||y||, |cos| <= 1, scale_acc unused) and the fixed
 // shifts that fixed_shift (supcon_kernels.h, the rule the glue applies) admits for tau, beta
 // and n; otherwise raw products of any scale and running maxima.
-template <int kMode, bool kFixed>
+template <int kMode, bool kFixed, int kN>
 void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classes, float tau = 0.1f,
                 float beta = 1.5f, Cosines cosines = kRandom) {
-  constexpr int kN = sm90::kN;
   std::mt19937 gen(seed);
   std::uniform_real_distribution<float> uni(-1.f, 1.f), pos(0.5f, 2.f);
   const int tiles = (n + kN - 1) / kN;
@@ -79,16 +80,16 @@ void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classe
   }
   for (int t = 0; t < tiles; ++t) {
     const int64_t y0 = int64_t(t) * kN;
-    Fragment f;
-    for (int v = 0; v < 64; ++v) {
+    Fragment<kN> f;
+    for (int v = 0; v < kN / 2; ++v) {
       const int k = v % 2, i = (v / 2) % 2, j = v / 4;
       f(v) = acc[i][y0 + 8 * j + k];
     }
     const bool edge = y0 + kN > n || (self0 >= 0 && y0 <= self0 + 8 && self0 < y0 + kN);
     if (edge)
-      sm90::tile_update<kMode, true, kFixed>(f, rs, &label[y0], &rn[y0], 0, y0, n, QuadIdentity{});
+      mma::tile_update<kMode, true, kFixed, kN>(f, rs, &label[y0], &rn[y0], 0, y0, n, QuadIdentity{});
     else
-      sm90::tile_update<kMode, false, kFixed>(f, rs, &label[y0], &rn[y0], 0, y0, n, QuadIdentity{});
+      mma::tile_update<kMode, false, kFixed, kN>(f, rs, &label[y0], &rn[y0], 0, y0, n, QuadIdentity{});
   }
   for (int i = 0; i < 2; ++i) {
     // float64 reference over the thread's columns: s in natural units.
@@ -110,7 +111,7 @@ void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classe
       const double e = std::exp(s * nbt - wmx);
       w += e, ws += e * s;
     }
-    const sm90::RowStats r = sm90::finish_row<kMode>(rs[i], float(s_all.size()), QuadIdentity{});
+    const mma::RowStats r = mma::finish_row<kMode>(rs[i], float(s_all.size()), QuadIdentity{});
     if (s_all.empty()) {  // every column masked: no valid anchor, whatever LSE says
       if (r.valid && failures++ < 20) printf("failed: valid without columns, mode %d\n", kMode);
       continue;
@@ -144,14 +145,14 @@ std::pair<float, float> bracket(Pred pred, float lo, float hi) {
   return {lo, hi};
 }
 
-template <int kMode>
+template <int kMode, int kN>
 void check_mode() {
   unsigned seed = 1;
   for (int n : {1, 2, 37, 128, 200, 640})
     for (int64_t self0 : {int64_t(-1), int64_t(0), int64_t(3), int64_t(130), int64_t(121)})
       for (int classes : {1, 3, 50})
         if (self0 < n) {
-          for (float scale : {1.f, 60.f}) check_case<kMode, false>(n, self0, scale, seed++, classes);
+          for (float scale : {1.f, 60.f}) check_case<kMode, false, kN>(n, self0, scale, seed++, classes);
           // Fixed shifts: at the default temperature, and at the limits fixed_shift itself
           // admits for n (the smallest temperature, the largest beta), with the extreme
           // cosines there: a rule that admitted more would let those terms underflow.
@@ -159,10 +160,10 @@ void check_mode() {
               bracket([&](float tau) { return fixed_shift(true, tau, 0.0, n) > 0.f; }, 1e-3f, 1.f).second;
           const float beta_max =
               bracket([&](float b) { return fixed_shift(true, 0.1, b, n) == 0.f; }, 0.f, 1e3f).first;
-          check_case<kMode, true>(n, self0, 1.f, seed++, classes);
+          check_case<kMode, true, kN>(n, self0, 1.f, seed++, classes);
           for (Cosines cosines : {kRandom, kAllOpposite, kPositivesAligned}) {
-            check_case<kMode, true>(n, self0, 1.f, seed++, classes, tau_min, 1.5f, cosines);
-            check_case<kMode, true>(n, self0, 1.f, seed++, classes, 0.1f, beta_max, cosines);
+            check_case<kMode, true, kN>(n, self0, 1.f, seed++, classes, tau_min, 1.5f, cosines);
+            check_case<kMode, true, kN>(n, self0, 1.f, seed++, classes, 0.1f, beta_max, cosines);
           }
         }
 }
@@ -194,9 +195,12 @@ void check_self_pairs() {
 int main() {
   check_self_pairs<64>();
   check_self_pairs<32>();
-  check_mode<kFwdLse>();
-  check_mode<kFwdUniform>();
-  check_mode<kFwdSoft>();
+  check_mode<kFwdLse, sm90::kN>();
+  check_mode<kFwdUniform, sm90::kN>();
+  check_mode<kFwdSoft, sm90::kN>();
+  check_mode<kFwdLse, mma::kFwdCols>();
+  check_mode<kFwdUniform, mma::kFwdCols>();
+  check_mode<kFwdSoft, mma::kFwdCols>();
   printf("failures %d\n", failures);
   return failures != 0;
 }
