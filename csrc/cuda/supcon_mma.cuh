@@ -101,20 +101,41 @@ constexpr int shared_bytes() {
   return int(sizeof(SharedStorage<kRows, kCols>));
 }
 
+// Thread t's share of a (kRows, kD) tile copy: 16-byte chunk c of rows r0 + kStep k, k < kPasses
+// (every chunk of the tile once: tests/cuda_emulation/supcon_mma_layouts.cu). r0 < kStep is
+// known to the compiler, which then folds each pass's swizzled shared-memory offset.
+template <int kRows>
+struct RowCopy {
+  static constexpr int kChunks = kD / 8, kStep = kThreads / kChunks, kPasses = kRows / kStep;
+  static_assert(kThreads % kChunks == 0 && kRows % kStep == 0, "tile split");
+  int c, r0;
+  CUTE_HOST_DEVICE static RowCopy of(int thread) { return {thread % kChunks, (thread / kChunks) % kStep}; }
+  CUTE_HOST_DEVICE int row(int k) const { return r0 + kStep * k; }
+};
+
 // cp.async of rows [row0, row0 + kRows) of m into the swizzled tile s (zeros past the matrix).
-template <int kRows, typename T, typename Smem>
+// kFolded (the forward): rows counted from RowCopy's r0 < kStep, each pass's swizzled offset
+// folded; otherwise from t / kChunks, as the backward keeps them (its registers cannot spare
+// the folded form's addresses: two of its variants spill).
+template <int kRows, typename T, bool kFolded, typename Smem>
 __device__ __forceinline__ void load_rows(const Matrix& m, int64_t row0, int D, Smem& s) {
-  constexpr int kChunks = kD / 8;  // 16-byte chunks per row
-  static_assert(kThreads % kChunks == 0 && kRows % (kThreads / kChunks) == 0, "tile split");
+  using Copy = RowCopy<kRows>;
   const T* base = static_cast<const T*>(m.data);
-  const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
-  CUTE_UNROLL
-  for (int r = r0; r < kRows; r += kThreads / kChunks) {
+  auto copy_chunk = [&](int r, int c) {
     const int64_t row = row0 + r;
     const bool ok = row < m.rows && c * 8 < D;
     const T* src = ok ? base + row * m.s0 + c * 8 : base;
     SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
                                                     *reinterpret_cast<uint128_t*>(&s(r, c * 8)), ok);
+  };
+  if constexpr (kFolded) {
+    const Copy cp = Copy::of(threadIdx.x);
+    CUTE_UNROLL
+    for (int k = 0; k < Copy::kPasses; ++k) copy_chunk(cp.row(k), cp.c);
+  } else {
+    const int c = threadIdx.x % Copy::kChunks;
+    CUTE_UNROLL
+    for (int r = threadIdx.x / Copy::kChunks; r < kRows; r += Copy::kStep) copy_chunk(r, c);
   }
 }
 
@@ -367,10 +388,10 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
     return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.y[buf])), SmemTile<kBlockN>{});
   };
 
-  load_rows<kM, T>(p.x, x0, D, sX);
+  load_rows<kM, T, true>(p.x, x0, D, sX);
   if (n_tiles > 0) {
     auto sY0 = tile_y(0);
-    load_rows<kBlockN, T>(p.y, 0, D, sY0);
+    load_rows<kBlockN, T, true>(p.y, 0, D, sY0);
     stage_columns(0, 0);
   }
   cp_async_fence();
@@ -413,7 +434,7 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
     __syncthreads();  // tile t landed; tile t - 1's buffer is free
     if (t + 1 < n_tiles) {
       auto sYn = tile_y(buf ^ 1);
-      load_rows<kBlockN, T>(p.y, y0 + kBlockN, D, sYn);
+      load_rows<kBlockN, T, true>(p.y, y0 + kBlockN, D, sYn);
     }
     cp_async_fence();
     auto sY = tile_y(buf);
@@ -584,10 +605,10 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
     return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.y[buf])), SmemTileT<kBlockN>{});
   };
 
-  load_rows<kM, T>(p.x, x0, D, sX);
+  load_rows<kM, T, false>(p.x, x0, D, sX);
   if (n_tiles > 0) {
     auto sY0 = tile_y(0);
-    load_rows<kBlockN, T>(p.y, 0, D, sY0);
+    load_rows<kBlockN, T, false>(p.y, 0, D, sY0);
     stage_columns(0, 0);
   }
   cp_async_fence();
@@ -634,7 +655,7 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
     __syncthreads();
     if (t + 1 < n_tiles) {
       auto sYn = tile_y(buf ^ 1);
-      load_rows<kBlockN, T>(p.y, y0 + kBlockN, D, sYn);
+      load_rows<kBlockN, T, false>(p.y, y0 + kBlockN, D, sYn);
     }
     cp_async_fence();
     auto sY = tile_y(buf);

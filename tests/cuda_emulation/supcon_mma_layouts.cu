@@ -1,8 +1,9 @@
 // Host check of the fragment layouts the CuTe SupCon kernels (csrc/cuda/supcon_mma.cuh and the
 // Hopper forward, supcon_sm90.cuh) rely on, for every thread of a CTA: which rows and columns
 // of a tile a thread's accumulators hold (the per-row statistics, quad reductions and the
-// epilogue's addressing assume it), and that the accumulators of S read as A fragments (acc_as_a_operand) hold the coordinates the next
-// product's A operand expects. Compiled with nvcc and run on the host by
+// epilogue's addressing assume it), that the accumulators of S read as A fragments
+// (acc_as_a_operand) hold the coordinates the next product's A operand expects, and which
+// chunks of a tile load_rows has each thread copy. Compiled with nvcc and run on the host by
 // tests/test_supcon_cuda_emulated.py; prints the number of failures, exits non-zero on any.
 #include <cstdio>
 
@@ -122,7 +123,32 @@ void check_sm90_backward() {
   }
 }
 
+// load_rows: thread t copies chunk c of rows r0 + kStep k; both loop forms (unrolled over k,
+// rolled from t / kChunks) copy every 16-byte chunk of the tile exactly once.
+template <int kRows>
+void check_row_copy() {
+  using Copy = RowCopy<kRows>;
+  static int copied[kRows][Copy::kChunks];
+  for (auto& r : copied)
+    for (int& v : r) v = 0;
+  for (int t = 0; t < kThreads; ++t) {
+    const Copy cp = Copy::of(t);
+    int k = 0;
+    for (int r = t / Copy::kChunks; r < kRows; r += Copy::kStep, ++k) CHECK(cp.row(k) == r);
+    CHECK(k == Copy::kPasses);
+    for (k = 0; k < Copy::kPasses; ++k) copied[cp.row(k)][cp.c]++;
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < Copy::kChunks; ++c) {
+      const int t = -1;  // CHECK names a thread; none here
+      CHECK(copied[r][c] == 1);
+    }
+}
+
 int main() {
+  check_row_copy<kFwdRows>();
+  check_row_copy<kFwdCols>();
+  check_row_copy<bwd_cols<anchor_kernels::supcon_cuda::kBwdSoftExact>()>();
   check_sm90_tile<bfloat16_t>();
   check_sm90_tile<half_t>();
   check_sm90_backward<bfloat16_t, 64>();
