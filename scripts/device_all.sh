@@ -47,14 +47,15 @@ stage tests_triton 150 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x
     tests/test_supcon_triton.py tests/test_supcon_api.py
 stage tests_triton_chunked 60 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x \
     tests/test_supcon_triton.py -k "chunked or two_sets or lse_only"
-stage tests_cuda_ext 120 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_cpp.py
+stage tests_cuda_ext 120 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_cpp.py \
+    tests/test_bad_inputs.py
 # Every Hopper kernel variant once against the sm_80 kernels and float64, each under its own
 # time limit: a variant that hangs or fails is named and the others still run.
 stage smoke_sm90 300 python3 scripts/sm90_smoke.py --timeout 45 --json "$RES/sm90_smoke.json"
 # The same tests with the Hopper (sm_90a) kernels chosen, which they await before becoming the
 # default on compute capability 9.0.
 stage tests_cuda_sm90 180 env ANCHOR_KERNELS_CUDA_KERNELS=sm90 python3 -m pytest -q -ra -x -m gpu \
-    tests/test_supcon_cpp.py
+    tests/test_supcon_cpp.py tests/test_bad_inputs.py
 stage tests_pgd 60 python3 -m pytest -q -ra -x tests/test_pgd.py tests/test_attacks.py tests/test_attack_graph.py -m gpu
 stage tests_sim 90 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
     tests/test_similarity.py tests/test_hard_positive.py tests/test_supcon_topk.py
