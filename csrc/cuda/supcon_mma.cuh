@@ -202,6 +202,12 @@ struct RowState {
     const float m = shift2 > 0.f ? shift2 : -INFINITY, tm = shift2 > 0.f ? fabsf(nbt) * shift2 : -INFINITY;
     return {sc, sc * nbt, label, self_col, m, 0.f, 0.f, 0.f, tm, 0.f};
   }
+  // Anchor row i of a forward (rows past M: finite, unused); fixed: FwdArgs::shift2's shifts.
+  CUTE_HOST_DEVICE static RowState of(const FwdArgs& p, int64_t i, bool fixed) {
+    const bool ok = i < p.x.rows;
+    return start(ok ? p.rnx[i] * p.inv_tau * kLog2e : 1.f, p.nbt, ok ? p.lx[i] : 0,
+                 p.has_self ? i + p.shift : -1, fixed ? p.shift2 : 0.f);
+  }
 };
 
 // The reductions over the four lanes of a quad, which hold the same rows: shuffles on the
@@ -370,7 +376,7 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<SharedStorage<kM, kBlockN>*>(smem_raw);
   Tensor sX = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.x)), SmemTile<kM>{});
-  const int64_t M = p.x.rows, N = p.y.rows;
+  const int64_t N = p.y.rows;
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kM;
   const int tid = threadIdx.x;
@@ -419,11 +425,7 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
     CUTE_UNROLL
     for (int i = 0; i < 2; ++i) {
       row[mi][i] = x0 + get<0>(coord(make_coord(0, i), mi, 0));
-      const bool ok = row[mi][i] < M;
-      // Rows past M: finite, unused.
-      rs[mi][i] = RowState::start(ok ? p.rnx[row[mi][i]] * p.inv_tau * kLog2e : 1.f, p.nbt,
-                                  ok ? p.lx[row[mi][i]] : 0, p.has_self ? row[mi][i] + p.shift : -1,
-                                  kFixed ? p.shift2 : 0.f);
+      rs[mi][i] = RowState::of(p, row[mi][i], kFixed);
     }
   const int col0 = get<1>(coord(0));
 

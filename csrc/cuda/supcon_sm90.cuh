@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<FwdStorage<T>*>(smem_raw);
-  const int64_t M = p.x.rows, N = p.y.rows;
+  const int64_t N = p.y.rows;
   init_barriers(st);
 
   if (threadIdx.x < 128) {  // producer warpgroup
@@ -285,11 +285,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   CUTE_UNROLL
   for (int i = 0; i < 2; ++i) {
     row[i] = x0 + get<0>(coord(2 * i));
-    const bool ok = row[i] < M;
-    // Rows past M: finite, unused.
-    rs[i] = RowState::start(ok ? p.rnx[row[i]] * p.inv_tau * kLog2e : 1.f, p.nbt,
-                            ok ? p.lx[row[i]] : 0, p.has_self ? row[i] + p.shift : -1,
-                            kFixed ? p.shift2 : 0.f);
+    rs[i] = RowState::of(p, row[i], kFixed);
   }
   TxBarrier::wait(&st.x_full, 0);
 
