@@ -286,7 +286,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     _, err = proc.communicate()
     assert alive and proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
     killed_at = ckpt(tmp_path / "killed")["epoch"]
-    assert 1 <= killed_at < 3
+    # The kill lands once the first checkpoint exists and before the run's last epoch ends,
+    # so that the resume below has epochs left to redo.
+    assert 1 <= killed_at < 3, f"killed after epoch {killed_at}; expected 1 or 2 of 3"
 
     done = subprocess.run(cmd + ["--resume"], env=subprocess_env(), capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
