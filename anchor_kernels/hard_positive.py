@@ -132,10 +132,8 @@ def mine(z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor, k: int, *, norm
     """Selection on validated inputs with a named (or "auto") backend; cosines differentiable."""
     impl = DISPATCH.select(backend, z.device, z, c, k)
     with torch.no_grad():
-        zs = reference.prescale_rows(z.detach()) if normalize else z.detach()
-        cs = zs if c is z else (reference.prescale_rows(c.detach()) if normalize else c.detach())
         # No row has more than N positives: k past N would only allocate padding.
-        idx, cos = impl(zs, labels, cs, c_labels, min(k, c.shape[0]), normalize, anchor_offset)
+        idx, cos = impl(z, labels, c, c_labels, min(k, c.shape[0]), normalize, anchor_offset)
     if torch.is_grad_enabled() and (z.requires_grad or c.requires_grad):
         cos = SelectedCosine.apply(z, None if c is z else c, idx, cos, normalize)
     return idx, cos

@@ -163,9 +163,6 @@ def pairwise_similarity(
         (a,) = autocast_inputs(a)
     else:
         a, b = autocast_inputs(a, b)
-    if normalize:  # rows whose sum of squares could overflow, scaled exactly (same S)
-        a = reference.prescale_rows(a)
-        b = None if b is None else reference.prescale_rows(b)
     other = a if b is None else b
     impl = DISPATCH.select(backend, a.device, a, other)
     return impl(a, b if isinstance(impl, EagerSimilarity) else other, normalize, temperature)

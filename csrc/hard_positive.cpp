@@ -5,11 +5,12 @@
 //   over P(i) = {j != self(i) : y_c[j] == y_z[i]},  self(i) = anchor_offset + i,
 // exactly the selection of reference.topk_hardest_mask. Streaming: each thread owns a block of
 // anchors and walks the contrast set in column tiles (a BLAS product of the raw rows, scaled by
-// the inverse norms), keeping one bounded max-heap of (cos, j) per anchor: a candidate enters
-// when it is below the heap's largest (cos, j), compared lexicographically, so ties go to the
-// lower j. A NaN cosine (NaN inputs) is ranked as +inf, after every number and before the
-// padding, and returned as NaN. Tiles without a positive for any anchor of the block are
-// skipped before the product.
+// the inverse norms; with normalisation, rows whose sum of squares could overflow are scaled
+// by their exact overflow-safe factor first, row_scale.h), keeping one bounded max-heap of
+// (cos, j) per anchor: a candidate enters when it is below the heap's largest (cos, j),
+// compared lexicographically, so ties go to the lower j. A NaN cosine (NaN inputs) is ranked
+// as +inf, after every number and before the padding, and returned as NaN. Tiles without a
+// positive for any anchor of the block are skipped before the product.
 // No M x N buffer. Cosines are computed in float32 (float64 for float64 inputs).
 //
 // Output: indices (M, k) int64, -1 past an anchor's |P(i)|; cosines (M, k) in the accumulation
@@ -33,6 +34,7 @@
 
 #include "cpu_gemm.h"
 #include "hard_positive_args.h"
+#include "row_scale.h"
 
 namespace anchor_kernels::hard_positive {
 namespace {
@@ -81,8 +83,9 @@ std::tuple<at::Tensor, at::Tensor> select_impl(const at::Tensor& z, const at::Te
   at::Tensor cos = at::full({M, k}, std::numeric_limits<double>::infinity(), z.options().dtype(acc));
   if (M == 0 || N == 0) return {idx, cos};
   const bool same = c.is_same(z);
-  const at::Tensor x = z.to(acc).contiguous();
-  const at::Tensor y = same ? x : c.to(acc).contiguous();
+  std::vector<A> unused;  // cosines do not change under the overflow-safe factors
+  const at::Tensor x = rows_in_acc<A>(z, normalize, unused);
+  const at::Tensor y = same ? x : rows_in_acc<A>(c, normalize, unused);
   const at::Tensor yx = labels.to(at::kLong).contiguous();
   const at::Tensor yy = same ? yx : c_labels.to(at::kLong).contiguous();
   const std::vector<A> rx = inv_norms<A>(x, normalize);

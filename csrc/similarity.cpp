@@ -4,14 +4,17 @@
 //   S_ij = (a_i . b_j) / (n_a[i] n_b[j] t)
 // tile by tile: a BLAS product of the raw rows into the output tile, then the tile is scaled by
 // the inverse norms while it is in cache. No normalised copy of a or b is made (half inputs
-// are widened to float32 once, as BLAS needs).
+// are widened to float32 once, as BLAS needs). With normalisation, rows whose sum of squares
+// could overflow are scaled by their exact overflow-safe factor first (row_scale.h: S does not
+// change); n_a, n_b are the norms of the rows the product used.
 //
 // Backward, for G = dL/dS (M, N):
 //   dz_a[i] = (1/t) sum_j (G_ij / n_b[j]) b_j
 //   da[i]   = (dz_a[i] - [||a_i|| > eps] z_i (z_i . dz_a[i])) / n_a[i],   z_i = a_i / n_a[i]
 // and the same for db with G^T. Each thread owns a block of output rows: it scales G tiles by
 // the inverse norms into its scratch, accumulates dz in its scratch with BLAS, and applies the
-// normalisation backward to finished rows. No M x N temporary.
+// normalisation backward to finished rows, times the row's overflow-safe factor. No M x N
+// temporary.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -27,6 +30,7 @@
 #include <vector>
 
 #include "cpu_gemm.h"
+#include "row_scale.h"
 #include "similarity_args.h"
 
 namespace anchor_kernels::similarity {
@@ -91,10 +95,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& a,
                                                             const at::Tensor& b, bool normalize,
                                                             double temperature) {
   using A = acc_t<T>;
-  const auto acc = c10::CppTypeToScalarType<A>::value;
   const int64_t M = a.size(0), N = b.size(0), D = a.size(1);
-  const at::Tensor x = a.to(acc).contiguous();
-  const at::Tensor y = b.is_same(a) ? x : b.to(acc).contiguous();
+  std::vector<A> unused;  // the forward reads the scaled rows; factors matter to the backward
+  const at::Tensor x = rows_in_acc<A>(a, normalize, unused);
+  const at::Tensor y = b.is_same(a) ? x : rows_in_acc<A>(b, normalize, unused);
   at::Tensor na = clamped_norms<A>(x, normalize);
   at::Tensor nb = b.is_same(a) ? na.clone() : clamped_norms<A>(y, normalize);
   at::Tensor s = at::empty({M, N}, a.options());
@@ -128,11 +132,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& a,
 }
 
 // dx (R, D) for the rows of x against y through G, where G(r, q) = g[r * gr + q * gq]:
-// gr, gq are G's strides for dx = da, swapped for dx = db.
+// gr, gq are G's strides for dx = da, swapped for dx = db. fx: x's overflow-safe factors (or
+// empty), which the rows of dx are multiplied by.
 template <typename T>
 at::Tensor side_backward(const T* g, int64_t gr, int64_t gq, const at::Tensor& x,
-                         const at::Tensor& y, const at::Tensor& nx, const at::Tensor& ny,
-                         bool normalize, double temperature, at::ScalarType out_dtype) {
+                         const std::vector<acc_t<T>>& fx, const at::Tensor& y, const at::Tensor& nx,
+                         const at::Tensor& ny, bool normalize, double temperature,
+                         at::ScalarType out_dtype) {
   using A = acc_t<T>;
   const int64_t R = x.size(0), Q = y.size(0), D = x.size(1);
   at::Tensor dx = at::empty({R, D}, x.options().dtype(out_dtype));
@@ -160,13 +166,15 @@ at::Tensor side_backward(const T* g, int64_t gr, int64_t gq, const at::Tensor& x
       A* dzi = dz + i * D;
       const A* xi = xp + (r0 + i) * D;
       const A n = nxp[r0 + i];
+      const A f = fx.empty() ? A(1) : fx[r0 + i];
       A proj = 0;
       if (normalize && n > A(kNormEps)) {
         for (int64_t d = 0; d < D; ++d) proj += xi[d] * dzi[d];
         proj *= inv_t / (n * n);  // (z . dz) / n with z = x / n, dz = inv_t * dzi
       }
       T* out = dxp + (r0 + i) * D;
-      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>((dzi[d] * inv_t - proj * xi[d]) / n);
+      for (int64_t d = 0; d < D; ++d)
+        out[d] = static_cast<T>((dzi[d] * inv_t - proj * xi[d]) / n * f);
     }
   });
   return dx;
@@ -189,17 +197,18 @@ std::tuple<at::Tensor, at::Tensor> similarity_bwd_cpu(const at::Tensor& grad, co
                                                       const at::Tensor& nb, bool normalize,
                                                       double temperature) {
   check_backward_inputs(grad, a, b, na, nb, temperature);
-  const auto acc = acc_dtype(a.scalar_type());
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "similarity_bwd", [&] {
     const at::Tensor g = grad.to(a.scalar_type());
     const scalar_t* gp = g.data_ptr<scalar_t>();
-    const at::Tensor x = a.to(acc).contiguous();
-    const at::Tensor y = b.to(acc).contiguous();
+    using A = acc_t<scalar_t>;
+    std::vector<A> fa, fb;  // the forward's rows again, and their factors
+    const at::Tensor x = rows_in_acc<A>(a, normalize, fa);
+    const at::Tensor y = rows_in_acc<A>(b, normalize, fb);
     const at::Tensor nac = na.contiguous(), nbc = nb.contiguous();
-    at::Tensor da = side_backward<scalar_t>(gp, g.stride(0), g.stride(1), x, y, nac, nbc,
+    at::Tensor da = side_backward<scalar_t>(gp, g.stride(0), g.stride(1), x, fa, y, nac, nbc,
                                             normalize, temperature, a.scalar_type());
-    at::Tensor db = side_backward<scalar_t>(gp, g.stride(1), g.stride(0), y, x, nbc, nac,
+    at::Tensor db = side_backward<scalar_t>(gp, g.stride(1), g.stride(0), y, fb, x, nbc, nac,
                                             normalize, temperature, b.scalar_type());
     out = {da, db};
   });

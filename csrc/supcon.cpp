@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "cpu_gemm.h"
+#include "row_scale.h"
 #include "supcon_args.h"
 
 namespace anchor_kernels::supcon {
@@ -167,8 +168,8 @@ void parallel_blocks(int64_t blocks, int64_t scratch_elems, const F& body) {
 // Rows of f (or g) in the accumulation dtype, contiguous, divided by max(||row||, eps) when
 // normalising; norms keeps ||row|| for the backward (inf only past T's range, where the
 // gradient 1 / ||row|| rounds to 0 anyway). A row whose sum of squares could overflow is
-// summed scaled by an exact power of two (2^-e, 2^(e-1) <= max |x| < 2^e), as robust norms
-// do, so every finite row gives a finite unit vector; other rows are computed as before.
+// summed scaled by its overflow-safe factor (row_scale.h), so every finite row gives a finite
+// unit vector; other rows are computed as before.
 template <typename T>
 void prepare_rows(const at::Tensor& x, bool normalize, at::Tensor& z, at::Tensor& norms) {
   const int64_t R = x.size(0), D = x.size(1);
@@ -177,19 +178,11 @@ void prepare_rows(const at::Tensor& x, bool normalize, at::Tensor& z, at::Tensor
   norms = at::empty({R}, z.options());
   T* zp = z.data_ptr<T>();
   T* np = norms.data_ptr<T>();
-  // Below this max |x| a sum of D squares stays under T's maximum.
-  const T big = std::sqrt(std::numeric_limits<T>::max() / T(4 * std::max<int64_t>(D, 1)));
+  const T bound = overflow_safe_bound<T>(D);
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T* row = zp + r * D;
-      T amax = 0;
-      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(row[d]));
-      T scale = 1;
-      if (amax > big && std::isfinite(amax)) {
-        int e = 0;
-        std::frexp(amax, &e);
-        scale = std::ldexp(T(1), -e);
-      }
+      const T scale = overflow_safe_factor(row, D, bound);
       T ss = 0;
       for (int64_t d = 0; d < D; ++d) ss += (row[d] * scale) * (row[d] * scale);
       const T ns = std::sqrt(ss);  // ||row|| * scale

@@ -15,7 +15,7 @@ from anchor_kernels.ops.hard_positive_triton import MAX_K
 
 from .cuda_emulation import hard_positive_emulated as emu
 from .cuda_emulation.similarity_emulated import build_emulator
-from .utils import assert_graph_safe
+from .utils import DispatchedOps, assert_graph_safe
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the CUDA C++ kernel: tier 2
 CPU_BACKENDS = ["triton", "cpu", "eager", CUDA]
@@ -382,6 +382,23 @@ def test_bad_input(call, err, match):
         call(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
 
 
+@pytest.mark.parametrize("backend,dtype", [("cpu", torch.bfloat16), ("cpu", torch.float32),
+                                           pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+                                           pytest.param("cuda", torch.float32, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("single", [True, False])
+def test_one_op_call(backend, dtype, single):
+    """A normalised selection on the C++ kernels is one op call: rows that could overflow are
+    scaled inside the op, not by eager ops in front of it."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    z, y = torch.randn(9, 5, device=device, dtype=dtype), labels(9, 3).to(device)
+    c, yc = (None, None) if single else (torch.randn(7, 5, device=device, dtype=dtype),
+                                         labels(7, 3).to(device))
+    with DispatchedOps() as mode:
+        hard_positive_mining(z, y, 2, contrast=c, contrast_labels=yc,
+                             anchor_offset=0 if single else None, backend=backend)
+    assert mode.ops == ["anchor_kernels.hard_positive"]
+
+
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     try:
@@ -417,6 +434,22 @@ def test_cuda_kernel_emulated(emulator, dtype, m, n, d, k, classes, offset):
     real = idx >= 0
     assert torch.equal(cos == INF, ~real)
     torch.testing.assert_close(cos[real].double(), ref_cos[real], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_emulated_scales_huge_rows_in_the_op(emulator, dtype):
+    """Rows whose sum of squares overflows fp32 reach the glue raw; the selection runs on
+    their overflow-safe copy: the reference's indices and cosines, one set and two."""
+    z, y = (torch.randn(40, 7) * 1e36).to(dtype), labels(40, 3)
+    c, yc = (torch.randn(30, 7) * 1e36).to(dtype), labels(30, 3)
+    for cc, ycc, offset in ((z, y, 0), (c, yc, None)):
+        assert_separated(z, y, cc, ycc, offset)
+        idx, cos = emulator.select(z, y, cc, ycc, 4, True, offset)
+        ref_idx, ref_cos = reference.hard_positive_mining(
+            z.double(), y, 4, contrast=cc.double(), contrast_labels=ycc, anchor_offset=offset)
+        assert torch.equal(idx, ref_idx)
+        real = idx >= 0
+        torch.testing.assert_close(cos[real].double(), ref_cos[real], rtol=0, atol=2e-6)
 
 
 def test_cuda_kernel_emulated_ties(emulator):

@@ -338,6 +338,29 @@ def test_cuda_kernels_emulated(emulator, dtype, m, n, d, normalize):
         assert_close(name, o, r, e, atol * max(1.0, r.abs().max().item()))
 
 
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e36), (torch.bfloat16, 1e36),
+                                         (torch.float32, 1e-30)])
+def test_cuda_kernels_emulated_scale_huge_rows_in_the_op(emulator, dtype, scale):
+    """Rows whose sum of squares overflows fp32 reach the glue raw: its one row-norms launch
+    writes their overflow-safe copy (and near-zero rows stay as they are), and S and the
+    gradients (times ||x||: unit scale) match the float64 reference, one set and two."""
+    a, b = (torch.randn(70, 24) * scale).to(dtype), (torch.randn(9, 24) * scale).to(dtype)
+    a[1] /= scale  # one ordinary row among the huge ones
+    for other in (a, b):
+        s, na, nb = emulator.forward(a, other, True, 0.5)
+        g = torch.randn_like(s)
+        da, db = emulator.backward(g, a, other, na, nb, True, 0.5)
+        ad, od = a.double().requires_grad_(), other.double().requires_grad_()
+        want = reference.pairwise_similarity(ad, od, temperature=0.5)
+        want_da, want_db = torch.autograd.grad(want, [ad, od], g.double())
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(s.double(), want, rtol=tol, atol=tol)
+        for got, ref, x in ((da, want_da, ad), (db, want_db, od)):
+            unit = x.detach().norm(dim=1, keepdim=True)
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got.double() * unit, ref * unit, rtol=tol, atol=tol)
+
+
 # ------------------------------------------------------------------------------- tier 2
 
 @pytest.mark.gpu
@@ -379,6 +402,26 @@ def test_gpu_graph_safe(backend):
         return (s,) + torch.autograd.grad(s.float().square().sum(), (a, b))
 
     assert_graph_safe(step, (a, b))
+
+
+@pytest.mark.parametrize("backend,dtype", [("cpu", torch.bfloat16), ("cpu", torch.float32),
+                                           pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+                                           pytest.param("cuda", torch.float32, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("single", [True, False])
+def test_one_op_call_each_way(backend, dtype, single):
+    """A normalised similarity on the C++ kernels is one op call each way: rows that could
+    overflow are scaled inside the op, not by eager ops in front of it, and the norms it
+    returns for its backward get no zero gradients."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    a = torch.randn(9, 5, device=device, dtype=dtype, requires_grad=True)
+    b = None if single else torch.randn(7, 5, device=device, dtype=dtype, requires_grad=True)
+    with DispatchedOps() as mode:
+        s = pairwise_similarity(a, b, temperature=0.5, backend=backend)
+        torch.autograd.grad(s, [a] if single else [a, b], torch.ones_like(s))
+    ops = [op for op in mode.ops if op != "aten.ones_like"]  # the gradient's seed
+    # With one set the op takes a twice: autograd adds its two gradients.
+    tail = ["aten.add"] if single else []
+    assert ops == ["anchor_kernels.similarity_fwd", "anchor_kernels.similarity_bwd"] + tail, mode.ops
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

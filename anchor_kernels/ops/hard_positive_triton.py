@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import reference
 from .._autograd import direct_or_op
 from .similarity_triton import dot_acc, flag_arg
 from . import triton_launch
@@ -203,6 +204,9 @@ class TritonHardPositive:
 
     def __call__(self, z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor, k: int,
                  normalize: bool, anchor_offset: int | None) -> tuple[Tensor, Tensor]:
+        if normalize:  # rows whose sum of squares could overflow, scaled exactly (same cosines)
+            z, c = reference.prescale_rows(z), (None if c is z else reference.prescale_rows(c))
+            c = z if c is None else c
         return direct_or_op(hard_positive_triton, _op, z, labels, c, c_labels, k, normalize,
                             anchor_offset)
 

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import reference
 from .._autograd import call, direct_or_op, eager_function, refuse_double_backward
 from . import triton_launch
 from .triton_launch import (Launch, device_guard, device_reasons, dot_precision,
@@ -326,6 +327,9 @@ class TritonSimilarity:
         return device_reasons([a, b])
 
     def __call__(self, a: Tensor, b: Tensor, normalize: bool, temperature: float) -> Tensor:
+        if normalize:  # rows whose sum of squares could overflow, scaled exactly (same S)
+            a, b = reference.prescale_rows(a), (None if b is a else reference.prescale_rows(b))
+            b = a if b is None else b
         return call(SimilarityTriton, _fwd_op, a, b, normalize, temperature)[0]
 
 

@@ -9,12 +9,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
 
+#include "rows_glue.h"
 #include "supcon_args.h"
 #include "supcon_kernels.h"
 
@@ -23,84 +22,12 @@ namespace {
 
 namespace k = anchor_kernels::supcon_cuda;
 
-constexpr double kNormEps = 1e-12;  // reference.NORM_EPS
+using cuda_glue::matrix;
+using cuda_glue::normalize_backward;
+using cuda_glue::row_norms;
+using cuda_glue::Rows;
 
-k::Dtype kernel_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kHalf:
-      return k::Dtype::kFloat16;
-    case at::kBFloat16:
-      return k::Dtype::kBFloat16;
-    case at::kFloat:
-      return k::Dtype::kFloat32;
-    default:
-      TORCH_CHECK(false, "supcon (CUDA): features must be float32, bfloat16 or float16, got ",
-                  x.scalar_type(), " (float64 runs on the cpu backend)");
-  }
-}
-
-k::Matrix matrix(const at::Tensor& x) { return {x.data_ptr(), x.size(0), x.stride(0), x.stride(1)}; }
-
-// df from dz (fp32): (dz - z (z . dz)) / ||x|| with z = x / ||x||, or dz / eps where the
-// clamp max(||x||, eps) holds, times the rows' prescale factors (x is the copy the kernels
-// read); dz itself without normalisation.
-at::Tensor normalize_backward(const at::Tensor& x, const at::Tensor& norms,
-                              const at::Tensor& prescale, const at::Tensor& dz, bool normalize) {
-  if (!normalize) return dz.to(x.scalar_type());
-  const at::Tensor rn = norms.clamp_min(kNormEps).reciprocal().unsqueeze(1);
-  const at::Tensor z = x.to(at::kFloat) * rn;
-  const at::Tensor projected = dz - z * (z * dz).sum(1, true);
-  at::Tensor df = at::where((norms >= kNormEps).unsqueeze(1), projected, dz) * rn;
-  if (prescale.defined()) df = df * prescale.unsqueeze(1);
-  return df.to(x.scalar_type());
-}
-
-// What the loss kernels read of f and g, from one launch: the rows themselves, or for bf16 and
-// fp32 inputs with normalisation their overflow-safe copy (RowNormArgs::scaled), and per row
-// (f's, then g's with two sets) the norm, its inverse 1 / max(||.||, eps) (or 1 without
-// normalisation) and, with the copy, the prescale factor.
-struct Rows {
-  at::Tensor f, g;      // the kernels' operands
-  at::Tensor stats;     // (3, R) float32: norms, inverses, prescale factors
-  bool copied;          // stats[2] holds prescale factors (else it is not written)
-  int64_t M;
-  bool single;
-
-  // Rows of g start at M in stats, or are f's with one set.
-  int64_t start(bool of_g) const { return of_g && !single ? M : 0; }
-  int64_t count(bool of_g) const { return of_g ? g.size(0) : M; }
-  const float* inv(bool of_g) const { return stats.data_ptr<float>() + stats.size(1) + start(of_g); }
-  at::Tensor norms(bool of_g) const { return stats[0].narrow(0, start(of_g), count(of_g)); }
-  at::Tensor prescale(bool of_g) const {
-    return copied ? stats[2].narrow(0, start(of_g), count(of_g)) : at::Tensor();
-  }
-};
-
-Rows row_norms(k::Dtype dtype, const at::Tensor& f, const at::Tensor& g, const Sizes& sz,
-               bool normalize, cudaStream_t stream) {
-  const int64_t rows = sz.M + (sz.single ? 0 : sz.N);
-  // fp32 sums of fp16 squares cannot overflow: fp16 rows are read as they are.
-  const bool copy = normalize && dtype != k::Dtype::kFloat16;
-  Rows out{f, g, at::empty({3, rows}, f.options().dtype(at::kFloat)), copy, sz.M, sz.single};
-  k::RowNormArgs a{};
-  a.x = matrix(f);
-  a.y = sz.single ? k::Matrix{nullptr, 0, 0, 0} : matrix(g);
-  a.D = sz.D;
-  a.normalize = normalize;
-  a.eps = float(kNormEps);
-  a.norms = out.stats.data_ptr<float>();
-  a.inv = a.norms + rows;
-  if (copy) {
-    const at::Tensor scaled = at::empty({rows, sz.D}, f.options());
-    out.f = scaled.narrow(0, 0, sz.M);
-    out.g = sz.single ? out.f : scaled.narrow(0, sz.M, sz.N);
-    a.scaled = scaled.data_ptr();
-    a.prescale = a.inv + rows;
-    a.big = float(std::sqrt(double(std::numeric_limits<float>::max()) / (4.0 * double(sz.D))));
-  }
-  C10_CUDA_CHECK(k::launch_row_norms(dtype, a, stream));
-  return out;
-}
+k::Dtype kernel_dtype(const at::Tensor& f) { return cuda_glue::kernel_dtype(f, "supcon", "features"); }
 
 // ANCHOR_KERNELS_CUDA_KERNELS picks the tensor-core kernel family (supcon_kernels.h); a value
 // it does not name is an error here rather than a silent fall-back.
@@ -131,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cuda(
   const at::Tensor g = sz.single ? f : *contrast;
   const at::Tensor lf = labels.to(at::kLong).contiguous();
   const at::Tensor lg = sz.single ? lf : contrast_labels->to(at::kLong).contiguous();
-  const Rows rows = row_norms(dtype, f, g, sz, normalize, stream);
+  const Rows rows = row_norms(dtype, f, g, sz.single, normalize, stream);
   const auto fopts = f.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({sz.M}, fopts);
   at::Tensor valid = at::empty({sz.M}, f.options().dtype(at::kBool));
@@ -184,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   const at::Tensor g = sz.single ? f : *contrast;
   const at::Tensor lf = labels.to(at::kLong).contiguous();
   const at::Tensor lg = sz.single ? lf : contrast_labels->to(at::kLong).contiguous();
-  const Rows rows = row_norms(dtype, f, g, sz, normalize, stream);
+  const Rows rows = row_norms(dtype, f, g, sz.single, normalize, stream);
   const auto fopts = f.options().dtype(at::kFloat);
 
   // Per anchor (4, M): g_i, LSE_i, q_i (1/|P| or logW), sbar_i, then gmax, from one launch.
@@ -217,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   // The tensor-core kernels apply the normalisation's chain rule in their epilogue and write
   // the gradient in the features' dtype; the others write dz in fp32 for normalize_backward.
   const bool fused = k::mma_supported(dtype, matrix(rows.f), matrix(rows.g), sz.D);
-  a.norm_eps = float(kNormEps);
+  a.norm_eps = float(cuda_glue::kNormEps);
   auto pass = [&](const at::Tensor& x, const at::Tensor& x_norms, const at::Tensor& x_prescale) {
     at::Tensor out = at::empty({x.size(0), sz.D}, fused ? x.options() : fopts);
     a.df = fused ? out.data_ptr() : nullptr;

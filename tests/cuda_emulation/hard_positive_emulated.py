@@ -10,7 +10,7 @@ import ctypes
 import torch
 
 from .similarity_emulated import _matrix
-from .supcon_emulated import DTYPE_CODES, NORM_EPS, Matrix
+from .supcon_emulated import DTYPE_CODES, Matrix, row_norms
 
 _p = ctypes.c_void_p
 
@@ -34,15 +34,12 @@ class Emulator:
         idx = torch.full((m, k), -1, dtype=torch.int64)
         cos = torch.full((m, k), float("inf"))
         keys = torch.empty(m, keff, dtype=torch.int64)
-
-        def inv_norms(x):
-            if not normalize:
-                return torch.ones(x.shape[0])
-            return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal()
-
-        rz, rc = inv_norms(z), inv_norms(c)
+        same = c is z
+        rows, _, inv, _ = row_norms(self.lib, z, None if same else c, normalize, order)
+        xz, xc = rows[:m], (rows[:m] if same else rows[m:])
+        rz, rc = inv[:m], (inv[:m] if same else inv[m:])
         lz, lc = labels.long().contiguous(), c_labels.long().contiguous()
-        args = Args(_matrix(z), _matrix(c), z.shape[1], lz.data_ptr(), lc.data_ptr(),
+        args = Args(_matrix(xz), _matrix(xc), z.shape[1], lz.data_ptr(), lc.data_ptr(),
                     rz.data_ptr(), rc.data_ptr(), anchor_offset is not None, anchor_offset or 0,
                     keff, keys.data_ptr(), idx.data_ptr(), cos.data_ptr(), k)
         assert self.lib.emu_hard_positive(DTYPE_CODES[z.dtype], ctypes.byref(args), order) == 0

@@ -1,6 +1,6 @@
 """The CUDA similarity kernels run on the host (``similarity_emulator.cpp``), driven like
-``csrc/cuda/similarity_cuda.cpp`` drives them on a GPU: same inverse norms, same launches, same
-chain rule through the normalisation.
+``csrc/cuda/similarity_cuda.cpp`` drives them on a GPU: the same row-norms launch (with its
+overflow-safe copy), same launches, same chain rule through the normalisation.
 
 As for the SupCon kernels (``supcon_emulated.py``), the device code is compiled without WMMA:
 this checks indexing, tiling, masks, strides (G and G^T), barriers and scaling, not the
@@ -16,7 +16,8 @@ import subprocess
 
 import torch
 
-from .supcon_emulated import CSRC, DTYPE_CODES, HERE, NORM_EPS, Matrix, cuda_include_dir
+from .supcon_emulated import (CSRC, DTYPE_CODES, HERE, NORM_EPS, Matrix, cuda_include_dir,
+                              normalize_backward, row_norms)
 
 _p = ctypes.c_void_p
 
@@ -57,36 +58,34 @@ class Emulator:
         assert self.lib.emu_sizeof_similarity_args(0) == ctypes.sizeof(FwdArgs)
         assert self.lib.emu_sizeof_similarity_args(1) == ctypes.sizeof(BwdArgs)
 
-    @staticmethod
-    def norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
-        if not normalize:
-            return torch.ones(x.shape[0])
-        return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS)
-
     def forward(self, a, b, normalize, temperature, order=0):
         """(S, n_a, n_b) as similarity_fwd_cuda returns them."""
-        na, nb = self.norms(a, normalize), self.norms(b, normalize)
-        rna, rnb = na.reciprocal(), nb.reciprocal()
-        s = torch.empty(a.shape[0], b.shape[0], dtype=a.dtype)
-        args = FwdArgs(_matrix(a), _matrix(b), a.shape[1], rna.data_ptr(), rnb.data_ptr(),
-                       1.0 / temperature, s.data_ptr(), s.stride(0))
+        m, single = a.shape[0], b is a
+        rows, norms, inv, _ = row_norms(self.lib, a, None if single else b, normalize, order)
+        of_b = slice(0, m) if single else slice(m, None)
+        s = torch.empty(m, b.shape[0], dtype=a.dtype)
+        args = FwdArgs(_matrix(rows[:m]), _matrix(rows[of_b]), a.shape[1], inv[:m].data_ptr(),
+                       inv[of_b].data_ptr(), 1.0 / temperature, s.data_ptr(), s.stride(0))
         assert self.lib.emu_similarity_fwd(DTYPE_CODES[a.dtype], ctypes.byref(args), order) == 0
-        return s, na, nb
+        clamped = norms.clamp_min(NORM_EPS) if normalize else torch.ones_like(norms)
+        return s, clamped[:m], clamped[of_b].clone()
 
-    def _side(self, g, gr, gq, x, y, nx, ny, normalize, temperature, order):
+    def _side(self, g, gr, gq, x, y, nx, px, rny, normalize, temperature, order):
         dz = torch.empty(x.shape, dtype=torch.float32)
-        rny = ny.reciprocal()
         args = BwdArgs(g.data_ptr(), gr, gq, x.shape[0], _matrix(y), x.shape[1], rny.data_ptr(),
                        1.0 / temperature, dz.data_ptr())
         assert self.lib.emu_similarity_bwd(DTYPE_CODES[x.dtype], ctypes.byref(args), order) == 0
-        if not normalize:
-            return dz.to(x.dtype)
-        z = x.float() / nx[:, None]
-        proj = torch.where(nx > NORM_EPS, (z * dz).sum(1), torch.zeros(()))
-        return ((dz - proj[:, None] * z) / nx[:, None]).to(x.dtype)
+        return normalize_backward(x, nx, px, dz, normalize)
 
     def backward(self, grad, a, b, na, nb, normalize, temperature, order=0):
-        """(da, db) as similarity_bwd_cuda returns them."""
+        """(da, db) as similarity_bwd_cuda returns them (the rows and norms again; na, nb
+        unread)."""
+        m = a.shape[0]
+        rows, norms, inv, pre = row_norms(self.lib, a, b, normalize, order)
+        xa, xb = rows[:m], rows[m:]
+        pa, pb = (None, None) if pre is None else (pre[:m], pre[m:])
         g = grad.to(a.dtype)
-        return (self._side(g, g.stride(0), g.stride(1), a, b, na, nb, normalize, temperature, order),
-                self._side(g, g.stride(1), g.stride(0), b, a, nb, na, normalize, temperature, order))
+        return (self._side(g, g.stride(0), g.stride(1), xa, xb, norms[:m], pa, inv[m:], normalize,
+                           temperature, order),
+                self._side(g, g.stride(1), g.stride(0), xb, xa, norms[m:], pb, inv[:m], normalize,
+                           temperature, order))

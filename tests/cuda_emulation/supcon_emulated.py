@@ -96,6 +96,38 @@ def build(out_dir: str) -> str:
     return lib
 
 
+def row_norms(lib, f, g, normalize, order=0):
+    """(rows, norms, inverse norms, prescale factors) from emu_row_norms in lib (every emulator
+    library has it): what the kernels read, f's then g's rows (none when g is None) as one
+    (M + N, D) tensor, and per row of it its statistics. ``rows`` and ``prescale`` are the
+    overflow-safe copy and its factors for bf16 and fp32 inputs with normalisation (as
+    rows_glue.h asks for them), else the inputs themselves and None."""
+    rows = f.shape[0] + (0 if g is None else g.shape[0])
+    d = f.shape[1]
+    out = torch.empty(3, rows)
+    copy = normalize and f.dtype != torch.float16
+    scaled = torch.empty(rows, d, dtype=f.dtype) if copy else None
+    big = (torch.finfo(torch.float32).max / (4.0 * d)) ** 0.5 if copy else 0.0
+    args = RowNormArgs(_matrix_or_none(f), _matrix_or_none(g), d, normalize, NORM_EPS,
+                       out[0].data_ptr(), out[1].data_ptr(),
+                       scaled.data_ptr() if copy else None,
+                       out[2].data_ptr() if copy else None, big)
+    _check(lib.emu_row_norms(DTYPE_CODES[f.dtype], ctypes.byref(args), order))
+    if not copy:
+        scaled = f if g is None else torch.cat([f, g])
+    return scaled, out[0], out[1], out[2] if copy else None
+
+
+def _matrix_or_none(x: torch.Tensor | None) -> Matrix:
+    if x is None:
+        return Matrix(None, 0, 0, 0)
+    return Matrix(x.data_ptr(), x.shape[0], x.stride(0), x.stride(1))
+
+
+def _check(rc: int) -> None:
+    assert rc == 0, "threads of a block passed different numbers of barriers"
+
+
 class Emulator:
     def __init__(self, lib_path: str):
         self.lib = ctypes.CDLL(lib_path)
@@ -104,36 +136,11 @@ class Emulator:
                              ("anchor_stage_args", AnchorStageArgs)):
             assert getattr(self.lib, f"emu_sizeof_{name}")() == ctypes.sizeof(struct), name
 
-    @staticmethod
-    def _matrix(x: torch.Tensor | None) -> Matrix:
-        if x is None:
-            return Matrix(None, 0, 0, 0)
-        return Matrix(x.data_ptr(), x.shape[0], x.stride(0), x.stride(1))
-
-    @staticmethod
-    def _check(rc: int) -> None:
-        assert rc == 0, "threads of a block passed different numbers of barriers"
+    _matrix = staticmethod(_matrix_or_none)
+    _check = staticmethod(_check)
 
     def row_norms(self, f, g, normalize, order=0):
-        """(rows, norms, inverse norms, prescale factors): what the loss kernels read, f's
-        then g's rows (none when g is None) as one (M + N, D) tensor, and per row of it its
-        statistics. ``rows`` and ``prescale`` are the overflow-safe copy and its factors for
-        bf16 and fp32 inputs with normalisation (as supcon_cuda.cpp asks for them), else the
-        inputs themselves and None."""
-        rows = f.shape[0] + (0 if g is None else g.shape[0])
-        d = f.shape[1]
-        out = torch.empty(3, rows)
-        copy = normalize and f.dtype != torch.float16
-        scaled = torch.empty(rows, d, dtype=f.dtype) if copy else None
-        big = (torch.finfo(torch.float32).max / (4.0 * d)) ** 0.5 if copy else 0.0
-        args = RowNormArgs(self._matrix(f), self._matrix(g), d, normalize, NORM_EPS,
-                           out[0].data_ptr(), out[1].data_ptr(),
-                           scaled.data_ptr() if copy else None,
-                           out[2].data_ptr() if copy else None, big)
-        self._check(self.lib.emu_row_norms(DTYPE_CODES[f.dtype], ctypes.byref(args), order))
-        if not copy:
-            scaled = f if g is None else torch.cat([f, g])
-        return scaled, out[0], out[1], out[2] if copy else None
+        return row_norms(self.lib, f, g, normalize, order)
 
     def loss_reduce(self, loss, valid, scale, reduction, order=0):
         out = torch.empty(loss.shape[0] if reduction == 0 else 1)
@@ -205,18 +212,21 @@ class Emulator:
             return dx
 
         dzf = launch(f, lf, rnf, gg, lg, rng, True, single, anchor_offset or 0)
-        df = _normalize_backward(f, nf, pf, dzf, normalize)
+        df = normalize_backward(f, nf, pf, dzf, normalize)
         if single:
             return df, None
         dzg = launch(gg, lg, rng, f, lf, rnf, False, True, -(anchor_offset or 0))
-        return df, _normalize_backward(gg, ng, pg, dzg, normalize)
+        return df, normalize_backward(gg, ng, pg, dzg, normalize)
 
 
-def _normalize_backward(x, norms, prescale, dz, normalize):
+def normalize_backward(x, norms, prescale, dz, normalize):
+    """rows_glue.h's normalize_backward (prescale None: no copy was made)."""
     if not normalize:
         return dz.to(x.dtype)
     rn = norms.clamp_min(NORM_EPS).reciprocal().unsqueeze(1)
     z = x.float() * rn
     projected = dz - z * (z * dz).sum(1, keepdim=True)
     df = torch.where((norms >= NORM_EPS).unsqueeze(1), projected, dz) * rn
-    return (df * prescale.unsqueeze(1)).to(x.dtype)
+    if prescale is not None:
+        df = df * prescale.unsqueeze(1)
+    return df.to(x.dtype)

@@ -1,0 +1,104 @@
+// Torch glue shared by the CUDA ops (supcon_cuda.cpp, similarity_cuda.cpp,
+// hard_positive_cuda.cpp): the kernels' dtype code, their matrix view of a tensor, the one
+// launch of row_norms_kernel (supcon_rows.cuh) that gives every op its row norms and, for
+// bf16 / fp32 rows with normalisation, the overflow-safe copy its kernels read, and the chain
+// rule through the normalisation for the kernels that leave it to the glue.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cmath>
+#include <limits>
+
+#include "supcon_kernels.h"
+
+namespace anchor_kernels::cuda_glue {
+
+namespace k = anchor_kernels::supcon_cuda;
+
+constexpr double kNormEps = 1e-12;  // reference.NORM_EPS
+
+// op and arg name the input in the error, e.g. ("supcon", "features").
+inline k::Dtype kernel_dtype(const at::Tensor& x, const char* op, const char* arg) {
+  switch (x.scalar_type()) {
+    case at::kHalf:
+      return k::Dtype::kFloat16;
+    case at::kBFloat16:
+      return k::Dtype::kBFloat16;
+    case at::kFloat:
+      return k::Dtype::kFloat32;
+    default:
+      TORCH_CHECK(false, op, " (CUDA): ", arg, " must be float32, bfloat16 or float16, got ",
+                  x.scalar_type(), " (float64 runs on the cpu backend)");
+  }
+}
+
+inline k::Matrix matrix(const at::Tensor& x) { return {x.data_ptr(), x.size(0), x.stride(0), x.stride(1)}; }
+
+// What the kernels read of f (M, D) and g (N, D), from one launch: the rows themselves, or for
+// bf16 and fp32 inputs with normalisation their overflow-safe copy (RowNormArgs::scaled), and
+// per row (f's, then g's with two sets) the norm, its inverse 1 / max(||.||, eps) (or 1
+// without normalisation) and, with the copy, the prescale factor.
+struct Rows {
+  at::Tensor f, g;      // the kernels' operands
+  at::Tensor stats;     // (3, R) float32: norms, inverses, prescale factors
+  bool copied;          // stats[2] holds prescale factors (else it is not written)
+  int64_t M;
+  bool single;          // g is f
+
+  // Rows of g start at M in stats, or are f's with one set.
+  int64_t start(bool of_g) const { return of_g && !single ? M : 0; }
+  int64_t count(bool of_g) const { return of_g ? g.size(0) : M; }
+  const float* inv(bool of_g) const { return stats.data_ptr<float>() + stats.size(1) + start(of_g); }
+  at::Tensor norms(bool of_g) const { return stats[0].narrow(0, start(of_g), count(of_g)); }
+  at::Tensor prescale(bool of_g) const {
+    return copied ? stats[2].narrow(0, start(of_g), count(of_g)) : at::Tensor();
+  }
+};
+
+// single: g is f (its rows are f's, computed once).
+inline Rows row_norms(k::Dtype dtype, const at::Tensor& f, const at::Tensor& g, bool single,
+                      bool normalize, cudaStream_t stream) {
+  const int64_t M = f.size(0), N = g.size(0), D = f.size(1);
+  const int64_t rows = M + (single ? 0 : N);
+  // fp32 sums of fp16 squares cannot overflow: fp16 rows are read as they are.
+  const bool copy = normalize && dtype != k::Dtype::kFloat16;
+  Rows out{f, g, at::empty({3, rows}, f.options().dtype(at::kFloat)), copy, M, single};
+  k::RowNormArgs a{};
+  a.x = matrix(f);
+  a.y = single ? k::Matrix{nullptr, 0, 0, 0} : matrix(g);
+  a.D = D;
+  a.normalize = normalize;
+  a.eps = float(kNormEps);
+  a.norms = out.stats.data_ptr<float>();
+  a.inv = a.norms + rows;
+  if (copy) {
+    const at::Tensor scaled = at::empty({rows, D}, f.options());
+    out.f = scaled.narrow(0, 0, M);
+    out.g = single ? out.f : scaled.narrow(0, M, N);
+    a.scaled = scaled.data_ptr();
+    a.prescale = a.inv + rows;
+    a.big = float(std::sqrt(double(std::numeric_limits<float>::max()) / (4.0 * double(D))));
+  }
+  C10_CUDA_CHECK(k::launch_row_norms(dtype, a, stream));
+  return out;
+}
+
+// dx from dz (fp32), the gradient with respect to z = x / max(||x||, eps):
+// (dz - z (z . dz)) / ||x||, or dz / eps where the clamp holds, times the rows' prescale
+// factors (x is the copy the kernels read; prescale undefined without one); dz itself without
+// normalisation.
+inline at::Tensor normalize_backward(const at::Tensor& x, const at::Tensor& norms,
+                                     const at::Tensor& prescale, const at::Tensor& dz,
+                                     bool normalize) {
+  if (!normalize) return dz.to(x.scalar_type());
+  const at::Tensor rn = norms.clamp_min(kNormEps).reciprocal().unsqueeze(1);
+  const at::Tensor z = x.to(at::kFloat) * rn;
+  const at::Tensor projected = dz - z * (z * dz).sum(1, true);
+  at::Tensor dx = at::where((norms >= kNormEps).unsqueeze(1), projected, dz) * rn;
+  if (prescale.defined()) dx = dx * prescale.unsqueeze(1);
+  return dx.to(x.scalar_type());
+}
+
+}  // namespace anchor_kernels::cuda_glue
