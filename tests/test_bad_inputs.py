@@ -307,24 +307,36 @@ def test_gpu_loss_with_extreme_norms_matches_the_reference(make, rtol, backend):
     _check_extreme_norms(make, rtol, backend, "cuda")
 
 
+def _check_huge_similarity(make, rtol, backend, device="cpu"):
+    f, y = _batch(m=10, d=6)
+    x = make(f).to(device).requires_grad_(True)
+    xd = x.detach().cpu().double().requires_grad_(True)
+    want = reference.pairwise_similarity(xd)
+    got = ak.pairwise_similarity(x, backend=backend)
+    _close(got.cpu(), want, rtol, atol=rtol)
+    got.double().sum().backward()
+    want.sum().backward()
+    scale = xd.detach().norm(dim=1, keepdim=True)
+    assert torch.isfinite(x.grad).all()
+    _close(x.grad.cpu().double() * scale, xd.grad * scale, rtol=max(rtol, 1e-4), atol=max(rtol, 1e-3))
+    idx, cos = ak.hard_positive_mining(x.detach(), y.to(device), 2, backend=backend)
+    want_idx, want_cos = reference.hard_positive_mining(xd.detach(), y, 2)
+    assert torch.equal(idx.cpu(), want_idx)
+    _close(cos.cpu(), want_cos, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("make,rtol", [pytest.param(m, r, id=i) for i, m, r in HUGE[:4]])
 def test_similarity_and_selection_with_huge_norms_match_the_reference(make, rtol, backend):
-    f, y = _batch(m=10, d=6)
-    x = make(f).requires_grad_(True)
-    xd = x.detach().double().requires_grad_(True)
-    want = reference.pairwise_similarity(xd)
-    got = ak.pairwise_similarity(x, backend=backend)
-    _close(got, want, rtol, atol=rtol)
-    got.double().sum().backward()
-    want.sum().backward()
-    scale = x.detach().double().norm(dim=1, keepdim=True)
-    assert torch.isfinite(x.grad).all()
-    _close(x.grad.double() * scale, xd.grad * scale, rtol=max(rtol, 1e-4), atol=max(rtol, 1e-3))
-    idx, cos = ak.hard_positive_mining(x.detach(), y, 2, backend=backend)
-    want_idx, want_cos = reference.hard_positive_mining(x.detach().double(), y, 2)
-    assert torch.equal(idx, want_idx)
-    _close(cos, want_cos, rtol=1e-5, atol=1e-6)
+    _check_huge_similarity(make, rtol, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("make,rtol", [pytest.param(m, r, id=i) for i, m, r in HUGE[:4]])
+def test_gpu_similarity_and_selection_with_huge_norms_match_the_reference(make, rtol, backend):
+    """On the GPU too (the CUDA ops scale such rows inside, from their row-norms launch)."""
+    _check_huge_similarity(make, rtol, backend, "cuda")
 
 
 @pytest.mark.parametrize("detach", [True, False])
