@@ -91,20 +91,19 @@ std::vector<A> scaled_inverse(const at::Tensor& n, A scale) {
 }
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& a,
-                                                            const at::Tensor& b, bool normalize,
-                                                            double temperature) {
+at::Tensor forward_impl(const at::Tensor& a, const at::Tensor& b, bool normalize,
+                        double temperature) {
   using A = acc_t<T>;
   const int64_t M = a.size(0), N = b.size(0), D = a.size(1);
   std::vector<A> unused;  // the forward reads the scaled rows; factors matter to the backward
   const at::Tensor x = rows_in_acc<A>(a, normalize, unused);
   const at::Tensor y = b.is_same(a) ? x : rows_in_acc<A>(b, normalize, unused);
-  at::Tensor na = clamped_norms<A>(x, normalize);
-  at::Tensor nb = b.is_same(a) ? na.clone() : clamped_norms<A>(y, normalize);
+  const at::Tensor na = clamped_norms<A>(x, normalize);
+  const at::Tensor nb = b.is_same(a) ? na : clamped_norms<A>(y, normalize);
   at::Tensor s = at::empty({M, N}, a.options());
   if (D == 0) {  // BLAS needs leading dimensions >= 1; the product is 0
     s.zero_();
-    return {s, na, nb};
+    return s;
   }
   const A* xp = x.data_ptr<A>();
   const A* yp = y.data_ptr<A>();
@@ -128,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& a,
       for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(in[j] * ri * rbj[j]);
     }
   });
-  return {s, na, nb};
+  return s;
 }
 
 // dx (R, D) for the rows of x against y through G, where G(r, q) = g[r * gr + q * gq]:
@@ -180,12 +179,10 @@ at::Tensor side_backward(const T* g, int64_t gr, int64_t gq, const at::Tensor& x
   return dx;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_fwd_cpu(const at::Tensor& a,
-                                                                  const at::Tensor& b,
-                                                                  bool normalize,
-                                                                  double temperature) {
+at::Tensor similarity_fwd_cpu(const at::Tensor& a, const at::Tensor& b, bool normalize,
+                              double temperature) {
   check_inputs("similarity_fwd", a, b, temperature);
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "similarity_fwd", [&] {
     out = forward_impl<scalar_t>(a, b, normalize, temperature);
   });
@@ -193,19 +190,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_fwd_cpu(const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor> similarity_bwd_cpu(const at::Tensor& grad, const at::Tensor& a,
-                                                      const at::Tensor& b, const at::Tensor& na,
-                                                      const at::Tensor& nb, bool normalize,
+                                                      const at::Tensor& b, bool normalize,
                                                       double temperature) {
-  check_backward_inputs(grad, a, b, na, nb, temperature);
+  check_backward_inputs(grad, a, b, temperature);
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "similarity_bwd", [&] {
     const at::Tensor g = grad.to(a.scalar_type());
     const scalar_t* gp = g.data_ptr<scalar_t>();
     using A = acc_t<scalar_t>;
-    std::vector<A> fa, fb;  // the forward's rows again, and their factors
+    std::vector<A> fa, fb;  // the forward's rows and norms again (O((M + N) D)), and the factors
     const at::Tensor x = rows_in_acc<A>(a, normalize, fa);
     const at::Tensor y = rows_in_acc<A>(b, normalize, fb);
-    const at::Tensor nac = na.contiguous(), nbc = nb.contiguous();
+    const at::Tensor nac = clamped_norms<A>(x, normalize), nbc = clamped_norms<A>(y, normalize);
     at::Tensor da = side_backward<scalar_t>(gp, g.stride(0), g.stride(1), x, fa, y, nac, nbc,
                                             normalize, temperature, a.scalar_type());
     at::Tensor db = side_backward<scalar_t>(gp, g.stride(1), g.stride(0), y, fb, x, nbc, nac,
@@ -219,10 +215,9 @@ std::tuple<at::Tensor, at::Tensor> similarity_bwd_cpu(const at::Tensor& grad, co
 }  // namespace anchor_kernels::similarity
 
 TORCH_LIBRARY_FRAGMENT(anchor_kernels, m) {
-  m.def("similarity_fwd(Tensor a, Tensor b, bool normalize, float temperature) -> "
-        "(Tensor, Tensor, Tensor)");
-  m.def("similarity_bwd(Tensor grad, Tensor a, Tensor b, Tensor na, Tensor nb, bool normalize, "
-        "float temperature) -> (Tensor, Tensor)");
+  m.def("similarity_fwd(Tensor a, Tensor b, bool normalize, float temperature) -> Tensor");
+  m.def("similarity_bwd(Tensor grad, Tensor a, Tensor b, bool normalize, float temperature) -> "
+        "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(anchor_kernels, CPU, m) {

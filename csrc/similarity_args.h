@@ -14,11 +14,6 @@ inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// Norms and accumulation: float32 for half inputs, else the input's dtype.
-inline at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 inline void check_inputs(const char* op, const at::Tensor& a, const at::Tensor& b,
                          double temperature) {
   TORCH_CHECK(a.dim() == 2, op, ": a must be 2-D (M, D), got shape ", a.sizes());
@@ -34,20 +29,13 @@ inline void check_inputs(const char* op, const at::Tensor& a, const at::Tensor& 
 }
 
 inline void check_backward_inputs(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
-                                  const at::Tensor& na, const at::Tensor& nb, double temperature) {
+                                  double temperature) {
   check_inputs("similarity_bwd", a, b, temperature);
   const int64_t M = a.size(0), N = b.size(0);
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == M && grad.size(1) == N,
               "similarity_bwd: grad must have shape (", M, ", ", N, "), got ", grad.sizes());
   TORCH_CHECK(grad.device() == a.device(), "similarity_bwd: grad is on ", grad.device(),
               " but a is on ", a.device());
-  const auto acc = acc_dtype(a.scalar_type());
-  TORCH_CHECK(na.dim() == 1 && na.size(0) == M && na.scalar_type() == acc && nb.dim() == 1 &&
-                  nb.size(0) == N && nb.scalar_type() == acc && na.device() == a.device() &&
-                  nb.device() == a.device(),
-              "similarity_bwd: na, nb must be the (M,), (N,) ", acc,
-              " norms returned by similarity_fwd, got ", na.sizes(), " ", na.scalar_type(), " and ",
-              nb.sizes(), " ", nb.scalar_type());
 }
 
 }  // namespace anchor_kernels::similarity

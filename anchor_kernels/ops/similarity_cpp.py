@@ -4,9 +4,11 @@
 
 Schemas (declared once, in ``csrc/similarity.cpp``; the dispatcher picks the CPU or CUDA kernel)::
 
-    similarity_fwd(a (M, D), b (N, D), normalize, temperature)
-        -> S (M, N) in a's dtype, n_a (M,), n_b (N,)   clamped norms, float32 (float64 for float64)
-    similarity_bwd(grad (M, N), a, b, n_a, n_b, normalize, temperature) -> da (M, D), db (N, D)
+    similarity_fwd(a (M, D), b (N, D), normalize, temperature) -> S (M, N) in a's dtype
+    similarity_bwd(grad (M, N), a, b, normalize, temperature) -> da (M, D), db (N, D)
+
+The ops take the raw rows: both scale rows whose squares could overflow themselves, and the
+backward recomputes the rows' norms (O((M + N) D)) rather than keeping them from the forward.
 """
 
 from __future__ import annotations
@@ -20,33 +22,23 @@ from .._autograd import call, eager_function, refuse_double_backward
 LOAD_ERROR = _ext.load()
 
 
-def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _fwd_fake(a, b, normalize, temperature):
-    m, n = a.shape[0], b.shape[0]
-    acc = _norm_dtype(a.dtype)
-    return a.new_empty((m, n)), a.new_empty((m,), dtype=acc), a.new_empty((n,), dtype=acc)
+    return a.new_empty((a.shape[0], b.shape[0]))
 
 
-def _bwd_fake(grad, a, b, na, nb, normalize, temperature):
+def _bwd_fake(grad, a, b, normalize, temperature):
     return a.new_empty(a.shape), b.new_empty(b.shape)
 
 
 def _setup_context(ctx, inputs, output):
     a, b, normalize, temperature = inputs
-    _, na, nb = output
-    ctx.mark_non_differentiable(na, nb)
-    ctx.set_materialize_grads(False)  # the norms' gradients are never read: no zero tensors
-    ctx.save_for_backward(a, b, na, nb)
+    ctx.save_for_backward(a, b)
     ctx.normalize, ctx.temperature = normalize, temperature
 
 
-def _backward(ctx, grad_s, grad_na, grad_nb):
-    a, b, na, nb = ctx.saved_tensors
-    da, db = torch.ops.anchor_kernels.similarity_bwd(grad_s, a, b, na, nb, ctx.normalize,
-                                                     ctx.temperature)
+def _backward(ctx, grad_s):
+    a, b = ctx.saved_tensors
+    da, db = torch.ops.anchor_kernels.similarity_bwd(grad_s, a, b, ctx.normalize, ctx.temperature)
     da, db = refuse_double_backward(a.device.type, (da, db), (grad_s, a, b))
     return da, db, None, None  # a, b, normalize, temperature
 
@@ -81,7 +73,7 @@ class CppSimilarity:
 
     def __call__(self, a: Tensor, b: Tensor, normalize: bool, temperature: float) -> Tensor:
         return call(SimilarityCpp, torch.ops.anchor_kernels.similarity_fwd, a, b, normalize,
-                    temperature)[0]
+                    temperature)
 
 
 CPU_BACKEND = CppSimilarity("cpu", "cpu",

@@ -21,33 +21,24 @@ namespace {
 namespace k = anchor_kernels::similarity_cuda;
 
 using cuda_glue::kernel_dtype;
-using cuda_glue::kNormEps;
 using cuda_glue::matrix;
 using cuda_glue::row_norms;
 using cuda_glue::Rows;
 
-// S from the rows the kernel reads (Rows::f, Rows::g: overflow-safe where needed, same S), and
-// the clamped norms max(||row||, eps) of those rows (ones without normalisation), as the CPU
-// kernel returns them.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_fwd_cuda(const at::Tensor& a,
-                                                                   const at::Tensor& b,
-                                                                   bool normalize,
-                                                                   double temperature) {
+// S from the rows the kernel reads (Rows::f, Rows::g: overflow-safe where needed, same S): two
+// launches.
+at::Tensor similarity_fwd_cuda(const at::Tensor& a, const at::Tensor& b, bool normalize,
+                               double temperature) {
   check_inputs("similarity_fwd", a, b, temperature);
   const k::Dtype dtype = kernel_dtype(a, "similarity_fwd", "a");
   const c10::cuda::CUDAGuard guard(a.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool single = b.is_same(a);
-  const Rows rows = row_norms(dtype, a, b, single, normalize, stream);
+  const Rows rows = row_norms(dtype, a, b, b.is_same(a), normalize, stream);
   at::Tensor s = at::empty({a.size(0), b.size(0)}, a.options());
   k::FwdArgs args{matrix(rows.f), matrix(rows.g), a.size(1), rows.inv(false), rows.inv(true),
                   float(1.0 / temperature), s.data_ptr(), s.stride(0)};
   C10_CUDA_CHECK(k::launch_similarity_fwd(dtype, args, stream));
-  auto clamped = [&](bool of_b) {
-    return normalize ? rows.norms(of_b).clamp_min(kNormEps) : at::ones_like(rows.norms(of_b));
-  };
-  at::Tensor na = clamped(false);
-  return {s, na, single ? na.clone() : clamped(true)};
+  return s;
 }
 
 // dx for the rows x of `rows` (of_b: b's) against the others, through G(r, q) = g[r gr + q gq].
@@ -62,13 +53,11 @@ at::Tensor side_backward(const at::Tensor& g, int64_t gr, int64_t gq, const Rows
   return cuda_glue::normalize_backward(x, rows.norms(of_b), rows.prescale(of_b), dz, normalize);
 }
 
-// The forward's rows and norms again (one launch), then one kernel per side; na, nb are
-// checked but not read.
+// The forward's rows and norms again (one launch), then one kernel per side.
 std::tuple<at::Tensor, at::Tensor> similarity_bwd_cuda(const at::Tensor& grad, const at::Tensor& a,
-                                                       const at::Tensor& b, const at::Tensor& na,
-                                                       const at::Tensor& nb, bool normalize,
+                                                       const at::Tensor& b, bool normalize,
                                                        double temperature) {
-  check_backward_inputs(grad, a, b, na, nb, temperature);
+  check_backward_inputs(grad, a, b, temperature);
   const k::Dtype dtype = kernel_dtype(a, "similarity_bwd", "a");
   const c10::cuda::CUDAGuard guard(a.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();

@@ -16,7 +16,7 @@ import subprocess
 
 import torch
 
-from .supcon_emulated import (CSRC, DTYPE_CODES, HERE, NORM_EPS, Matrix, cuda_include_dir,
+from .supcon_emulated import (CSRC, DTYPE_CODES, HERE, Matrix, cuda_include_dir,
                               normalize_backward, row_norms)
 
 _p = ctypes.c_void_p
@@ -59,16 +59,15 @@ class Emulator:
         assert self.lib.emu_sizeof_similarity_args(1) == ctypes.sizeof(BwdArgs)
 
     def forward(self, a, b, normalize, temperature, order=0):
-        """(S, n_a, n_b) as similarity_fwd_cuda returns them."""
+        """S as similarity_fwd_cuda returns it."""
         m, single = a.shape[0], b is a
-        rows, norms, inv, _ = row_norms(self.lib, a, None if single else b, normalize, order)
+        rows, _, inv, _ = row_norms(self.lib, a, None if single else b, normalize, order)
         of_b = slice(0, m) if single else slice(m, None)
         s = torch.empty(m, b.shape[0], dtype=a.dtype)
         args = FwdArgs(_matrix(rows[:m]), _matrix(rows[of_b]), a.shape[1], inv[:m].data_ptr(),
                        inv[of_b].data_ptr(), 1.0 / temperature, s.data_ptr(), s.stride(0))
         assert self.lib.emu_similarity_fwd(DTYPE_CODES[a.dtype], ctypes.byref(args), order) == 0
-        clamped = norms.clamp_min(NORM_EPS) if normalize else torch.ones_like(norms)
-        return s, clamped[:m], clamped[of_b].clone()
+        return s
 
     def _side(self, g, gr, gq, x, y, nx, px, rny, normalize, temperature, order):
         dz = torch.empty(x.shape, dtype=torch.float32)
@@ -77,9 +76,8 @@ class Emulator:
         assert self.lib.emu_similarity_bwd(DTYPE_CODES[x.dtype], ctypes.byref(args), order) == 0
         return normalize_backward(x, nx, px, dz, normalize)
 
-    def backward(self, grad, a, b, na, nb, normalize, temperature, order=0):
-        """(da, db) as similarity_bwd_cuda returns them (the rows and norms again; na, nb
-        unread)."""
+    def backward(self, grad, a, b, normalize, temperature, order=0):
+        """(da, db) as similarity_bwd_cuda returns them (the rows and norms again)."""
         m = a.shape[0]
         rows, norms, inv, pre = row_norms(self.lib, a, b, normalize, order)
         xa, xb = rows[:m], rows[m:]
