@@ -173,6 +173,37 @@ def test_row_norms(emulator, dtype, normalize):
         torch.testing.assert_close(inv, expected_inv, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_norm_backward(emulator, dtype, normalize):
+    """The chain rule through the normalisation in one launch: the float64 formula
+    (dz - [||x|| >= eps] z (z . dz)) / max(||x||, eps) times the prescale factor, on strided
+    rows, a zero row and a row below eps (no projection), with and without factors, in both
+    thread orders."""
+    m, d = 70, 37
+    x = torch.randn(m, 2 * d)[:, ::2].to(dtype)  # element stride 2
+    if dtype != torch.float16:  # (in float16 the true dx of a zero row, dz / eps, is out of range)
+        x[3] = 0.0
+        x[4] = 1e-14
+    dz = torch.randn(m, d)
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
+    for prescale in (None, 2.0 ** -torch.randint(0, 4, (m,)).float()):
+        got = both_orders(lambda order: emu.normalize_backward(emulator.lib, x, norms, prescale, dz,
+                                                               normalize, order))
+        n64 = norms.double().clamp_min(emu.NORM_EPS)
+        z64 = x.double() / n64[:, None]
+        want = dz.double()
+        if normalize:
+            proj = z64 * (z64 * dz.double()).sum(1, keepdim=True)
+            proj = torch.where(norms[:, None] >= emu.NORM_EPS, proj, 0.0)
+            want = (want - proj) / n64[:, None]
+        if prescale is not None:
+            want = want * prescale.double()[:, None]
+        assert got.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
 def _huge_rows(dtype, n=45, d=33):
     """Rows at every magnitude a float32 sum of squares cannot take: the largest finite value,
     just past the prescale threshold sqrt(FLT_MAX / 4D), and in between; with ordinary and

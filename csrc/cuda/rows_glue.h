@@ -1,8 +1,9 @@
 // Torch glue shared by the CUDA ops (supcon_cuda.cpp, similarity_cuda.cpp,
 // hard_positive_cuda.cpp): the kernels' dtype code, their matrix view of a tensor, the one
 // launch of row_norms_kernel (supcon_rows.cuh) that gives every op its row norms and, for
-// bf16 / fp32 rows with normalisation, the overflow-safe copy its kernels read, and the chain
-// rule through the normalisation for the kernels that leave it to the glue.
+// bf16 / fp32 rows with normalisation, the overflow-safe copy its kernels read, and the one
+// launch of norm_backward_kernel that applies the chain rule through the normalisation for the
+// kernels that leave it to the glue.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -85,20 +86,17 @@ inline Rows row_norms(k::Dtype dtype, const at::Tensor& f, const at::Tensor& g, 
   return out;
 }
 
-// dx from dz (fp32), the gradient with respect to z = x / max(||x||, eps):
-// (dz - z (z . dz)) / ||x||, or dz / eps where the clamp holds, times the rows' prescale
-// factors (x is the copy the kernels read; prescale undefined without one); dz itself without
-// normalisation.
-inline at::Tensor normalize_backward(const at::Tensor& x, const at::Tensor& norms,
+// dx in x's dtype from dz (fp32, contiguous), one launch (NormBwdArgs): x the rows the kernels
+// read, norms and prescale (undefined without the copy) as Rows gives them.
+inline at::Tensor normalize_backward(k::Dtype dtype, const at::Tensor& x, const at::Tensor& norms,
                                      const at::Tensor& prescale, const at::Tensor& dz,
-                                     bool normalize) {
-  if (!normalize) return dz.to(x.scalar_type());
-  const at::Tensor rn = norms.clamp_min(kNormEps).reciprocal().unsqueeze(1);
-  const at::Tensor z = x.to(at::kFloat) * rn;
-  const at::Tensor projected = dz - z * (z * dz).sum(1, true);
-  at::Tensor dx = at::where((norms >= kNormEps).unsqueeze(1), projected, dz) * rn;
-  if (prescale.defined()) dx = dx * prescale.unsqueeze(1);
-  return dx.to(x.scalar_type());
+                                     bool normalize, cudaStream_t stream) {
+  at::Tensor dx = at::empty({x.size(0), x.size(1)}, x.options());
+  k::NormBwdArgs a{matrix(x), dz.data_ptr<float>(), norms.data_ptr<float>(),
+                   prescale.defined() ? prescale.data_ptr<float>() : nullptr, x.size(1),
+                   normalize, float(kNormEps), dx.data_ptr()};
+  C10_CUDA_CHECK(k::launch_norm_backward(dtype, a, stream));
+  return dx;
 }
 
 }  // namespace anchor_kernels::cuda_glue

@@ -50,7 +50,8 @@ at::Tensor side_backward(const at::Tensor& g, int64_t gr, int64_t gq, const Rows
   k::BwdArgs args{g.data_ptr(), gr, gq, x.size(0), matrix(y), x.size(1), rows.inv(!of_b),
                   float(1.0 / temperature), dz.data_ptr<float>()};
   C10_CUDA_CHECK(k::launch_similarity_bwd(dtype, args, stream));
-  return cuda_glue::normalize_backward(x, rows.norms(of_b), rows.prescale(of_b), dz, normalize);
+  return cuda_glue::normalize_backward(dtype, x, rows.norms(of_b), rows.prescale(of_b), dz,
+                                       normalize, stream);
 }
 
 // The forward's rows and norms again (one launch), then one kernel per side.

@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
     a.prescale = fused && x_prescale.defined() ? x_prescale.data_ptr<float>() : nullptr;
     a.dx = fused ? nullptr : out.data_ptr<float>();
     C10_CUDA_CHECK(k::launch_supcon_bwd(dtype, a, stream));
-    return fused ? out : normalize_backward(x, x_norms, x_prescale, out, normalize);
+    return fused ? out : normalize_backward(dtype, x, x_norms, x_prescale, out, normalize, stream);
   };
 
   // Rows of f: with one set both terms of H (one pass), else the anchor-statistics term.

@@ -111,6 +111,20 @@ struct RowNormArgs {
   float big;
 };
 
+// The chain rule through the normalisation, for the kernels that write dz (fp32), the gradient
+// with respect to z = x / max(||x||, eps): dx = (dz - [||x|| >= eps] z (z . dz)) / max(||x||, eps)
+// times the row's prescale factor; dx = dz without normalisation. dx in x's dtype.
+struct NormBwdArgs {
+  Matrix x;               // (R, D): the rows the kernels read (the overflow-safe copy, or the inputs)
+  const float* dz;        // (R, D) contiguous
+  const float* norms;     // (R,) ||x_r||, as row_norms_kernel wrote them
+  const float* prescale;  // (R,) the copy's factors, or null
+  int64_t D;
+  bool normalize;
+  float eps;
+  void* dx;               // (R, D) contiguous
+};
+
 struct LossReduceArgs {
   const float* loss;   // (M,) per anchor, 0 where not valid
   const bool* valid;   // (M,)
@@ -133,6 +147,7 @@ struct AnchorStageArgs {
 };
 
 cudaError_t launch_row_norms(Dtype dtype, const RowNormArgs& args, cudaStream_t stream);
+cudaError_t launch_norm_backward(Dtype dtype, const NormBwdArgs& args, cudaStream_t stream);
 cudaError_t launch_loss_reduce(const LossReduceArgs& args, cudaStream_t stream);
 cudaError_t launch_anchor_stage(const AnchorStageArgs& args, cudaStream_t stream);
 

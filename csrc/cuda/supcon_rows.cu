@@ -17,6 +17,13 @@ cudaError_t row_norms(const RowNormArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t norm_backward(const NormBwdArgs& a, cudaStream_t stream) {
+  const unsigned blocks = unsigned((a.x.rows + kNormRows - 1) / kNormRows);
+  detail::norm_backward_kernel<T><<<blocks, kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t launch_row_norms(Dtype dtype, const RowNormArgs& args, cudaStream_t stream) {
@@ -28,6 +35,18 @@ cudaError_t launch_row_norms(Dtype dtype, const RowNormArgs& args, cudaStream_t 
       return row_norms<__nv_bfloat16>(args, stream);
     default:
       return row_norms<float>(args, stream);
+  }
+}
+
+cudaError_t launch_norm_backward(Dtype dtype, const NormBwdArgs& args, cudaStream_t stream) {
+  if (args.x.rows == 0) return cudaSuccess;
+  switch (dtype) {
+    case Dtype::kFloat16:
+      return norm_backward<__half>(args, stream);
+    case Dtype::kBFloat16:
+      return norm_backward<__nv_bfloat16>(args, stream);
+    default:
+      return norm_backward<float>(args, stream);
   }
 }
 

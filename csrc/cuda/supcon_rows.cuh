@@ -2,6 +2,8 @@
 // (supcon_cuda.cpp) launches three kernels each way instead of about twenty ATen ops:
 //   row_norms_kernel: ||x_r|| and 1 / max(||x_r||, eps) of the anchors and contrast rows, and
 //     the overflow-safe copy of bf16 / fp32 rows the loss kernels read (RowNormArgs::scaled);
+//   norm_backward_kernel: the chain rule through the normalisation after the kernels that
+//     leave it to the glue (the general loss kernels, the similarity kernels);
 //   loss_reduce_kernel: the forward's scale and reduction (sum, or mean over valid anchors);
 //   anchor_stage_kernel: the backward's per-anchor inputs (BwdArgs::anchor, gmax).
 // The two reductions run in one CTA, in a fixed order (bitwise reproducible, no atomics, no
@@ -62,6 +64,30 @@ __global__ void __launch_bounds__(kThreads) row_norms_kernel(const RowNormArgs p
     p.norms[r] = n;
     p.inv[r] = p.normalize ? 1.f / fmaxf(n, p.eps) : 1.f;
     if (p.scaled != nullptr) p.prescale[r] = scale;
+  }
+}
+
+// Rows as in row_norms_kernel: each row's z . dz by kNormLanes neighbouring threads, then its
+// dx; every lane of a row takes the same branches, and all reach the shuffles.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) norm_backward_kernel(const NormBwdArgs p) {
+  const int64_t r = int64_t(blockIdx.x) * kNormRows + threadIdx.x / kNormLanes;
+  const int lane = threadIdx.x % kNormLanes;
+  const bool live = r < p.x.rows;
+  const float n = live ? p.norms[r] : 1.f;
+  const float rn = p.normalize ? 1.f / fmaxf(n, p.eps) : 1.f;
+  const float* dz = p.dz + (live ? r * p.D : 0);
+  float dot = 0.f;
+  if (live && p.normalize && n >= p.eps)  // below eps the clamp holds: no projection
+    for (int64_t d = lane; d < p.D; d += kNormLanes)
+      dot = fmaf(to_float(load<T>(p.x, r, d, p.D)) * rn, dz[d], dot);
+  for (int o = 1; o < kNormLanes; o *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+  if (!live) return;
+  const float scale = rn * (p.prescale != nullptr ? p.prescale[r] : 1.f);
+  T* out = static_cast<T*>(p.dx) + r * p.D;
+  for (int64_t d = lane; d < p.D; d += kNormLanes) {
+    const float z = to_float(load<T>(p.x, r, d, p.D)) * rn;
+    out[d] = from_float<T>((dz[d] - z * dot) * scale);
   }
 }
 

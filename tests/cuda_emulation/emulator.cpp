@@ -155,6 +155,18 @@ extern "C" int emu_row_norms(int dtype, const sc::RowNormArgs* a, int order) {
   }
 }
 
+extern "C" int emu_norm_backward(int dtype, const sc::NormBwdArgs* a, int order) {
+  const unsigned gx = unsigned((a->x.rows + dt::kNormRows - 1) / dt::kNormRows);
+  switch (dtype) {
+    case 1:
+      return run_grid(&dt::norm_backward_kernel<__half>, *a, gx, 1, order);
+    case 2:
+      return run_grid(&dt::norm_backward_kernel<__nv_bfloat16>, *a, gx, 1, order);
+    default:
+      return run_grid(&dt::norm_backward_kernel<float>, *a, gx, 1, order);
+  }
+}
+
 extern "C" int emu_loss_reduce(const sc::LossReduceArgs* a, int order) {
   return run_grid(&dt::loss_reduce_kernel, *a, 1, 1, order);
 }
@@ -164,6 +176,7 @@ extern "C" int emu_anchor_stage(const sc::AnchorStageArgs* a, int order) {
 }
 
 extern "C" int emu_sizeof_row_norm_args() { return int(sizeof(sc::RowNormArgs)); }
+extern "C" int emu_sizeof_norm_bwd_args() { return int(sizeof(sc::NormBwdArgs)); }
 extern "C" int emu_sizeof_loss_reduce_args() { return int(sizeof(sc::LossReduceArgs)); }
 extern "C" int emu_sizeof_anchor_stage_args() { return int(sizeof(sc::AnchorStageArgs)); }
 extern "C" int emu_sizeof_fwd_args() { return int(sizeof(sc::FwdArgs)); }

@@ -74,7 +74,7 @@ class Emulator:
         args = BwdArgs(g.data_ptr(), gr, gq, x.shape[0], _matrix(y), x.shape[1], rny.data_ptr(),
                        1.0 / temperature, dz.data_ptr())
         assert self.lib.emu_similarity_bwd(DTYPE_CODES[x.dtype], ctypes.byref(args), order) == 0
-        return normalize_backward(x, nx, px, dz, normalize)
+        return normalize_backward(self.lib, x, nx, px, dz, normalize, order)
 
     def backward(self, grad, a, b, normalize, temperature, order=0):
         """(da, db) as similarity_bwd_cuda returns them (the rows and norms again)."""

@@ -54,6 +54,11 @@ class RowNormArgs(ctypes.Structure):
                 ("prescale", _p), ("big", ctypes.c_float)]
 
 
+class NormBwdArgs(ctypes.Structure):
+    _fields_ = [("x", Matrix), ("dz", _p), ("norms", _p), ("prescale", _p), ("D", ctypes.c_int64),
+                ("normalize", ctypes.c_bool), ("eps", ctypes.c_float), ("dx", _p)]
+
+
 class LossReduceArgs(ctypes.Structure):
     _fields_ = [("loss", _p), ("valid", _p), ("M", ctypes.c_int64), ("scale", ctypes.c_float),
                 ("reduction", ctypes.c_int), ("out", _p)]
@@ -132,6 +137,7 @@ class Emulator:
     def __init__(self, lib_path: str):
         self.lib = ctypes.CDLL(lib_path)
         for name, struct in (("fwd_args", FwdArgs), ("bwd_args", BwdArgs), ("row_norm_args", RowNormArgs),
+                             ("norm_bwd_args", NormBwdArgs),
                              ("loss_reduce_args", LossReduceArgs),
                              ("anchor_stage_args", AnchorStageArgs)):
             assert getattr(self.lib, f"emu_sizeof_{name}")() == ctypes.sizeof(struct), name
@@ -194,9 +200,8 @@ class Emulator:
         m, d = f.shape
         rows, norms, inv, pre = self.row_norms(f, g, normalize, order)
         f, gg = rows[:m], (rows[:m] if single else rows[m:])
-        pre = torch.ones(rows.shape[0]) if pre is None else pre
-        nf, rnf, pf = norms[:m], inv[:m], pre[:m]
-        ng, rng, pg = (nf, rnf, pf) if single else (norms[m:], inv[m:], pre[m:])
+        nf, rnf, pf = norms[:m], inv[:m], (None if pre is None else pre[:m])
+        ng, rng, pg = (nf, rnf, pf) if single else (norms[m:], inv[m:], None if pre is None else pre[m:])
         mode = (BWD_LSE if lse_only else BWD_UNIFORM if beta == 0
                 else BWD_SOFT_DETACHED if detach_weights else BWD_SOFT_EXACT)
         anchor, gmax = self.anchor_stage(stats, grad, scale, reduction, mode == BWD_UNIFORM, order)
@@ -212,21 +217,19 @@ class Emulator:
             return dx
 
         dzf = launch(f, lf, rnf, gg, lg, rng, True, single, anchor_offset or 0)
-        df = normalize_backward(f, nf, pf, dzf, normalize)
+        df = normalize_backward(self.lib, f, nf, pf, dzf, normalize, order)
         if single:
             return df, None
         dzg = launch(gg, lg, rng, f, lf, rnf, False, True, -(anchor_offset or 0))
-        return df, normalize_backward(gg, ng, pg, dzg, normalize)
+        return df, normalize_backward(self.lib, gg, ng, pg, dzg, normalize, order)
 
 
-def normalize_backward(x, norms, prescale, dz, normalize):
-    """rows_glue.h's normalize_backward (prescale None: no copy was made)."""
-    if not normalize:
-        return dz.to(x.dtype)
-    rn = norms.clamp_min(NORM_EPS).reciprocal().unsqueeze(1)
-    z = x.float() * rn
-    projected = dz - z * (z * dz).sum(1, keepdim=True)
-    df = torch.where((norms >= NORM_EPS).unsqueeze(1), projected, dz) * rn
-    if prescale is not None:
-        df = df * prescale.unsqueeze(1)
-    return df.to(x.dtype)
+def normalize_backward(lib, x, norms, prescale, dz, normalize, order=0):
+    """rows_glue.h's normalize_backward: emu_norm_backward in lib (every emulator library has
+    it) on the rows x the kernels read, prescale None where no copy was made."""
+    dx = torch.empty(x.shape, dtype=x.dtype)
+    args = NormBwdArgs(_matrix_or_none(x), dz.contiguous().data_ptr(), norms.contiguous().data_ptr(),
+                       None if prescale is None else prescale.contiguous().data_ptr(), x.shape[1],
+                       normalize, NORM_EPS, dx.data_ptr())
+    _check(lib.emu_norm_backward(DTYPE_CODES[x.dtype], ctypes.byref(args), order))
+    return dx
