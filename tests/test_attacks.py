@@ -1,7 +1,9 @@
 """The PGD attack and robust evaluation on small models."""
 
-import datetime
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -379,24 +381,37 @@ def test_attack_gpu_fused_equals_eager(monkeypatch):
     assert_in_box_ball(x_adv, x, 8 / 255)
 
 
-def test_ddp_model_is_attacked_through_its_module(trained, tmp_path):
+_DDP_SCRIPT = """
+import datetime, os, sys
+import torch, torch.distributed as dist, torch.nn.functional as F
+from torch import nn
+from anchor_kernels.attacks import PGD
+from tests.test_attacks import SmallNet, synthetic
+# A collective that waits past the timeout raises instead of hanging the run.
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1,
+                        timeout=datetime.timedelta(seconds=60))
+x, y = synthetic(16, torch.Generator().manual_seed(0))
+ddp = nn.parallel.DistributedDataParallel(SmallNet())
+attack = PGD(ddp, eps=0.05, alpha=0.01, steps=2)
+assert attack.model is ddp.module
+for _ in range(2):
+    x_adv = attack(x, y)
+    F.cross_entropy(ddp(x_adv), y).backward()
+assert all(p.grad is not None for p in ddp.parameters())
+print("ok", flush=True)
+# No teardown: gloo's can deadlock. The process group's destructor joins its worker thread
+# while holding the GIL, and that thread may still need the GIL to free its last work's
+# Python state.
+os._exit(0)
+"""
+
+
+def test_ddp_model_is_attacked_through_its_module(tmp_path):
     """A DDP-wrapped model is attacked through its module, so the attack's forwards do not
     go through DDP's reducer (which expects a backward with parameter gradients), and
-    training steps with the wrapped model still work after it."""
-    import torch.distributed as dist
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed and no process group already running")
-    _, x, y = trained
-    # A collective that waits past the timeout raises instead of hanging the run.
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        ddp = nn.parallel.DistributedDataParallel(SmallNet())
-        attack = PGD(ddp, eps=0.05, alpha=0.01, steps=2)
-        assert attack.model is ddp.module
-        for _ in range(2):
-            x_adv = attack(x[:16], y[:16])
-            F.cross_entropy(ddp(x_adv), y[:16]).backward()
-        assert all(p.grad is not None for p in ddp.parameters())
-    finally:
-        dist.destroy_process_group()
+    training steps with the wrapped model still work after it. In a process of its own: a
+    process group cannot leak into the other tests, nor its teardown hang the run."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _DDP_SCRIPT, str(tmp_path / "pg")],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0 and proc.stdout.split() == ["ok"], proc.stderr[-3000:]
