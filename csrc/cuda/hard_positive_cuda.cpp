@@ -1,8 +1,8 @@
 // Torch glue of the CUDA hard-positive selection kernel: argument checks (shared with the CPU
 // kernel), the inverse norms (and, for bf16 / fp32 with normalisation, the overflow-safe copy
 // of the rows: same cosines) from one launch, the int64 labels, the O(M k) scratch and
-// outputs, and the launch on the current stream. Built only with a CUDA torch and toolkit; the kernel is in
-// hard_positive_kernels.cu.
+// outputs, and the launch on the current stream. Built only with a CUDA torch and toolkit;
+// the kernel is in hard_positive_kernels.cu.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

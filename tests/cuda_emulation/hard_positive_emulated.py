@@ -9,8 +9,7 @@ import ctypes
 
 import torch
 
-from .similarity_emulated import _matrix
-from .supcon_emulated import DTYPE_CODES, Matrix, row_norms
+from .supcon_emulated import DTYPE_CODES, Matrix, matrix, row_norms
 
 _p = ctypes.c_void_p
 
@@ -39,7 +38,7 @@ class Emulator:
         xz, xc = rows[:m], (rows[:m] if same else rows[m:])
         rz, rc = inv[:m], (inv[:m] if same else inv[m:])
         lz, lc = labels.long().contiguous(), c_labels.long().contiguous()
-        args = Args(_matrix(xz), _matrix(xc), z.shape[1], lz.data_ptr(), lc.data_ptr(),
+        args = Args(matrix(xz), matrix(xc), z.shape[1], lz.data_ptr(), lc.data_ptr(),
                     rz.data_ptr(), rc.data_ptr(), anchor_offset is not None, anchor_offset or 0,
                     keff, keys.data_ptr(), idx.data_ptr(), cos.data_ptr(), k)
         assert self.lib.emu_hard_positive(DTYPE_CODES[z.dtype], ctypes.byref(args), order) == 0

@@ -16,7 +16,7 @@ import subprocess
 
 import torch
 
-from .supcon_emulated import (CSRC, DTYPE_CODES, HERE, Matrix, cuda_include_dir,
+from .supcon_emulated import (CSRC, DTYPE_CODES, HERE, Matrix, cuda_include_dir, matrix,
                               normalize_backward, row_norms)
 
 _p = ctypes.c_void_p
@@ -48,10 +48,6 @@ def build_emulator(source: str, out_dir: str) -> str:
     return lib
 
 
-def _matrix(x: torch.Tensor) -> Matrix:
-    return Matrix(x.data_ptr(), x.shape[0], x.stride(0), x.stride(1))
-
-
 class Emulator:
     def __init__(self, lib_path: str):
         self.lib = ctypes.CDLL(lib_path)
@@ -64,14 +60,14 @@ class Emulator:
         rows, _, inv, _ = row_norms(self.lib, a, None if single else b, normalize, order)
         of_b = slice(0, m) if single else slice(m, None)
         s = torch.empty(m, b.shape[0], dtype=a.dtype)
-        args = FwdArgs(_matrix(rows[:m]), _matrix(rows[of_b]), a.shape[1], inv[:m].data_ptr(),
+        args = FwdArgs(matrix(rows[:m]), matrix(rows[of_b]), a.shape[1], inv[:m].data_ptr(),
                        inv[of_b].data_ptr(), 1.0 / temperature, s.data_ptr(), s.stride(0))
         assert self.lib.emu_similarity_fwd(DTYPE_CODES[a.dtype], ctypes.byref(args), order) == 0
         return s
 
     def _side(self, g, gr, gq, x, y, nx, px, rny, normalize, temperature, order):
         dz = torch.empty(x.shape, dtype=torch.float32)
-        args = BwdArgs(g.data_ptr(), gr, gq, x.shape[0], _matrix(y), x.shape[1], rny.data_ptr(),
+        args = BwdArgs(g.data_ptr(), gr, gq, x.shape[0], matrix(y), x.shape[1], rny.data_ptr(),
                        1.0 / temperature, dz.data_ptr())
         assert self.lib.emu_similarity_bwd(DTYPE_CODES[x.dtype], ctypes.byref(args), order) == 0
         return normalize_backward(self.lib, x, nx, px, dz, normalize, order)

@@ -113,7 +113,7 @@ def row_norms(lib, f, g, normalize, order=0):
     copy = normalize and f.dtype != torch.float16
     scaled = torch.empty(rows, d, dtype=f.dtype) if copy else None
     big = (torch.finfo(torch.float32).max / (4.0 * d)) ** 0.5 if copy else 0.0
-    args = RowNormArgs(_matrix_or_none(f), _matrix_or_none(g), d, normalize, NORM_EPS,
+    args = RowNormArgs(matrix(f), matrix(g), d, normalize, NORM_EPS,
                        out[0].data_ptr(), out[1].data_ptr(),
                        scaled.data_ptr() if copy else None,
                        out[2].data_ptr() if copy else None, big)
@@ -123,7 +123,8 @@ def row_norms(lib, f, g, normalize, order=0):
     return scaled, out[0], out[1], out[2] if copy else None
 
 
-def _matrix_or_none(x: torch.Tensor | None) -> Matrix:
+def matrix(x: torch.Tensor | None) -> Matrix:
+    """The kernels' view of a 2-D tensor (an empty matrix for None)."""
     if x is None:
         return Matrix(None, 0, 0, 0)
     return Matrix(x.data_ptr(), x.shape[0], x.stride(0), x.stride(1))
@@ -142,9 +143,6 @@ class Emulator:
                              ("anchor_stage_args", AnchorStageArgs)):
             assert getattr(self.lib, f"emu_sizeof_{name}")() == ctypes.sizeof(struct), name
 
-    _matrix = staticmethod(_matrix_or_none)
-    _check = staticmethod(_check)
-
     def row_norms(self, f, g, normalize, order=0):
         return row_norms(self.lib, f, g, normalize, order)
 
@@ -152,7 +150,7 @@ class Emulator:
         out = torch.empty(loss.shape[0] if reduction == 0 else 1)
         args = LossReduceArgs(loss.data_ptr(), valid.data_ptr(), loss.shape[0], scale, reduction,
                               out.data_ptr())
-        self._check(self.lib.emu_loss_reduce(ctypes.byref(args), order))
+        _check(self.lib.emu_loss_reduce(ctypes.byref(args), order))
         return out if reduction == 0 else out[0]
 
     def anchor_stage(self, stats, grad, scale, reduction, uniform, order=0):
@@ -163,7 +161,7 @@ class Emulator:
         args = AnchorStageArgs(stats.contiguous().data_ptr(), grad.data_ptr(),
                                grad.stride(0) if grad.dim() else 0, m, scale, reduction, uniform,
                                out.data_ptr(), out[4 * m:].data_ptr())
-        self._check(self.lib.emu_anchor_stage(ctypes.byref(args), order))
+        _check(self.lib.emu_anchor_stage(ctypes.byref(args), order))
         return out[:4 * m].view(4, m), out[4 * m:]
 
     def forward(self, f, y, g, y_g, *, temperature, beta, normalize, anchor_offset, lse_only,
@@ -181,11 +179,11 @@ class Emulator:
         valid = torch.empty(m, dtype=torch.bool)
         has_self = anchor_offset is not None
         mode = FWD_LSE if lse_only else (FWD_UNIFORM if beta == 0 else FWD_SOFT)
-        args = FwdArgs(self._matrix(f), self._matrix(gg), f.shape[1], lf.data_ptr(), lg.data_ptr(),
+        args = FwdArgs(matrix(f), matrix(gg), f.shape[1], lf.data_ptr(), lg.data_ptr(),
                        rnf.data_ptr(), rng.data_ptr(), has_self,
                        anchor_offset if has_self else 0, 1.0 / temperature, -beta * temperature,
                        0.0, mode, loss.data_ptr(), valid.data_ptr(), stats.data_ptr())
-        self._check(self.lib.emu_supcon_fwd(DTYPE_CODES[f.dtype], ctypes.byref(args), order))
+        _check(self.lib.emu_supcon_fwd(DTYPE_CODES[f.dtype], ctypes.byref(args), order))
         if reduction == 0 and scale == 1.0:
             return loss, valid, stats
         return self.loss_reduce(loss, valid, scale, reduction, order), valid, stats
@@ -209,11 +207,11 @@ class Emulator:
 
         def launch(x, lx, rnx, yy, ly, rny, outer, inner, shift):
             dx = torch.empty(x.shape[0], d)
-            args = BwdArgs(self._matrix(x), self._matrix(yy), d, lx.data_ptr(), ly.data_ptr(),
+            args = BwdArgs(matrix(x), matrix(yy), d, lx.data_ptr(), ly.data_ptr(),
                            rnx.data_ptr(), rny.data_ptr(), anchor.data_ptr(), m, gmax.data_ptr(),
                            outer, inner, has_self, shift if has_self else 0, 1.0 / temperature,
                            -beta * temperature, mode, dx.data_ptr())
-            self._check(self.lib.emu_supcon_bwd(DTYPE_CODES[f.dtype], ctypes.byref(args), order))
+            _check(self.lib.emu_supcon_bwd(DTYPE_CODES[f.dtype], ctypes.byref(args), order))
             return dx
 
         dzf = launch(f, lf, rnf, gg, lg, rng, True, single, anchor_offset or 0)
@@ -228,7 +226,7 @@ def normalize_backward(lib, x, norms, prescale, dz, normalize, order=0):
     """rows_glue.h's normalize_backward: emu_norm_backward in lib (every emulator library has
     it) on the rows x the kernels read, prescale None where no copy was made."""
     dx = torch.empty(x.shape, dtype=x.dtype)
-    args = NormBwdArgs(_matrix_or_none(x), dz.contiguous().data_ptr(), norms.contiguous().data_ptr(),
+    args = NormBwdArgs(matrix(x), dz.contiguous().data_ptr(), norms.contiguous().data_ptr(),
                        None if prescale is None else prescale.contiguous().data_ptr(), x.shape[1],
                        normalize, NORM_EPS, dx.data_ptr())
     _check(lib.emu_norm_backward(DTYPE_CODES[x.dtype], ctypes.byref(args), order))
