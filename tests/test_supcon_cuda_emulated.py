@@ -371,6 +371,15 @@ def test_tensor_core_fragment_layouts(tmp_path):
     _run_host_check("supcon_mma_layouts.cu", tmp_path)
 
 
+def test_ldmatrix_fills_the_fragments_the_products_expect(tmp_path):
+    """Every ldmatrix of the sm_80 tensor-core kernels (SupCon forward and backward, similarity
+    forward and backward, G^T read transposed), with the rows CuTe has each lane point at in
+    the kernels' swizzled layouts, read as the hardware reads them, fills each fragment
+    register with the element the next mma.sync expects, for every warp and k-step, on the
+    host (tests/cuda_emulation/mma_ldmatrix.cu)."""
+    _run_host_check("mma_ldmatrix.cu", tmp_path)
+
+
 def test_forward_math(tmp_path):
     """The forwards' per-logit code (online log-sum-exp in units of t, positives, soft
     weights, masks, the statistics; the sm_80 kernel's 64-column tiles and the Hopper one's

@@ -28,6 +28,7 @@ cudaError_t dispatch(Dtype dtype, const F& launch) {
 
 cudaError_t launch_similarity_fwd(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {
   if (args.a.rows == 0 || args.b.rows == 0) return cudaSuccess;
+  if (mma_fwd_supported(dtype, args)) return launch_similarity_fwd_mma(dtype, args, stream);
   const dim3 grid(blocks(args.a.rows), blocks(args.b.rows));
   return dispatch(dtype, [&](auto t, auto mma) {
     using T = decltype(t);
@@ -38,6 +39,7 @@ cudaError_t launch_similarity_fwd(Dtype dtype, const FwdArgs& args, cudaStream_t
 
 cudaError_t launch_similarity_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t stream) {
   if (args.R == 0 || args.D == 0) return cudaSuccess;
+  if (mma_bwd_supported(dtype, args)) return launch_similarity_bwd_mma(dtype, args, stream);
   const dim3 grid(blocks(args.R), blocks(args.D));
   return dispatch(dtype, [&](auto t, auto mma) {
     using T = decltype(t);

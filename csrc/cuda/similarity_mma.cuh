@@ -1,0 +1,283 @@
+// Tensor-core similarity kernels for bf16 / fp16 rows on sm_80 and newer, on the tile
+// machinery of the SupCon kernels (supcon_mma.cuh: swizzled shared-memory tiles filled by
+// cp.async, ldmatrix fragments, mma.sync m16n8k16 with fp32 accumulation), for the inputs that
+// machinery takes (supcon_cuda::mma_supported: D <= 128 with D % 8 == 0, 16-byte rows).
+//
+// Forward: a CTA keeps 128 rows of a in shared memory and streams its share of b's 64-row
+// tiles through the two-stage pipeline; each tile's S = acc rna[i] inv_t rnb[j] goes from the
+// accumulators to global memory, two columns per store where S's rows allow it.
+// Backward, one side (dz = inv_t G (y / n_y)): a CTA owns 64 rows of dz, all D columns, and
+// streams 64-wide tiles of G and y. G's tile comes by cp.async like the rows (kGT: G^T lies in
+// memory, db's case, and ldmatrix.trans reads it); y's tile is scaled by 1 / n_y in place by
+// the threads that copied it, before the barrier that hands the tile to the products (the y
+// rows are scaled, never G: |y / n_y| <= 1 in any dtype, G / n_y can overflow float16).
+// dz accumulates in fp32 registers and is written once.
+#pragma once
+
+#include "similarity_kernels.h"
+#include "supcon_mma.cuh"
+
+namespace anchor_kernels::similarity_cuda::mma {
+
+using namespace cute;
+using supcon_cuda::mma::gemm_smem;
+using supcon_cuda::mma::kD;
+using supcon_cuda::mma::kThreads;
+using supcon_cuda::mma::load_rows;
+using supcon_cuda::mma::RowCopy;
+using supcon_cuda::mma::SmemAtom;
+using supcon_cuda::mma::SmemTile;
+using supcon_cuda::mma::SmemTileT;
+using supcon_cuda::mma::TiledMma;
+
+constexpr int kFwdRows = 128;  // rows of a per forward CTA
+constexpr int kCols = 64;      // rows of b (forward) or of y and columns of G (backward) per tile
+constexpr int kBwdRows = 64;   // rows of dz per backward CTA
+constexpr int kMaxSpan = 8;    // most b tiles a forward CTA streams
+
+struct FwdStorage {
+  alignas(128) uint16_t a[kFwdRows * kD];
+  alignas(128) uint16_t b[2][kCols * kD];
+};
+struct BwdStorage {
+  alignas(128) uint16_t g[2][kBwdRows * kCols];
+  alignas(128) uint16_t y[2][kCols * kD];
+};
+
+// A 64 x 64 tile of G as it lies in memory (rows r, or q with kGT), and the (r, q) view of it
+// that the A operand reads.
+using GTile = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBwdRows>, Int<kCols>>{}));
+template <bool kGT>
+using GTileA = std::conditional_t<kGT, decltype(composition(GTile{}, make_layout(Shape<Int<kBwdRows>, Int<kCols>>{},
+                                                                                   GenRowMajor{}))),
+                                  GTile>;
+
+template <typename T>
+struct alignas(2 * sizeof(T)) Pair {
+  T v[2];
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) similarity_fwd_mma_kernel(const FwdArgs p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  auto& st = *reinterpret_cast<FwdStorage*>(smem_raw);
+  Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.a)), SmemTile<kFwdRows>{});
+  const int64_t M = p.a.rows, N = p.b.rows;
+  const int D = int(p.D);
+  const int64_t x0 = int64_t(blockIdx.x) * kFwdRows;
+  // This CTA's tiles of b: span of them from tile blockIdx.y * span (the launcher's grid).
+  const int64_t all_tiles = (N + kCols - 1) / kCols;
+  const int64_t span = (all_tiles + gridDim.y - 1) / gridDim.y, first = int64_t(blockIdx.y) * span;
+  const int n_tiles = int(all_tiles - first < span ? all_tiles - first : span);
+  const int tid = threadIdx.x;
+  auto tile_b = [&](int buf) {
+    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.b[buf])), SmemTile<kCols>{});
+  };
+
+  load_rows<kFwdRows, T, true>(p.a, x0, D, sA);
+  if (n_tiles > 0) {
+    auto sB0 = tile_b(0);
+    load_rows<kCols, T, true>(p.b, first * kCols, D, sB0);
+  }
+  cp_async_fence();
+
+  TiledMma<T> tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tid);
+  auto copy_a = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, tiled_mma);
+  auto copy_b = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, tiled_mma);
+  auto thr_a = copy_a.get_thread_slice(tid);
+  auto thr_b = copy_b.get_thread_slice(tid);
+  Tensor tAs = thr_a.partition_S(sA);
+  Tensor tAr = thr_mma.partition_fragment_A(sA);
+  Tensor tBr = thr_mma.partition_fragment_B(tile_b(0));
+  Tensor tAr_v = thr_a.retile_D(tAr);
+  Tensor tBr_v = thr_b.retile_D(tBr);
+  Tensor acc = partition_fragment_C(tiled_mma, Shape<Int<kFwdRows>, Int<kCols>>{});
+  Tensor coord = thr_mma.partition_C(make_identity_tensor(Shape<Int<kFwdRows>, Int<kCols>>{}));
+  constexpr int kMi = decltype(size<1>(acc))::value;  // m16 slabs of the thread's rows
+
+  // Element v = k + 2 i + 4 j of slab mi is row i of the slab's two, column col0 + 8 j + k of
+  // the tile (tests/cuda_emulation/supcon_mma_layouts.cu). Each row of the thread's keeps its
+  // scale rna inv_t and its pointer at column col0, so that inner tiles store at immediate
+  // offsets, two columns at a time where S's rows allow it.
+  T* const s = static_cast<T*>(p.s);
+  const bool pairs = p.ld_s % 2 == 0 && reinterpret_cast<uintptr_t>(s) % (2 * sizeof(T)) == 0;
+  const int col0 = get<1>(coord(0));
+  T* out[kMi][2];
+  float scale[kMi][2];
+  CUTE_UNROLL
+  for (int mi = 0; mi < kMi; ++mi)
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const int64_t row = x0 + get<0>(coord(make_coord(0, i), mi, 0));
+      out[mi][i] = row < M ? s + row * p.ld_s + col0 : nullptr;
+      scale[mi][i] = row < M ? p.rna[row] * p.inv_t : 0.f;
+    }
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int buf = t & 1;
+    const int64_t y0 = (first + t) * kCols;
+    cp_async_wait<0>();
+    __syncthreads();  // tile t landed; tile t - 1's buffer is free
+    if (t + 1 < n_tiles) {
+      auto sBn = tile_b(buf ^ 1);
+      load_rows<kCols, T, true>(p.b, y0 + kCols, D, sBn);
+    }
+    cp_async_fence();
+    clear(acc);
+    Tensor tBs = thr_b.partition_S(tile_b(buf));
+    gemm_smem(tiled_mma, copy_a, tAs, tAr, tAr_v, copy_b, tBs, tBr, tBr_v, acc);
+
+    const int64_t cols = N - y0 - col0;  // of this thread's columns 8 j + k, those below cols exist
+    float rb[kCols / 8][2];
+    CUTE_UNROLL
+    for (int j = 0; j < kCols / 8; ++j)
+      CUTE_UNROLL
+      for (int k = 0; k < 2; ++k) rb[j][k] = 8 * j + k < cols ? p.rnb[y0 + col0 + 8 * j + k] : 0.f;
+    auto store = [&](auto inner_tile) {  // inner: all 64 columns exist, pairs allowed
+      CUTE_UNROLL
+      for (int mi = 0; mi < kMi; ++mi)
+        CUTE_UNROLL
+        for (int i = 0; i < 2; ++i) {
+          if (out[mi][i] == nullptr) continue;
+          T* o = out[mi][i] + y0;
+          auto slab = acc(_, mi, _);
+          CUTE_UNROLL
+          for (int j = 0; j < kCols / 8; ++j) {
+            const T v0 = T(slab(2 * i + 4 * j) * scale[mi][i] * rb[j][0]);
+            const T v1 = T(slab(1 + 2 * i + 4 * j) * scale[mi][i] * rb[j][1]);
+            if constexpr (decltype(inner_tile)::value) {
+              *reinterpret_cast<Pair<T>*>(o + 8 * j) = Pair<T>{{v0, v1}};
+            } else {
+              if (8 * j < cols) o[8 * j] = v0;
+              if (8 * j + 1 < cols) o[8 * j + 1] = v1;
+            }
+          }
+        }
+    };
+    if (pairs && y0 + kCols <= N)
+      store(std::true_type{});
+    else
+      store(std::false_type{});
+  }
+#endif
+}
+
+// cp.async of G's tile [x0, x0 + 64) x [q0, q0 + 64) into g as it lies in memory: rows r with
+// columns q (G(r, q) at g[r gr + q]), or with kGT rows q with columns r (at g[q gq + r]). The
+// launcher checks that the contiguous extent is a multiple of 8 and the rest 16-byte aligned,
+// so that a chunk of 8 lies wholly inside or outside G (zero-filled). Thread t copies chunk
+// t % 8 of rows r0 + 16 k, r0 = t / 8 < 16 (known to the compiler, which folds the swizzle).
+template <bool kGT, typename T, typename Smem>
+__device__ __forceinline__ void load_g(const BwdArgs& p, int64_t x0, int64_t q0, Smem& g) {
+  constexpr int kChunks = kCols / 8, kStep = kThreads / kChunks;
+  const int c = threadIdx.x % kChunks, r0 = (threadIdx.x / kChunks) % kStep;
+  const int64_t row0 = kGT ? q0 : x0, col = (kGT ? x0 : q0) + 8 * c;
+  const int64_t rows = kGT ? p.y.rows : p.R, cols = kGT ? p.R : p.y.rows, ld = kGT ? p.gq : p.gr;
+  const T* base = static_cast<const T*>(p.g);
+  CUTE_UNROLL
+  for (int k = 0; k < kBwdRows / kStep; ++k) {
+    const int r = r0 + kStep * k;
+    const bool ok = row0 + r < rows && col < cols;
+    const T* src = ok ? base + (row0 + r) * ld + col : base;
+    SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
+                                                    *reinterpret_cast<uint128_t*>(&g(r, 8 * c)), ok);
+  }
+}
+
+// y's tile rows [q0, q0 + kCols) times 1 / n_y, in place, for the chunks this thread copied
+// (load_rows<kCols, T, true>: RowCopy's rows and chunk); its cp.async copies must have landed.
+// Rows past Q are zeros and stay so.
+template <typename T, typename Smem>
+__device__ __forceinline__ void scale_rows(const BwdArgs& p, int64_t q0, Smem& y) {
+  using Copy = RowCopy<kCols>;
+  const Copy cp = Copy::of(threadIdx.x);
+  CUTE_UNROLL
+  for (int k = 0; k < Copy::kPasses; ++k) {
+    const int64_t q = q0 + cp.row(k);
+    const float f = q < p.y.rows ? p.rny[q] : 0.f;
+    uint128_t& chunk = *reinterpret_cast<uint128_t*>(&y(cp.row(k), 8 * cp.c));
+    uint128_t v = chunk;
+    T* e = reinterpret_cast<T*>(&v);
+    CUTE_UNROLL
+    for (int i = 0; i < 8; ++i) e[i] = T(float(e[i]) * f);
+    chunk = v;
+  }
+}
+
+template <typename T, bool kGT>
+__global__ void __launch_bounds__(kThreads) similarity_bwd_mma_kernel(const BwdArgs p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  auto& st = *reinterpret_cast<BwdStorage*>(smem_raw);
+  const int64_t R = p.R, Q = p.y.rows;
+  const int D = int(p.D);
+  const int64_t x0 = int64_t(blockIdx.x) * kBwdRows;
+  const int tid = threadIdx.x;
+  const int n_tiles = int((Q + kCols - 1) / kCols);
+  auto tile_g = [&](int buf) {
+    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.g[buf])), GTile{});
+  };
+  auto tile_ga = [&](int buf) {
+    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.g[buf])), GTileA<kGT>{});
+  };
+  auto tile_y = [&](int buf) {
+    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.y[buf])), SmemTile<kCols>{});
+  };
+  auto tile_yt = [&](int buf) {
+    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.y[buf])), SmemTileT<kCols>{});
+  };
+  auto load_tile = [&](int t, int buf) {
+    auto g = tile_g(buf);
+    load_g<kGT, T>(p, x0, int64_t(t) * kCols, g);
+    auto y = tile_y(buf);
+    load_rows<kCols, T, true>(p.y, int64_t(t) * kCols, D, y);
+  };
+
+  if (n_tiles > 0) load_tile(0, 0);
+  cp_async_fence();
+
+  TiledMma<T> tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tid);
+  using GCopy = std::conditional_t<kGT, SM75_U16x8_LDSM_T, SM75_U32x4_LDSM_N>;
+  auto copy_g = make_tiled_copy_A(Copy_Atom<GCopy, T>{}, tiled_mma);
+  auto copy_yt = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, tiled_mma);
+  auto thr_g = copy_g.get_thread_slice(tid);
+  auto thr_yt = copy_yt.get_thread_slice(tid);
+  Tensor tGr = thr_mma.partition_fragment_A(tile_ga(0));   // (MMA, 1, kCols / 16)
+  Tensor tYtr = thr_mma.partition_fragment_B(tile_yt(0));  // (MMA, kD / 8, kCols / 16)
+  Tensor tGr_v = thr_g.retile_D(tGr);
+  Tensor tYtr_v = thr_yt.retile_D(tYtr);
+  Tensor dacc = partition_fragment_C(tiled_mma, Shape<Int<kBwdRows>, Int<kD>>{});
+  clear(dacc);
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int buf = t & 1;
+    cp_async_wait<0>();
+    auto sY = tile_y(buf);
+    scale_rows<T>(p, int64_t(t) * kCols, sY);
+    __syncthreads();  // tile t landed and scaled; tile t - 1's buffers are free
+    if (t + 1 < n_tiles) load_tile(t + 1, buf ^ 1);
+    cp_async_fence();
+    Tensor tGs = thr_g.partition_S(tile_ga(buf));
+    Tensor tYts = thr_yt.partition_S(tile_yt(buf));
+    gemm_smem(tiled_mma, copy_g, tGs, tGr, tGr_v, copy_yt, tYts, tYtr, tYtr_v, dacc);
+  }
+
+  // Element e of dacc: row row0 + 8 ((e >> 1) & 1), column col0 + (e & 1) + 8 (e >> 2) (as in
+  // supcon_mma.cuh's write_dx).
+  Tensor dcoord = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBwdRows>, Int<kD>>{}));
+  static_assert(decltype(size<1>(dacc))::value == 1, "one 16-row slab per warp: e's row is bit 1");
+  const int row0 = get<0>(dcoord(0)), col0 = get<1>(dcoord(0));
+  CUTE_UNROLL
+  for (int e = 0; e < size(dacc); e += 2) {
+    const int64_t x = x0 + row0 + 8 * ((e >> 1) & 1);
+    const int d = col0 + 8 * (e >> 2);  // even; elements e, e + 1 are columns d, d + 1
+    if (x < R && d < D)
+      *reinterpret_cast<float2*>(p.dz + x * D + d) = make_float2(dacc(e) * p.inv_t, dacc(e + 1) * p.inv_t);
+  }
+#endif
+}
+
+}  // namespace anchor_kernels::similarity_cuda::mma
