@@ -26,6 +26,7 @@ DTYPES = {"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float32)}[DEVI
 D = 128
 TEMPERATURE = 0.1
 TARGET_S = 0.5  # timed seconds per benchmark
+MIN_ROUNDS = 20 if DEVICE.type == "cuda" else 3  # a GPU figure takes 20 repetitions at least
 
 
 def eager(a, b):
@@ -33,7 +34,9 @@ def eager(a, b):
 
 
 _compiled = torch.compile(eager)
-CANDIDATES = ["triton", "cuda", "cpu", "eager", "compiled"]
+# cuda-general: the cuda backend with ANCHOR_KERNELS_CUDA_KERNELS=general (its general kernels
+# where the CuTe tensor-core ones would run), to measure what those gain.
+CANDIDATES = ["triton", "cuda", "cuda-general", "cpu", "eager", "compiled"]
 
 
 def sync():
@@ -57,20 +60,24 @@ def peak_memory(fn):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("n", SIZES, ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("candidate", CANDIDATES)
-def test_similarity(benchmark, candidate, n, dtype, pass_):
+def test_similarity(benchmark, candidate, n, dtype, pass_, monkeypatch):
+    backend = candidate
+    if candidate == "cuda-general":
+        backend = "cuda"
+        monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", "general")
     torch.manual_seed(0)
     a = torch.randn(n, D, device=DEVICE, dtype=dtype, requires_grad=pass_ != "fwd")
     b = torch.randn(n, D, device=DEVICE, dtype=dtype, requires_grad=pass_ != "fwd")
     if candidate in ("eager", "compiled"):
         fn = eager if candidate == "eager" else _compiled
     else:
-        reasons = DISPATCH.get(candidate).not_supported_reasons(a, b)
-        if DEVICE.type == "cpu" and candidate == "triton":
+        reasons = DISPATCH.get(backend).not_supported_reasons(a, b)
+        if DEVICE.type == "cpu" and backend == "triton":
             reasons = ["the Triton interpreter is not timed"]
         if reasons:
             pytest.skip("; ".join(reasons))
         fn = lambda a, b: ak.pairwise_similarity(  # noqa: E731
-            a, b, temperature=TEMPERATURE, backend=candidate)
+            a, b, temperature=TEMPERATURE, backend=backend)
     grad = torch.randn(n, n, device=DEVICE, dtype=dtype) if pass_ != "fwd" else None
 
     def run():
@@ -94,5 +101,5 @@ def test_similarity(benchmark, candidate, n, dtype, pass_):
                                 device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
                                 torch=torch.__version__, triton=triton.__version__)
     benchmark.pedantic(run, warmup_rounds=1, iterations=1,
-                       rounds=max(3, min(100, int(TARGET_S / max(estimate, 1e-6)))))
+                       rounds=max(MIN_ROUNDS, min(100, int(TARGET_S / max(estimate, 1e-6)))))
     benchmark.extra_info["tflops"] = flops / benchmark.stats.stats.median / 1e12

@@ -95,6 +95,11 @@ stage errors 90 python3 scripts/supcon_errors.py --n 4096 --backends triton cuda
 stage bench_hard_positive 90 python3 -m pytest -q benchmarks/bench_hard_positive.py \
     -k "bfloat16 and k4 and (triton or eager or compiled)" --benchmark-columns=median,iqr,rounds \
     --benchmark-json "$RES/hard_positive_gpu.json"
+# The CUDA similarity on the CuTe kernels against its general kernels (the ones it replaced
+# where they run: ANCHOR_KERNELS_CUDA_KERNELS=general) and Triton.
+stage bench_similarity_cuda 120 python3 -m pytest -q benchmarks/bench_similarity.py \
+    -k "bfloat16 and (cuda or triton)" --benchmark-columns=median,iqr,rounds \
+    --benchmark-json "$RES/similarity_cuda_gpu.json"
 stage bench_similarity 60 python3 -m pytest -q benchmarks/bench_similarity.py \
     -k "bfloat16 and (triton or eager or compiled)" --benchmark-columns=median,iqr,rounds \
     --benchmark-json "$RES/similarity_gpu.json"

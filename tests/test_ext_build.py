@@ -320,20 +320,42 @@ def _kernel_sass(obj, arch):
     return kernels
 
 
-def _tensor_core_loop(instructions, op="HGMMA"):
+def _branch_target(text):
+    """The target address of a branch instruction (``@P0 BRA 0x1a0``), else None."""
+    op = text.split()
+    if "BRA" in [o.split(".")[0] for o in op] and op[-1].startswith("0x"):
+        return int(op[-1], 16)
+    return None
+
+
+def _tensor_core_loop(instructions, op="HGMMA", outlined=False):
     """The instructions of the innermost loop around a kernel's tensor-core instructions
-    (``op``): from the target of the backward branch that closes it to that branch."""
+    (``op``): from the target of the backward branch that closes it to that branch. outlined:
+    with the blocks outside it that the loop branches to and that branch back into it (ptxas
+    moves a conditional part of the loop body, such as the next tile's loads, out of line)."""
     hgmma = [a for a, text in instructions if f" {op}" in f" {text}"]
     loops = []
     for addr, text in instructions:
-        op = text.split()
-        if "BRA" in [o.split(".")[0] for o in op] and op[-1].startswith("0x"):
-            target = int(op[-1], 16)
-            if target <= hgmma[0] and addr >= hgmma[-1]:
-                loops.append((addr - target, target, addr))
+        target = _branch_target(text)
+        if target is not None and target <= hgmma[0] and addr >= hgmma[-1]:
+            loops.append((addr - target, target, addr))
     assert loops, f"no loop around the {op}s"
     _, start, end = min(loops)
-    return [text for a, text in instructions if start <= a <= end]
+    inside = lambda a: start <= a <= end
+    picked = {a for a, _ in instructions if inside(a)}
+    if outlined:
+        exits = {_branch_target(t) for a, t in instructions if inside(a)} - {None}
+        at = {a: i for i, (a, _) in enumerate(instructions)}
+        for target in sorted(t for t in exits if not inside(t) and t in at):
+            block = []
+            for a, text in instructions[at[target]:]:
+                block.append(a)
+                back = _branch_target(text)
+                if back is not None and not text.startswith("@"):
+                    if inside(back):
+                        picked.update(block)
+                    break
+    return [text for a, text in instructions if a in picked]
 
 
 # The forwards' per-logit budgets, by (mode, fixed shifts): (the tile loop's instructions per
@@ -444,6 +466,29 @@ def test_hopper_backward_instructions_per_logit(cuda_objects):
 def test_sm80_backward_instructions_per_logit(cuda_objects):
     """Counted, not timed: the same for the sm_80 backward."""
     assert _check_backward_budget(cuda_objects, "supcon_mma_bwd.cu", "sm_80", SM80_BWD_BUDGET, "HMMA") == 24
+
+
+# The similarity kernels' tile loops (csrc/cuda/similarity_mma.cuh), per element of the tile a
+# thread holds: the forward's 128 x 64 S tile (64 per thread; its loop holds the next tile's
+# cp.async, ldmatrix, 128 HMMA, the scale and both store copies, pairs and single columns),
+# the backward's 64 x 64 G tile (32 per thread: G's and y's cp.async, y's scaling by 1 / n_y,
+# ldmatrix, 64 HMMA). nvcc 13.0 gives 15.9 and 20.7 to 22.9 (G^T, fp16 the most).
+SIMILARITY_BUDGET = {"fwd": (16.5, 64, 128, 8), "bwd": (23.5, 32, 64, 12)}
+
+
+def test_similarity_instructions_per_element(cuda_objects):
+    """Counted, not timed: the similarity kernels' tile loops (with the blocks ptxas moves out
+    of line) stay under their budgets per tile element, hold the tile's whole product and its
+    next cp.async loads, and pass one barrier per tile."""
+    checked = 0
+    for name, instructions in _kernels(cuda_objects, "similarity_mma.cu", "sm_80").items():
+        limit, elements, hmma, loads = SIMILARITY_BUDGET["fwd" if "fwd_mma" in name else "bwd"]
+        loop = _tensor_core_loop(instructions, "HMMA", outlined=True)
+        count = lambda op: sum(f" {op}" in f" {text}" for text in loop)
+        assert len(loop) / elements <= limit, (name, len(loop) / elements)
+        assert (count("HMMA"), count("LDGSTS"), count("BAR.SYNC")) == (hmma, loads, 1), name
+        checked += 1
+    assert checked == 6  # bf16 and fp16; the backward with G as it lies and transposed
 
 
 def test_hopper_consumers_take_turns(cuda_objects):

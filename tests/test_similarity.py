@@ -20,7 +20,7 @@ import anchor_kernels.ops.similarity_triton  # noqa: F401  registers the Triton 
 from anchor_kernels.similarity import DISPATCH
 
 from .cuda_emulation import similarity_emulated as emu
-from .utils import DispatchedOps, assert_graph_safe
+from .utils import DispatchedOps, assert_graph_safe, cuda_kernels_run
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the CUDA C++ kernels: tier 2
 CPU_BACKENDS = ["triton", "cpu", "eager", CUDA]
@@ -386,6 +386,44 @@ def test_gpu_large(backend, n, dtype):
     _, _, ref_db = run_oracle(a.double(), b[rows].double(), g[:, rows].double(), 0.1, True)
     scale = ref_db.abs().max().item()
     torch.testing.assert_close(db[rows].double() / scale, ref_db / scale, rtol=0, atol=atol)
+
+
+# Shapes around the CuTe kernels' rule (bf16 / fp16, D <= 128 with D % 8 == 0; for a backward
+# side, G contiguous along an extent that is a multiple of 8: N for da and db as G comes, M when
+# it comes transposed): rows off the 128 / 64 tiles, one row, an odd N (S stored a column at a
+# time), forward CTAs that stream two column tiles with a last one left alone (4224 x 3976),
+# D = 130 (the other kernels throughout).
+TENSOR_CORE_SHAPES = [(200, 72, 128), (136, 520, 64), (1, 8, 8), (77, 200, 24), (200, 77, 128),
+                      (4224, 3976, 128), (70, 72, 130)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("m,n,d", TENSOR_CORE_SHAPES)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("g_transposed", [False, True])
+@pytest.mark.parametrize("choice", ["auto", "general"])
+def test_gpu_tensor_core_kernels(dtype, m, n, d, normalize, g_transposed, choice, monkeypatch):
+    """The CUDA backend's CuTe kernels (their names in the profile) run exactly where the rule
+    says, and not at all with ANCHOR_KERNELS_CUDA_KERNELS=general; either way S and both
+    gradients match the float64 formula by the 2x-eager rule, the upstream gradient as it comes
+    or transposed (da then reads it as G^T, db as it lies)."""
+    monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", choice)
+    torch.manual_seed(0)
+    a, b = torch.randn(m, d).to(dtype), torch.randn(n, d).to(dtype)
+    g = torch.randn(n, m).to(dtype).T if g_transposed else torch.randn(m, n).to(dtype)
+    out = []
+    names = cuda_kernels_run(lambda: out.append(run(a, b, g, "cuda", 0.5, normalize)))
+    rows = d <= 128 and d % 8 == 0 and choice == "auto"
+    assert any("similarity_fwd_mma_kernel" in k for k in names) == rows, names
+    g_rows = (m if g_transposed else n) % 8 == 0
+    assert sum("similarity_bwd_mma_kernel" in k for k in names) == (2 if rows and g_rows else 0), names
+    ref = run_oracle(a.double(), b.double(), g.double(), 0.5, normalize)
+    eager = run_oracle(a, b, g, 0.5, normalize)
+    scale = max(1.0, ref[0].abs().max().item())
+    for name, o, r, e in zip(("S", "da", "db"), out[0], ref, eager):
+        assert o.dtype == dtype and torch.isfinite(o).all(), name
+        assert_close(name, o, r, e, 2e-3 * scale * max(1.0, r.abs().max().item() / scale))
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ from anchor_kernels import _ext
 from anchor_kernels.backends import SupConProblem, get_backend, select_backend
 from anchor_kernels.reference import self_and_positive_masks
 
-from .utils import DispatchedOps, assert_close, labels_for, loss_and_grads
+from .utils import DispatchedOps, assert_close, cuda_kernels_run, labels_for, loss_and_grads
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -558,14 +558,6 @@ def test_gpu_autocast_and_compile():
     assert_close(compiled(f), loss, atol=1e-2, rtol=1e-2, what="compiled")
 
 
-def _kernels_run(fn):
-    """Names of the CUDA kernels fn launches (torch.profiler)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", OPTIONS[:3] + [dict(lse_only=True)],
                          ids=["supcon", "soft", "soft-exact", "lse-only"])
@@ -594,11 +586,11 @@ def test_gpu_hopper_kernels_when_chosen(options, dtype, monkeypatch):
         return loss.detach(), x.grad
 
     monkeypatch.delenv("ANCHOR_KERNELS_CUDA_KERNELS", raising=False)
-    names = _kernels_run(run)
+    names = cuda_kernels_run(run)
     assert not any("sm90" in k for k in names) and any("mma" in k for k in names), names
     sm80 = run()
     monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", "sm90")
-    names = _kernels_run(run)
+    names = cuda_kernels_run(run)
     assert any("supcon_fwd_sm90_kernel" in k for k in names), names
     assert any("supcon_bwd_sm90_kernel" in k for k in names), names
     for a, b, what in zip(run(), sm80, ("loss", "grad")):

@@ -93,6 +93,14 @@ def assert_graph_safe(step, inputs):
         assert torch.equal(c, e), f"output {i}: the replayed graph differs from eager"
 
 
+def cuda_kernels_run(fn):
+    """Names of the CUDA kernels fn launches (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 class DispatchedOps(TorchDispatchMode):
     """Every op dispatched at the top level (the ops' own implementations run beneath it)."""
 
