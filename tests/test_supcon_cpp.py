@@ -605,12 +605,30 @@ def test_gpu_hopper_kernels_when_chosen(options, dtype, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_kernel_choice_is_checked(monkeypatch):
-    f = torch.randn(16, 8, device="cuda", dtype=torch.bfloat16)
+    """ANCHOR_KERNELS_CUDA_KERNELS is checked by every op it steers (the error names the op and
+    the variable); general runs the loss and the similarity on their general kernels (no
+    tensor-core ones in the profile), with the sm_80 kernels' results."""
+    f = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = labels_for("random", 300).cuda()
     monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", "sm_90")
-    with pytest.raises(RuntimeError, match="ANCHOR_KERNELS_CUDA_KERNELS must be auto, sm80 or sm90, got 'sm_90'"):
-        ak.supcon_loss(f, labels_for("random", 16).cuda(), backend="cuda")
-    monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", "sm80")
-    assert torch.isfinite(ak.supcon_loss(f, labels_for("random", 16).cuda(), backend="cuda"))
+    with pytest.raises(RuntimeError, match="supcon \\(CUDA\\): ANCHOR_KERNELS_CUDA_KERNELS must be auto, sm80, sm90 or general, got 'sm_90'"):
+        ak.supcon_loss(f, y, backend="cuda")
+    with pytest.raises(RuntimeError, match="similarity_fwd \\(CUDA\\): ANCHOR_KERNELS_CUDA_KERNELS must be"):
+        ak.pairwise_similarity(f, backend="cuda")
+
+    def run():
+        loss = ak.supcon_loss(f, y, backend="cuda")
+        s = ak.pairwise_similarity(f, backend="cuda")
+        return (loss, s) + torch.autograd.grad(loss + s.float().square().mean(), f)
+
+    results = {}
+    for choice in ("sm80", "general"):
+        monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", choice)
+        names = cuda_kernels_run(run)
+        assert any("mma" in k for k in names) == (choice == "sm80"), (choice, names)
+        results[choice] = run()
+    for a, b, what in zip(results["general"], results["sm80"], ("loss", "S", "grad")):
+        assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, what=f"general against sm80 {what}")
 
 
 @pytest.mark.gpu

@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "supcon_kernels.h"
 
@@ -19,6 +20,15 @@ namespace anchor_kernels::cuda_glue {
 namespace k = anchor_kernels::supcon_cuda;
 
 constexpr double kNormEps = 1e-12;  // reference.NORM_EPS
+
+// ANCHOR_KERNELS_CUDA_KERNELS picks the tensor-core kernel family (supcon_kernels.h); a value
+// it does not name is an error, named after the op, rather than a silent fall-back.
+inline void check_kernel_choice(const char* op) {
+  const std::string choice = k::cuda_kernels_choice();
+  TORCH_CHECK(choice == "auto" || choice == "sm80" || choice == "sm90" || choice == "general", op,
+              " (CUDA): ANCHOR_KERNELS_CUDA_KERNELS must be auto, sm80, sm90 or general, got '",
+              choice, "'");
+}
 
 // op and arg name the input in the error, e.g. ("supcon", "features").
 inline k::Dtype kernel_dtype(const at::Tensor& x, const char* op, const char* arg) {

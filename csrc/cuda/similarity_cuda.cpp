@@ -30,6 +30,7 @@ using cuda_glue::Rows;
 at::Tensor similarity_fwd_cuda(const at::Tensor& a, const at::Tensor& b, bool normalize,
                                double temperature) {
   check_inputs("similarity_fwd", a, b, temperature);
+  cuda_glue::check_kernel_choice("similarity_fwd");
   const k::Dtype dtype = kernel_dtype(a, "similarity_fwd", "a");
   const c10::cuda::CUDAGuard guard(a.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -59,6 +60,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_bwd_cuda(const at::Tensor& grad, c
                                                        const at::Tensor& b, bool normalize,
                                                        double temperature) {
   check_backward_inputs(grad, a, b, temperature);
+  cuda_glue::check_kernel_choice("similarity_bwd");
   const k::Dtype dtype = kernel_dtype(a, "similarity_bwd", "a");
   const c10::cuda::CUDAGuard guard(a.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();

@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <string>
 #include <tuple>
 
 #include "rows_glue.h"
@@ -29,15 +28,6 @@ using cuda_glue::Rows;
 
 k::Dtype kernel_dtype(const at::Tensor& f) { return cuda_glue::kernel_dtype(f, "supcon", "features"); }
 
-// ANCHOR_KERNELS_CUDA_KERNELS picks the tensor-core kernel family (supcon_kernels.h); a value
-// it does not name is an error here rather than a silent fall-back.
-void check_kernel_choice() {
-  const std::string choice = k::cuda_kernels_choice();
-  TORCH_CHECK(choice == "auto" || choice == "sm80" || choice == "sm90",
-              "supcon (CUDA): ANCHOR_KERNELS_CUDA_KERNELS must be auto, sm80 or sm90, got '",
-              choice, "'");
-}
-
 int forward_mode(bool lse_only, double beta) {
   return lse_only ? k::kFwdLse : (beta == 0 ? k::kFwdUniform : k::kFwdSoft);
 }
@@ -51,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cuda(
   const Sizes sz = check_forward_args(f, labels, contrast, contrast_labels, temperature, beta,
                                       anchor_offset);
   check_reduction(scale, reduction);
-  check_kernel_choice();
+  cuda_glue::check_kernel_choice("supcon");
   const k::Dtype dtype = kernel_dtype(f);
   const c10::cuda::CUDAGuard guard(f.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -100,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   const Sizes sz = check_forward_args(f, labels, contrast, contrast_labels, temperature, beta,
                                       anchor_offset);
   check_backward_args(sz, f, grad, stats, scale, reduction);
-  check_kernel_choice();
+  cuda_glue::check_kernel_choice("supcon");
   const k::Dtype dtype = kernel_dtype(f);
   const c10::cuda::CUDAGuard guard(f.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();

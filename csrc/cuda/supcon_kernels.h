@@ -158,7 +158,8 @@ cudaError_t launch_supcon_fwd(Dtype dtype, const FwdArgs& args, cudaStream_t str
 cudaError_t launch_supcon_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
 
 // The CuTe tensor-core kernels (supcon_mma.cu): bf16 / fp16, D <= 128 with D % 8 == 0, rows
-// contiguous with a row stride % 8 == 0 and 16-byte aligned, and sm_80+ code for the device.
+// contiguous with a row stride % 8 == 0 and 16-byte aligned, and sm_80+ code for the device;
+// not with ANCHOR_KERNELS_CUDA_KERNELS=general (the general kernels then run, for comparison).
 bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
 cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
 cudaError_t launch_supcon_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
@@ -169,7 +170,8 @@ cudaError_t launch_supcon_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t
 // 2^31, on a compute capability 9.0 device, in a binary built with sm_90a code
 // (ANCHOR_KERNELS_SM90A); until their first validation on a device, only when
 // ANCHOR_KERNELS_CUDA_KERNELS=sm90 (cuda_kernels_choice(): "auto" when unset; "auto" and
-// "sm80" take the sm_80 kernels, the torch glue refuses other values).
+// "sm80" take the sm_80 kernels, "general" none of the tensor-core ones, the torch glue
+// refuses other values: cuda_glue::check_kernel_choice).
 const char* cuda_kernels_choice();
 bool sm90_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
 cudaError_t launch_supcon_fwd_sm90(Dtype dtype, const FwdArgs& args, cudaStream_t stream);

@@ -3,6 +3,8 @@
 // (two files, so that the build compiles them in parallel).
 #include <cuda_runtime.h>
 
+#include <cstring>
+
 #include "supcon_mma.cuh"
 
 namespace anchor_kernels::supcon_cuda {
@@ -40,7 +42,7 @@ bool device_has_mma_code() {
 
 bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
   return dtype != Dtype::kFloat32 && D > 0 && D <= mma::kD && D % 8 == 0 && rows_fit(x) &&
-         rows_fit(y) && device_has_mma_code();
+         rows_fit(y) && std::strcmp(cuda_kernels_choice(), "general") != 0 && device_has_mma_code();
 }
 
 cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {
