@@ -40,7 +40,9 @@ def eager(z, y, k):
 
 
 _compiled = torch.compile(eager)
-CANDIDATES = ["triton", "cuda", "cpu", "eager", "compiled"]
+# cuda-general: the cuda backend with ANCHOR_KERNELS_CUDA_KERNELS=general (its general kernel
+# where the CuTe tensor-core one would run), to measure what that gains.
+CANDIDATES = ["triton", "cuda", "cuda-general", "cpu", "eager", "compiled"]
 
 
 def sync():
@@ -63,7 +65,11 @@ def peak_memory(fn):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("n", SIZES, ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("candidate", CANDIDATES)
-def test_hard_positive(benchmark, candidate, n, dtype, k):
+def test_hard_positive(benchmark, candidate, n, dtype, k, monkeypatch):
+    backend = candidate
+    if candidate == "cuda-general":
+        backend = "cuda"
+        monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", "general")
     torch.manual_seed(0)
     z = torch.randn(n, D, device=DEVICE, dtype=dtype)
     y = torch.randint(0, CLASSES, (n,), device=DEVICE)
@@ -71,12 +77,12 @@ def test_hard_positive(benchmark, candidate, n, dtype, k):
         base = eager if candidate == "eager" else _compiled
         fn = lambda: base(z, y, k)  # noqa: E731
     else:
-        reasons = DISPATCH.get(candidate).not_supported_reasons(z, z, k)
-        if DEVICE.type == "cpu" and candidate == "triton":
+        reasons = DISPATCH.get(backend).not_supported_reasons(z, z, k)
+        if DEVICE.type == "cpu" and backend == "triton":
             reasons = ["the Triton interpreter is not timed"]
         if reasons:
             pytest.skip("; ".join(reasons))
-        fn = lambda: ak.hard_positive_mining(z, y, k, backend=candidate)  # noqa: E731
+        fn = lambda: ak.hard_positive_mining(z, y, k, backend=backend)  # noqa: E731
 
     def run():
         fn()

@@ -92,6 +92,10 @@ for graph in off on; do
         && mkdir -p $RES/$(basename $run_dir) && cp $run_dir/*.json* $RES/$(basename $run_dir)/"
 done
 stage errors 90 python3 scripts/supcon_errors.py --n 4096 --backends triton cuda
+# The CUDA selection on its CuTe kernel against its general kernel, and Triton.
+stage bench_hard_positive_cuda 120 python3 -m pytest -q benchmarks/bench_hard_positive.py \
+    -k "bfloat16 and k4 and (cuda or triton)" --benchmark-columns=median,iqr,rounds \
+    --benchmark-json "$RES/hard_positive_cuda_gpu.json"
 stage bench_hard_positive 90 python3 -m pytest -q benchmarks/bench_hard_positive.py \
     -k "bfloat16 and k4 and (triton or eager or compiled)" --benchmark-columns=median,iqr,rounds \
     --benchmark-json "$RES/hard_positive_gpu.json"

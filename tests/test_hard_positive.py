@@ -15,7 +15,7 @@ from anchor_kernels.ops.hard_positive_triton import MAX_K
 
 from .cuda_emulation import hard_positive_emulated as emu
 from .cuda_emulation.similarity_emulated import build_emulator
-from .utils import DispatchedOps, assert_graph_safe
+from .utils import DispatchedOps, assert_graph_safe, cuda_kernels_run
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the CUDA C++ kernel: tier 2
 CPU_BACKENDS = ["triton", "cpu", "eager", CUDA]
@@ -517,6 +517,34 @@ def test_gpu_large(backend, n, k, dtype):
         torch.testing.assert_close(cos[r0:r1].double(), ref_cos, rtol=0, atol=2e-6)
         mismatched += int((idx[r0:r1] != ref_idx).sum())
     assert mismatched <= 1e-3 * idx.numel(), mismatched
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,d,classes,offset", [(200, 200, 128, 10, "self"), (77, 300, 64, 3, 50),
+                                                  (130, 70, 8, 1000, None), (64, 64, 24, 2, "self"),
+                                                  (70, 70, 130, 10, "self")])
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("choice", ["auto", "general"])
+def test_gpu_tensor_core_kernel(dtype, m, n, d, classes, offset, k, choice, monkeypatch):
+    """The CuTe kernel (its name in the profile) runs where the rule says (bf16 / fp16, D <= 128
+    with D % 8 == 0) and not with ANCHOR_KERNELS_CUDA_KERNELS=general. Integer rows make every
+    product exact, so the selection equals the reference's, ties included: anchors off the
+    64-row tiles, contrast rows off the 64-column ones, so many labels that most tiles are
+    skipped, the self pair in one set and at an offset into the contrast rows."""
+    monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", choice)
+    torch.manual_seed(0)
+    z = torch.randint(-2, 3, (m, d)).to(dtype)
+    y = labels(m, classes)
+    c = yc = None
+    if offset != "self":
+        c, yc = torch.randint(-2, 3, (n, d)).to(dtype), labels(n, classes)
+        if offset is not None:
+            c[offset:offset + m], yc[offset:offset + m] = z, y
+    names = cuda_kernels_run(lambda: check(z, y, k, c, yc, 0 if offset == "self" else offset,
+                                           backend="cuda", normalize=False))
+    tensor_cores = d <= 128 and d % 8 == 0 and choice == "auto"
+    assert any("hard_positive_mma_kernel" in name for name in names) == tensor_cores, names
 
 
 @pytest.mark.gpu

@@ -373,7 +373,7 @@ def test_tensor_core_fragment_layouts(tmp_path):
 
 def test_ldmatrix_fills_the_fragments_the_products_expect(tmp_path):
     """Every ldmatrix of the sm_80 tensor-core kernels (SupCon forward and backward, similarity
-    forward and backward, G^T read transposed), with the rows CuTe has each lane point at in
+    forward and backward, G^T read transposed, selection), with the rows CuTe has each lane point at in
     the kernels' swizzled layouts, read as the hardware reads them, fills each fragment
     register with the element the next mma.sync expects, for every warp and k-step, on the
     host (tests/cuda_emulation/mma_ldmatrix.cu)."""

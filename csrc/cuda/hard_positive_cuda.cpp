@@ -32,6 +32,7 @@ std::tuple<at::Tensor, at::Tensor> hard_positive_cuda(const at::Tensor& z, const
                                                       std::optional<int64_t> anchor_offset) {
   const int64_t offset = check_args(z, labels, c, c_labels, k, anchor_offset);
   const kc::Dtype dtype = cuda_glue::kernel_dtype(z, "hard_positive", "z");
+  cuda_glue::check_kernel_choice("hard_positive");
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t M = z.size(0), N = c.size(0);
   at::Tensor idx = at::full({M, k}, -1, z.options().dtype(at::kLong));

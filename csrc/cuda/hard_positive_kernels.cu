@@ -6,6 +6,7 @@ namespace anchor_kernels::hard_positive_cuda {
 
 cudaError_t launch_hard_positive(Dtype dtype, const Args& args, cudaStream_t stream) {
   if (args.z.rows == 0 || args.c.rows == 0) return cudaSuccess;
+  if (mma_supported(dtype, args)) return launch_hard_positive_mma(dtype, args, stream);
   const unsigned grid = unsigned((args.z.rows + detail::kBlock - 1) / detail::kBlock);
   switch (dtype) {
     case Dtype::kFloat32:

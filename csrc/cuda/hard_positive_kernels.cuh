@@ -55,6 +55,67 @@ __device__ __forceinline__ float key_cos(int64_t key) {
   return bits_float(ordered >= 0 ? ordered : ordered ^ 0x7FFFFFFF);
 }
 
+// One anchor's running top-k (the rule in the header comment), kept by one thread: its keys in
+// the anchor's scratch row, the largest (the threshold) and its slot in registers. Shared with
+// the tensor-core kernel (hard_positive_mma.cuh).
+struct TopK {
+  int64_t* keys;
+  int64_t keff;
+  int64_t thr, thr_slot;
+
+  __device__ static TopK start(int64_t* keys, int64_t keff) {
+    for (int64_t s = 0; s < keff; ++s) keys[s] = kKeyInf - s;
+    return {keys, keff, kKeyInf, 0};
+  }
+
+  __device__ void offer(int64_t key) {
+    if (key >= thr) return;
+    keys[thr_slot] = key;
+    thr = keys[0];
+    thr_slot = 0;
+    for (int64_t s = 1; s < keff; ++s)
+      if (keys[s] > thr) {
+        thr = keys[s];
+        thr_slot = s;
+      }
+  }
+
+  // Sorts the keys and writes anchor i's indices and cosines (padding: -1 and +inf).
+  __device__ void finish(const Args& p, int64_t i) {
+    for (int64_t s = 1; s < keff; ++s) {  // insertion sort, ascending
+      const int64_t key = keys[s];
+      int64_t t = s;
+      for (; t > 0 && keys[t - 1] > key; --t) keys[t] = keys[t - 1];
+      keys[t] = key;
+    }
+    for (int64_t s = 0; s < keff; ++s) {
+      const int64_t key = keys[s];
+      const bool pad = key >= kKeyPad;
+      p.idx[i * p.k + s] = pad ? -1 : (key & 0xFFFFFFFFll);
+      p.cos[i * p.k + s] = pad ? INFINITY : key_cos(key);
+    }
+  }
+};
+
+// Whether a tile's first `cols` columns (labels lc, from column y0) hold a positive of the
+// anchor with label yi whose self column is `self` (-1: none).
+__device__ __forceinline__ bool has_positive(const int64_t* lc, int cols, int64_t y0, int64_t yi,
+                                             int64_t self) {
+  for (int c = 0; c < cols; ++c)
+    if (lc[c] == yi && y0 + c != self) return true;
+  return false;
+}
+
+// The anchor's row of a tile's products (s, raw: times rni and rnc[c] here) into its top-k.
+__device__ __forceinline__ void offer_row(TopK& top, const float* s, const int64_t* lc, const float* rnc,
+                                          int cols, int64_t y0, int64_t yi, int64_t self, float rni) {
+  for (int c = 0; c < cols; ++c) {
+    const int64_t j = y0 + c;
+    if (lc[c] != yi || j == self) continue;
+    top.offer(make_key(s[c] * rni * rnc[c], j));
+  }
+}
+
 template <typename T, bool MMA>
 __global__ void __launch_bounds__(kThreads) hard_positive_kernel(const Args p) {
   __shared__ __align__(128) unsigned char ops[kOpsBytes];
@@ -71,11 +132,8 @@ __global__ void __launch_bounds__(kThreads) hard_positive_kernel(const Args p) {
   const int64_t yi = row ? p.lz[i] : 0;
   const float rni = row ? p.rnz[i] : 0.f;
   const int64_t self = (row && p.has_self) ? i + p.offset : -1;
-  int64_t* keys = p.keys + (row ? i : 0) * p.keff;
-  int64_t thr = kKeyInf;
-  int64_t thr_slot = 0;
-  if (row)
-    for (int64_t s = 0; s < p.keff; ++s) keys[s] = kKeyInf - s;
+  TopK top{};
+  if (row) top = TopK::start(p.keys + i * p.keff, p.keff);
 
   for (int64_t y0 = 0; y0 < N; y0 += kBlock) {
     __syncthreads();  // the previous tile's labels and products are consumed
@@ -87,47 +145,14 @@ __global__ void __launch_bounds__(kThreads) hard_positive_kernel(const Args p) {
     if (tid == 0) any_positive = 0;
     __syncthreads();
     const int cols = int(N - y0 < kBlock ? N - y0 : kBlock);
-    if (row) {
-      for (int c = 0; c < cols; ++c)
-        if (slc[c] == yi && y0 + c != self) {
-          any_positive = 1;
-          break;
-        }
-    }
+    if (row && has_positive(slc, cols, y0, yi, self)) any_positive = 1;
     __syncthreads();
     if (!any_positive) continue;  // the same value in every thread of the CTA
     dot_tile<T, MMA>(p.z, x0, p.c, y0, p.D, ops, Ss);
-    if (row) {
-      for (int c = 0; c < cols; ++c) {
-        const int64_t j = y0 + c;
-        if (slc[c] != yi || j == self) continue;
-        const int64_t key = make_key(Ss[tid][c] * rni * srnc[c], j);
-        if (key >= thr) continue;
-        keys[thr_slot] = key;
-        thr = keys[0];
-        thr_slot = 0;
-        for (int64_t s = 1; s < p.keff; ++s)
-          if (keys[s] > thr) {
-            thr = keys[s];
-            thr_slot = s;
-          }
-      }
-    }
+    if (row) offer_row(top, Ss[tid], slc, srnc, cols, y0, yi, self, rni);
   }
 
-  if (!row) return;
-  for (int64_t s = 1; s < p.keff; ++s) {  // insertion sort, ascending
-    const int64_t key = keys[s];
-    int64_t t = s;
-    for (; t > 0 && keys[t - 1] > key; --t) keys[t] = keys[t - 1];
-    keys[t] = key;
-  }
-  for (int64_t s = 0; s < p.keff; ++s) {
-    const int64_t key = keys[s];
-    const bool pad = key >= kKeyPad;
-    p.idx[i * p.k + s] = pad ? -1 : (key & 0xFFFFFFFFll);
-    p.cos[i * p.k + s] = pad ? INFINITY : key_cos(key);
-  }
+  if (row) top.finish(p, i);
 }
 
 }  // namespace anchor_kernels::hard_positive_cuda::detail

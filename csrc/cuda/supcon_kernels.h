@@ -159,7 +159,8 @@ cudaError_t launch_supcon_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t str
 
 // The CuTe tensor-core kernels (supcon_mma.cu): bf16 / fp16, D <= 128 with D % 8 == 0, rows
 // contiguous with a row stride % 8 == 0 and 16-byte aligned, and sm_80+ code for the device;
-// not with ANCHOR_KERNELS_CUDA_KERNELS=general (the general kernels then run, for comparison).
+// not with ANCHOR_KERNELS_CUDA_KERNELS=general (the general kernels then run, for comparison;
+// the similarity and the selection take their CuTe kernels by the same rule).
 bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
 cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
 cudaError_t launch_supcon_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t stream);

@@ -11,17 +11,20 @@
 // A row is 8 elements at consecutive, 16-byte aligned offsets of the layout (checked).
 //
 // Checked, for every warp, copy and k-step: the SupCon forward's anchor block and column tiles,
-// the backward's S operands and Y read transposed (64- and 32-row tiles), and the similarity
-// backward's G (as it lies in memory, and G^T read transposed) and scaled Y. Compiled with nvcc
+// the backward's S operands and Y read transposed (64- and 32-row tiles), the similarity
+// forward's, its backward's G (as it lies in memory, and G^T read transposed) and scaled Y, and
+// the selection's anchors and contrast rows. Compiled with nvcc
 // and run on the host by tests/test_supcon_cuda_emulated.py; prints the number of failures,
 // exits non-zero on any.
 #include <cstdio>
 
+#include "cuda/hard_positive_mma.cuh"
 #include "cuda/similarity_mma.cuh"
 
 using namespace cute;
 namespace sm = anchor_kernels::supcon_cuda::mma;
 namespace sim = anchor_kernels::similarity_cuda::mma;
+namespace hp = anchor_kernels::hard_positive_cuda::mma;
 
 static int failures = 0;
 #define CHECK(cond, what)                                                                \
@@ -110,6 +113,8 @@ void check_all() {
   check<true, N, T>("similarity backward G", sim::GTileA<false>{}, false);
   check<true, Tr, T>("similarity backward G^T", sim::GTileA<true>{}, true);
   check<false, Tr, T>("similarity backward y", sm::SmemTileT<sim::kCols>{}, true);
+  check<true, N, T>("selection anchors", sm::SmemTile<hp::kRows>{}, false);
+  check<false, N, T>("selection contrast rows", sm::SmemTile<hp::kCols>{}, false);
 }
 
 int main() {

@@ -1,0 +1,32 @@
+// Launcher of the tensor-core hard-positive selection kernel (hard_positive_mma.cuh). CUDA and
+// CuTe headers only.
+#include <cuda_runtime.h>
+
+#include "hard_positive_mma.cuh"
+
+namespace anchor_kernels::hard_positive_cuda {
+namespace {
+
+template <typename T>
+cudaError_t launch(const Args& a, cudaStream_t stream) {
+  auto kernel = mma::hard_positive_mma_kernel<T>;
+  constexpr int smem = int(sizeof(mma::Storage));
+  // Above 48 KiB of dynamic shared memory a kernel must opt in (per device; cheap to repeat).
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const unsigned grid = unsigned((a.z.rows + mma::kRows - 1) / mma::kRows);
+  kernel<<<grid, mma::kThreads, size_t(smem), stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool mma_supported(Dtype dtype, const Args& args) {
+  return supcon_cuda::mma_supported(dtype, args.z, args.c, args.D);
+}
+
+cudaError_t launch_hard_positive_mma(Dtype dtype, const Args& args, cudaStream_t stream) {
+  return dtype == Dtype::kFloat16 ? launch<cute::half_t>(args, stream) : launch<cute::bfloat16_t>(args, stream);
+}
+
+}  // namespace anchor_kernels::hard_positive_cuda

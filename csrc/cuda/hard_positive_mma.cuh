@@ -1,0 +1,120 @@
+// Tensor-core hard-positive selection for bf16 / fp16 rows on sm_80 and newer, on the tile
+// machinery of the SupCon kernels (supcon_mma.cuh), for the inputs it takes
+// (supcon_cuda::mma_supported: D <= 128 with D % 8 == 0, 16-byte rows). The rule and the
+// per-anchor top-k are those of hard_positive_kernels.cuh (TopK, has_positive, offer_row);
+// only the product differs.
+//
+// One CTA of 128 threads keeps 64 anchors in shared memory and streams the contrast set's
+// 64-row tiles (with their labels and inverse norms) through the two-stage cp.async pipeline.
+// A tile with no positive for any of its anchors is skipped before the product (the CTA asks
+// with __syncthreads_or). Otherwise the mma.sync product goes from the accumulators to a float
+// tile in shared memory, and thread r (< 64) folds row r of it into its anchor's top-k.
+#pragma once
+
+#include "hard_positive_kernels.cuh"
+#include "supcon_mma.cuh"
+
+namespace anchor_kernels::hard_positive_cuda::mma {
+
+using namespace cute;
+using detail::has_positive;
+using detail::offer_row;
+using detail::TopK;
+using supcon_cuda::mma::gemm_smem;
+using supcon_cuda::mma::kD;
+using supcon_cuda::mma::kThreads;
+using supcon_cuda::mma::load_rows;
+using supcon_cuda::mma::SmemTile;
+using supcon_cuda::mma::TiledMma;
+
+constexpr int kRows = 64;  // anchors per CTA: the 4 warps' 16-row slabs
+constexpr int kCols = 64;  // contrast rows per tile
+
+struct Storage {
+  alignas(128) uint16_t z[kRows * kD];
+  alignas(128) uint16_t c[2][kCols * kD];
+  float s[kRows][kCols + 1];  // the tile's products; + 1: rows read down a column stay conflict-free
+  int64_t label[2][kCols];
+  float rn[2][kCols];
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) hard_positive_mma_kernel(const Args p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  auto& st = *reinterpret_cast<Storage*>(smem_raw);
+  Tensor sZ = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.z)), SmemTile<kRows>{});
+  const int64_t M = p.z.rows, N = p.c.rows;
+  const int D = int(p.D);
+  const int64_t x0 = int64_t(blockIdx.x) * kRows;
+  const int tid = threadIdx.x;
+  const int64_t i = x0 + tid;
+  const bool row = tid < kRows && i < M;  // this thread selects for anchor i
+  const int64_t yi = row ? p.lz[i] : 0;
+  const float rni = row ? p.rnz[i] : 0.f;
+  const int64_t self = (row && p.has_self) ? i + p.offset : -1;
+  TopK top{};
+  if (row) top = TopK::start(p.keys + i * p.keff, p.keff);
+  const int n_tiles = int((N + kCols - 1) / kCols);
+
+  auto tile_c = [&](int buf) {
+    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.c[buf])), SmemTile<kCols>{});
+  };
+  auto stage_columns = [&](int t, int buf) {  // labels and inverse norms of tile t
+    if (tid < kCols) {
+      const int64_t j = int64_t(t) * kCols + tid;
+      st.label[buf][tid] = j < N ? p.lc[j] : 0;
+      st.rn[buf][tid] = j < N ? p.rnc[j] : 0.f;
+    }
+  };
+
+  load_rows<kRows, T, false>(p.z, x0, D, sZ);
+  if (n_tiles > 0) {
+    auto sC0 = tile_c(0);
+    load_rows<kCols, T, false>(p.c, 0, D, sC0);
+    stage_columns(0, 0);
+  }
+  cp_async_fence();
+
+  TiledMma<T> tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tid);
+  auto copy_a = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, tiled_mma);
+  auto copy_b = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, tiled_mma);
+  auto thr_a = copy_a.get_thread_slice(tid);
+  auto thr_b = copy_b.get_thread_slice(tid);
+  Tensor tZs = thr_a.partition_S(sZ);
+  Tensor tZr = thr_mma.partition_fragment_A(sZ);
+  Tensor tCr = thr_mma.partition_fragment_B(tile_c(0));
+  Tensor tZr_v = thr_a.retile_D(tZr);
+  Tensor tCr_v = thr_b.retile_D(tCr);
+  Tensor acc = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});
+  Tensor coord = thr_mma.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kCols>>{}));
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int buf = t & 1;
+    const int64_t y0 = int64_t(t) * kCols;
+    const int cols = int(N - y0 < kCols ? N - y0 : kCols);
+    cp_async_wait<0>();
+    __syncthreads();  // tile t is in; tile t - 1's buffers and products are consumed
+    if (t + 1 < n_tiles) {
+      auto sCn = tile_c(buf ^ 1);
+      load_rows<kCols, T, false>(p.c, y0 + kCols, D, sCn);
+      stage_columns(t + 1, buf ^ 1);
+    }
+    cp_async_fence();
+    // The CTA skips the tile unless one of its anchors has a positive there.
+    if (!__syncthreads_or(row && has_positive(st.label[buf], cols, y0, yi, self))) continue;
+    clear(acc);
+    Tensor tCs = thr_b.partition_S(tile_c(buf));
+    gemm_smem(tiled_mma, copy_a, tZs, tZr, tZr_v, copy_b, tCs, tCr, tCr_v, acc);
+    CUTE_UNROLL
+    for (int e = 0; e < size(acc); ++e) st.s[get<0>(coord(e))][get<1>(coord(e))] = acc(e);
+    __syncthreads();  // the products are in
+    if (row) offer_row(top, st.s[tid], st.label[buf], st.rn[buf], cols, y0, yi, self, rni);
+  }
+
+  if (row) top.finish(p, i);
+#endif
+}
+
+}  // namespace anchor_kernels::hard_positive_cuda::mma
