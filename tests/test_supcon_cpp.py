@@ -604,6 +604,36 @@ def test_gpu_hopper_kernels_when_chosen(options, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n", [300, 1000, 5000])
+@pytest.mark.parametrize("options", OPTIONS + [dict(lse_only=True)], ids=OPTION_IDS + ["lse-only"])
+def test_gpu_forward_splits_the_columns_when_rows_are_few(n, options):
+    """With fewer 128-row blocks than two per SM, the sm_80 forward splits the columns among
+    CTAs (FwdArgs::splits: at least 4 tiles each) and merges their statistics in one more launch
+    (its kernel in the profile exactly then); the loss and gradients match the reference, one
+    set and two (the self pairs at an offset into the contrast rows)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    row_blocks, tiles = -(-n // 128), -(-n // 64)
+    splits = max(1, min(-(-2 * sms // row_blocks), tiles // 4, 64))
+    f = torch.randn(n, 64, device="cuda")
+    y = labels_for("random", n).cuda()
+    lse_only = options.get("lse_only", False)
+    if lse_only:  # the per-anchor log-sum-exp over the other rows, against float64
+        x = f.to(torch.bfloat16)
+        problem = SupConProblem(x, y, None, None, 0.1, 0.0, None, True, True, 0, lse_only=True)
+        out = []
+        names = cuda_kernels_run(lambda: out.append(get_backend("cuda").per_anchor(problem)[0]))
+        z = torch.nn.functional.normalize(x.double(), dim=1)
+        logits = (z @ z.T / 0.1).fill_diagonal_(-float("inf"))
+        assert_close(out[0].double(), logits.logsumexp(dim=1), atol=2e-2, rtol=2e-3, what="lse")
+    else:
+        names = cuda_kernels_run(lambda: compare("cuda", f, y, dtype=torch.bfloat16, **options))
+        g, y_g = torch.randn(n + 40, 64, device="cuda"), labels_for("random", n + 40).cuda()
+        g[40:], y_g[40:] = f, y
+        compare("cuda", f, y, g, y_g, dtype=torch.bfloat16, anchor_offset=40, **options)
+    assert any("supcon_fwd_merge_kernel" in k for k in names) == (splits > 1), (splits, names)
+
+
+@pytest.mark.gpu
 def test_gpu_kernel_choice_is_checked(monkeypatch):
     """ANCHOR_KERNELS_CUDA_KERNELS is checked by every op it steers (the error names the op and
     the variable); general runs the loss and the similarity on their general kernels (no

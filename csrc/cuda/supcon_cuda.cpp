@@ -71,6 +71,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cuda(
   a.loss = loss.data_ptr<float>();
   a.valid = valid.data_ptr<bool>();
   a.stats = stats.data_ptr<float>();
+  a.splits = k::fwd_splits(dtype, a);
+  at::Tensor partial;  // the splits' statistics, merged by the forward's last launch
+  if (a.splits > 1) {
+    partial = at::empty({a.splits, sz.M, k::kFwdPartial}, fopts);
+    a.partial = partial.data_ptr<float>();
+  }
   C10_CUDA_CHECK(k::launch_supcon_fwd(dtype, a, stream));
   if (reduction == kNone && scale == 1.0) return {loss, valid, stats};
 

@@ -43,7 +43,14 @@ struct FwdArgs {
   float* loss;         // (M,)
   bool* valid;         // (M,)
   float* stats;        // (M, 4): LSE, sbar, logW, |P| (|A| with lse_only)
+  // The sm_80 tensor-core forward only (fwd_splits): with splits > 1 the columns are split
+  // among that many CTAs per row block, each writes its rows' partial statistics to partial
+  // (splits, M, kFwdPartial), and one more launch merges them into loss, valid and stats.
+  int splits;
+  float* partial;
 };
+
+constexpr int kFwdPartial = 6;  // per row and split: shift, sum, |P|, sum over P, soft shift, sum
 
 // FwdArgs::shift2: with normalised rows every logit is bounded, s log2(e) <= log2(e) / tau,
 // and the tensor-core forwards may shift their exponentials by that bound (and the soft
@@ -163,6 +170,9 @@ cudaError_t launch_supcon_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t str
 // the similarity and the selection take their CuTe kernels by the same rule).
 bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
 cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
+// FwdArgs::splits for a forward: 1 unless it runs on the sm_80 tensor-core kernel with fewer
+// row blocks than two per SM of the device, which then split its columns (4 tiles at least).
+int fwd_splits(Dtype dtype, const FwdArgs& args);
 cudaError_t launch_supcon_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
 
 // The Hopper kernels (supcon_sm90_fwd.cu, supcon_sm90_bwd.cu: TMA, wgmma, warp

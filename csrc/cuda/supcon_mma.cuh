@@ -208,6 +208,27 @@ struct RowState {
     return start(ok ? p.rnx[i] * p.inv_tau * kLog2e : 1.f, p.nbt, ok ? p.lx[i] : 0,
                  p.has_self ? i + p.shift : -1, fixed ? p.shift2 : 0.f);
   }
+
+  // The sums of another part of the row's columns folded in (both states' quad sums taken, as
+  // a split writes them): each part's sums rescaled to the larger shift; soft mining's sum over
+  // positives shares the soft weights' shift, plain SupCon's has none. With fixed shifts both
+  // parts have the same shifts and every factor is 1.
+  template <int kMode>
+  CUTE_HOST_DEVICE void merge(float m2, float l2, float cnt2, float sw2, float tm2, float lw2) {
+    const float m_new = fmaxf(m, m2), m_use = m_new == -INFINITY ? 0.f : m_new;
+    l = l * exp2_ftz(m - m_use) + l2 * exp2_ftz(m2 - m_use);
+    m = m_new;
+    cnt += cnt2;
+    if constexpr (kMode == kFwdSoft) {
+      const float t_new = fmaxf(tm, tm2), t_use = t_new == -INFINITY ? 0.f : t_new;
+      const float f = exp2_ftz(tm - t_use), f2 = exp2_ftz(tm2 - t_use);
+      lw = lw * f + lw2 * f2;
+      sw = sw * f + sw2 * f2;
+      tm = t_new;
+    } else {
+      sw += sw2;
+    }
+  }
 };
 
 // The reductions over the four lanes of a quad, which hold the same rows: shuffles on the
@@ -216,6 +237,11 @@ struct RowState {
 struct QuadShuffle {
   __device__ float max(float v) const { return quad_max(v); }
   __device__ float sum(float v) const { return quad_sum(v); }
+};
+// One lane holding the whole row (the merge of split statistics, the host checks).
+struct OneLane {
+  CUTE_HOST_DEVICE float max(float v) const { return v; }
+  CUTE_HOST_DEVICE float sum(float v) const { return v; }
 };
 
 // A row's statistics from its final state (the FwdArgs contract: loss, valid, and stats
@@ -241,14 +267,43 @@ CUTE_HOST_DEVICE RowStats finish_row(const RowState& s, float lse_count, const Q
   }
 }
 
-template <int kMode>
-__device__ __forceinline__ void write_stats(const FwdArgs& p, int64_t i, const RowState& s) {
-  const RowStats r = finish_row<kMode>(s, float(p.y.rows - (p.has_self ? 1 : 0)), QuadShuffle{});
-  if (i >= p.x.rows || (threadIdx.x % 4) != 0) return;
+CUTE_HOST_DEVICE float lse_count(const FwdArgs& p) { return float(p.y.rows - (p.has_self ? 1 : 0)); }
+
+CUTE_HOST_DEVICE void store_stats(const FwdArgs& p, int64_t i, const RowStats& r) {
   p.valid[i] = r.valid;
   p.loss[i] = r.loss;
   float* out = p.stats + 4 * i;
   out[0] = r.lse, out[1] = r.sbar, out[2] = r.logw, out[3] = r.count;
+}
+
+template <int kMode>
+__device__ __forceinline__ void write_stats(const FwdArgs& p, int64_t i, const RowState& s) {
+  const RowStats r = finish_row<kMode>(s, lse_count(p), QuadShuffle{});
+  if (i >= p.x.rows || (threadIdx.x % 4) != 0) return;
+  store_stats(p, i, r);
+}
+
+// A split's statistics of row i over its columns (FwdArgs::partial): the state's shifts and
+// its quad sums, which RowState::merge takes.
+__device__ __forceinline__ void write_partial(const FwdArgs& p, int64_t i, const RowState& s) {
+  const float l = quad_sum(s.l), cnt = quad_sum(s.cnt), sw = quad_sum(s.sw), lw = quad_sum(s.lw);
+  if (i >= p.x.rows || (threadIdx.x % 4) != 0) return;
+  float* out = p.partial + (int64_t(blockIdx.y) * p.x.rows + i) * kFwdPartial;
+  out[0] = s.m, out[1] = l, out[2] = cnt, out[3] = sw, out[4] = s.tm, out[5] = lw;
+}
+
+// One thread per row: the splits' statistics merged in split order (deterministic), then the
+// row's statistics as the unsplit kernel writes them.
+template <int kMode>
+__global__ void supcon_fwd_merge_kernel(const FwdArgs p) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.x.rows) return;
+  RowState s = RowState::of(p, i, p.shift2 > 0.f);
+  for (int k = 0; k < p.splits; ++k) {
+    const float* q = p.partial + (int64_t(k) * p.x.rows + i) * kFwdPartial;
+    s.merge<kMode>(q[0], q[1], q[2], q[3], q[4], q[5]);
+  }
+  store_stats(p, i, finish_row<kMode>(s, lse_count(p), OneLane{}));
 }
 
 // Built with ANCHOR_KERNELS_INNER_TILES_ONLY (by tests/test_ext_build.py alone, never run), the
@@ -376,18 +431,26 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<SharedStorage<kM, kBlockN>*>(smem_raw);
   Tensor sX = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.x)), SmemTile<kM>{});
-  const int64_t N = p.y.rows;
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kM;
   const int tid = threadIdx.x;
+  // This CTA's columns, its share of the row block's (FwdArgs::splits = gridDim.y; all of them
+  // without a split): from c0 on, counted from there below (y0, N, the self pairs' columns).
+  const int64_t per = ((p.y.rows + kBlockN - 1) / kBlockN + gridDim.y - 1) / gridDim.y * kBlockN;
+  const int64_t c0 = per * blockIdx.y;
+  const int64_t left = p.y.rows - c0, N = left < 0 ? 0 : left < per ? left : per;
+  const Matrix y{static_cast<const T*>(p.y.data) + c0 * p.y.s0, N, p.y.s0, p.y.s1};
+  const int64_t* const ly = p.ly + c0;
+  const float* const rny = p.rny + c0;
+  const int64_t shift = p.shift - c0;
   const int n_tiles = int((N + kBlockN - 1) / kBlockN);
 
   auto stage_columns = [&](int t, int buf) {  // labels and 1 / norms of tile t
     if (tid < kBlockN) {
       const int64_t j = int64_t(t) * kBlockN + tid;
       const bool ok = j < N;
-      st.cols[buf].label[tid] = ok ? p.ly[j] : 0;
-      st.cols[buf].rn[tid] = ok ? p.rny[j] : 0.f;
+      st.cols[buf].label[tid] = ok ? ly[j] : 0;
+      st.cols[buf].rn[tid] = ok ? rny[j] : 0.f;
     }
   };
   auto tile_y = [&](int buf) {
@@ -397,7 +460,7 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
   load_rows<kM, T, true>(p.x, x0, D, sX);
   if (n_tiles > 0) {
     auto sY0 = tile_y(0);
-    load_rows<kBlockN, T, true>(p.y, 0, D, sY0);
+    load_rows<kBlockN, T, true>(y, 0, D, sY0);
     stage_columns(0, 0);
   }
   cp_async_fence();
@@ -426,6 +489,7 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
     for (int i = 0; i < 2; ++i) {
       row[mi][i] = x0 + get<0>(coord(make_coord(0, i), mi, 0));
       rs[mi][i] = RowState::of(p, row[mi][i], kFixed);
+      if (p.has_self) rs[mi][i].self_col -= c0;
     }
   const int col0 = get<1>(coord(0));
 
@@ -436,7 +500,7 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
     __syncthreads();  // tile t landed; tile t - 1's buffer is free
     if (t + 1 < n_tiles) {
       auto sYn = tile_y(buf ^ 1);
-      load_rows<kBlockN, T, true>(p.y, y0 + kBlockN, D, sYn);
+      load_rows<kBlockN, T, true>(y, y0 + kBlockN, D, sYn);
     }
     cp_async_fence();
     auto sY = tile_y(buf);
@@ -445,7 +509,7 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
     gemm_smem(tiled_mma, copy_a, tXs, tXr, tXr_v, copy_b, tYs, tYr, tYr_v, acc);
     if (t + 1 < n_tiles) stage_columns(t + 1, buf ^ 1);  // read after the next barrier
 
-    const bool edge = y0 + kBlockN > N || meets_diagonal<kM, kBlockN>(p.has_self, p.shift, x0, y0);
+    const bool edge = y0 + kBlockN > N || meets_diagonal<kM, kBlockN>(p.has_self, shift, x0, y0);
     const ColumnStats<kBlockN>& cols = st.cols[buf];
     if (kEdgeCopy && edge) {
       CUTE_UNROLL
@@ -460,7 +524,12 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
   CUTE_UNROLL
   for (int mi = 0; mi < kMi; ++mi)
     CUTE_UNROLL
-    for (int i = 0; i < 2; ++i) write_stats<kMode>(p, row[mi][i], rs[mi][i]);
+    for (int i = 0; i < 2; ++i) {
+      if (gridDim.y > 1)
+        write_partial(p, row[mi][i], rs[mi][i]);
+      else
+        write_stats<kMode>(p, row[mi][i], rs[mi][i]);
+    }
 #endif
 }
 

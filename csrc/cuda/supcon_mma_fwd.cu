@@ -3,6 +3,7 @@
 // (two files, so that the build compiles them in parallel).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "supcon_mma.cuh"
@@ -10,16 +11,36 @@
 namespace anchor_kernels::supcon_cuda {
 namespace {
 
-using mma::launch;
 using mma::kFwdRows;
 
+// The forward on grid (row blocks, FwdArgs::splits), then with splits the merge of their
+// statistics, one thread per row.
 template <typename T>
 cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
   constexpr int smem = mma::shared_bytes<kFwdRows, mma::kFwdCols>();
+  const int splits = a.splits > 1 ? a.splits : 1;
   return mma::dispatch_fwd(a, [&](auto mode, auto fixed) {
-    return launch(mma::supcon_fwd_mma_kernel<T, decltype(mode)::value, decltype(fixed)::value>,
-                  a.x.rows, kFwdRows, smem, stream, a);
+    constexpr int kMode = decltype(mode)::value;
+    auto kernel = mma::supcon_fwd_mma_kernel<T, kMode, decltype(fixed)::value>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(unsigned((a.x.rows + kFwdRows - 1) / kFwdRows), unsigned(splits));
+    kernel<<<grid, mma::kThreads, size_t(smem), stream>>>(a);
+    err = cudaGetLastError();
+    if (err != cudaSuccess || splits == 1) return err;
+    mma::supcon_fwd_merge_kernel<kMode><<<unsigned((a.x.rows + 255) / 256), 256, 0, stream>>>(a);
+    return cudaGetLastError();
   });
+}
+
+// Multiprocessors of the current device, asked once per device (0 if it cannot be named).
+int multiprocessors() {
+  static int cached[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    cached[dev] = 0;
+  return cached[dev];
 }
 
 bool rows_fit(const Matrix& m) {
@@ -43,6 +64,17 @@ bool device_has_mma_code() {
 bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
   return dtype != Dtype::kFloat32 && D > 0 && D <= mma::kD && D % 8 == 0 && rows_fit(x) &&
          rows_fit(y) && std::strcmp(cuda_kernels_choice(), "general") != 0 && device_has_mma_code();
+}
+
+int fwd_splits(Dtype dtype, const FwdArgs& a) {
+  if (a.x.rows == 0 || sm90_supported(dtype, a.x, a.y, a.D) || !mma_supported(dtype, a.x, a.y, a.D))
+    return 1;
+  const int64_t row_blocks = (a.x.rows + kFwdRows - 1) / kFwdRows;
+  const int64_t tiles = (a.y.rows + mma::kFwdCols - 1) / mma::kFwdCols;
+  // Two CTAs per SM where the rows give fewer, each split keeping 4 tiles at least (the
+  // anchor block's load and the partial statistics stay small beside its products).
+  const int64_t want = (2 * int64_t(multiprocessors()) + row_blocks - 1) / row_blocks;
+  return int(std::max<int64_t>(1, std::min<int64_t>({want, tiles / 4, 64})));
 }
 
 cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {

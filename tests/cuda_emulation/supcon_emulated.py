@@ -35,7 +35,8 @@ class FwdArgs(ctypes.Structure):
     _fields_ = [("x", Matrix), ("y", Matrix), ("D", ctypes.c_int64), ("lx", _p), ("ly", _p),
                 ("rnx", _p), ("rny", _p), ("has_self", ctypes.c_bool), ("shift", ctypes.c_int64),
                 ("inv_tau", ctypes.c_float), ("nbt", ctypes.c_float), ("shift2", ctypes.c_float),
-                ("mode", ctypes.c_int), ("loss", _p), ("valid", _p), ("stats", _p)]
+                ("mode", ctypes.c_int), ("loss", _p), ("valid", _p), ("stats", _p),
+                ("splits", ctypes.c_int), ("partial", _p)]
 
 
 class BwdArgs(ctypes.Structure):

@@ -8,10 +8,14 @@
 // sums over those columns alone. Cases cover the three modes, several tiles (the online
 // rescaling of the log-sum-exp and of the soft weights), a last partial tile, the self pair
 // inside, at the edge of and outside the thread's columns, rows without positives, and large
-// logits. Compiled with nvcc and run on the host by tests/test_supcon_cuda_emulated.py; prints
+// logits. Each case also runs split as the sm_80 forward splits its columns among CTAs
+// (FwdArgs::splits), every part from a fresh state, the parts merged by RowState::merge: the
+// statistics must be the unsplit ones. Compiled with nvcc and run on the host by
+// tests/test_supcon_cuda_emulated.py; prints
 // the number of failures, exits non-zero on any.
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
 #include <random>
 #include <utility>
 #include <vector>
@@ -22,11 +26,6 @@ using namespace anchor_kernels::supcon_cuda;
 using mma::RowState;
 
 static int failures = 0;
-
-struct QuadIdentity {
-  CUTE_HOST_DEVICE float max(float v) const { return v; }
-  CUTE_HOST_DEVICE float sum(float v) const { return v; }
-};
 
 template <int kCols>
 struct Fragment {  // acc(v), v = k + 2 i + 4 j
@@ -78,18 +77,47 @@ void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classe
     }
     rs[i] = RowState::start(sc[i], nbt, lab[i], self[i], shift2);
   }
-  for (int t = 0; t < tiles; ++t) {
-    const int64_t y0 = int64_t(t) * kN;
-    Fragment<kN> f;
-    for (int v = 0; v < kN / 2; ++v) {
-      const int k = v % 2, i = (v / 2) % 2, j = v / 4;
-      f(v) = acc[i][y0 + 8 * j + k];
+  // Tiles [t0, t1) into states started like rs (a split's share of the columns).
+  auto run = [&](int t0, int t1, RowState (&st)[2]) {
+    for (int i = 0; i < 2; ++i) st[i] = RowState::start(sc[i], nbt, lab[i], self[i], shift2);
+    for (int t = t0; t < t1; ++t) {
+      const int64_t y0 = int64_t(t) * kN;
+      Fragment<kN> f;
+      for (int v = 0; v < kN / 2; ++v) {
+        const int k = v % 2, i = (v / 2) % 2, j = v / 4;
+        f(v) = acc[i][y0 + 8 * j + k];
+      }
+      const bool edge = y0 + kN > n || (self0 >= 0 && y0 <= self0 + 8 && self0 < y0 + kN);
+      if (edge)
+        mma::tile_update<kMode, true, kFixed, kN>(f, st, &label[y0], &rn[y0], 0, y0, n, mma::OneLane{});
+      else
+        mma::tile_update<kMode, false, kFixed, kN>(f, st, &label[y0], &rn[y0], 0, y0, n, mma::OneLane{});
     }
-    const bool edge = y0 + kN > n || (self0 >= 0 && y0 <= self0 + 8 && self0 < y0 + kN);
-    if (edge)
-      mma::tile_update<kMode, true, kFixed, kN>(f, rs, &label[y0], &rn[y0], 0, y0, n, QuadIdentity{});
-    else
-      mma::tile_update<kMode, false, kFixed, kN>(f, rs, &label[y0], &rn[y0], 0, y0, n, QuadIdentity{});
+  };
+  run(0, tiles, rs);
+  // The same columns split as the sm_80 forward splits them (FwdArgs::splits: ceil(tiles /
+  // splits) tiles each, the last ones possibly empty), each part's state merged in order.
+  for (int splits : {2, 3, 5}) {
+    RowState merged[2];
+    for (int i = 0; i < 2; ++i) merged[i] = RowState::start(sc[i], nbt, lab[i], self[i], shift2);
+    const int per = (tiles + splits - 1) / splits;
+    for (int k = 0; k < splits; ++k) {
+      RowState part[2];
+      run(std::min(tiles, k * per), std::min(tiles, (k + 1) * per), part);
+      for (int i = 0; i < 2; ++i)
+        merged[i].template merge<kMode>(part[i].m, part[i].l, part[i].cnt, part[i].sw, part[i].tm, part[i].lw);
+    }
+    for (int i = 0; i < 2; ++i) {
+      const mma::RowStats a = mma::finish_row<kMode>(rs[i], 1.f, mma::OneLane{});
+      const mma::RowStats b = mma::finish_row<kMode>(merged[i], 1.f, mma::OneLane{});
+      if (b.lse != a.lse) close(b.lse, a.lse, 2e-5, "lse of a split", kMode, i);  // (-inf: no columns)
+      close(b.count, a.count, 0, "count of a split", kMode, i);
+      if (a.valid != b.valid && failures++ < 20) printf("failed: valid of a split, mode %d\n", kMode);
+      if (a.valid && kMode != kFwdLse) {
+        close(b.sbar, a.sbar, 2e-5, "sbar of a split", kMode, i);
+        close(b.logw, a.logw, 2e-5, "logw of a split", kMode, i);
+      }
+    }
   }
   for (int i = 0; i < 2; ++i) {
     // float64 reference over the thread's columns: s in natural units.
@@ -111,7 +139,7 @@ void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classe
       const double e = std::exp(s * nbt - wmx);
       w += e, ws += e * s;
     }
-    const mma::RowStats r = mma::finish_row<kMode>(rs[i], float(s_all.size()), QuadIdentity{});
+    const mma::RowStats r = mma::finish_row<kMode>(rs[i], float(s_all.size()), mma::OneLane{});
     if (s_all.empty()) {  // every column masked: no valid anchor, whatever LSE says
       if (r.valid && failures++ < 20) printf("failed: valid without columns, mode %d\n", kMode);
       continue;
