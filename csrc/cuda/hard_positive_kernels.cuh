@@ -56,8 +56,7 @@ __device__ __forceinline__ float key_cos(int64_t key) {
 }
 
 // One anchor's running top-k (the rule in the header comment), kept by one thread: its keys in
-// the anchor's scratch row, the largest (the threshold) and its slot in registers. Shared with
-// the tensor-core kernel (hard_positive_mma.cuh).
+// the anchor's scratch row, the largest (the threshold) and its slot in registers.
 struct TopK {
   int64_t* keys;
   int64_t keff;
@@ -97,24 +96,54 @@ struct TopK {
   }
 };
 
-// Whether a tile's first `cols` columns (labels lc, from column y0) hold a positive of the
-// anchor with label yi whose self column is `self` (-1: none).
-__device__ __forceinline__ bool has_positive(const int64_t* lc, int cols, int64_t y0, int64_t yi,
-                                             int64_t self) {
-  for (int c = 0; c < cols; ++c)
-    if (lc[c] == yi && y0 + c != self) return true;
-  return false;
-}
+// The anchor a thread selects for (thread t < rows of a CTA whose anchors start at x0: anchor
+// x0 + t), or none: its label, inverse norm, self column and top-k. Shared with the
+// tensor-core kernel.
+struct Anchor {
+  int64_t i;
+  int slot;  // its row of the CTA's tiles (the thread's index)
+  bool row;  // this thread selects for anchor i
+  int64_t label;
+  float rn;
+  int64_t self;  // contrast column of the self pair, or -1
+  TopK top;
 
-// The anchor's row of a tile's products (s, raw: times rni and rnc[c] here) into its top-k.
-__device__ __forceinline__ void offer_row(TopK& top, const float* s, const int64_t* lc, const float* rnc,
-                                          int cols, int64_t y0, int64_t yi, int64_t self, float rni) {
-  for (int c = 0; c < cols; ++c) {
-    const int64_t j = y0 + c;
-    if (lc[c] != yi || j == self) continue;
-    top.offer(make_key(s[c] * rni * rnc[c], j));
+  __device__ static Anchor of(const Args& p, int64_t x0, int tid, int rows) {
+    Anchor a{x0 + tid, tid, false, 0, 0.f, -1, {}};
+    a.row = tid < rows && a.i < p.z.rows;
+    if (a.row) {
+      a.label = p.lz[a.i];
+      a.rn = p.rnz[a.i];
+      a.self = p.has_self ? a.i + p.offset : -1;
+      a.top = TopK::start(p.keys + a.i * p.keff, p.keff);
+    }
+    return a;
   }
-}
+
+  // Whether a tile's first `cols` columns (labels lc, from column y0) hold one of its positives.
+  __device__ bool has_positive(const int64_t* lc, int cols, int64_t y0) const {
+    if (!row) return false;
+    for (int c = 0; c < cols; ++c)
+      if (lc[c] == label && y0 + c != self) return true;
+    return false;
+  }
+
+  // Its row of a tile's products (raw: times rn and rnc[c] here; rows ld apart) into its top-k.
+  __device__ void offer(const float* tile, int ld, const int64_t* lc, const float* rnc, int cols,
+                        int64_t y0) {
+    if (!row) return;
+    const float* s = tile + slot * ld;
+    for (int c = 0; c < cols; ++c) {
+      const int64_t j = y0 + c;
+      if (lc[c] != label || j == self) continue;
+      top.offer(make_key(s[c] * rn * rnc[c], j));
+    }
+  }
+
+  __device__ void finish(const Args& p) {
+    if (row) top.finish(p, i);
+  }
+};
 
 template <typename T, bool MMA>
 __global__ void __launch_bounds__(kThreads) hard_positive_kernel(const Args p) {
@@ -124,16 +153,10 @@ __global__ void __launch_bounds__(kThreads) hard_positive_kernel(const Args p) {
   __shared__ float srnc[kBlock];
   __shared__ int any_positive;
 
-  const int64_t M = p.z.rows, N = p.c.rows;
+  const int64_t N = p.c.rows;
   const int64_t x0 = int64_t(blockIdx.x) * kBlock;
   const int tid = threadIdx.x;
-  const int64_t i = x0 + tid;
-  const bool row = tid < kBlock && i < M;  // this thread selects for anchor i
-  const int64_t yi = row ? p.lz[i] : 0;
-  const float rni = row ? p.rnz[i] : 0.f;
-  const int64_t self = (row && p.has_self) ? i + p.offset : -1;
-  TopK top{};
-  if (row) top = TopK::start(p.keys + i * p.keff, p.keff);
+  Anchor anchor = Anchor::of(p, x0, tid, kBlock);
 
   for (int64_t y0 = 0; y0 < N; y0 += kBlock) {
     __syncthreads();  // the previous tile's labels and products are consumed
@@ -145,14 +168,14 @@ __global__ void __launch_bounds__(kThreads) hard_positive_kernel(const Args p) {
     if (tid == 0) any_positive = 0;
     __syncthreads();
     const int cols = int(N - y0 < kBlock ? N - y0 : kBlock);
-    if (row && has_positive(slc, cols, y0, yi, self)) any_positive = 1;
+    if (anchor.has_positive(slc, cols, y0)) any_positive = 1;
     __syncthreads();
     if (!any_positive) continue;  // the same value in every thread of the CTA
     dot_tile<T, MMA>(p.z, x0, p.c, y0, p.D, ops, Ss);
-    if (row) offer_row(top, Ss[tid], slc, srnc, cols, y0, yi, self, rni);
+    anchor.offer(&Ss[0][0], kSLd, slc, srnc, cols, y0);
   }
 
-  if (row) top.finish(p, i);
+  anchor.finish(p);
 }
 
 }  // namespace anchor_kernels::hard_positive_cuda::detail

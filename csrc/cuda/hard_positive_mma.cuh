@@ -1,8 +1,8 @@
 // Tensor-core hard-positive selection for bf16 / fp16 rows on sm_80 and newer, on the tile
 // machinery of the SupCon kernels (supcon_mma.cuh), for the inputs it takes
 // (supcon_cuda::mma_supported: D <= 128 with D % 8 == 0, 16-byte rows). The rule and the
-// per-anchor top-k are those of hard_positive_kernels.cuh (TopK, has_positive, offer_row);
-// only the product differs.
+// per-anchor selection are those of hard_positive_kernels.cuh (Anchor, TopK); only the
+// product differs.
 //
 // One CTA of 128 threads keeps 64 anchors in shared memory and streams the contrast set's
 // 64-row tiles (with their labels and inverse norms) through the two-stage cp.async pipeline.
@@ -17,9 +17,7 @@
 namespace anchor_kernels::hard_positive_cuda::mma {
 
 using namespace cute;
-using detail::has_positive;
-using detail::offer_row;
-using detail::TopK;
+using detail::Anchor;
 using supcon_cuda::mma::gemm_smem;
 using supcon_cuda::mma::kD;
 using supcon_cuda::mma::kThreads;
@@ -44,17 +42,11 @@ __global__ void __launch_bounds__(kThreads) hard_positive_mma_kernel(const Args 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<Storage*>(smem_raw);
   Tensor sZ = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.z)), SmemTile<kRows>{});
-  const int64_t M = p.z.rows, N = p.c.rows;
+  const int64_t N = p.c.rows;
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kRows;
   const int tid = threadIdx.x;
-  const int64_t i = x0 + tid;
-  const bool row = tid < kRows && i < M;  // this thread selects for anchor i
-  const int64_t yi = row ? p.lz[i] : 0;
-  const float rni = row ? p.rnz[i] : 0.f;
-  const int64_t self = (row && p.has_self) ? i + p.offset : -1;
-  TopK top{};
-  if (row) top = TopK::start(p.keys + i * p.keff, p.keff);
+  Anchor anchor = Anchor::of(p, x0, tid, kRows);
   const int n_tiles = int((N + kCols - 1) / kCols);
 
   auto tile_c = [&](int buf) {
@@ -103,17 +95,17 @@ __global__ void __launch_bounds__(kThreads) hard_positive_mma_kernel(const Args 
     }
     cp_async_fence();
     // The CTA skips the tile unless one of its anchors has a positive there.
-    if (!__syncthreads_or(row && has_positive(st.label[buf], cols, y0, yi, self))) continue;
+    if (!__syncthreads_or(anchor.has_positive(st.label[buf], cols, y0))) continue;
     clear(acc);
     Tensor tCs = thr_b.partition_S(tile_c(buf));
     gemm_smem(tiled_mma, copy_a, tZs, tZr, tZr_v, copy_b, tCs, tCr, tCr_v, acc);
     CUTE_UNROLL
     for (int e = 0; e < size(acc); ++e) st.s[get<0>(coord(e))][get<1>(coord(e))] = acc(e);
     __syncthreads();  // the products are in
-    if (row) offer_row(top, st.s[tid], st.label[buf], st.rn[buf], cols, y0, yi, self, rni);
+    anchor.offer(&st.s[0][0], kCols + 1, st.label[buf], st.rn[buf], cols, y0);
   }
 
-  if (row) top.finish(p, i);
+  anchor.finish(p);
 #endif
 }
 
