@@ -47,7 +47,7 @@ stage tests_triton 150 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x
     tests/test_supcon_triton.py tests/test_supcon_api.py
 stage tests_triton_chunked 60 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x \
     tests/test_supcon_triton.py -k "chunked or two_sets or lse_only"
-stage tests_cuda_ext 120 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_cpp.py \
+stage tests_cuda_ext 180 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_cpp.py \
     tests/test_bad_inputs.py
 # Every Hopper kernel variant once against the sm_80 kernels and float64, each under its own
 # time limit: a variant that hangs or fails is named and the others still run.
@@ -57,7 +57,7 @@ stage smoke_sm90 300 python3 scripts/sm90_smoke.py --timeout 45 --json "$RES/sm9
 stage tests_cuda_sm90 180 env ANCHOR_KERNELS_CUDA_KERNELS=sm90 python3 -m pytest -q -ra -x -m gpu \
     tests/test_supcon_cpp.py tests/test_bad_inputs.py
 stage tests_pgd 60 python3 -m pytest -q -ra -x tests/test_pgd.py tests/test_attacks.py tests/test_attack_graph.py -m gpu
-stage tests_sim 90 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
+stage tests_sim 180 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
     tests/test_similarity.py tests/test_hard_positive.py tests/test_supcon_topk.py
 stage tests_sim_all 300 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x \
     tests/test_similarity.py tests/test_hard_positive.py tests/test_supcon_topk.py
