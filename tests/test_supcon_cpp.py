@@ -606,14 +606,19 @@ def test_gpu_hopper_kernels_when_chosen(options, dtype, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [300, 1000, 5000])
 @pytest.mark.parametrize("options", OPTIONS + [dict(lse_only=True)], ids=OPTION_IDS + ["lse-only"])
-def test_gpu_forward_splits_the_columns_when_rows_are_few(n, options):
-    """With fewer 128-row blocks than two per SM, the sm_80 forward splits the columns among
-    CTAs (FwdArgs::splits: at least 4 tiles each) and merges their statistics in one more launch
-    (its kernel in the profile exactly then); the loss and gradients match the reference, one
-    set and two (the self pairs at an offset into the contrast rows)."""
+def test_gpu_splits_the_columns_when_rows_are_few(n, options):
+    """With fewer row blocks than two per SM (128 rows forward, 64 backward), the sm_80 kernels
+    split the columns among CTAs (at least 4 tiles each): the forward merges their statistics
+    in one more launch, the backward sums their fp32 slices in the chain-rule launch
+    (norm_backward_kernel, otherwise fused into its epilogue); each kernel in the profile
+    exactly then. The loss and gradients match the reference, one set and two (the self pairs
+    at an offset into the contrast rows)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    row_blocks, tiles = -(-n // 128), -(-n // 64)
-    splits = max(1, min(-(-2 * sms // row_blocks), tiles // 4, 64))
+
+    def splits(rows, cols):
+        return max(1, min(-(-2 * sms // -(-n // rows)), -(-n // cols) // 4, 64))
+
+    soft = options.get("hard_positive_beta", 0.0) > 0
     f = torch.randn(n, 64, device="cuda")
     y = labels_for("random", n).cuda()
     lse_only = options.get("lse_only", False)
@@ -630,7 +635,10 @@ def test_gpu_forward_splits_the_columns_when_rows_are_few(n, options):
         g, y_g = torch.randn(n + 40, 64, device="cuda"), labels_for("random", n + 40).cuda()
         g[40:], y_g[40:] = f, y
         compare("cuda", f, y, g, y_g, dtype=torch.bfloat16, anchor_offset=40, **options)
-    assert any("supcon_fwd_merge_kernel" in k for k in names) == (splits > 1), (splits, names)
+    assert any("supcon_fwd_merge_kernel" in k for k in names) == (splits(128, 64) > 1), names
+    if not lse_only:
+        split_bwd = splits(64, 32 if soft else 64) > 1
+        assert any("norm_backward_kernel" in k for k in names) == split_bwd, names
 
 
 @pytest.mark.gpu

@@ -178,18 +178,20 @@ def test_row_norms(emulator, dtype, normalize):
 def test_norm_backward(emulator, dtype, normalize):
     """The chain rule through the normalisation in one launch: the float64 formula
     (dz - [||x|| >= eps] z (z . dz)) / max(||x||, eps) times the prescale factor, on strided
-    rows, a zero row and a row below eps (no projection), with and without factors, in both
-    thread orders."""
+    rows, a zero row and a row below eps (no projection), with and without factors, dz whole
+    or as the sum of three slices (the split backward's), in both thread orders."""
     m, d = 70, 37
     x = torch.randn(m, 2 * d)[:, ::2].to(dtype)  # element stride 2
     if dtype != torch.float16:  # (in float16 the true dx of a zero row, dz / eps, is out of range)
         x[3] = 0.0
         x[4] = 1e-14
-    dz = torch.randn(m, d)
+    parts = torch.randn(3, m, d)
     norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
-    for prescale in (None, 2.0 ** -torch.randint(0, 4, (m,)).float()):
-        got = both_orders(lambda order: emu.normalize_backward(emulator.lib, x, norms, prescale, dz,
-                                                               normalize, order))
+    for prescale, dz_in in ((None, parts[0]), (2.0 ** -torch.randint(0, 4, (m,)).float(), parts[0]),
+                            (None, parts)):
+        dz = dz_in if dz_in.dim() == 2 else dz_in.sum(0)
+        got = both_orders(lambda order: emu.normalize_backward(emulator.lib, x, norms, prescale,
+                                                               dz_in, normalize, order))
         n64 = norms.double().clamp_min(emu.NORM_EPS)
         z64 = x.double() / n64[:, None]
         want = dz.double()

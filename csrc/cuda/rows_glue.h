@@ -96,15 +96,16 @@ inline Rows row_norms(k::Dtype dtype, const at::Tensor& f, const at::Tensor& g, 
   return out;
 }
 
-// dx in x's dtype from dz (fp32, contiguous), one launch (NormBwdArgs): x the rows the kernels
-// read, norms and prescale (undefined without the copy) as Rows gives them.
+// dx in x's dtype from dz (fp32, contiguous: (R, D), or (parts, R, D) to be summed), one launch
+// (NormBwdArgs): x the rows the kernels read, norms and prescale (undefined without the copy)
+// as Rows gives them.
 inline at::Tensor normalize_backward(k::Dtype dtype, const at::Tensor& x, const at::Tensor& norms,
                                      const at::Tensor& prescale, const at::Tensor& dz,
                                      bool normalize, cudaStream_t stream) {
   at::Tensor dx = at::empty({x.size(0), x.size(1)}, x.options());
   k::NormBwdArgs a{matrix(x), dz.data_ptr<float>(), norms.data_ptr<float>(),
                    prescale.defined() ? prescale.data_ptr<float>() : nullptr, x.size(1),
-                   normalize, float(kNormEps), dx.data_ptr()};
+                   normalize, float(kNormEps), dx.data_ptr(), int(dz.dim() == 3 ? dz.size(0) : 1)};
   C10_CUDA_CHECK(k::launch_norm_backward(dtype, a, stream));
   return dx;
 }

@@ -138,17 +138,22 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   a.mode = mode;
 
   // The tensor-core kernels apply the normalisation's chain rule in their epilogue and write
-  // the gradient in the features' dtype; the others write dz in fp32 for normalize_backward.
+  // the gradient in the features' dtype, unless their columns are split (BwdArgs::splits):
+  // then, like the other kernels, they write dz in fp32 (a slice per split) for
+  // normalize_backward.
   const bool fused = k::mma_supported(dtype, matrix(rows.f), matrix(rows.g), sz.D);
   a.norm_eps = float(cuda_glue::kNormEps);
   auto pass = [&](const at::Tensor& x, const at::Tensor& x_norms, const at::Tensor& x_prescale) {
-    at::Tensor out = at::empty({x.size(0), sz.D}, fused ? x.options() : fopts);
-    a.df = fused ? out.data_ptr() : nullptr;
-    a.norms = fused && normalize ? x_norms.data_ptr<float>() : nullptr;
-    a.prescale = fused && x_prescale.defined() ? x_prescale.data_ptr<float>() : nullptr;
-    a.dx = fused ? nullptr : out.data_ptr<float>();
+    a.splits = fused ? k::bwd_splits(dtype, a) : 1;
+    const bool epilogue = fused && a.splits == 1;
+    at::Tensor out = a.splits > 1 ? at::empty({a.splits, x.size(0), sz.D}, fopts)
+                                  : at::empty({x.size(0), sz.D}, epilogue ? x.options() : fopts);
+    a.df = epilogue ? out.data_ptr() : nullptr;
+    a.norms = epilogue && normalize ? x_norms.data_ptr<float>() : nullptr;
+    a.prescale = epilogue && x_prescale.defined() ? x_prescale.data_ptr<float>() : nullptr;
+    a.dx = epilogue ? nullptr : out.data_ptr<float>();
     C10_CUDA_CHECK(k::launch_supcon_bwd(dtype, a, stream));
-    return fused ? out : normalize_backward(dtype, x, x_norms, x_prescale, out, normalize, stream);
+    return epilogue ? out : normalize_backward(dtype, x, x_norms, x_prescale, out, normalize, stream);
   };
 
   // Rows of f: with one set both terms of H (one pass), else the anchor-statistics term.

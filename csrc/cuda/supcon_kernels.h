@@ -95,6 +95,10 @@ struct BwdArgs {
   // it as the chain rule's last factor), or null where the rows are the inputs themselves.
   const float* prescale;
   float norm_eps;
+  // The sm_80 tensor-core backward only (bwd_splits): with splits > 1 the columns are split
+  // among that many CTAs per row block and each writes its dz (times 1 / tau, fp32) to its
+  // slice of dx (splits, R, D); df is then unset, and norm_backward_kernel sums the slices.
+  int splits;
 };
 
 // The O(M + N) passes around them (supcon_rows.cuh), launched by supcon_rows.cu.
@@ -130,6 +134,7 @@ struct NormBwdArgs {
   bool normalize;
   float eps;
   void* dx;               // (R, D) contiguous
+  int parts;              // dz holds this many (R, D) slices, summed in order (0 or 1: one)
 };
 
 struct LossReduceArgs {
@@ -173,6 +178,8 @@ cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t
 // FwdArgs::splits for a forward: 1 unless it runs on the sm_80 tensor-core kernel with fewer
 // row blocks than two per SM of the device, which then split its columns (4 tiles at least).
 int fwd_splits(Dtype dtype, const FwdArgs& args);
+// BwdArgs::splits for a backward pass, by the same rule (64-row blocks, its column tiles).
+int bwd_splits(Dtype dtype, const BwdArgs& args);
 cudaError_t launch_supcon_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
 
 // The Hopper kernels (supcon_sm90_fwd.cu, supcon_sm90_bwd.cu: TMA, wgmma, warp

@@ -19,6 +19,7 @@
 
 #include <cute/tensor.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -35,9 +36,10 @@ constexpr int kFwdCols = 64;     // columns per forward tile
 constexpr int kBwdRows = 64;     // rows per backward CTA
 // Columns per backward tile: 64, but 32 for soft mining, whose one-set variants exceed 255
 // registers at 64 and spill (H, its half copy and the 64 x 128 dX accumulators are live together).
+constexpr int bwd_cols(int mode) { return mode == kBwdLse || mode == kBwdUniform ? 64 : 32; }
 template <int kMode>
 constexpr int bwd_cols() {
-  return kMode == kBwdLse || kMode == kBwdUniform ? 64 : 32;
+  return bwd_cols(kMode);
 }
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -572,13 +574,14 @@ __device__ __forceinline__ void write_dx(const BwdArgs& p, Acc& dacc, int64_t x0
   const int64_t R = p.x.rows;
   const int D = int(p.D);
   const float scale = *p.gmax * p.inv_tau;
-  if (p.df == nullptr) {
+  if (p.df == nullptr) {  // dz to dx, or with split columns to this split's slice of it
+    float* dx = p.dx + (p.splits > 1 ? int64_t(blockIdx.y) * R * D : 0);
     CUTE_UNROLL
     for (int e = 0; e < size(dacc); e += 2) {
       const int64_t x = x0 + row0 + 8 * ((e >> 1) & 1);
       const int d = col0 + 8 * (e >> 2);  // even; elements e, e + 1 are columns d, d + 1
       if (x < R && d < D)
-        *reinterpret_cast<float2*>(p.dx + x * D + d) = make_float2(dacc(e) * scale, dacc(e + 1) * scale);
+        *reinterpret_cast<float2*>(dx + x * D + d) = make_float2(dacc(e) * scale, dacc(e + 1) * scale);
     }
     return;
   }
@@ -644,29 +647,40 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<SharedStorage<kM, kBlockN>*>(smem_raw);
   Tensor sX = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.x)), SmemTile<kM>{});
-  const int64_t R = p.x.rows, Q = p.y.rows;
+  const int64_t R = p.x.rows;
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kM;
   const int tid = threadIdx.x;
+  // This CTA's columns, its share of the row block's (BwdArgs::splits = gridDim.y; all of them
+  // without a split): from c0 on, counted from there below (y0, Q, the self pairs' columns).
+  const int64_t per = ((p.y.rows + kBlockN - 1) / kBlockN + gridDim.y - 1) / gridDim.y * kBlockN;
+  const int64_t c0 = per * blockIdx.y;
+  const int64_t left = p.y.rows - c0, Q = left < 0 ? 0 : left < per ? left : per;
+  const Matrix y{static_cast<const T*>(p.y.data) + c0 * p.y.s0, Q, p.y.s0, p.y.s1};
+  const int64_t* const ly = p.ly + c0;
+  const float* const rny = p.rny + c0;
+  const int64_t shift = p.shift - c0;
   const int n_tiles = int((Q + kBlockN - 1) / kBlockN);
   const float inv_gmax = 1.f / *p.gmax;
   const float nbt = p.nbt;
   // Anchor statistics in the units gterm takes; `none` is a row or column past the matrix,
   // or an outer / inner side that does not enter H: G = 0 exactly, no inf * 0.
   const float4 none = make_float4(0.f, INFINITY, kMode == kBwdUniform ? 0.f : INFINITY, 0.f);
-  auto anchor_stats = [&](int64_t a) {
-    const float g = p.anchor[a], lse = p.anchor[p.M + a], q = p.anchor[2 * p.M + a];
-    return make_float4(g, lse * kLog2e, kMode == kBwdUniform ? q : q * kLog2e, p.anchor[3 * p.M + a]);
+  // (of anchor a of base: p.anchor, or from the split's first column on)
+  auto anchor_stats = [&](const float* base, int64_t a) {
+    const float g = base[a], lse = base[p.M + a], q = base[2 * p.M + a];
+    return make_float4(g, lse * kLog2e, kMode == kBwdUniform ? q : q * kLog2e, base[3 * p.M + a]);
   };
+  const float* const col_anchor = p.anchor + c0;
 
   auto stage_columns = [&](int t, int buf) {
     if (tid < kBlockN) {
       const int64_t j = int64_t(t) * kBlockN + tid;
       const bool ok = j < Q;
-      st.cols[buf].label[tid] = ok ? p.ly[j] : 0;
-      st.cols[buf].rn[tid] = ok ? p.rny[j] : 0.f;
+      st.cols[buf].label[tid] = ok ? ly[j] : 0;
+      st.cols[buf].rn[tid] = ok ? rny[j] : 0.f;
       if (kUseInner)
-        st.cols[buf].anchor[tid] = ok ? anchor_stats(j) : none;
+        st.cols[buf].anchor[tid] = ok ? anchor_stats(col_anchor, j) : none;
     }
   };
   auto tile_y = [&](int buf) {
@@ -679,7 +693,7 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
   load_rows<kM, T, false>(p.x, x0, D, sX);
   if (n_tiles > 0) {
     auto sY0 = tile_y(0);
-    load_rows<kBlockN, T, false>(p.y, 0, D, sY0);
+    load_rows<kBlockN, T, false>(y, 0, D, sY0);
     stage_columns(0, 0);
   }
   cp_async_fence();
@@ -715,8 +729,8 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
     const bool ok = x < R;
     sc[r] = ok ? p.rnx[x] * p.inv_tau : 0.f;
     lxr[r] = ok ? p.lx[x] : 0;
-    ar[r] = (ok && kUseOuter) ? anchor_stats(x) : none;
-    self_c[r] = p.has_self ? x + p.shift : -1;
+    ar[r] = (ok && kUseOuter) ? anchor_stats(p.anchor, x) : none;
+    self_c[r] = p.has_self ? x + shift : -1;
   }
 
   for (int t = 0; t < n_tiles; ++t) {
@@ -726,7 +740,7 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
     __syncthreads();
     if (t + 1 < n_tiles) {
       auto sYn = tile_y(buf ^ 1);
-      load_rows<kBlockN, T, false>(p.y, y0 + kBlockN, D, sYn);
+      load_rows<kBlockN, T, false>(y, y0 + kBlockN, D, sYn);
     }
     cp_async_fence();
     auto sY = tile_y(buf);
@@ -735,7 +749,7 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
     gemm_smem(tiled_mma, copy_a, tXs, tXr, tXr_v, copy_b, tYs, tYr, tYr_v, acc);
     if (t + 1 < n_tiles) stage_columns(t + 1, buf ^ 1);
 
-    const bool diag = meets_diagonal<kM, kBlockN>(p.has_self, p.shift, x0, y0);
+    const bool diag = meets_diagonal<kM, kBlockN>(p.has_self, shift, x0, y0);
     const ColumnStats<kBlockN>& cs = st.cols[buf];
     CUTE_UNROLL
     for (int c = 0; c < kC; ++c) {
@@ -786,14 +800,34 @@ inline bool once_per_device(Probe probe) {
   return cached[dev] == 1;
 }
 
-// One CTA of kThreads per block_rows rows, with smem bytes of dynamic shared memory.
+// Multiprocessors of the current device, asked once per device (0 if it cannot be named).
+inline int multiprocessors() {
+  static int cached[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    cached[dev] = 0;
+  return cached[dev];
+}
+
+// How many CTAs share a row block's columns (FwdArgs::splits, BwdArgs::splits): enough for two
+// CTAs per SM where the row blocks give fewer, each keeping 4 column tiles at least (the row
+// block's load and the split's partial results stay small beside its products), 64 at most.
+inline int column_splits(int64_t row_blocks, int64_t tiles) {
+  const int64_t want = (2 * int64_t(multiprocessors()) + row_blocks - 1) / row_blocks;
+  return int(std::max<int64_t>(1, std::min<int64_t>({want, tiles / 4, 64})));
+}
+
+// One CTA of kThreads per block_rows rows and split (grid (row blocks, splits)), with smem
+// bytes of dynamic shared memory.
 template <typename Args>
-inline cudaError_t launch(void (*kernel)(Args), int64_t rows, int block_rows, int smem,
+inline cudaError_t launch(void (*kernel)(Args), int64_t rows, int block_rows, int splits, int smem,
                           cudaStream_t stream, const Args& args) {
   // Above 48 KiB of dynamic shared memory a kernel must opt in (per device; cheap to repeat).
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  kernel<<<unsigned((rows + block_rows - 1) / block_rows), kThreads, size_t(smem), stream>>>(args);
+  const dim3 grid(unsigned((rows + block_rows - 1) / block_rows), unsigned(splits > 1 ? splits : 1));
+  kernel<<<grid, kThreads, size_t(smem), stream>>>(args);
   return cudaGetLastError();
 }
 

@@ -3,7 +3,6 @@
 // (two files, so that the build compiles them in parallel).
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstring>
 
 #include "supcon_mma.cuh"
@@ -33,15 +32,6 @@ cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
   });
 }
 
-// Multiprocessors of the current device, asked once per device (0 if it cannot be named).
-int multiprocessors() {
-  static int cached[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-  if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    cached[dev] = 0;
-  return cached[dev];
-}
 
 bool rows_fit(const Matrix& m) {
   // cp.async moves 16-byte chunks of 8 elements: contiguous rows, 16-byte aligned starts.
@@ -69,12 +59,8 @@ bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
 int fwd_splits(Dtype dtype, const FwdArgs& a) {
   if (a.x.rows == 0 || sm90_supported(dtype, a.x, a.y, a.D) || !mma_supported(dtype, a.x, a.y, a.D))
     return 1;
-  const int64_t row_blocks = (a.x.rows + kFwdRows - 1) / kFwdRows;
-  const int64_t tiles = (a.y.rows + mma::kFwdCols - 1) / mma::kFwdCols;
-  // Two CTAs per SM where the rows give fewer, each split keeping 4 tiles at least (the
-  // anchor block's load and the partial statistics stay small beside its products).
-  const int64_t want = (2 * int64_t(multiprocessors()) + row_blocks - 1) / row_blocks;
-  return int(std::max<int64_t>(1, std::min<int64_t>({want, tiles / 4, 64})));
+  return mma::column_splits((a.x.rows + kFwdRows - 1) / kFwdRows,
+                            (a.y.rows + mma::kFwdCols - 1) / mma::kFwdCols);
 }
 
 cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {

@@ -68,7 +68,8 @@ __global__ void __launch_bounds__(kThreads) row_norms_kernel(const RowNormArgs p
 }
 
 // Rows as in row_norms_kernel: each row's z . dz by kNormLanes neighbouring threads, then its
-// dx; every lane of a row takes the same branches, and all reach the shuffles.
+// dx; every lane of a row takes the same branches, and all reach the shuffles. dz is the sum
+// of NormBwdArgs::parts slices, taken in order.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) norm_backward_kernel(const NormBwdArgs p) {
   const int64_t r = int64_t(blockIdx.x) * kNormRows + threadIdx.x / kNormLanes;
@@ -76,18 +77,25 @@ __global__ void __launch_bounds__(kThreads) norm_backward_kernel(const NormBwdAr
   const bool live = r < p.x.rows;
   const float n = live ? p.norms[r] : 1.f;
   const float rn = p.normalize ? 1.f / fmaxf(n, p.eps) : 1.f;
-  const float* dz = p.dz + (live ? r * p.D : 0);
+  const float* dz_row = p.dz + (live ? r * p.D : 0);
+  const int parts = p.parts > 1 ? p.parts : 1;
+  const int64_t part = p.x.rows * p.D;
+  auto dz = [&](int64_t d) {
+    float v = dz_row[d];
+    for (int k = 1; k < parts; ++k) v += dz_row[k * part + d];
+    return v;
+  };
   float dot = 0.f;
   if (live && p.normalize && n >= p.eps)  // below eps the clamp holds: no projection
     for (int64_t d = lane; d < p.D; d += kNormLanes)
-      dot = fmaf(to_float(load<T>(p.x, r, d, p.D)) * rn, dz[d], dot);
+      dot = fmaf(to_float(load<T>(p.x, r, d, p.D)) * rn, dz(d), dot);
   for (int o = 1; o < kNormLanes; o *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
   if (!live) return;
   const float scale = rn * (p.prescale != nullptr ? p.prescale[r] : 1.f);
   T* out = static_cast<T*>(p.dx) + r * p.D;
   for (int64_t d = lane; d < p.D; d += kNormLanes) {
     const float z = to_float(load<T>(p.x, r, d, p.D)) * rn;
-    out[d] = from_float<T>((dz[d] - z * dot) * scale);
+    out[d] = from_float<T>((dz(d) - z * dot) * scale);
   }
 }
 

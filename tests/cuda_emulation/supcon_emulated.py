@@ -46,7 +46,8 @@ class BwdArgs(ctypes.Structure):
                 ("shift", ctypes.c_int64), ("inv_tau", ctypes.c_float), ("nbt", ctypes.c_float),
                 ("mode", ctypes.c_int), ("dx", _p),
                 # read by the tensor-core kernels only; null here (the emulated kernels write dx)
-                ("df", _p), ("norms", _p), ("prescale", _p), ("norm_eps", ctypes.c_float)]
+                ("df", _p), ("norms", _p), ("prescale", _p), ("norm_eps", ctypes.c_float),
+                ("splits", ctypes.c_int)]
 
 
 class RowNormArgs(ctypes.Structure):
@@ -57,7 +58,8 @@ class RowNormArgs(ctypes.Structure):
 
 class NormBwdArgs(ctypes.Structure):
     _fields_ = [("x", Matrix), ("dz", _p), ("norms", _p), ("prescale", _p), ("D", ctypes.c_int64),
-                ("normalize", ctypes.c_bool), ("eps", ctypes.c_float), ("dx", _p)]
+                ("normalize", ctypes.c_bool), ("eps", ctypes.c_float), ("dx", _p),
+                ("parts", ctypes.c_int)]
 
 
 class LossReduceArgs(ctypes.Structure):
@@ -225,10 +227,12 @@ class Emulator:
 
 def normalize_backward(lib, x, norms, prescale, dz, normalize, order=0):
     """rows_glue.h's normalize_backward: emu_norm_backward in lib (every emulator library has
-    it) on the rows x the kernels read, prescale None where no copy was made."""
+    it) on the rows x the kernels read, prescale None where no copy was made; dz (R, D), or
+    (parts, R, D) to be summed."""
     dx = torch.empty(x.shape, dtype=x.dtype)
-    args = NormBwdArgs(matrix(x), dz.contiguous().data_ptr(), norms.contiguous().data_ptr(),
+    dz = dz.contiguous()
+    args = NormBwdArgs(matrix(x), dz.data_ptr(), norms.contiguous().data_ptr(),
                        None if prescale is None else prescale.contiguous().data_ptr(), x.shape[1],
-                       normalize, NORM_EPS, dx.data_ptr())
+                       normalize, NORM_EPS, dx.data_ptr(), dz.shape[0] if dz.dim() == 3 else 1)
     _check(lib.emu_norm_backward(DTYPE_CODES[x.dtype], ctypes.byref(args), order))
     return dx
