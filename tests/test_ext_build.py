@@ -434,11 +434,11 @@ HOPPER_BWD_BUDGET = {0: (14.0, 14.5, 17.5, 1), 1: (18.3, 18.8, 24.0, 1),
 
 # The sm_80 backward's, the same way (64-row CTAs of 4 warps: the same logits per thread); its
 # loop holds the next tile's cp.async, the ldmatrix fragments and both mma.sync products
-# besides. (nvcc 13.0 gives 34.9, 36.2, 42.8; 38.9, 41.0, 44.8; 49.5, 52.0, 67.6; 51.8, 54.7,
-# 73.3; before the split columns, 34.2, 35.6, 42.0; 38.5, 39.8, 46.9; 48.9, 50.4, 68.9; 51.0,
-# 54.7, 74.1: the split's column offsets cost up to 1.6 per logit in the columns' pass.)
-SM80_BWD_BUDGET = {0: (35.6, 37.0, 43.7, 1), 1: (39.7, 41.9, 48.0, 1),
-                   2: (50.5, 53.1, 70.5, 2), 3: (52.8, 56.0, 76.0, 2)}
+# besides. (nvcc 13.0 gives 34.2, 36.0, 41.8; 37.5, 38.8, 44.4; 49.3, 52.4, 66.8; 51.3, 52.9,
+# 73.6; before the split columns, 34.2, 35.6, 42.0; 38.5, 39.8, 46.9; 48.9, 50.4, 68.9; 51.0,
+# 54.7, 74.1.)
+SM80_BWD_BUDGET = {0: (35.0, 36.5, 43.0, 1), 1: (39.5, 40.8, 48.0, 1),
+                   2: (50.0, 53.5, 70.5, 2), 3: (52.3, 56.0, 76.0, 2)}
 
 
 def _check_backward_budget(cuda_objects, stem, arch, budgets, op):

@@ -647,40 +647,34 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<SharedStorage<kM, kBlockN>*>(smem_raw);
   Tensor sX = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.x)), SmemTile<kM>{});
-  const int64_t R = p.x.rows;
+  const int64_t R = p.x.rows, Q = p.y.rows;
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kM;
   const int tid = threadIdx.x;
-  // This CTA's columns, its share of the row block's (BwdArgs::splits = gridDim.y; all of them
-  // without a split): from c0 on, counted from there below (y0, Q, the self pairs' columns).
-  const int64_t per = ((p.y.rows + kBlockN - 1) / kBlockN + gridDim.y - 1) / gridDim.y * kBlockN;
-  const int64_t c0 = per * blockIdx.y;
-  const int64_t left = p.y.rows - c0, Q = left < 0 ? 0 : left < per ? left : per;
-  const Matrix y{static_cast<const T*>(p.y.data) + c0 * p.y.s0, Q, p.y.s0, p.y.s1};
-  const int64_t* const ly = p.ly + c0;
-  const float* const rny = p.rny + c0;
-  const int64_t shift = p.shift - c0;
-  const int n_tiles = int((Q + kBlockN - 1) / kBlockN);
+  // This CTA's column tiles [t0, t1): its share of the row block's (BwdArgs::splits =
+  // gridDim.y; all of them without a split), counted as in the whole so that no offset takes
+  // registers the one-set variants cannot spare.
+  const int all_tiles = int((Q + kBlockN - 1) / kBlockN);
+  const int per = int((all_tiles + gridDim.y - 1) / gridDim.y), t0 = int(blockIdx.y) * per;
+  const int t1 = min(all_tiles, t0 + per);
   const float inv_gmax = 1.f / *p.gmax;
   const float nbt = p.nbt;
   // Anchor statistics in the units gterm takes; `none` is a row or column past the matrix,
   // or an outer / inner side that does not enter H: G = 0 exactly, no inf * 0.
   const float4 none = make_float4(0.f, INFINITY, kMode == kBwdUniform ? 0.f : INFINITY, 0.f);
-  // (of anchor a of base: p.anchor, or from the split's first column on)
-  auto anchor_stats = [&](const float* base, int64_t a) {
-    const float g = base[a], lse = base[p.M + a], q = base[2 * p.M + a];
-    return make_float4(g, lse * kLog2e, kMode == kBwdUniform ? q : q * kLog2e, base[3 * p.M + a]);
+  auto anchor_stats = [&](int64_t a) {
+    const float g = p.anchor[a], lse = p.anchor[p.M + a], q = p.anchor[2 * p.M + a];
+    return make_float4(g, lse * kLog2e, kMode == kBwdUniform ? q : q * kLog2e, p.anchor[3 * p.M + a]);
   };
-  const float* const col_anchor = p.anchor + c0;
 
   auto stage_columns = [&](int t, int buf) {
     if (tid < kBlockN) {
       const int64_t j = int64_t(t) * kBlockN + tid;
       const bool ok = j < Q;
-      st.cols[buf].label[tid] = ok ? ly[j] : 0;
-      st.cols[buf].rn[tid] = ok ? rny[j] : 0.f;
+      st.cols[buf].label[tid] = ok ? p.ly[j] : 0;
+      st.cols[buf].rn[tid] = ok ? p.rny[j] : 0.f;
       if (kUseInner)
-        st.cols[buf].anchor[tid] = ok ? anchor_stats(col_anchor, j) : none;
+        st.cols[buf].anchor[tid] = ok ? anchor_stats(j) : none;
     }
   };
   auto tile_y = [&](int buf) {
@@ -691,10 +685,10 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
   };
 
   load_rows<kM, T, false>(p.x, x0, D, sX);
-  if (n_tiles > 0) {
-    auto sY0 = tile_y(0);
-    load_rows<kBlockN, T, false>(y, 0, D, sY0);
-    stage_columns(0, 0);
+  if (t0 < t1) {  // tile t goes to buffer t & 1
+    auto sY0 = tile_y(t0 & 1);
+    load_rows<kBlockN, T, false>(p.y, int64_t(t0) * kBlockN, D, sY0);
+    stage_columns(t0, t0 & 1);
   }
   cp_async_fence();
 
@@ -729,27 +723,27 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
     const bool ok = x < R;
     sc[r] = ok ? p.rnx[x] * p.inv_tau : 0.f;
     lxr[r] = ok ? p.lx[x] : 0;
-    ar[r] = (ok && kUseOuter) ? anchor_stats(p.anchor, x) : none;
-    self_c[r] = p.has_self ? x + shift : -1;
+    ar[r] = (ok && kUseOuter) ? anchor_stats(x) : none;
+    self_c[r] = p.has_self ? x + p.shift : -1;
   }
 
-  for (int t = 0; t < n_tiles; ++t) {
+  for (int t = t0; t < t1; ++t) {
     const int buf = t & 1;
     const int64_t y0 = int64_t(t) * kBlockN;
     cp_async_wait<0>();
     __syncthreads();
-    if (t + 1 < n_tiles) {
+    if (t + 1 < t1) {
       auto sYn = tile_y(buf ^ 1);
-      load_rows<kBlockN, T, false>(y, y0 + kBlockN, D, sYn);
+      load_rows<kBlockN, T, false>(p.y, y0 + kBlockN, D, sYn);
     }
     cp_async_fence();
     auto sY = tile_y(buf);
     clear(acc);
     Tensor tYs = thr_b.partition_S(sY);
     gemm_smem(tiled_mma, copy_a, tXs, tXr, tXr_v, copy_b, tYs, tYr, tYr_v, acc);
-    if (t + 1 < n_tiles) stage_columns(t + 1, buf ^ 1);
+    if (t + 1 < t1) stage_columns(t + 1, buf ^ 1);
 
-    const bool diag = meets_diagonal<kM, kBlockN>(p.has_self, shift, x0, y0);
+    const bool diag = meets_diagonal<kM, kBlockN>(p.has_self, p.shift, x0, y0);
     const ColumnStats<kBlockN>& cs = st.cols[buf];
     CUTE_UNROLL
     for (int c = 0; c < kC; ++c) {
