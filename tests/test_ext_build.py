@@ -474,8 +474,9 @@ def test_sm80_backward_instructions_per_logit(cuda_objects):
 # thread holds: the forward's 128 x 64 S tile (64 per thread; its loop holds the next tile's
 # cp.async, ldmatrix, 128 HMMA, the scale and both store copies, pairs and single columns),
 # the backward's 64 x 64 G tile (32 per thread: G's and y's cp.async, y's scaling by 1 / n_y,
-# ldmatrix, 64 HMMA). nvcc 13.0 gives 15.9 and 20.7 to 22.9 (G^T, fp16 the most).
-SIMILARITY_BUDGET = {"fwd": (16.5, 64, 128, 8), "bwd": (23.5, 32, 64, 12)}
+# ldmatrix, 64 HMMA). nvcc 13.0 gives 15.9 and 22.4 to 23.9 (G^T, fp16 the most; 20.7 to 22.9
+# before the backward's split columns).
+SIMILARITY_BUDGET = {"fwd": (16.5, 64, 128, 8), "bwd": (24.5, 32, 64, 12)}
 
 
 def test_similarity_instructions_per_element(cuda_objects):

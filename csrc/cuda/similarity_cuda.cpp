@@ -47,9 +47,13 @@ at::Tensor side_backward(const at::Tensor& g, int64_t gr, int64_t gq, const Rows
                          bool normalize, double temperature, k::Dtype dtype, cudaStream_t stream) {
   const at::Tensor& x = of_b ? rows.g : rows.f;
   const at::Tensor& y = of_b ? rows.f : rows.g;
-  at::Tensor dz = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
   k::BwdArgs args{g.data_ptr(), gr, gq, x.size(0), matrix(y), x.size(1), rows.inv(!of_b),
-                  float(1.0 / temperature), dz.data_ptr<float>()};
+                  float(1.0 / temperature), nullptr, 1};
+  args.splits = k::bwd_splits(dtype, args);  // > 1: dz in slices, summed by the chain rule
+  const auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor dz = args.splits > 1 ? at::empty({args.splits, x.size(0), x.size(1)}, fopts)
+                                  : at::empty({x.size(0), x.size(1)}, fopts);
+  args.dz = dz.data_ptr<float>();
   C10_CUDA_CHECK(k::launch_similarity_bwd(dtype, args, stream));
   return cuda_glue::normalize_backward(dtype, x, rows.norms(of_b), rows.prescale(of_b), dz,
                                        normalize, stream);

@@ -37,6 +37,9 @@ struct BwdArgs {
   const float* rny;  // (Q,)
   float inv_t;
   float* dz;
+  // The CuTe kernel only (bwd_splits): with splits > 1 the Q columns are split among that many
+  // CTAs per row block, each writing its part of dz to its slice of dz (splits, R, D).
+  int splits;
 };
 
 // bf16 / fp16 inputs that the CuTe kernels take (mma_fwd_supported, mma_bwd_supported) run
@@ -53,5 +56,8 @@ bool mma_fwd_supported(Dtype dtype, const FwdArgs& args);
 bool mma_bwd_supported(Dtype dtype, const BwdArgs& args);
 cudaError_t launch_similarity_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
 cudaError_t launch_similarity_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
+// BwdArgs::splits for a backward side: 1 unless it runs on the CuTe kernel with fewer 64-row
+// blocks than two per SM (the loss's rule, supcon_cuda::mma::column_splits).
+int bwd_splits(Dtype dtype, const BwdArgs& args);
 
 }  // namespace anchor_kernels::similarity_cuda

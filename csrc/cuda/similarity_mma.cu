@@ -44,7 +44,7 @@ cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t bwd(const BwdArgs& a, bool transposed, cudaStream_t stream) {
-  const dim3 grid(unsigned((a.R + mma::kBwdRows - 1) / mma::kBwdRows));
+  const dim3 grid(unsigned((a.R + mma::kBwdRows - 1) / mma::kBwdRows), unsigned(a.splits > 1 ? a.splits : 1));
   constexpr int smem = int(sizeof(mma::BwdStorage));
   return transposed ? launch(mma::similarity_bwd_mma_kernel<T, true>, grid, smem, stream, a)
                     : launch(mma::similarity_bwd_mma_kernel<T, false>, grid, smem, stream, a);
@@ -58,6 +58,12 @@ bool mma_fwd_supported(Dtype dtype, const FwdArgs& a) {
 
 bool mma_bwd_supported(Dtype dtype, const BwdArgs& a) {
   return supcon_cuda::mma_supported(dtype, a.y, a.y, a.D) && (g_fits(a, false) || g_fits(a, true));
+}
+
+int bwd_splits(Dtype dtype, const BwdArgs& a) {
+  if (a.R == 0 || a.D == 0 || !mma_bwd_supported(dtype, a)) return 1;
+  return supcon_cuda::mma::column_splits((a.R + mma::kBwdRows - 1) / mma::kBwdRows,
+                                         (a.y.rows + mma::kCols - 1) / mma::kCols);
 }
 
 cudaError_t launch_similarity_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {

@@ -11,7 +11,9 @@
 // memory, db's case, and ldmatrix.trans reads it); y's tile is scaled by 1 / n_y in place by
 // the threads that copied it, before the barrier that hands the tile to the products (the y
 // rows are scaled, never G: |y / n_y| <= 1 in any dtype, G / n_y can overflow float16).
-// dz accumulates in fp32 registers and is written once.
+// dz accumulates in fp32 registers and is written once; with fewer row blocks than two per SM
+// the columns are split among CTAs (BwdArgs::splits), each writing a slice of dz that the
+// chain-rule launch sums.
 #pragma once
 
 #include "similarity_kernels.h"
@@ -211,11 +213,15 @@ __global__ void __launch_bounds__(kThreads) similarity_bwd_mma_kernel(const BwdA
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<BwdStorage*>(smem_raw);
-  const int64_t R = p.R, Q = p.y.rows;
+  const int64_t R = p.R;
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kBwdRows;
   const int tid = threadIdx.x;
-  const int n_tiles = int((Q + kCols - 1) / kCols);
+  // This CTA's tiles [t0, t1) of the Q columns: its share of the row block's (BwdArgs::splits =
+  // gridDim.y; all of them without a split); tile t goes to buffer t & 1.
+  const int all_tiles = int((p.y.rows + kCols - 1) / kCols);
+  const int per = int((all_tiles + gridDim.y - 1) / gridDim.y), t0 = int(blockIdx.y) * per;
+  const int t1 = min(all_tiles, t0 + per);
   auto tile_g = [&](int buf) {
     return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.g[buf])), GTile{});
   };
@@ -235,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) similarity_bwd_mma_kernel(const BwdA
     load_rows<kCols, T, true>(p.y, int64_t(t) * kCols, D, y);
   };
 
-  if (n_tiles > 0) load_tile(0, 0);
+  if (t0 < t1) load_tile(t0, t0 & 1);
   cp_async_fence();
 
   TiledMma<T> tiled_mma;
@@ -252,13 +258,13 @@ __global__ void __launch_bounds__(kThreads) similarity_bwd_mma_kernel(const BwdA
   Tensor dacc = partition_fragment_C(tiled_mma, Shape<Int<kBwdRows>, Int<kD>>{});
   clear(dacc);
 
-  for (int t = 0; t < n_tiles; ++t) {
+  for (int t = t0; t < t1; ++t) {
     const int buf = t & 1;
     cp_async_wait<0>();
     auto sY = tile_y(buf);
     scale_rows<T>(p, int64_t(t) * kCols, sY);
     __syncthreads();  // tile t landed and scaled; tile t - 1's buffers are free
-    if (t + 1 < n_tiles) load_tile(t + 1, buf ^ 1);
+    if (t + 1 < t1) load_tile(t + 1, buf ^ 1);
     cp_async_fence();
     Tensor tGs = thr_g.partition_S(tile_ga(buf));
     Tensor tYts = thr_yt.partition_S(tile_yt(buf));
@@ -270,12 +276,13 @@ __global__ void __launch_bounds__(kThreads) similarity_bwd_mma_kernel(const BwdA
   Tensor dcoord = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBwdRows>, Int<kD>>{}));
   static_assert(decltype(size<1>(dacc))::value == 1, "one 16-row slab per warp: e's row is bit 1");
   const int row0 = get<0>(dcoord(0)), col0 = get<1>(dcoord(0));
+  float* const dz = p.dz + (p.splits > 1 ? int64_t(blockIdx.y) * R * D : 0);  // this split's slice
   CUTE_UNROLL
   for (int e = 0; e < size(dacc); e += 2) {
     const int64_t x = x0 + row0 + 8 * ((e >> 1) & 1);
     const int d = col0 + 8 * (e >> 2);  // even; elements e, e + 1 are columns d, d + 1
     if (x < R && d < D)
-      *reinterpret_cast<float2*>(p.dz + x * D + d) = make_float2(dacc(e) * p.inv_t, dacc(e + 1) * p.inv_t);
+      *reinterpret_cast<float2*>(dz + x * D + d) = make_float2(dacc(e) * p.inv_t, dacc(e + 1) * p.inv_t);
   }
 #endif
 }

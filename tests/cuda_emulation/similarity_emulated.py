@@ -30,7 +30,7 @@ class FwdArgs(ctypes.Structure):
 class BwdArgs(ctypes.Structure):
     _fields_ = [("g", _p), ("gr", ctypes.c_int64), ("gq", ctypes.c_int64), ("R", ctypes.c_int64),
                 ("y", Matrix), ("D", ctypes.c_int64), ("rny", _p), ("inv_t", ctypes.c_float),
-                ("dz", _p)]
+                ("dz", _p), ("splits", ctypes.c_int)]
 
 
 def build_emulator(source: str, out_dir: str) -> str:
