@@ -9,14 +9,8 @@ namespace {
 
 template <typename T>
 cudaError_t launch(const Args& a, cudaStream_t stream) {
-  auto kernel = mma::hard_positive_mma_kernel<T>;
-  constexpr int smem = int(sizeof(mma::Storage));
-  // Above 48 KiB of dynamic shared memory a kernel must opt in (per device; cheap to repeat).
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const unsigned grid = unsigned((a.z.rows + mma::kRows - 1) / mma::kRows);
-  kernel<<<grid, mma::kThreads, size_t(smem), stream>>>(a);
-  return cudaGetLastError();
+  return supcon_cuda::mma::launch(mma::hard_positive_mma_kernel<T>, a.z.rows, mma::kRows, 1,
+                                  int(sizeof(mma::Storage)), stream, a);
 }
 
 }  // namespace

@@ -7,14 +7,7 @@
 namespace anchor_kernels::similarity_cuda {
 namespace {
 
-// kernel on grid with smem bytes of dynamic shared memory (above 48 KiB a kernel must opt in).
-template <typename Args>
-cudaError_t launch(void (*kernel)(Args), dim3 grid, int smem, cudaStream_t stream, const Args& args) {
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, mma::kThreads, size_t(smem), stream>>>(args);
-  return cudaGetLastError();
-}
+using supcon_cuda::mma::launch;
 
 // Column groups of the forward's grid: each CTA streams span tiles of b, so that it reads its
 // rows of a once for more columns, doubling span up to kMaxSpan while the grid keeps 1024 CTAs
@@ -38,16 +31,16 @@ bool g_fits(const BwdArgs& a, bool transposed) {
 template <typename T>
 cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
   const int64_t row_blocks = (a.a.rows + mma::kFwdRows - 1) / mma::kFwdRows;
-  const dim3 grid(unsigned(row_blocks), column_groups(row_blocks, (a.b.rows + mma::kCols - 1) / mma::kCols));
-  return launch(mma::similarity_fwd_mma_kernel<T>, grid, int(sizeof(mma::FwdStorage)), stream, a);
+  const int groups = int(column_groups(row_blocks, (a.b.rows + mma::kCols - 1) / mma::kCols));
+  return launch(mma::similarity_fwd_mma_kernel<T>, a.a.rows, mma::kFwdRows, groups,
+                int(sizeof(mma::FwdStorage)), stream, a);
 }
 
 template <typename T>
 cudaError_t bwd(const BwdArgs& a, bool transposed, cudaStream_t stream) {
-  const dim3 grid(unsigned((a.R + mma::kBwdRows - 1) / mma::kBwdRows), unsigned(a.splits > 1 ? a.splits : 1));
   constexpr int smem = int(sizeof(mma::BwdStorage));
-  return transposed ? launch(mma::similarity_bwd_mma_kernel<T, true>, grid, smem, stream, a)
-                    : launch(mma::similarity_bwd_mma_kernel<T, false>, grid, smem, stream, a);
+  return launch(transposed ? mma::similarity_bwd_mma_kernel<T, true> : mma::similarity_bwd_mma_kernel<T, false>,
+                a.R, mma::kBwdRows, a.splits, smem, stream, a);
 }
 
 }  // namespace

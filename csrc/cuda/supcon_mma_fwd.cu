@@ -20,12 +20,8 @@ cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
   const int splits = a.splits > 1 ? a.splits : 1;
   return mma::dispatch_fwd(a, [&](auto mode, auto fixed) {
     constexpr int kMode = decltype(mode)::value;
-    auto kernel = mma::supcon_fwd_mma_kernel<T, kMode, decltype(fixed)::value>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    const dim3 grid(unsigned((a.x.rows + kFwdRows - 1) / kFwdRows), unsigned(splits));
-    kernel<<<grid, mma::kThreads, size_t(smem), stream>>>(a);
-    err = cudaGetLastError();
+    const cudaError_t err = mma::launch(mma::supcon_fwd_mma_kernel<T, kMode, decltype(fixed)::value>,
+                                        a.x.rows, kFwdRows, splits, smem, stream, a);
     if (err != cudaSuccess || splits == 1) return err;
     mma::supcon_fwd_merge_kernel<kMode><<<unsigned((a.x.rows + 255) / 256), 256, 0, stream>>>(a);
     return cudaGetLastError();
