@@ -278,11 +278,11 @@ _SPEC_SCRIPT = """
 import torch
 from unittest import mock
 import triton._C.libtriton as lib
-from anchor_kernels.ops import hard_positive_triton as H, similarity_triton as S
+from anchor_kernels.ops import hard_positive_triton as H, rows_triton as R, similarity_triton as S
 def specs():
     return [(k.__name__, tuple((n, 'i1' if t == 'u1' else t) for n, t in sig.items()),
              tuple(sorted(c.items()))) for k, sig, c, w, st in
-            list(S.sm90_compile_specs()) + list(H.sm90_compile_specs())]
+            list(S.sm90_compile_specs()) + list(H.sm90_compile_specs()) + list(R.sm90_compile_specs())]
 native = specs()
 with mock.patch.object(lib, 'native_specialize_impl', side_effect=TypeError):
     fallback = specs()
@@ -299,7 +299,7 @@ def test_specialization_fallback_matches_triton():
                           env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-2:] == ["33", "True"], proc.stdout
+    assert proc.stdout.split()[-2:] == ["45", "True"], proc.stdout
 
 
 @pytest.fixture(scope="module")

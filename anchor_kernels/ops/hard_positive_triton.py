@@ -9,7 +9,8 @@ For anchors ``a`` (M, D) with labels ``y_a`` and contrast rows ``b`` (N, D) with
 ascending cosine order with ties to the lower j, exactly as ``reference.topk_hardest_mask``.
 
 Streaming: one program owns BM anchors and walks the contrast set in BN-column tiles; a tile
-is a dot over D (tensor cores) of the raw rows scaled by precomputed inverse norms (O(M + N)),
+is a dot over D (tensor cores) of the raw rows scaled by inverse norms (O(M + N)) that one
+launch computes first (``rows_triton``, which also scales rows whose squares could overflow),
 and a running per-row top-k of size KP >= k is kept in registers. No M x N buffer exists.
 
 Exact ordering with a single integer compare: each candidate becomes the int64 key
@@ -36,14 +37,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
 from .._autograd import direct_or_op
+from .rows_triton import row_pass
 from .similarity_triton import dot_acc, flag_arg
 from . import triton_launch
 from .triton_launch import (Launch, device_guard, device_reasons, dot_precision,
                             interpreter_upcast)
 
-NORM_EPS = 1e-12
 # Largest k the kernel keeps in registers; larger k runs on the other backends.
 MAX_K = 64
 KEY_INF: tl.constexpr = tl.constexpr(0x7FFFFFFFFFFFFFFF)
@@ -132,13 +132,6 @@ def kp_for(k_eff: int) -> int:
     raise ValueError(f"k={k_eff} is above the Triton kernel's limit of {MAX_K}")
 
 
-def inv_norms(x: Tensor, normalize: bool) -> Tensor:
-    """(rows,) float32 1 / max(||x_i||, eps), or ones: the kernel scales dot tiles by these."""
-    if not normalize:
-        return torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
-    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal()
-
-
 def mining_launch(a: Tensor, ya: Tensor, b: Tensor, yb: Tensor, ra: Tensor, rb: Tensor,
                   idx: Tensor, cos: Tensor, k_eff: int, anchor_offset: int | None) -> Launch:
     m, d = a.shape
@@ -175,9 +168,14 @@ def hard_positive_triton(z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor,
         return idx, cos
     ya = labels.to(torch.int64).contiguous()
     yb = c_labels.to(torch.int64).contiguous()
-    rz = inv_norms(z, normalize)
-    rc = rz if c is z else inv_norms(c, normalize)
     with device_guard(z):
+        if normalize:  # inverse norms, and copies of rows that could overflow scaled exactly
+            rows, rz, rc = row_pass(z, None if c is z else c, inverse=True)
+            rows()
+            z, c, rz, rc = rz.scaled, rc.scaled, rz.norms, rc.norms
+        else:
+            rz = torch.ones(m, dtype=torch.float32, device=z.device)
+            rc = torch.ones(n, dtype=torch.float32, device=z.device)
         mining_launch(z, ya, c, yb, rz, rc, idx, cos, k_eff, anchor_offset)()
     return idx, cos
 
@@ -204,9 +202,6 @@ class TritonHardPositive:
 
     def __call__(self, z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor, k: int,
                  normalize: bool, anchor_offset: int | None) -> tuple[Tensor, Tensor]:
-        if normalize:  # rows whose sum of squares could overflow, scaled exactly (same cosines)
-            z, c = reference.prescale_rows(z), (None if c is z else reference.prescale_rows(c))
-            c = z if c is None else c
         return direct_or_op(hard_positive_triton, _op, z, labels, c, c_labels, k, normalize,
                             anchor_offset)
 
@@ -215,8 +210,9 @@ BACKEND = TritonHardPositive()
 
 
 def sm90_compile_specs():
-    """Every configuration the launcher can pick, for ``anchor_kernels.ops.sm90_check``: one
-    per register size KP (every k up to MAX_K) and dot precision; nothing else varies."""
+    """Every configuration the launchers can pick, for ``anchor_kernels.ops.sm90_check``: one
+    per register size KP (every k up to MAX_K) and dot precision; nothing else varies (the
+    row pass: ``rows_triton``)."""
     launches = []
     before = torch.get_float32_matmul_precision()
     try:

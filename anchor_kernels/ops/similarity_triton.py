@@ -7,7 +7,8 @@ Forward, for ``a`` (M, D), ``b`` (N, D), temperature ``t``:
 
 The dot tile is computed on the raw rows and scaled by the inverse norms in the epilogue, so
 no normalised copy of ``a`` or ``b`` is ever written. The clamped norms (fp32, O(M + N)) are
-computed first in one pass over the inputs and kept for the backward; accumulating them in
+computed first in one pass over the inputs (``rows_triton``, which also scales rows whose sum
+of squares could overflow) and kept for the backward; accumulating them in
 the dot loop instead would pull every tile into registers and spill (sm_90 compile: 255
 registers and a 432-byte stack for bf16, against none without).
 
@@ -31,13 +32,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
 from .._autograd import call, direct_or_op, eager_function, refuse_double_backward
 from . import triton_launch
+from .rows_triton import NORM_EPS, cast, row_pass, scales
 from .triton_launch import (Launch, device_guard, device_reasons, dot_precision,
                             interpreter_upcast)
 
-NORM_EPS = 1e-12
 # Widest feature block of the backward; above it the normalisation backward runs as a
 # second (O(M D)) kernel.
 MAX_FUSED_D = 128
@@ -94,16 +94,17 @@ def _similarity_fwd_kernel(
 
 @triton.jit
 def _similarity_bwd_kernel(
-    g_ptr, x_ptr, y_ptr, nx_ptr, ny_ptr, out_ptr,
+    g_ptr, x_ptr, y_ptr, nx_ptr, ny_ptr, px_ptr, out_ptr,
     M, N, D,
     stride_gm, stride_gn, stride_xm, stride_xd, stride_yn, stride_yd, stride_om, stride_od,
     inv_t, eps, normalize,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, FUSE_NORM: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SCALED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One side of the backward: rows of x (M, D) against y (N, D) through G (M, N).
 
     out = dx when FUSE_NORM or not normalising, else dz_x in float32 for _norm_bwd_kernel.
+    SCALED: x and y are the row pass's scaled copies x' = x px, y' = y py, and dx = px dx'.
     """
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -132,10 +133,15 @@ def _similarity_bwd_kernel(
             nx = tl.load(nx_ptr + rm, mask=rm < M, other=1.0)
             x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rd[None, :] * stride_xd,
                         mask=out_mask, other=0.0).to(tl.float32)
-            zx = x / nx[:, None]
-            proj = tl.where(nx > eps, tl.sum(zx * dz, axis=1), 0.0)
-            dx = (dz - proj[:, None] * zx) / nx[:, None]
-            tl.store(out_ptrs, dx.to(out_ptr.dtype.element_ty), mask=out_mask)
+            # (z . dz) / n times z = x / n, and one factor a row: no z tile, no division per
+            # element (the 128-wide float32 tile has no registers to spare for either)
+            proj = tl.where(nx > eps, tl.sum(x * dz, axis=1) / (nx * nx), 0.0)
+            if SCALED:
+                f = tl.load(px_ptr + rm, mask=rm < M, other=1.0) / nx
+            else:
+                f = 1.0 / nx
+            dx = (dz - proj[:, None] * x) * f[:, None]
+            tl.store(out_ptrs, cast(dx, out_ptr.dtype.element_ty, UPCAST), mask=out_mask)
         else:
             tl.store(out_ptrs, dz, mask=out_mask)
     else:
@@ -144,13 +150,14 @@ def _similarity_bwd_kernel(
 
 @triton.jit
 def _norm_bwd_kernel(
-    dz_ptr, x_ptr, nx_ptr, out_ptr,
+    dz_ptr, x_ptr, nx_ptr, px_ptr, out_ptr,
     M, D,
     stride_xm, stride_xd, stride_om, stride_od,
     eps,
-    BM: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, SCALED: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """out = (dz - [n > eps] z (z . dz)) / n with z = x / n, row-wise; dz is (M, D) fp32 contiguous."""
+    """out = (dz - [n > eps] z (z . dz)) / n with z = x / n, row-wise; dz is (M, D) fp32
+    contiguous; SCALED: times px (the similarity backward's SCALED)."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rd0 = tl.arange(0, BD)
     nx = tl.load(nx_ptr + rm, mask=rm < M, other=1.0)
@@ -164,6 +171,8 @@ def _norm_bwd_kernel(
         dz = tl.load(dz_rows + rd[None, :], mask=mask, other=0.0)
         dot += tl.sum(x * dz, axis=1)
     proj = tl.where(nx > eps, dot / (nx * nx), 0.0)  # z . dz / n, times z = x / n below
+    if SCALED:
+        px = tl.load(px_ptr + rm, mask=rm < M, other=1.0)
     out_rows = out_ptr + rm.to(tl.int64)[:, None] * stride_om
     for d0 in range(0, D, BD):
         rd = d0 + rd0
@@ -171,19 +180,15 @@ def _norm_bwd_kernel(
         x = tl.load(x_rows + rd[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
         dz = tl.load(dz_rows + rd[None, :], mask=mask, other=0.0)
         dx = (dz - proj[:, None] * x) / nx[:, None]
-        tl.store(out_rows + rd[None, :] * stride_od, dx.to(out_ptr.dtype.element_ty), mask=mask)
+        if SCALED:
+            dx *= px[:, None]
+        tl.store(out_rows + rd[None, :] * stride_od, cast(dx, out_ptr.dtype.element_ty, UPCAST),
+                 mask=mask)
 
 
 # ---------------------------------------------------------------------------------------
 # Launch plans. Fixed configurations chosen from the dtype and D (no autotuner), so that CI
 # compiles every configuration a launch can use (tests/test_similarity.py).
-
-
-def clamped_norms(x: Tensor, normalize: bool) -> Tensor:
-    """(rows,) float32 max(||x_i||, eps), or ones when not normalising."""
-    if not normalize:
-        return torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
-    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS)
 
 
 def _exact_fp32(dtype: torch.dtype) -> bool:
@@ -216,8 +221,10 @@ def flag_arg(value: bool):
 
 
 def bwd_side_launches(g: Tensor, x: Tensor, y: Tensor, nx: Tensor, ny: Tensor, out: Tensor,
-                      normalize: bool, temperature: float) -> list[Launch]:
-    """Launches writing dx = dL/dx into ``out`` for G (M, N) = dL/dS, x (M, D), y (N, D)."""
+                      normalize: bool, temperature: float, px: Tensor | None = None) -> list[Launch]:
+    """Launches writing dx = dL/dx into ``out`` for G (M, N) = dL/dS, x (M, D), y (N, D);
+    px: x and y are the row pass's scaled copies, px x's factors (the result is for x's rows
+    as given)."""
     m, d = x.shape
     n = y.shape[0]
     bd = 64 if d <= 64 else 128
@@ -226,18 +233,21 @@ def bwd_side_launches(g: Tensor, x: Tensor, y: Tensor, nx: Tensor, ny: Tensor, o
     two_pass = normalize and not fuse
     dz = torch.empty((m, d), dtype=torch.float32, device=x.device) if two_pass else out
     grid = (triton.cdiv(m, bm), triton.cdiv(d, bd))
-    args = (g, x, y, nx, ny, dz, m, n, d, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
+    scaled = px is not None
+    px = nx if px is None else px  # never read unless scaled
+    args = (g, x, y, nx, ny, px, dz, m, n, d, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
             y.stride(0), y.stride(1), dz.stride(0), dz.stride(1), 1.0 / temperature, NORM_EPS,
             flag_arg(normalize))
     launches = [Launch(_similarity_bwd_kernel, grid, args,
-                       dict(BM=bm, BN=bn, BD=bd, FUSE_NORM=fuse, PRECISION=dot_precision(x.dtype),
-                            UPCAST=interpreter_upcast(x.dtype)),
+                       dict(BM=bm, BN=bn, BD=bd, FUSE_NORM=fuse, SCALED=scaled and fuse,
+                            PRECISION=dot_precision(x.dtype), UPCAST=interpreter_upcast(x.dtype)),
                        num_warps=4 if bd == 64 else 8, num_stages=3)]
     if two_pass:
-        args = (dz, x, nx, out, m, d, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        args = (dz, x, nx, px, out, m, d, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
                 NORM_EPS)
         launches.append(Launch(_norm_bwd_kernel, (triton.cdiv(m, 16),), args,
-                               dict(BM=16, BD=128), num_warps=4, num_stages=1))
+                               dict(BM=16, BD=128, SCALED=scaled, UPCAST=interpreter_upcast(x.dtype)),
+                               num_warps=4, num_stages=1))
     return launches
 
 
@@ -252,9 +262,14 @@ def similarity_fwd_triton(a: Tensor, b: Tensor, normalize: bool,
     _check_2d(a, b)
     m, n = a.shape[0], b.shape[0]
     s = torch.empty((m, n), dtype=a.dtype, device=a.device)
-    na = clamped_norms(a, normalize)
-    nb = clamped_norms(b, normalize)
     with device_guard(a):
+        if normalize:  # norms, and copies of rows that could overflow scaled exactly
+            rows, ra, rb = row_pass(a, None if b is a else b, inverse=False)
+            rows()
+            a, b, na, nb = ra.scaled, rb.scaled, ra.norms, rb.norms
+        else:
+            na = torch.ones(m, dtype=torch.float32, device=a.device)
+            nb = torch.ones(n, dtype=torch.float32, device=a.device)
         fwd_launch(a, b, s, na, nb, temperature)()
     return s, na, nb
 
@@ -276,10 +291,15 @@ def similarity_bwd_triton(grad: Tensor, a: Tensor, b: Tensor, na: Tensor, nb: Te
     """(da (M, D), db (N, D)) for grad = dL/dS (M, N)."""
     da = torch.empty_like(a, memory_format=torch.contiguous_format)
     db = torch.empty_like(b, memory_format=torch.contiguous_format)
+    pa = pb = None
     with device_guard(a):
-        for launch in bwd_side_launches(grad, a, b, na, nb, da, normalize, temperature):
+        if normalize and scales(a.dtype):  # the forward's scaled copies again (norms: na, nb)
+            rows, ra, rb = row_pass(a, None if b is a else b, inverse=False)
+            rows()
+            a, b, pa, pb = ra.scaled, rb.scaled, ra.factor, rb.factor
+        for launch in bwd_side_launches(grad, a, b, na, nb, da, normalize, temperature, pa):
             launch()
-        for launch in bwd_side_launches(grad.t(), b, a, nb, na, db, normalize, temperature):
+        for launch in bwd_side_launches(grad.t(), b, a, nb, na, db, normalize, temperature, pb):
             launch()
     return da, db
 
@@ -327,9 +347,6 @@ class TritonSimilarity:
         return device_reasons([a, b])
 
     def __call__(self, a: Tensor, b: Tensor, normalize: bool, temperature: float) -> Tensor:
-        if normalize:  # rows whose sum of squares could overflow, scaled exactly (same S)
-            a, b = reference.prescale_rows(a), (None if b is a else reference.prescale_rows(b))
-            b = a if b is None else b
         return call(SimilarityTriton, _fwd_op, a, b, normalize, temperature)[0]
 
 
@@ -340,7 +357,8 @@ def sm90_compile_specs():
     """Every configuration the launchers can pick, for ``anchor_kernels.ops.sm90_check``.
 
     A launch depends only on the dtype, torch's float32 matmul precision, ``normalize`` and
-    D's bucket (<= 64, <= 128, > 128); this spans all of them with real (CPU) arguments.
+    D's bucket (<= 64, <= 128, > 128); this spans all of them with real (CPU) arguments (the
+    row pass: ``rows_triton``).
     """
     launches = []
     before = torch.get_float32_matmul_precision()
@@ -354,8 +372,10 @@ def sm90_compile_specs():
                     s = torch.empty(100, 80, dtype=dtype)
                     na, nb = torch.empty(100), torch.empty(80)
                     launches.append(fwd_launch(a, b, s, na, nb, 0.1))
+                    # the row pass's factors where the backward works on its scaled copies
+                    pa = torch.ones(100) if normalize and scales(dtype) else None
                     launches += bwd_side_launches(s, a, b, na, nb, torch.empty_like(a), normalize,
-                                                  0.1)
+                                                  0.1, pa)
         yield from triton_launch.sm90_compile_specs(launches)
     finally:
         torch.set_float32_matmul_precision(before)

@@ -40,7 +40,7 @@ import time
 from anchor_kernels.ops import sass_report
 
 MODULES = ["anchor_kernels.ops.supcon_triton", "anchor_kernels.ops.similarity_triton",
-           "anchor_kernels.ops.hard_positive_triton"]
+           "anchor_kernels.ops.hard_positive_triton", "anchor_kernels.ops.rows_triton"]
 HALF = ("fp16", "bf16")
 
 
