@@ -414,6 +414,21 @@ def test_pgd_host_benchmark_runs_and_writes_its_json(tmp_path):
                                      for t in timings.values())
 
 
+def test_similarity_host_benchmark_runs_and_restores_the_kernels(tmp_path):
+    from anchor_kernels.ops import rows_triton, similarity_triton
+    from benchmarks import bench_similarity_host
+
+    kernels = (rows_triton._row_pass_kernel, similarity_triton._similarity_fwd_kernel)
+    out = tmp_path / "similarity_host.json"
+    assert bench_similarity_host.main(["--n", "8", "--d", "8", "--rounds", "10", "--warmup", "1",
+                                       "--out", str(out)]) == 0
+    timings = json.loads(out.read_text())["results"]
+    assert {"similarity fwd+bwd (launches stubbed)", "selection (launches stubbed)",
+            "autograd floor", "eager selection"} <= timings.keys()
+    assert all(0 < t["p20_us"] <= t["median_us"] <= t["p80_us"] for t in timings.values())
+    assert (rows_triton._row_pass_kernel, similarity_triton._similarity_fwd_kernel) == kernels
+
+
 def test_launch_benchmark_runs_without_a_gpu(tmp_path):
     """bench_launch times the GPU launch path with Triton's launch stubbed: it needs the real
     JIT kernels (no TRITON_INTERPRET), not a GPU."""

@@ -15,7 +15,7 @@ from anchor_kernels.ops.hard_positive_triton import MAX_K
 
 from .cuda_emulation import hard_positive_emulated as emu
 from .cuda_emulation.similarity_emulated import build_emulator
-from .utils import DispatchedOps, assert_graph_safe, cuda_kernels_run
+from .utils import DispatchedOps, TritonCalls, assert_graph_safe, cuda_kernels_run
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the CUDA C++ kernel: tier 2
 CPU_BACKENDS = ["triton", "cpu", "eager", CUDA]
@@ -397,6 +397,21 @@ def test_one_op_call(backend, dtype, single):
         hard_positive_mining(z, y, 2, contrast=c, contrast_labels=yc,
                              anchor_offset=0 if single else None, backend=backend)
     assert mode.ops == ["anchor_kernels.hard_positive"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("single", [True, False])
+def test_triton_launches(monkeypatch, dtype, single):
+    """A normalised Triton selection is two launches, its row pass and its kernel: no torch
+    op does work around them."""
+    z, y = torch.randn(9, 5, device=DEVICE, dtype=dtype), labels(9, 3).to(DEVICE)
+    c, yc = (None, None) if single else (torch.randn(7, 5, device=DEVICE, dtype=dtype),
+                                         labels(7, 3).to(DEVICE))
+    with TritonCalls(monkeypatch) as calls:
+        hard_positive_mining(z, y, 2, contrast=c, contrast_labels=yc,
+                             anchor_offset=0 if single else None, backend="triton")
+    assert calls.launches == ["_row_pass_kernel", "_hard_positive_kernel"]
+    assert calls.ops == [], calls.ops
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import anchor_kernels.ops.similarity_triton  # noqa: F401  registers the Triton 
 from anchor_kernels.similarity import DISPATCH
 
 from .cuda_emulation import similarity_emulated as emu
-from .utils import DispatchedOps, assert_graph_safe, cuda_kernels_run
+from .utils import DispatchedOps, TritonCalls, assert_graph_safe, cuda_kernels_run
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the CUDA C++ kernels: tier 2
 CPU_BACKENDS = ["triton", "cpu", "eager", CUDA]
@@ -459,6 +459,29 @@ def test_one_op_call_each_way(backend, dtype, single):
     # With one set the op takes a twice: autograd adds its two gradients.
     tail = ["aten.add"] if single else []
     assert ops == ["anchor_kernels.similarity_fwd", "anchor_kernels.similarity_bwd"] + tail, mode.ops
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("single", [True, False])
+@pytest.mark.parametrize("d", [32, 130])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_triton_launches_each_way(monkeypatch, dtype, single, d, normalize):
+    """A normalised Triton similarity is its row pass and its kernel forward, and backward
+    its two sides (each with the projection's pass above D = 128), after the row pass again
+    for rows that may have been scaled (not float16): no torch op does work around them.
+    Without normalisation: the kernels alone, and the norms of 1 the op returns."""
+    a = torch.randn(9, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    b = None if single else torch.randn(7, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    with TritonCalls(monkeypatch) as calls:
+        s = pairwise_similarity(a, b, normalize=normalize, temperature=0.5, backend="triton")
+        torch.autograd.grad(s, [a] if single else [a, b], torch.ones_like(s))
+    side = ["_similarity_bwd_kernel"] + (["_norm_bwd_kernel"] if normalize and d > 128 else [])
+    rows = ["_row_pass_kernel"] if normalize else []
+    again = rows if dtype != torch.float16 else []
+    assert calls.launches == rows + ["_similarity_fwd_kernel"] + again + 2 * side
+    # the gradient's seed, and with one set autograd's sum of the op's two gradients
+    ones = [] if normalize else ["ones"] * (1 if single else 2)
+    assert calls.ops == ones + ["ones_like"] + (["add"] if single else []), calls.ops
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

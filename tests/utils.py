@@ -111,3 +111,46 @@ class DispatchedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
+
+
+_LAUNCH = "triton launch"
+# Ops that allocate, view or describe tensors: no kernel of their own on a GPU.
+_NO_WORK = {"empty", "empty_like", "empty_strided", "new_empty", "detach", "view", "t",
+            "transpose", "as_strided", "expand", "alias", "lift_fresh", "promote_types",
+            "result_type", "contiguous", "_to_copy", "to", "select", "slice"}
+
+
+class TritonCalls:
+    """The Triton launches (kernel names, in order) and the torch ops that do work (outermost
+    calls only, by aten name) of what runs inside the block, nested op implementations
+    included: the whole host cost of a call, counted without a clock. ``to`` and
+    ``contiguous`` count as no work: a kernel would show as the copy they dispatch to."""
+
+    def __init__(self, monkeypatch):
+        from anchor_kernels.ops import triton_launch
+
+        self.launches, self.ops = [], []
+        real = triton_launch.Launch.__call__
+
+        def record(launch):
+            self.launches.append(launch.kernel.__name__)
+            with torch.profiler.record_function(_LAUNCH):  # the interpreter's own torch ops
+                real(launch)
+
+        monkeypatch.setattr(triton_launch.Launch, "__call__", record)
+
+    def __enter__(self):
+        self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._profile.__exit__(*exc)
+        for e in self._profile.events():
+            parent = e.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::") and parent.name != _LAUNCH:
+                parent = parent.cpu_parent
+            name = e.name.removeprefix("aten::")
+            if e.name.startswith("aten::") and parent is None and name not in _NO_WORK:
+                self.ops.append(name)
+        return False

@@ -38,10 +38,10 @@ import triton.language as tl
 from torch import Tensor
 
 from .._autograd import direct_or_op
-from .rows_triton import row_pass
+from .rows_triton import prepare
 from .similarity_triton import dot_acc, flag_arg
 from . import triton_launch
-from .triton_launch import (Launch, device_guard, device_reasons, dot_precision,
+from .triton_launch import (Launch, cdiv, device_guard, device_reasons, dot_precision,
                             interpreter_upcast)
 
 # Largest k the kernel keeps in registers; larger k runs on the other backends.
@@ -143,7 +143,7 @@ def mining_launch(a: Tensor, ya: Tensor, b: Tensor, yb: Tensor, ra: Tensor, rb: 
             flag_arg(anchor_offset is not None))
     # 8 warps: the int64 key tile and the running top-k fit in registers without spills
     # (sm_90 compile: <= 206 registers, no stack, HGMMA for half and TF32 inputs).
-    return Launch(_hard_positive_kernel, (triton.cdiv(m, 64),), args,
+    return Launch(_hard_positive_kernel, (cdiv(m, 64),), args,
                   dict(BM=64, BN=64, BK=bk, KP=kp, PRECISION=dot_precision(a.dtype),
                        UPCAST=interpreter_upcast(a.dtype)),
                   num_warps=8, num_stages=2)
@@ -169,14 +169,10 @@ def hard_positive_triton(z: Tensor, labels: Tensor, c: Tensor, c_labels: Tensor,
     ya = labels.to(torch.int64).contiguous()
     yb = c_labels.to(torch.int64).contiguous()
     with device_guard(z):
-        if normalize:  # inverse norms, and copies of rows that could overflow scaled exactly
-            rows, rz, rc = row_pass(z, None if c is z else c, inverse=True)
-            rows()
-            z, c, rz, rc = rz.scaled, rc.scaled, rz.norms, rc.norms
-        else:
-            rz = torch.ones(m, dtype=torch.float32, device=z.device)
-            rc = torch.ones(n, dtype=torch.float32, device=z.device)
-        mining_launch(z, ya, c, yb, rz, rc, idx, cos, k_eff, anchor_offset)()
+        # inverse norms, and copies of rows that could overflow scaled exactly
+        rz, rc = prepare(z, c, normalize, inverse=True)
+        mining_launch(rz.scaled, ya, rc.scaled, yb, rz.norms, rc.norms, idx, cos, k_eff,
+                      anchor_offset)()
     return idx, cos
 
 

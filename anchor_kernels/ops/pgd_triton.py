@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._autograd import direct_or_op
+from .triton_launch import cdiv
 
 # Both kernels are bandwidth-bound: 4096 elements per program with 8 warps gives each thread
 # 16 elements (four 16-byte loads per tensor in float32) in flight, enough to cover HBM latency.
@@ -221,7 +222,7 @@ def _int32(word: int) -> int:
 def _launch_args(t: Tensor) -> tuple:
     n = t.numel()
     batch = t.shape[0] if t.dim() > 0 and n > 0 else 1
-    return n, max(n // batch, 1), (triton.cdiv(n, BLOCK),), n >= 2 ** 31 - BLOCK
+    return n, max(n // batch, 1), (cdiv(n, BLOCK),), n >= 2 ** 31 - BLOCK
 
 
 def pgd_step_triton(x_adv: Tensor, grad: Tensor, x: Tensor, eps_t: Optional[Tensor],

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import triton_launch
-from .triton_launch import Launch, interpreter_upcast
+from .triton_launch import Launch, cdiv, interpreter_upcast
 
 NORM_EPS = 1e-12
 _EPS = tl.constexpr(NORM_EPS)
@@ -42,13 +42,18 @@ def _pow2(k):
 def cast(v, dtype: tl.constexpr, UPCAST: tl.constexpr):
     """float32 v in dtype. UPCAST (the interpreter, ``interpreter_upcast``): its conversion to
     bfloat16 garbles float32 subnormals, which a scaled-back gradient can be, so bfloat16
-    values below 2^-126 are built from their bits there: sign, and |v| in units of 2^-133."""
+    values below 2^-126 are built from their bits there: sign, and |v| in units of 2^-133
+    rounded to nearest even (2^-126 itself, 128 units, is the smallest normal's bits)."""
     out = v.to(dtype)
     if UPCAST and dtype == tl.bfloat16:
         a = tl.abs(v)
-        units = (a * 1.4757395258967641e20 * 7.378697629483821e19 + 0.5).to(tl.int32)  # 2^67 2^66
+        tiny = a < 1.1754943508222875e-38
+        u = tl.where(tiny, a, 0.0) * 1.4757395258967641e20 * 7.378697629483821e19  # 2^67 2^66
+        t = tl.floor(u)
+        odd = (t.to(tl.int32) & 1) == 1
+        units = (t + tl.where((u - t > 0.5) | ((u - t == 0.5) & odd), 1.0, 0.0)).to(tl.int32)
         bits = tl.where(v < 0, units | 0x8000, units).to(tl.int16)
-        out = tl.where(a < 1.1754943508222875e-38, bits.to(tl.bfloat16, bitcast=True), out)
+        out = tl.where(tiny, bits.to(tl.bfloat16, bitcast=True), out)
     return out
 
 
@@ -116,18 +121,27 @@ class Rows:
     """What the row pass gives one input: x' (x itself without SCALE), its norms (or their
     inverses) and its factors p (None without SCALE)."""
 
-    def __init__(self, x: Tensor):
-        scale = scales(x.dtype)
-        rows, device = x.shape[0], x.device
-        self.scaled = torch.empty((rows, x.shape[1]), dtype=x.dtype, device=device) if scale else x
-        self.norms = torch.empty(rows, dtype=torch.float32, device=device)
-        self.factor = torch.empty(rows, dtype=torch.float32, device=device) if scale else None
+    def __init__(self, x: Tensor, scaled: Tensor, norms: Tensor, factor: Tensor | None):
+        self.scaled, self.norms, self.factor = scaled, norms, factor
+
+    @classmethod
+    def empty(cls, x: Tensor) -> "Rows":
+        """The buffers the row pass writes for x."""
+        rows, device, scale = x.shape[0], x.device, scales(x.dtype)
+        return cls(x, torch.empty((rows, x.shape[1]), dtype=x.dtype, device=device) if scale else x,
+                   torch.empty(rows, dtype=torch.float32, device=device),
+                   torch.empty(rows, dtype=torch.float32, device=device) if scale else None)
+
+    @classmethod
+    def plain(cls, x: Tensor) -> "Rows":
+        """x as it is, with norms of 1: the rows of an op that does not normalise."""
+        return cls(x, x, torch.ones(x.shape[0], dtype=torch.float32, device=x.device), None)
 
 
 def row_pass(a: Tensor, b: Tensor | None, inverse: bool) -> tuple[Launch, Rows, Rows]:
     """The launch writing ``Rows`` of a and of b (b None: a's serve both), and those Rows."""
-    ra = Rows(a)
-    rb = ra if b is None else Rows(b)
+    ra = Rows.empty(a)
+    rb = ra if b is None else Rows.empty(b)
     other = a if b is None else b
     m, d = a.shape
     n = 0 if b is None else b.shape[0]
@@ -136,11 +150,22 @@ def row_pass(a: Tensor, b: Tensor | None, inverse: bool) -> tuple[Launch, Rows, 
     pb = rb.norms if rb.factor is None else rb.factor
     args = (a, ra.scaled, ra.norms, pa, m, other, rb.scaled, rb.norms, pb, n, d,
             a.stride(0), a.stride(1), other.stride(0), other.stride(1), big)
-    grid = (triton.cdiv(m, BLOCK_R) + triton.cdiv(n, BLOCK_R),)
+    grid = (cdiv(m, BLOCK_R) + cdiv(n, BLOCK_R),)
     return Launch(_row_pass_kernel, grid, args,
                   dict(SCALE=scales(a.dtype), INVERSE=inverse, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
                        UPCAST=interpreter_upcast(a.dtype)),
                   num_warps=4, num_stages=1), ra, rb
+
+
+def prepare(a: Tensor, b: Tensor, normalize: bool, inverse: bool) -> tuple[Rows, Rows]:
+    """The Rows of a and b (b is a: one set, one Rows) that an op's kernels read: from the row
+    pass, launched here, when normalising; else a and b as they are."""
+    if not normalize:
+        ra = Rows.plain(a)
+        return ra, ra if b is a else Rows.plain(b)
+    launch, ra, rb = row_pass(a, None if b is a else b, inverse)
+    launch()
+    return ra, rb
 
 
 def sm90_compile_specs():

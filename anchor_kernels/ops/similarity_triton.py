@@ -34,8 +34,8 @@ from torch import Tensor
 
 from .._autograd import call, direct_or_op, eager_function, refuse_double_backward
 from . import triton_launch
-from .rows_triton import NORM_EPS, cast, row_pass, scales
-from .triton_launch import (Launch, device_guard, device_reasons, dot_precision,
+from .rows_triton import NORM_EPS, cast, prepare, scales
+from .triton_launch import (Launch, cdiv, device_guard, device_reasons, dot_precision,
                             interpreter_upcast)
 
 # Widest feature block of the backward; above it the normalisation backward runs as a
@@ -204,7 +204,7 @@ def fwd_launch(a: Tensor, b: Tensor, s: Tensor, na: Tensor, nb: Tensor,
         bm, bn, bk, warps = 64, 64, 32, 4
     else:
         bm, bn, bk, warps = 128, 128, (32 if a.dtype == torch.float32 else 64), 8
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    grid = (cdiv(m, bm) * cdiv(n, bn),)
     args = (a, b, s, na, nb, m, n, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             s.stride(0), s.stride(1), 1.0 / temperature)
     return Launch(_similarity_fwd_kernel, grid, args,
@@ -232,7 +232,7 @@ def bwd_side_launches(g: Tensor, x: Tensor, y: Tensor, nx: Tensor, ny: Tensor, o
     bm, bn = (32, 32) if _exact_fp32(x.dtype) else (64, 64)
     two_pass = normalize and not fuse
     dz = torch.empty((m, d), dtype=torch.float32, device=x.device) if two_pass else out
-    grid = (triton.cdiv(m, bm), triton.cdiv(d, bd))
+    grid = (cdiv(m, bm), cdiv(d, bd))
     scaled = px is not None
     px = nx if px is None else px  # never read unless scaled
     args = (g, x, y, nx, ny, px, dz, m, n, d, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
@@ -245,7 +245,7 @@ def bwd_side_launches(g: Tensor, x: Tensor, y: Tensor, nx: Tensor, ny: Tensor, o
     if two_pass:
         args = (dz, x, nx, px, out, m, d, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
                 NORM_EPS)
-        launches.append(Launch(_norm_bwd_kernel, (triton.cdiv(m, 16),), args,
+        launches.append(Launch(_norm_bwd_kernel, (cdiv(m, 16),), args,
                                dict(BM=16, BD=128, SCALED=scaled, UPCAST=interpreter_upcast(x.dtype)),
                                num_warps=4, num_stages=1))
     return launches
@@ -263,15 +263,9 @@ def similarity_fwd_triton(a: Tensor, b: Tensor, normalize: bool,
     m, n = a.shape[0], b.shape[0]
     s = torch.empty((m, n), dtype=a.dtype, device=a.device)
     with device_guard(a):
-        if normalize:  # norms, and copies of rows that could overflow scaled exactly
-            rows, ra, rb = row_pass(a, None if b is a else b, inverse=False)
-            rows()
-            a, b, na, nb = ra.scaled, rb.scaled, ra.norms, rb.norms
-        else:
-            na = torch.ones(m, dtype=torch.float32, device=a.device)
-            nb = torch.ones(n, dtype=torch.float32, device=a.device)
-        fwd_launch(a, b, s, na, nb, temperature)()
-    return s, na, nb
+        ra, rb = prepare(a, b, normalize, inverse=False)  # norms, rows that could overflow scaled
+        fwd_launch(ra.scaled, rb.scaled, s, ra.norms, rb.norms, temperature)()
+    return s, ra.norms, rb.norms
 
 
 _fwd_op = torch.library.custom_op("anchor_kernels::similarity_fwd_triton", similarity_fwd_triton,
@@ -294,8 +288,7 @@ def similarity_bwd_triton(grad: Tensor, a: Tensor, b: Tensor, na: Tensor, nb: Te
     pa = pb = None
     with device_guard(a):
         if normalize and scales(a.dtype):  # the forward's scaled copies again (norms: na, nb)
-            rows, ra, rb = row_pass(a, None if b is a else b, inverse=False)
-            rows()
+            ra, rb = prepare(a, b, normalize, inverse=False)
             a, b, pa, pb = ra.scaled, rb.scaled, ra.factor, rb.factor
         for launch in bwd_side_launches(grad, a, b, na, nb, da, normalize, temperature, pa):
             launch()

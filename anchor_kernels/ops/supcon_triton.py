@@ -23,7 +23,7 @@ from ..backends import REDUCTION_CODES, SupConProblem
 from . import supcon_composite, supcon_topk
 from . import supcon_kernels_triton as kernels
 from ..reference import reduce_loss
-from .triton_launch import device_guard, dot_precision, interpreter_upcast, interpreting
+from .triton_launch import cdiv, device_guard, dot_precision, interpreter_upcast, interpreting
 
 INTERPRET = interpreting()  # decided before the kernels were decorated, as Triton does
 
@@ -78,11 +78,6 @@ STREAMING_MIN_LOGITS = 131072 * 131072
 # less. Where the saving outweighs the launch is for a GPU to say (scripts/supcon_tune.py,
 # candidate "norms-first"); until measured it starts where the large-batch path does.
 NORMS_FIRST_MIN_LOGITS = STREAMING_MIN_LOGITS
-
-
-def cdiv(a: int, b: int) -> int:
-    """Ceiling division (``triton.cdiv`` is a jit function: costly to call from Python)."""
-    return -(-a // b)
 
 
 def next_power_of_2(x: int) -> int:

@@ -38,6 +38,11 @@ def device_reasons(tensors, name: str = "the Triton kernels") -> list[str]:
     return reasons
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division (``triton.cdiv`` is a jit function: costly to call from Python)."""
+    return -(-a // b)
+
+
 def device_guard(x: torch.Tensor):
     """Make x's GPU current: Triton launches on the current device, not the tensors'."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
