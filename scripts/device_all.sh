@@ -60,7 +60,8 @@ stage tests_pgd 60 python3 -m pytest -q -ra -x tests/test_pgd.py tests/test_atta
 stage tests_sim 180 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x -m gpu \
     tests/test_similarity.py tests/test_hard_positive.py tests/test_supcon_topk.py
 stage tests_sim_all 300 env ANCHOR_KERNELS_AUTOTUNE=0 python3 -m pytest -q -ra -x \
-    tests/test_similarity.py tests/test_hard_positive.py tests/test_supcon_topk.py
+    tests/test_similarity.py tests/test_hard_positive.py tests/test_supcon_topk.py \
+    tests/test_rows_triton.py
 stage tests_train 80 python3 -m pytest -q -ra -x tests/test_train.py -m gpu -k "not compile"
 stage bench_supcon 110 python3 benchmarks/supcon_gpu_table.py --backends triton cuda eager \
     --out "$RES/supcon_gpu_bf16.json"
