@@ -201,13 +201,19 @@ def test_triton_gradients_match_float64_eager():
         torch.testing.assert_close(o.double(), r, rtol=1e-4, atol=1e-5)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("normalize", [True, False])
+def test_opcheck(normalize):
     a, b = torch.randn(5, 7, device=DEVICE), torch.randn(6, 7, device=DEVICE)
     ops = torch.ops.anchor_kernels
-    torch.library.opcheck(ops.similarity_fwd_triton.default, (a, b, True, 0.5))
-    _, na, nb = ops.similarity_fwd_triton(a, b, True, 0.5)
+    torch.library.opcheck(ops.similarity_fwd_triton.default, (a, b, normalize, 0.5))
+    # one set: the op's two norm outputs are distinct tensors (outputs may not alias)
+    torch.library.opcheck(ops.similarity_fwd_triton.default, (a, a, normalize, 0.5))
+    _, na, nb = ops.similarity_fwd_triton(a, b, normalize, 0.5)
     g = torch.randn(5, 6, device=DEVICE)
-    torch.library.opcheck(ops.similarity_bwd_triton.default, (g, a, b, na, nb, True, 0.5))
+    torch.library.opcheck(ops.similarity_bwd_triton.default, (g, a, b, na, nb, normalize, 0.5))
+    _, na, na2 = ops.similarity_fwd_triton(a, a, normalize, 0.5)
+    torch.library.opcheck(ops.similarity_bwd_triton.default,
+                          (torch.randn(5, 5, device=DEVICE), a, a, na, na2, normalize, 0.5))
     a, b, g = a.cpu().double(), b.cpu().double(), g.cpu().double()
     torch.library.opcheck(ops.similarity_fwd, (a.requires_grad_(), b, True, 0.5))
     torch.library.opcheck(ops.similarity_bwd, (g, a.detach(), b, True, 0.5))
@@ -226,6 +232,17 @@ def test_torch_compile_fullgraph(backend):
     da, db = torch.autograd.grad(s, (a, b), g)
     for o, r in zip((s, da, db), out):
         torch.testing.assert_close(o.cpu(), r, rtol=1e-5, atol=1e-5)
+    # one set, through the same compiled graph's op
+    single = torch.compile(lambda a: pairwise_similarity(a, temperature=0.5, backend=backend),
+                           fullgraph=True)
+    g = torch.randn(9, 9, device=dev)
+    s = single(a)
+    (da,) = torch.autograd.grad(s, (a,), g)
+    a64 = a.detach().cpu().double().requires_grad_(True)
+    s64 = reference.pairwise_similarity(a64, temperature=0.5)
+    (da64,) = torch.autograd.grad(s64, (a64,), g.cpu().double())
+    torch.testing.assert_close(s.cpu().double(), s64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(da.cpu().double(), da64, rtol=1e-5, atol=1e-5)
 
 
 def test_autocast_runs_in_low_precision():
@@ -480,7 +497,7 @@ def test_triton_launches_each_way(monkeypatch, dtype, single, d, normalize):
     again = rows if dtype != torch.float16 else []
     assert calls.launches == rows + ["_similarity_fwd_kernel"] + again + 2 * side
     # the gradient's seed, and with one set autograd's sum of the op's two gradients
-    ones = [] if normalize else ["ones"] * (1 if single else 2)
+    ones = [] if normalize else ["ones", "ones"]  # the norms the forward returns
     assert calls.ops == ones + ["ones_like"] + (["add"] if single else []), calls.ops
 
 

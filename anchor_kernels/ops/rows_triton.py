@@ -121,21 +121,21 @@ class Rows:
     """What the row pass gives one input: x' (x itself without SCALE), its norms (or their
     inverses) and its factors p (None without SCALE)."""
 
-    def __init__(self, x: Tensor, scaled: Tensor, norms: Tensor, factor: Tensor | None):
+    def __init__(self, scaled: Tensor, norms: Tensor, factor: Tensor | None):
         self.scaled, self.norms, self.factor = scaled, norms, factor
 
     @classmethod
     def empty(cls, x: Tensor) -> "Rows":
         """The buffers the row pass writes for x."""
         rows, device, scale = x.shape[0], x.device, scales(x.dtype)
-        return cls(x, torch.empty((rows, x.shape[1]), dtype=x.dtype, device=device) if scale else x,
+        return cls(torch.empty((rows, x.shape[1]), dtype=x.dtype, device=device) if scale else x,
                    torch.empty(rows, dtype=torch.float32, device=device),
                    torch.empty(rows, dtype=torch.float32, device=device) if scale else None)
 
     @classmethod
     def plain(cls, x: Tensor) -> "Rows":
         """x as it is, with norms of 1: the rows of an op that does not normalise."""
-        return cls(x, x, torch.ones(x.shape[0], dtype=torch.float32, device=x.device), None)
+        return cls(x, torch.ones(x.shape[0], dtype=torch.float32, device=x.device), None)
 
 
 def row_pass(a: Tensor, b: Tensor | None, inverse: bool) -> tuple[Launch, Rows, Rows]:
@@ -157,13 +157,16 @@ def row_pass(a: Tensor, b: Tensor | None, inverse: bool) -> tuple[Launch, Rows, 
                   num_warps=4, num_stages=1), ra, rb
 
 
-def prepare(a: Tensor, b: Tensor, normalize: bool, inverse: bool) -> tuple[Rows, Rows]:
-    """The Rows of a and b (b is a: one set, one Rows) that an op's kernels read: from the row
-    pass, launched here, when normalising; else a and b as they are."""
+def prepare(a: Tensor, b: Tensor, normalize: bool, inverse: bool,
+            share: bool = True) -> tuple[Rows, Rows]:
+    """The Rows of a and b that an op's kernels read: from the row pass, launched here, when
+    normalising; else a and b as they are. With one set (b is a) one Rows serves both, unless
+    not ``share``: an op that returns both norms (a custom op's outputs may not alias)."""
+    one = b is a and share
     if not normalize:
         ra = Rows.plain(a)
-        return ra, ra if b is a else Rows.plain(b)
-    launch, ra, rb = row_pass(a, None if b is a else b, inverse)
+        return ra, ra if one else Rows.plain(b)
+    launch, ra, rb = row_pass(a, None if one else b, inverse)
     launch()
     return ra, rb
 

@@ -136,7 +136,7 @@ def _similarity_bwd_kernel(
             # (z . dz) / n times z = x / n, and one factor a row: no z tile, no division per
             # element (the 128-wide float32 tile has no registers to spare for either)
             proj = tl.where(nx > eps, tl.sum(x * dz, axis=1) / (nx * nx), 0.0)
-            if SCALED:
+            if SCALED:  # px / n is subnormal only for rows past 2^125, where dx is too
                 f = tl.load(px_ptr + rm, mask=rm < M, other=1.0) / nx
             else:
                 f = 1.0 / nx
@@ -263,7 +263,8 @@ def similarity_fwd_triton(a: Tensor, b: Tensor, normalize: bool,
     m, n = a.shape[0], b.shape[0]
     s = torch.empty((m, n), dtype=a.dtype, device=a.device)
     with device_guard(a):
-        ra, rb = prepare(a, b, normalize, inverse=False)  # norms, rows that could overflow scaled
+        # norms (one buffer per output), rows that could overflow scaled
+        ra, rb = prepare(a, b, normalize, inverse=False, share=False)
         fwd_launch(ra.scaled, rb.scaled, s, ra.norms, rb.norms, temperature)()
     return s, ra.norms, rb.norms
 
