@@ -18,7 +18,7 @@ namespace anchor_kernels::hard_positive_cuda::mma {
 
 using namespace cute;
 using detail::Anchor;
-using supcon_cuda::mma::gemm_smem;
+using supcon_cuda::mma::gemm_rows;
 using supcon_cuda::mma::kD;
 using supcon_cuda::mma::kThreads;
 using supcon_cuda::mma::load_rows;
@@ -70,15 +70,6 @@ __global__ void __launch_bounds__(kThreads) hard_positive_mma_kernel(const Args 
 
   TiledMma<T> tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
-  auto copy_a = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, tiled_mma);
-  auto copy_b = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, tiled_mma);
-  auto thr_a = copy_a.get_thread_slice(tid);
-  auto thr_b = copy_b.get_thread_slice(tid);
-  Tensor tZs = thr_a.partition_S(sZ);
-  Tensor tZr = thr_mma.partition_fragment_A(sZ);
-  Tensor tCr = thr_mma.partition_fragment_B(tile_c(0));
-  Tensor tZr_v = thr_a.retile_D(tZr);
-  Tensor tCr_v = thr_b.retile_D(tCr);
   Tensor acc = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});
   Tensor coord = thr_mma.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kCols>>{}));
 
@@ -97,8 +88,7 @@ __global__ void __launch_bounds__(kThreads) hard_positive_mma_kernel(const Args 
     // The CTA skips the tile unless one of its anchors has a positive there.
     if (!__syncthreads_or(anchor.has_positive(st.label[buf], cols, y0))) continue;
     clear(acc);
-    Tensor tCs = thr_b.partition_S(tile_c(buf));
-    gemm_smem(tiled_mma, copy_a, tZs, tZr, tZr_v, copy_b, tCs, tCr, tCr_v, acc);
+    gemm_rows(tiled_mma, sZ, tile_c(buf), acc);
     CUTE_UNROLL
     for (int e = 0; e < size(acc); ++e) st.s[get<0>(coord(e))][get<1>(coord(e))] = acc(e);
     __syncthreads();  // the products are in

@@ -22,6 +22,7 @@
 namespace anchor_kernels::similarity_cuda::mma {
 
 using namespace cute;
+using supcon_cuda::mma::gemm_rows;
 using supcon_cuda::mma::gemm_smem;
 using supcon_cuda::mma::kD;
 using supcon_cuda::mma::kThreads;
@@ -86,15 +87,6 @@ __global__ void __launch_bounds__(kThreads) similarity_fwd_mma_kernel(const FwdA
 
   TiledMma<T> tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
-  auto copy_a = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, tiled_mma);
-  auto copy_b = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, tiled_mma);
-  auto thr_a = copy_a.get_thread_slice(tid);
-  auto thr_b = copy_b.get_thread_slice(tid);
-  Tensor tAs = thr_a.partition_S(sA);
-  Tensor tAr = thr_mma.partition_fragment_A(sA);
-  Tensor tBr = thr_mma.partition_fragment_B(tile_b(0));
-  Tensor tAr_v = thr_a.retile_D(tAr);
-  Tensor tBr_v = thr_b.retile_D(tBr);
   Tensor acc = partition_fragment_C(tiled_mma, Shape<Int<kFwdRows>, Int<kCols>>{});
   Tensor coord = thr_mma.partition_C(make_identity_tensor(Shape<Int<kFwdRows>, Int<kCols>>{}));
   constexpr int kMi = decltype(size<1>(acc))::value;  // m16 slabs of the thread's rows
@@ -128,8 +120,7 @@ __global__ void __launch_bounds__(kThreads) similarity_fwd_mma_kernel(const FwdA
     }
     cp_async_fence();
     clear(acc);
-    Tensor tBs = thr_b.partition_S(tile_b(buf));
-    gemm_smem(tiled_mma, copy_a, tAs, tAr, tAr_v, copy_b, tBs, tBr, tBr_v, acc);
+    gemm_rows(tiled_mma, sA, tile_b(buf), acc);
 
     const int64_t cols = N - y0 - col0;  // of this thread's columns 8 j + k, those below cols exist
     float rb[kCols / 8][2];

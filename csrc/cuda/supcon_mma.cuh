@@ -160,6 +160,24 @@ __device__ __forceinline__ void gemm_smem(Mma& mma, CopyA& ca, SA const& sa, RA&
   }
 }
 
+// acc += A B^T for the (rows, kD) tiles sa and sb in shared memory, as the forwards and the
+// selection form S for a column tile: this thread's ldmatrix fragments of both, loaded one k-step ahead
+// (gemm_smem). The partitions of sa are the same every tile; inlined, they are formed once.
+template <typename Mma, typename SA, typename SB, typename Acc>
+__device__ __forceinline__ void gemm_rows(Mma& mma, SA const& sa, SB const& sb, Acc& acc) {
+  using T = typename SA::value_type;
+  auto thr_mma = mma.get_thread_slice(threadIdx.x);
+  auto copy_a = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mma);
+  auto copy_b = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mma);
+  auto thr_a = copy_a.get_thread_slice(threadIdx.x);
+  auto thr_b = copy_b.get_thread_slice(threadIdx.x);
+  Tensor ra = thr_mma.partition_fragment_A(sa);
+  Tensor rb = thr_mma.partition_fragment_B(sb);
+  Tensor ra_v = thr_a.retile_D(ra);
+  Tensor rb_v = thr_b.retile_D(rb);
+  gemm_smem(mma, copy_a, thr_a.partition_S(sa), ra, ra_v, copy_b, thr_b.partition_S(sb), rb, rb_v, acc);
+}
+
 // The m16n8k16 accumulator layout ((2, 2), M, N) read as A fragments ((2, 2, 2), M, N / 2).
 template <typename Layout>
 CUTE_HOST_DEVICE auto acc_as_a_operand(Layout l) {
@@ -469,15 +487,6 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
 
   TiledMma<T> tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
-  auto copy_a = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, tiled_mma);
-  auto copy_b = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, tiled_mma);
-  auto thr_a = copy_a.get_thread_slice(tid);
-  auto thr_b = copy_b.get_thread_slice(tid);
-  Tensor tXs = thr_a.partition_S(sX);
-  Tensor tXr = thr_mma.partition_fragment_A(sX);
-  Tensor tYr = thr_mma.partition_fragment_B(tile_y(0));
-  Tensor tXr_v = thr_a.retile_D(tXr);
-  Tensor tYr_v = thr_b.retile_D(tYr);
   Tensor acc = partition_fragment_C(tiled_mma, Shape<Int<kM>, Int<kBlockN>>{});
   Tensor coord = thr_mma.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kBlockN>>{}));
   constexpr int kMi = decltype(size<1>(acc))::value;  // m16 slabs of the thread's rows
@@ -505,10 +514,8 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
       load_rows<kBlockN, T, true>(y, y0 + kBlockN, D, sYn);
     }
     cp_async_fence();
-    auto sY = tile_y(buf);
     clear(acc);
-    Tensor tYs = thr_b.partition_S(sY);
-    gemm_smem(tiled_mma, copy_a, tXs, tXr, tXr_v, copy_b, tYs, tYr, tYr_v, acc);
+    gemm_rows(tiled_mma, sX, tile_y(buf), acc);
     if (t + 1 < n_tiles) stage_columns(t + 1, buf ^ 1);  // read after the next barrier
 
     const bool edge = y0 + kBlockN > N || meets_diagonal<kM, kBlockN>(p.has_self, shift, x0, y0);
@@ -693,6 +700,8 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
   cp_async_fence();
 
   TiledMma<T> tiled_mma;
+  // S's operands as gemm_rows forms them, here beside dX's (Y^T); the helper itself costs
+  // this kernel a register more than its budgets allow (mode 2, one set: 50.1 per logit).
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   auto copy_a = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, tiled_mma);
   auto copy_b = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, tiled_mma);
