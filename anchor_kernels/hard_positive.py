@@ -175,7 +175,8 @@ def hard_positive_mining(
     Returns (with ``k`` taken as ``min(k, N)``: no anchor has more than N positives):
         indices: (M, k) int64 column indices into ``contrast`` (or ``z``), -1 where the anchor
             has fewer than k positives (always at the end of a row).
-        cosines: (M, k) float32 for half-precision inputs, else the input dtype; +inf where
+        cosines: (M, k) float32 for half-precision inputs, else the input dtype (on GPU,
+            float32 products follow ``torch.get_float32_matmul_precision()``); +inf where
             the index is -1, so every row is sorted ascending. Differentiable with respect to
             ``z`` and ``contrast`` (padding entries get no gradient).
 

@@ -124,7 +124,9 @@ def supcon_loss(
     Returns:
         The loss: float32 for half-precision inputs, else the input dtype. A batch where no
         anchor has a positive gives 0 with zero gradients. NaN or inf in the features is not
-        checked (that would synchronise the device) and propagates to the loss.
+        checked (that would synchronise the device) and propagates to the loss. On GPU,
+        float32 products follow ``torch.get_float32_matmul_precision()`` as ``torch.matmul``
+        does: exact at "highest" (torch's default), TF32 allowed at "high" / "medium".
     """
     f, y_f, g, y_g, anchor_offset = prepare(features, labels, contrast, contrast_labels,
                                             anchor_offset)

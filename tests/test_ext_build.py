@@ -157,8 +157,10 @@ HOPPER_INSTRUCTIONS = ("HGMMA", "UTMALDG", "USETMAXREG")
 # (ANCHOR_KERNELS_INNER_TILES_ONLY, csrc/cuda/supcon_mma.cuh), to count what an inner tile runs.
 INNER = "+inner"
 INNER_TILE_BUILDS = {"supcon_mma_fwd.cu": "sm_80", "supcon_sm90_fwd.cu": "sm_90a"}
-# Mangled half-precision element types: CUDA's (__half, __nv_bfloat16) and CUTLASS's.
-HALF_TYPES = ("6__half", "13__nv_bfloat16", "7cutlass6half_t", "7cutlass10bfloat16_t")
+# Mangled element types whose products run on the tensor cores: CUDA's half precision (__half,
+# __nv_bfloat16), CUTLASS's, and CUTLASS's TF32 (fp32 rows where torch allows TF32).
+TENSOR_CORE_TYPES = ("6__half", "13__nv_bfloat16", "7cutlass6half_t", "7cutlass10bfloat16_t",
+                     "7cutlass10tfloat32_t")
 
 
 def _cuobjdump():
@@ -220,8 +222,8 @@ def cuda_objects(tmp_path_factory):
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
 def test_cuda_sources_compile_for_sm80_and_sm90a(source, arch, cuda_objects):
     """nvcc -c for one architecture, with the flags torch's builder adds (no implicit half
-    conversions) and the CUTLASS/CuTe headers; the half-precision matmul kernels must use the
-    tensor cores (HMMA in that architecture's SASS; elementwise kernels, ``MATMUL_FREE``, have
+    conversions) and the CUTLASS/CuTe headers; the half-precision and TF32 matmul kernels must
+    use the tensor cores (HMMA in that architecture's SASS; elementwise kernels, ``MATMUL_FREE``, have
     no product to put there), the Hopper kernels must hold wgmma, TMA loads and setmaxnreg in
     the sm_90a build and nothing of them elsewhere, and no tensor-core kernel (``mma`` or
     ``sm90`` in its name) may spill to local memory (stack or local bytes in
@@ -256,8 +258,8 @@ def test_cuda_sources_compile_for_sm80_and_sm90a(source, arch, cuda_objects):
             assert not any(counts.values()), (k, counts)
     if os.path.basename(source) in MATMUL_FREE or hopper:
         return
-    half = [k for k in kernels if any(t in k for t in HALF_TYPES)]
-    assert half and all(kernels[k]["HMMA"] > 0 for k in half), kernels
+    tensor_core = [k for k in kernels if any(t in k for t in TENSOR_CORE_TYPES)]
+    assert tensor_core and all(kernels[k]["HMMA"] > 0 for k in tensor_core), kernels
 
 
 @pytest.mark.parametrize("source", CUDA_GLUE, ids=os.path.basename)
@@ -378,6 +380,13 @@ HOPPER_FWD_BUDGET = {("ELi0E", False): (9.5, 7.1, 1), ("ELi1E", False): (14.0, 1
 # (20.6, 30.0, 32.3).
 SM80_FWD_BUDGET = {("ELi0E", False): (13.4, 11.4, 1), ("ELi1E", False): (18.1, 15.2, 1), ("ELi2E", False): (29.3, 27.0, 2),
                    ("ELi0E", True): (11.8, 9.7, 1), ("ELi1E", True): (19.6, 13.5, 1), ("ELi2E", True): (21.5, 19.8, 2)}
+# Its TF32 variant (fp32 rows, torch allowing TF32) runs the same per-logit code; its product
+# takes m16n8k8 steps over rows of twice the bytes: 256 HMMA, 96 ldmatrix and 16 cp.async a
+# tile, against 128, 48 and 8, which is 2 to 6 more instructions per logit. nvcc 13.0 gives
+# (15.7, 20.2, 32.6) and (14.2, 21.4, 23.6), inner tiles (17.0, 21.1, 29.4) and (15.4, 20.0, 22.8).
+SM80_TF32_FWD_BUDGET = {("ELi0E", False): (16.1, 17.4, 1), ("ELi1E", False): (20.6, 21.5, 1), ("ELi2E", False): (33.0, 29.8, 2),
+                        ("ELi0E", True): (14.6, 15.8, 1), ("ELi1E", True): (21.8, 20.4, 1), ("ELi2E", True): (24.0, 23.2, 2)}
+TF32 = "tfloat32_t"  # in a kernel's mangled name
 
 
 def _kernels(cuda_objects, stem, arch="sm_90a"):
@@ -390,18 +399,19 @@ def _kernels(cuda_objects, stem, arch="sm_90a"):
     return _kernel_sass(obj, arch.removesuffix(INNER))
 
 
-def _check_forward_budget(cuda_objects, stem, arch, budgets, op):
+def _check_forward_budget(cuda_objects, stem, arch, budgets, op, tf32_budgets=None):
     """Every forward kernel's tile loop (around its ``op`` instructions) under its budgets per
-    logit, the loop of its inner-tile build too, with one MUFU.EX2 per exponential of the
-    maths and no more; the number of kernels checked."""
+    logit (``tf32_budgets`` for the TF32 kernels), the loop of its inner-tile build too, with
+    one MUFU.EX2 per exponential of the maths and no more; the number of kernels checked."""
     logits = 64  # per thread and tile
     builds = (_kernels(cuda_objects, stem, arch), _kernels(cuda_objects, stem, arch + INNER))
     assert sorted(builds[0]) == sorted(builds[1])
     forwards = [name for name in builds[0] if "merge_kernel" not in name]  # (the splits' merge)
     for name in forwards:
         params = name.split("_t")[1][:12]  # e.g. ELi2ELb1E: mode 2, fixed shifts
-        mode = next(m for m, _ in budgets if params.startswith(m))
-        *limits, exps_per_logit = budgets[mode, "Lb1E" in params]
+        table = tf32_budgets if TF32 in name else budgets
+        mode = next(m for m, _ in table if params.startswith(m))
+        *limits, exps_per_logit = table[mode, "Lb1E" in params]
         for kernels, copies, limit in zip(builds, (2, 1), limits):
             loop = _tensor_core_loop(kernels[name], op)
             exps = sum("MUFU.EX2" in text for text in loop)
@@ -418,8 +428,10 @@ def test_hopper_forward_instructions_per_logit(cuda_objects):
 
 
 def test_sm80_forward_instructions_per_logit(cuda_objects):
-    """Counted, not timed: the same for the sm_80 forward."""
-    assert _check_forward_budget(cuda_objects, "supcon_mma_fwd.cu", "sm_80", SM80_FWD_BUDGET, "HMMA") == 12
+    """Counted, not timed: the same for the sm_80 forward, TF32 included."""
+    # bf16, fp16 and TF32, three modes, running maxima or fixed shifts
+    assert _check_forward_budget(cuda_objects, "supcon_mma_fwd.cu", "sm_80", SM80_FWD_BUDGET, "HMMA",
+                                 SM80_TF32_FWD_BUDGET) == 18
 
 
 # The Hopper backward's, by (BwdMode, sides): loop instructions per logit a consumer thread
@@ -474,9 +486,10 @@ def test_sm80_backward_instructions_per_logit(cuda_objects):
 # thread holds: the forward's 128 x 64 S tile (64 per thread; its loop holds the next tile's
 # cp.async, ldmatrix, 128 HMMA, the scale and both store copies, pairs and single columns),
 # the backward's 64 x 64 G tile (32 per thread: G's and y's cp.async, y's scaling by 1 / n_y,
-# ldmatrix, 64 HMMA). nvcc 13.0 gives 15.9 and 22.4 to 23.9 (G^T, fp16 the most; 20.7 to 22.9
-# before the backward's split columns).
-SIMILARITY_BUDGET = {"fwd": (16.5, 64, 128, 8), "bwd": (24.5, 32, 64, 12)}
+# ldmatrix, 64 HMMA). nvcc 13.0 gives 16.2 and 22.4 to 23.9 (G^T, fp16 the most; 20.7 to 22.9
+# before the backward's split columns). The TF32 forward's product is 256 HMMA over 16
+# cp.async a tile (rows of twice the bytes, m16n8k8): 22.0.
+SIMILARITY_BUDGET = {"fwd": (16.5, 64, 128, 8), "bwd": (24.5, 32, 64, 12), "fwd-tf32": (22.5, 64, 256, 16)}
 
 
 def test_similarity_instructions_per_element(cuda_objects):
@@ -485,13 +498,14 @@ def test_similarity_instructions_per_element(cuda_objects):
     next cp.async loads, and pass one barrier per tile."""
     checked = 0
     for name, instructions in _kernels(cuda_objects, "similarity_mma.cu", "sm_80").items():
-        limit, elements, hmma, loads = SIMILARITY_BUDGET["fwd" if "fwd_mma" in name else "bwd"]
+        kind = ("fwd-tf32" if TF32 in name else "fwd") if "fwd_mma" in name else "bwd"
+        limit, elements, hmma, loads = SIMILARITY_BUDGET[kind]
         loop = _tensor_core_loop(instructions, "HMMA", outlined=True)
         count = lambda op: sum(f" {op}" in f" {text}" for text in loop)
         assert len(loop) / elements <= limit, (name, len(loop) / elements)
         assert (count("HMMA"), count("LDGSTS"), count("BAR.SYNC")) == (hmma, loads, 1), name
         checked += 1
-    assert checked == 6  # bf16 and fp16; the backward with G as it lies and transposed
+    assert checked == 7  # bf16 and fp16 (the forward in TF32 too); the backward with G as it lies and transposed
 
 
 def test_hopper_consumers_take_turns(cuda_objects):

@@ -563,6 +563,28 @@ def test_gpu_tensor_core_kernel(dtype, m, n, d, classes, offset, k, choice, monk
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["highest", "high"])
+@pytest.mark.parametrize("m,n,d,offset", [(200, 200, 128, "self"), (77, 300, 20, 50), (70, 70, 130, "self"),
+                                          (64, 64, 30, None)])
+def test_gpu_tf32_kernel_when_torch_allows_it(precision, m, n, d, offset, matmul_precision):
+    """float32 rows take the CuTe kernel in TF32 (its name in the profile) exactly where torch
+    allows TF32 matmuls and the rows fit it (D <= 128, D % 4 == 0). Small integers are exact in
+    TF32, so the selection equals the reference's, ties included."""
+    matmul_precision(precision)
+    torch.manual_seed(0)
+    z, y = torch.randint(-2, 3, (m, d)).float(), labels(m, 10)
+    c = yc = None
+    if offset != "self":
+        c, yc = torch.randint(-2, 3, (n, d)).float(), labels(n, 10)
+        if offset is not None:
+            c[offset:offset + m], yc[offset:offset + m] = z, y
+    names = cuda_kernels_run(lambda: check(z, y, 3, c, yc, 0 if offset == "self" else offset,
+                                           backend="cuda", normalize=False))
+    tf32 = precision == "high" and d <= 128 and d % 4 == 0
+    assert any("hard_positive_mma_kernel" in k and "tfloat32" in k for k in names) == tf32, names
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_graph_safe(backend):
     """The selection with no host synchronisation, and the same from a CUDA graph."""

@@ -30,16 +30,17 @@ def extension():
 def compare(backend, f, y, g=None, y_g=None, *, dtype=torch.float64, **kw):
     """Per-anchor losses and every input gradient against the float64 reference.
 
-    float64: 1e-9 (the kernels then compute in float64). float32: 1e-4. bf16/fp16: the
-    kernel's error against float64 is at most twice eager PyTorch's own error at that
-    precision, plus 1e-3 (1 + max |reference|).
+    float64: 1e-9 (the kernels then compute in float64). float32: 1e-4. bf16/fp16, and
+    float32 on a GPU where torch allows TF32 matmuls: the kernel's error against float64 is at
+    most twice eager PyTorch's own error at that precision, plus 1e-3 (1 + max |reference|).
     """
     weights = torch.rand(f.shape[0], dtype=torch.float64, device=f.device) + 0.5
     ref = loss_and_grads("eager", f.double(), y, None if g is None else g.double(), y_g,
                          weights=weights, **kw)
     out = loss_and_grads(backend, f, y, g, y_g, dtype=dtype, weights=weights, **kw)
     names = ("loss", "grad features", "grad contrast")
-    if dtype in (torch.float64, torch.float32):
+    tf32 = dtype == torch.float32 and f.is_cuda and torch.get_float32_matmul_precision() != "highest"
+    if dtype == torch.float64 or (dtype == torch.float32 and not tf32):
         tol = 1e-9 if dtype == torch.float64 else 1e-4
         for name, a, e in zip(names, out, ref):
             if e is not None:
@@ -601,6 +602,24 @@ def test_gpu_hopper_kernels_when_chosen(options, dtype, monkeypatch):
         compare("cuda", g[200:530].clone(), y_g[200:530].clone(), g, y_g, dtype=dtype,
                 anchor_offset=200, **options)
         compare("cuda", f[:130], y[:130], g, y_g, dtype=dtype, anchor_offset=None, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["highest", "high"])
+@pytest.mark.parametrize("n,d", [(97, 20), (300, 64), (1025, 128), (5000, 128), (97, 130), (64, 30)])
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[2], OPTIONS[3]], ids=["supcon", "soft-exact", "unnormalized"])
+def test_gpu_tf32_forward_when_torch_allows_it(precision, n, d, options, matmul_precision):
+    """float32 features take the TF32 tensor-core forward (its name in the profile) exactly
+    where torch allows TF32 matmuls and the rows fit it (D <= 128, D % 4 == 0), and the
+    backward stays on the float32 kernels; the results follow the float32 tolerance without
+    TF32 and the 2x-eager rule with it (eager PyTorch under the same precision)."""
+    matmul_precision(precision)
+    f = torch.randn(n, d, device="cuda")
+    names = cuda_kernels_run(lambda: compare("cuda", f, labels_for("random", n).cuda(),
+                                             dtype=torch.float32, **options))
+    tf32 = precision == "high" and d <= 128 and d % 4 == 0
+    assert any("supcon_fwd_mma_kernel" in k and "tfloat32" in k for k in names) == tf32, names
+    assert not any("supcon_bwd_mma_kernel" in k for k in names), names
 
 
 @pytest.mark.gpu

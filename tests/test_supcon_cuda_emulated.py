@@ -245,6 +245,62 @@ def test_row_norms_prescaled_copy(emulator, dtype):
                                rtol=1e-6, atol=0)
 
 
+def _round_tf32(x):
+    """float32 x rounded to TF32 in float64 arithmetic: to 11 significant bits (10 stored), to
+    nearest with ties away from zero, with float32's smallest normal exponent below which the
+    step stays 2^-136 (TF32 keeps float32's exponent range and subnormals); inf and NaN stay."""
+    x64 = x.double()
+    _, e = torch.frexp(x64)  # |x| = m 2^e, m in [0.5, 1)
+    step = torch.pow(2.0, (e.clamp_min(-125) - 11).double())
+    rounded = torch.sign(x64) * torch.floor(x64.abs() / step + 0.5) * step
+    return torch.where(torch.isfinite(x64), rounded, x64).float()
+
+
+def _tf32_edges(n=40, d=24):
+    """Rows of float32 values at TF32's rounding edges, bit patterns built directly: just below,
+    at and above the halfway point of the 13 dropped bits (ties round away from zero), all
+    dropped bits set under a carry into the exponent, both signs, subnormals, the largest
+    finite values a product can take, zeros, inf and NaN."""
+    low = torch.tensor([0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x0000, 0x0001], dtype=torch.int32)
+    high = torch.randint(0, 1 << 19, (n, d), dtype=torch.int32) << 13  # sign, exponent, kept bits
+    high = (high & ~(0xFF << 23)) | (torch.randint(100, 150, (n, d), dtype=torch.int32) << 23)
+    bits = high | low[torch.randint(0, len(low), (n, d))]
+    bits[0] = (0x3F7FF000 | 0x1FFF) - torch.arange(d, dtype=torch.int32) % 2  # 1 - 2^-24: carries to 1
+    bits[1] = torch.randint(1, 1 << 23, (d,), dtype=torch.int32)  # subnormals
+    bits[2] = bits[1] | torch.tensor(-(1 << 31), dtype=torch.int32)  # negative subnormals
+    bits[3] = 0x7F7FE000 | torch.randint(0, 0x1000, (d,), dtype=torch.int32)  # huge, no overflow
+    x = bits.view(torch.float32).clone()
+    x[4] = 0.0
+    x[5, 1] = float("inf")
+    x[6, 2] = float("nan")
+    x[7] = -x[7].abs()
+    return x
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_row_norms_tf32_copy(emulator, normalize):
+    """fp32 rows for the TF32 kernels (kTFloat32): the copy the kernels read is the rows
+    (prescaled with normalisation, as for fp32) rounded to TF32 as cvt.rna.tf32.f32 rounds,
+    against an independent float64 rounding, on every rounding edge; its norms are the rounded
+    rows'; without normalisation nothing is prescaled."""
+    f = _tf32_edges()
+    g = torch.randn(23, 24)
+    scaled, norms, inv, pre = both_orders(lambda order: emulator.row_norms(f, g, normalize, order, tf32=True))
+    rows = torch.cat([f, g])
+    unrounded = reference.prescale_rows(rows) if normalize else rows
+    want = _round_tf32(unrounded)
+    torch.testing.assert_close(scaled, want, rtol=0, atol=0, equal_nan=True)
+    assert (scaled.view(torch.int32)[torch.isfinite(scaled)] & 0x1FFF == 0).all()
+    assert not torch.equal(want, unrounded)  # the rows do need rounding
+    if not normalize:
+        assert torch.equal(pre, torch.ones(rows.shape[0]))
+    expected = torch.linalg.vector_norm(want, dim=1, dtype=torch.float32)
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(norms[finite], expected[finite], rtol=1e-6, atol=0)
+    want_inv = expected[finite].clamp_min(emu.NORM_EPS).reciprocal() if normalize else 1.0
+    torch.testing.assert_close(inv[finite], torch.ones_like(inv[finite]) * want_inv, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("single", [True, False])
 def test_huge_rows_inside_the_op(emulator, dtype, single):

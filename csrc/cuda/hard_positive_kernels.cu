@@ -10,6 +10,7 @@ cudaError_t launch_hard_positive(Dtype dtype, const Args& args, cudaStream_t str
   const unsigned grid = unsigned((args.z.rows + detail::kBlock - 1) / detail::kBlock);
   switch (dtype) {
     case Dtype::kFloat32:
+    case Dtype::kTFloat32:  // the TF32 product is the CuTe kernel's alone
       detail::hard_positive_kernel<float, false><<<grid, detail::kThreads, 0, stream>>>(args);
       break;
     case Dtype::kFloat16:

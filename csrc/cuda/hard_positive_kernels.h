@@ -31,9 +31,10 @@ struct Args {
   int64_t k;
 };
 
-// bf16 / fp16 rows that the CuTe kernel takes (mma_supported: those of the SupCon tensor-core
-// kernels) run there; other bf16 / fp16 products run on the tensor cores through WMMA where the
-// binary is built for sm_80 or newer, and as fp32 FMA elsewhere, as do fp32 inputs.
+// bf16 / fp16 and TF32 rows that the CuTe kernel takes (mma_supported: those of the SupCon
+// tensor-core forward) run there; other bf16 / fp16 products run on the tensor cores through
+// WMMA where the binary is built for sm_80 or newer, and as fp32 FMA elsewhere, as do the other
+// fp32 inputs.
 cudaError_t launch_hard_positive(Dtype dtype, const Args& args, cudaStream_t stream);
 
 // The CuTe tensor-core kernel (hard_positive_mma.cu).

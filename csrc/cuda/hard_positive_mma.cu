@@ -10,7 +10,7 @@ namespace {
 template <typename T>
 cudaError_t launch(const Args& a, cudaStream_t stream) {
   return supcon_cuda::mma::launch(mma::hard_positive_mma_kernel<T>, a.z.rows, mma::kRows, 1,
-                                  int(sizeof(mma::Storage)), stream, a);
+                                  int(sizeof(mma::Storage<T>)), stream, a);
 }
 
 }  // namespace
@@ -20,7 +20,14 @@ bool mma_supported(Dtype dtype, const Args& args) {
 }
 
 cudaError_t launch_hard_positive_mma(Dtype dtype, const Args& args, cudaStream_t stream) {
-  return dtype == Dtype::kFloat16 ? launch<cute::half_t>(args, stream) : launch<cute::bfloat16_t>(args, stream);
+  switch (dtype) {
+    case Dtype::kFloat16:
+      return launch<cute::half_t>(args, stream);
+    case Dtype::kTFloat32:
+      return launch<cute::tfloat32_t>(args, stream);
+    default:
+      return launch<cute::bfloat16_t>(args, stream);
+  }
 }
 
 }  // namespace anchor_kernels::hard_positive_cuda

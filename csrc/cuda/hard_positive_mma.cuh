@@ -1,6 +1,7 @@
-// Tensor-core hard-positive selection for bf16 / fp16 rows on sm_80 and newer, on the tile
-// machinery of the SupCon kernels (supcon_mma.cuh), for the inputs it takes
-// (supcon_cuda::mma_supported: D <= 128 with D % 8 == 0, 16-byte rows). The rule and the
+// Tensor-core hard-positive selection for bf16 / fp16 rows on sm_80 and newer, and TF32 rows
+// (fp32 with TF32 allowed), on the tile machinery of the SupCon kernels (supcon_mma.cuh), for
+// the inputs it takes (supcon_cuda::mma_supported: D <= 128 with D % 8 == 0, or 4 for TF32,
+// 16-byte rows). The rule and the
 // per-anchor selection are those of hard_positive_kernels.cuh (Anchor, TopK); only the
 // product differs.
 //
@@ -24,24 +25,28 @@ using supcon_cuda::mma::kThreads;
 using supcon_cuda::mma::load_rows;
 using supcon_cuda::mma::SmemTile;
 using supcon_cuda::mma::TiledMma;
+using supcon_cuda::mma::Word;
 
 constexpr int kRows = 64;  // anchors per CTA: the 4 warps' 16-row slabs
 constexpr int kCols = 64;  // contrast rows per tile
 
+template <typename T>
 struct Storage {
-  alignas(128) uint16_t z[kRows * kD];
-  alignas(128) uint16_t c[2][kCols * kD];
+  alignas(128) Word<T> z[kRows * kD];
+  alignas(128) Word<T> c[2][kCols * kD];
   float s[kRows][kCols + 1];  // the tile's products; + 1: rows read down a column stay conflict-free
   int64_t label[2][kCols];
   float rn[2][kCols];
 };
 
+static_assert(sizeof(Storage<tfloat32_t>) <= supcon_cuda::mma::kTf32SharedBytes, "TF32 shared memory");
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) hard_positive_mma_kernel(const Args p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  auto& st = *reinterpret_cast<Storage*>(smem_raw);
-  Tensor sZ = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.z)), SmemTile<kRows>{});
+  auto& st = *reinterpret_cast<Storage<T>*>(smem_raw);
+  Tensor sZ = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.z)), SmemTile<kRows, T>{});
   const int64_t N = p.c.rows;
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kRows;
@@ -50,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) hard_positive_mma_kernel(const Args 
   const int n_tiles = int((N + kCols - 1) / kCols);
 
   auto tile_c = [&](int buf) {
-    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.c[buf])), SmemTile<kCols>{});
+    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.c[buf])), SmemTile<kCols, T>{});
   };
   auto stage_columns = [&](int t, int buf) {  // labels and inverse norms of tile t
     if (tid < kCols) {

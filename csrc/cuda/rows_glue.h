@@ -30,7 +30,10 @@ inline void check_kernel_choice(const char* op) {
               choice, "'");
 }
 
-// op and arg name the input in the error, e.g. ("supcon", "features").
+// op and arg name the input in the error, e.g. ("supcon", "features"). float32 inputs are
+// kTFloat32 where torch allows TF32 matmuls (torch.set_float32_matmul_precision("high") or
+// "medium", torch.backends.cuda.matmul.allow_tf32), as torch.matmul decides it: their
+// products may then run as TF32 on the tensor cores, as cuBLAS's would.
 inline k::Dtype kernel_dtype(const at::Tensor& x, const char* op, const char* arg) {
   switch (x.scalar_type()) {
     case at::kHalf:
@@ -38,7 +41,7 @@ inline k::Dtype kernel_dtype(const at::Tensor& x, const char* op, const char* ar
     case at::kBFloat16:
       return k::Dtype::kBFloat16;
     case at::kFloat:
-      return k::Dtype::kFloat32;
+      return at::globalContext().allowTF32CuBLAS() ? k::Dtype::kTFloat32 : k::Dtype::kFloat32;
     default:
       TORCH_CHECK(false, op, " (CUDA): ", arg, " must be float32, bfloat16 or float16, got ",
                   x.scalar_type(), " (float64 runs on the cpu backend)");
@@ -49,6 +52,7 @@ inline k::Matrix matrix(const at::Tensor& x) { return {x.data_ptr(), x.size(0), 
 
 // What the kernels read of f (M, D) and g (N, D), from one launch: the rows themselves, or for
 // bf16 and fp32 inputs with normalisation their overflow-safe copy (RowNormArgs::scaled), and
+// for TF32 rows (kTFloat32) always a copy rounded to TF32 (prescaled with normalisation), and
 // per row (f's, then g's with two sets) the norm, its inverse 1 / max(||.||, eps) (or 1
 // without normalisation) and, with the copy, the prescale factor.
 struct Rows {
@@ -74,7 +78,8 @@ inline Rows row_norms(k::Dtype dtype, const at::Tensor& f, const at::Tensor& g, 
   const int64_t M = f.size(0), N = g.size(0), D = f.size(1);
   const int64_t rows = M + (single ? 0 : N);
   // fp32 sums of fp16 squares cannot overflow: fp16 rows are read as they are.
-  const bool copy = normalize && dtype != k::Dtype::kFloat16;
+  const bool tf32 = dtype == k::Dtype::kTFloat32;
+  const bool copy = (normalize && dtype != k::Dtype::kFloat16) || tf32;
   Rows out{f, g, at::empty({3, rows}, f.options().dtype(at::kFloat)), copy, M, single};
   k::RowNormArgs a{};
   a.x = matrix(f);
@@ -90,7 +95,10 @@ inline Rows row_norms(k::Dtype dtype, const at::Tensor& f, const at::Tensor& g, 
     out.g = single ? out.f : scaled.narrow(0, M, N);
     a.scaled = scaled.data_ptr();
     a.prescale = a.inv + rows;
-    a.big = float(std::sqrt(double(std::numeric_limits<float>::max()) / (4.0 * double(D))));
+    // Without normalisation (a TF32 copy) no row is scaled: the products are the rows'.
+    a.big = normalize ? float(std::sqrt(double(std::numeric_limits<float>::max()) / (4.0 * double(D))))
+                      : std::numeric_limits<float>::infinity();
+    a.tf32 = tf32;
   }
   C10_CUDA_CHECK(k::launch_row_norms(dtype, a, stream));
   return out;

@@ -33,7 +33,7 @@ cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
   const int64_t row_blocks = (a.a.rows + mma::kFwdRows - 1) / mma::kFwdRows;
   const int groups = int(column_groups(row_blocks, (a.b.rows + mma::kCols - 1) / mma::kCols));
   return launch(mma::similarity_fwd_mma_kernel<T>, a.a.rows, mma::kFwdRows, groups,
-                int(sizeof(mma::FwdStorage)), stream, a);
+                int(sizeof(mma::FwdStorage<T>)), stream, a);
 }
 
 template <typename T>
@@ -50,7 +50,7 @@ bool mma_fwd_supported(Dtype dtype, const FwdArgs& a) {
 }
 
 bool mma_bwd_supported(Dtype dtype, const BwdArgs& a) {
-  return supcon_cuda::mma_supported(dtype, a.y, a.y, a.D) && (g_fits(a, false) || g_fits(a, true));
+  return supcon_cuda::mma_bwd_supported(dtype, a.y, a.y, a.D) && (g_fits(a, false) || g_fits(a, true));
 }
 
 int bwd_splits(Dtype dtype, const BwdArgs& a) {
@@ -60,7 +60,14 @@ int bwd_splits(Dtype dtype, const BwdArgs& a) {
 }
 
 cudaError_t launch_similarity_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {
-  return dtype == Dtype::kFloat16 ? fwd<cute::half_t>(args, stream) : fwd<cute::bfloat16_t>(args, stream);
+  switch (dtype) {
+    case Dtype::kFloat16:
+      return fwd<cute::half_t>(args, stream);
+    case Dtype::kTFloat32:
+      return fwd<cute::tfloat32_t>(args, stream);
+    default:
+      return fwd<cute::bfloat16_t>(args, stream);
+  }
 }
 
 cudaError_t launch_similarity_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t stream) {

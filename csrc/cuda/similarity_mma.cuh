@@ -1,7 +1,8 @@
 // Tensor-core similarity kernels for bf16 / fp16 rows on sm_80 and newer, on the tile
 // machinery of the SupCon kernels (supcon_mma.cuh: swizzled shared-memory tiles filled by
 // cp.async, ldmatrix fragments, mma.sync m16n8k16 with fp32 accumulation), for the inputs that
-// machinery takes (supcon_cuda::mma_supported: D <= 128 with D % 8 == 0, 16-byte rows).
+// machinery takes (supcon_cuda::mma_supported: D <= 128 with D % 8 == 0, 16-byte rows); the
+// forward also for TF32 rows (fp32 with TF32 allowed; D % 4 == 0), as the loss's forward.
 //
 // Forward: a CTA keeps 128 rows of a in shared memory and streams its share of b's 64-row
 // tiles through the two-stage pipeline; each tile's S = acc rna[i] inv_t rnb[j] goes from the
@@ -31,17 +32,21 @@ using supcon_cuda::mma::RowCopy;
 using supcon_cuda::mma::SmemAtom;
 using supcon_cuda::mma::SmemTile;
 using supcon_cuda::mma::SmemTileT;
+using supcon_cuda::mma::Stored;
 using supcon_cuda::mma::TiledMma;
+using supcon_cuda::mma::Word;
 
 constexpr int kFwdRows = 128;  // rows of a per forward CTA
 constexpr int kCols = 64;      // rows of b (forward) or of y and columns of G (backward) per tile
 constexpr int kBwdRows = 64;   // rows of dz per backward CTA
 constexpr int kMaxSpan = 8;    // most b tiles a forward CTA streams
 
+template <typename T>
 struct FwdStorage {
-  alignas(128) uint16_t a[kFwdRows * kD];
-  alignas(128) uint16_t b[2][kCols * kD];
+  alignas(128) Word<T> a[kFwdRows * kD];
+  alignas(128) Word<T> b[2][kCols * kD];
 };
+static_assert(sizeof(FwdStorage<tfloat32_t>) <= supcon_cuda::mma::kTf32SharedBytes, "TF32 shared memory");
 struct BwdStorage {
   alignas(128) uint16_t g[2][kBwdRows * kCols];
   alignas(128) uint16_t y[2][kCols * kD];
@@ -49,7 +54,7 @@ struct BwdStorage {
 
 // A 64 x 64 tile of G as it lies in memory (rows r, or q with kGT), and the (r, q) view of it
 // that the A operand reads.
-using GTile = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBwdRows>, Int<kCols>>{}));
+using GTile = decltype(tile_to_shape(SmemAtom<>{}, Shape<Int<kBwdRows>, Int<kCols>>{}));
 template <bool kGT>
 using GTileA = std::conditional_t<kGT, decltype(composition(GTile{}, make_layout(Shape<Int<kBwdRows>, Int<kCols>>{},
                                                                                    GenRowMajor{}))),
@@ -64,8 +69,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) similarity_fwd_mma_kernel(const FwdArgs p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  auto& st = *reinterpret_cast<FwdStorage*>(smem_raw);
-  Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.a)), SmemTile<kFwdRows>{});
+  auto& st = *reinterpret_cast<FwdStorage<T>*>(smem_raw);
+  Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.a)), SmemTile<kFwdRows, T>{});
   const int64_t M = p.a.rows, N = p.b.rows;
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kFwdRows;
@@ -75,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) similarity_fwd_mma_kernel(const FwdA
   const int n_tiles = int(all_tiles - first < span ? all_tiles - first : span);
   const int tid = threadIdx.x;
   auto tile_b = [&](int buf) {
-    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.b[buf])), SmemTile<kCols>{});
+    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.b[buf])), SmemTile<kCols, T>{});
   };
 
   load_rows<kFwdRows, T, true>(p.a, x0, D, sA);
@@ -95,10 +100,11 @@ __global__ void __launch_bounds__(kThreads) similarity_fwd_mma_kernel(const FwdA
   // the tile (tests/cuda_emulation/supcon_mma_layouts.cu). Each row of the thread's keeps its
   // scale rna inv_t and its pointer at column col0, so that inner tiles store at immediate
   // offsets, two columns at a time where S's rows allow it.
-  T* const s = static_cast<T*>(p.s);
-  const bool pairs = p.ld_s % 2 == 0 && reinterpret_cast<uintptr_t>(s) % (2 * sizeof(T)) == 0;
+  using S = Stored<T>;
+  S* const s = static_cast<S*>(p.s);
+  const bool pairs = p.ld_s % 2 == 0 && reinterpret_cast<uintptr_t>(s) % (2 * sizeof(S)) == 0;
   const int col0 = get<1>(coord(0));
-  T* out[kMi][2];
+  S* out[kMi][2];
   float scale[kMi][2];
   CUTE_UNROLL
   for (int mi = 0; mi < kMi; ++mi)
@@ -134,14 +140,14 @@ __global__ void __launch_bounds__(kThreads) similarity_fwd_mma_kernel(const FwdA
         CUTE_UNROLL
         for (int i = 0; i < 2; ++i) {
           if (out[mi][i] == nullptr) continue;
-          T* o = out[mi][i] + y0;
+          S* o = out[mi][i] + y0;
           auto slab = acc(_, mi, _);
           CUTE_UNROLL
           for (int j = 0; j < kCols / 8; ++j) {
-            const T v0 = T(slab(2 * i + 4 * j) * scale[mi][i] * rb[j][0]);
-            const T v1 = T(slab(1 + 2 * i + 4 * j) * scale[mi][i] * rb[j][1]);
+            const S v0 = S(slab(2 * i + 4 * j) * scale[mi][i] * rb[j][0]);
+            const S v1 = S(slab(1 + 2 * i + 4 * j) * scale[mi][i] * rb[j][1]);
             if constexpr (decltype(inner_tile)::value) {
-              *reinterpret_cast<Pair<T>*>(o + 8 * j) = Pair<T>{{v0, v1}};
+              *reinterpret_cast<Pair<S>*>(o + 8 * j) = Pair<S>{{v0, v1}};
             } else {
               if (8 * j < cols) o[8 * j] = v0;
               if (8 * j + 1 < cols) o[8 * j + 1] = v1;

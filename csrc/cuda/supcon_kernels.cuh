@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "supcon_kernels.h"
 
@@ -54,6 +55,18 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// x rounded to TF32 (10 stored mantissa bits), to nearest with ties away from zero as
+// cvt.rna.tf32.f32 rounds: half a unit of the 13 dropped bits added to the magnitude's bits,
+// then those bits cleared (a carry into the exponent is the right result). inf and NaN stay.
+__device__ __forceinline__ float round_tf32(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  if ((u & 0x7f800000u) == 0x7f800000u) return x;  // inf, NaN
+  u = (u + 0x1000u) & 0xffffe000u;
+  memcpy(&x, &u, sizeof u);
+  return x;
 }
 
 template <typename T>

@@ -11,7 +11,11 @@
 
 namespace anchor_kernels::supcon_cuda {
 
-enum class Dtype { kFloat32, kFloat16, kBFloat16 };
+// kTFloat32: float32 rows whose products may run as TF32, as torch.matmul's do when torch
+// allows TF32 (cuda_glue::kernel_dtype decides). The row pass rounds their copy to TF32
+// (RowNormArgs::tf32) and the tensor-core S = A B^T kernels take them (mma_supported); every
+// other kernel treats them as kFloat32.
+enum class Dtype { kFloat32, kFloat16, kBFloat16, kTFloat32 };
 
 // Row statistics modes; the numbering is shared with the CPU kernels.
 enum FwdMode { kFwdLse = 0, kFwdUniform = 1, kFwdSoft = 2 };
@@ -120,6 +124,10 @@ struct RowNormArgs {
   void* scaled;   // (M + N, D) contiguous, the inputs' dtype: x's rows then y's; or null
   float* prescale;  // (M + N,) with `scaled`: each row's factor
   float big;
+  // kTFloat32 rows: the copy's elements (after the prescale) are rounded to TF32, to nearest
+  // with ties away from zero as cvt.rna.tf32.f32 does (round_tf32), so that the TF32 products
+  // of the tensor cores are those of the rounded rows, and the norms are the rounded rows'.
+  bool tf32;
 };
 
 // The chain rule through the normalisation, for the kernels that write dz (fp32), the gradient
@@ -163,17 +171,24 @@ cudaError_t launch_norm_backward(Dtype dtype, const NormBwdArgs& args, cudaStrea
 cudaError_t launch_loss_reduce(const LossReduceArgs& args, cudaStream_t stream);
 cudaError_t launch_anchor_stage(const AnchorStageArgs& args, cudaStream_t stream);
 
-// bf16 / fp16 inputs that the CuTe kernels take (mma_supported) run there; other bf16 / fp16
-// inputs on the WMMA kernels of supcon_kernels.cuh where the binary is built for sm_80 or newer;
-// fp32 inputs, and everything on older targets, as fp32 FMA. Returns the launch error, if any.
+// bf16 / fp16 inputs that the CuTe kernels take (mma_supported; the backward:
+// mma_bwd_supported) run there; other bf16 / fp16 inputs on the WMMA kernels of
+// supcon_kernels.cuh where the binary is built for sm_80 or newer; fp32 inputs (but the TF32
+// forward's), and everything on older targets, as fp32 FMA. Returns the launch error, if any.
 cudaError_t launch_supcon_fwd(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
 cudaError_t launch_supcon_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
 
 // The CuTe tensor-core kernels (supcon_mma.cu): bf16 / fp16, D <= 128 with D % 8 == 0, rows
 // contiguous with a row stride % 8 == 0 and 16-byte aligned, and sm_80+ code for the device;
 // not with ANCHOR_KERNELS_CUDA_KERNELS=general (the general kernels then run, for comparison;
-// the similarity and the selection take their CuTe kernels by the same rule).
+// the similarity and the selection take their CuTe kernels by the same rule). kTFloat32 rows
+// too, with D and the row strides multiples of 4, on a device that grants a CTA the TF32
+// forward's shared memory (128 KiB and more: sm_80 and sm_90 do, sm_86 and sm_89 do not).
 bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
+// The backwards' rule: mma_supported's, for bf16 / fp16 only (their kernels feed the
+// accumulators back as an operand and read Y^T by ldmatrix.trans, neither of which exists for
+// 32-bit elements).
+bool mma_bwd_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
 cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
 // FwdArgs::splits for a forward: 1 unless it runs on the sm_80 tensor-core kernel with fewer
 // row blocks than two per SM of the device, which then split its columns (4 tiles at least).
@@ -184,7 +199,7 @@ cudaError_t launch_supcon_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t
 
 // The Hopper kernels (supcon_sm90_fwd.cu, supcon_sm90_bwd.cu: TMA, wgmma, warp
 // specialisation; the backward fuses the normalisation's chain rule as the sm_80 one) take the
-// inputs of mma_supported with at least one row and row strides of at least D, both below
+// bf16 / fp16 inputs of mma_supported with at least one row and row strides of at least D, both below
 // 2^31, on a compute capability 9.0 device, in a binary built with sm_90a code
 // (ANCHOR_KERNELS_SM90A); until their first validation on a device, only when
 // ANCHOR_KERNELS_CUDA_KERNELS=sm90 (cuda_kernels_choice(): "auto" when unset; "auto" and

@@ -3,16 +3,21 @@
 // two-stage cp.async pipeline, the products run as mma.sync m16n8k16 with fp32 accumulation
 // from ldmatrix fragments, and every per-logit operation (scale, mask, online log-sum-exp,
 // positives, G) runs on the accumulators in registers: no S tile goes through shared memory.
+// The forward (and the similarity forward and the selection, which share its S = A B^T) also
+// takes fp32 rows as TF32 (tfloat32_t: mma.sync m16n8k8, the same tiles at 4 bytes an element)
+// where torch allows TF32 matmuls; the row pass has rounded those rows to TF32 already
+// (RowNormArgs::tf32), so the products are exact products of the rounded rows.
 //
 // The maths is that of supcon_kernels.cuh (and csrc/supcon.cpp); only the tiling differs:
 //   forward:  128 anchors per CTA (4 warps x 32 rows), 64-column tiles;
 //   backward: 64 rows per CTA, 64-column tiles (32 with soft mining); S = X Y^T is recomputed, H = G(S) is formed
 //             in registers and fed straight back as the A operand of dX += H Y (the
 //             accumulator layout of m16n8k16 is its A-operand layout), so each tile costs
-//             two tensor-core products and no shared-memory round trip.
-// Features are read as 16-byte rows of up to kD = 128 columns (D % 8 == 0, row stride % 8 == 0,
-// 16-byte aligned); zero-filled past D and past the last row. Other inputs take the kernels
-// of supcon_kernels.cuh.
+//             two tensor-core products and no shared-memory round trip (16-bit rows only:
+//             neither that reuse nor ldmatrix.trans exists for 32-bit elements).
+// Features are read as 16-byte rows of up to kD = 128 columns (D a multiple of 8 elements, 4
+// for TF32, and so the row stride; 16-byte aligned); zero-filled past D and past the last
+// row. Other inputs take the kernels of supcon_kernels.cuh.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -67,17 +72,28 @@ template <>
 struct MmaOp<bfloat16_t> {
   using type = SM80_16x8x16_F32BF16BF16F32_TN;
 };
+template <>
+struct MmaOp<tfloat32_t> {
+  using type = SM80_16x8x8_F32TF32TF32F32_TN;
+};
 
-// 4 warps along M; the 64 x 16 x 16 tile permutation lets ldmatrix.x4 feed whole fragments.
+// Elements of a 16-byte chunk (a cp.async copy, an ldmatrix row): 8, or 4 for TF32.
+template <typename T>
+constexpr int kChunk = 16 / int(sizeof(T));
+
+// 4 warps along M; the 64 x 16 x (two chunks) tile permutation lets ldmatrix.x4 feed whole
+// fragments (K = 16 for 16-bit elements, 8 for TF32: one mma's K).
 template <typename T>
 using TiledMma = decltype(make_tiled_mma(typename MmaOp<T>::type{}, Layout<Shape<_4, _1, _1>>{},
-                                         Tile<_64, _16, _16>{}));
+                                         Tile<_64, _16, Int<2 * kChunk<T>>>{}));
 
-// Row-major (rows, kD) tiles, 16-byte chunks XOR-swizzled so that ldmatrix is conflict-free.
-using SmemAtom = decltype(composition(Swizzle<3, 3, 3>{},
-                                      Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
-template <int kRows>
-using SmemTile = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kD>>{}));
+// Row-major (rows, kD) tiles of T, 16-byte chunks XOR-swizzled by the row (8 rows of 128
+// bytes: 64 16-bit elements or 32 TF32) so that ldmatrix is conflict-free.
+template <typename T = half_t>
+using SmemAtom = decltype(composition(Swizzle<3, sizeof(T) == 2 ? 3 : 2, 3>{},
+                                      Layout<Shape<_8, Int<8 * kChunk<T>>>, Stride<Int<8 * kChunk<T>>, _1>>{}));
+template <int kRows, typename T = half_t>
+using SmemTile = decltype(tile_to_shape(SmemAtom<T>{}, Shape<Int<kRows>, Int<kD>>{}));
 // The same bytes seen as (kD, rows): the B operand of dX += H Y.
 template <int kRows>
 using SmemTileT = decltype(composition(SmemTile<kRows>{},
@@ -91,24 +107,36 @@ struct ColumnStats {
   float4 anchor[kCols];  // backward, inner anchors: g, LSE * log2(e), q', sbar
 };
 
-template <int kRows, int kCols>
+// Shared-memory words of T (tiles hold T's bits), and T's type in global memory (TF32 rows are
+// float32 there).
+template <typename T>
+using Word = uint_byte_t<int(sizeof(T))>;
+template <typename T>
+using Stored = std::conditional_t<std::is_same_v<T, tfloat32_t>, float, T>;
+
+template <int kRows, int kCols, typename T = half_t>
 struct SharedStorage {
-  alignas(128) uint16_t x[kRows * kD];
-  alignas(128) uint16_t y[2][kCols * kD];
+  alignas(128) Word<T> x[kRows * kD];
+  alignas(128) Word<T> y[2][kCols * kD];
   ColumnStats<kCols> cols[2];
 };
 
-template <int kRows, int kCols>
+template <int kRows, int kCols, typename T = half_t>
 constexpr int shared_bytes() {
-  return int(sizeof(SharedStorage<kRows, kCols>));
+  return int(sizeof(SharedStorage<kRows, kCols, T>));
 }
+
+// The TF32 forward's shared memory (its 128 anchors and two 64-row tiles at 4 bytes an
+// element, 130 KiB): the most any TF32 kernel asks (the similarity's and the selection's
+// assert it), and what a device must grant a CTA for mma_supported to take TF32 rows.
+constexpr int kTf32SharedBytes = shared_bytes<kFwdRows, kFwdCols, tfloat32_t>();
 
 // Thread t's share of a (kRows, kD) tile copy: 16-byte chunk c of rows r0 + kStep k, k < kPasses
 // (every chunk of the tile once: tests/cuda_emulation/supcon_mma_layouts.cu). r0 < kStep is
 // known to the compiler, which then folds each pass's swizzled shared-memory offset.
-template <int kRows>
+template <int kRows, typename T = half_t>
 struct RowCopy {
-  static constexpr int kChunks = kD / 8, kStep = kThreads / kChunks, kPasses = kRows / kStep;
+  static constexpr int kChunks = kD / kChunk<T>, kStep = kThreads / kChunks, kPasses = kRows / kStep;
   static_assert(kThreads % kChunks == 0 && kRows % kStep == 0, "tile split");
   int c, r0;
   CUTE_HOST_DEVICE static RowCopy of(int thread) { return {thread % kChunks, (thread / kChunks) % kStep}; }
@@ -121,14 +149,15 @@ struct RowCopy {
 // the folded form's addresses: two of its variants spill).
 template <int kRows, typename T, bool kFolded, typename Smem>
 __device__ __forceinline__ void load_rows(const Matrix& m, int64_t row0, int D, Smem& s) {
-  using Copy = RowCopy<kRows>;
+  using Copy = RowCopy<kRows, T>;
+  constexpr int kE = kChunk<T>;
   const T* base = static_cast<const T*>(m.data);
   auto copy_chunk = [&](int r, int c) {
     const int64_t row = row0 + r;
-    const bool ok = row < m.rows && c * 8 < D;
-    const T* src = ok ? base + row * m.s0 + c * 8 : base;
+    const bool ok = row < m.rows && c * kE < D;
+    const T* src = ok ? base + row * m.s0 + c * kE : base;
     SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
-                                                    *reinterpret_cast<uint128_t*>(&s(r, c * 8)), ok);
+                                                    *reinterpret_cast<uint128_t*>(&s(r, c * kE)), ok);
   };
   if constexpr (kFolded) {
     const Copy cp = Copy::of(threadIdx.x);
@@ -449,8 +478,8 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kM = kFwdRows, kBlockN = kFwdCols;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  auto& st = *reinterpret_cast<SharedStorage<kM, kBlockN>*>(smem_raw);
-  Tensor sX = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.x)), SmemTile<kM>{});
+  auto& st = *reinterpret_cast<SharedStorage<kM, kBlockN, T>*>(smem_raw);
+  Tensor sX = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.x)), SmemTile<kM, T>{});
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kM;
   const int tid = threadIdx.x;
@@ -474,7 +503,7 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
     }
   };
   auto tile_y = [&](int buf) {
-    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.y[buf])), SmemTile<kBlockN>{});
+    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.y[buf])), SmemTile<kBlockN, T>{});
   };
 
   load_rows<kM, T, true>(p.x, x0, D, sX);

@@ -16,7 +16,7 @@ using mma::kFwdRows;
 // statistics, one thread per row.
 template <typename T>
 cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
-  constexpr int smem = mma::shared_bytes<kFwdRows, mma::kFwdCols>();
+  constexpr int smem = mma::shared_bytes<kFwdRows, mma::kFwdCols, T>();
   const int splits = a.splits > 1 ? a.splits : 1;
   return mma::dispatch_fwd(a, [&](auto mode, auto fixed) {
     constexpr int kMode = decltype(mode)::value;
@@ -29,9 +29,19 @@ cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
 }
 
 
-bool rows_fit(const Matrix& m) {
-  // cp.async moves 16-byte chunks of 8 elements: contiguous rows, 16-byte aligned starts.
-  return m.s1 == 1 && m.s0 % 8 == 0 && reinterpret_cast<uintptr_t>(m.data) % 16 == 0;
+// cp.async moves 16-byte chunks of `chunk` elements: contiguous rows, 16-byte aligned starts.
+bool rows_fit(const Matrix& m, int chunk) {
+  return m.s1 == 1 && m.s0 % chunk == 0 && reinterpret_cast<uintptr_t>(m.data) % 16 == 0;
+}
+
+// Whether a CTA of the current device may have the TF32 forward's shared memory, the most any
+// TF32 kernel asks (mma::kTf32SharedBytes).
+bool device_fits_tf32() {
+  return mma::once_per_device([](int dev) {
+    int optin = 0;
+    return cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
+           optin >= mma::kTf32SharedBytes;
+  });
 }
 
 // Whether the binary holds sm_80+ code for the current device (the kernels compile to an empty
@@ -48,8 +58,16 @@ bool device_has_mma_code() {
 }  // namespace
 
 bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
-  return dtype != Dtype::kFloat32 && D > 0 && D <= mma::kD && D % 8 == 0 && rows_fit(x) &&
-         rows_fit(y) && std::strcmp(cuda_kernels_choice(), "general") != 0 && device_has_mma_code();
+  if (dtype == Dtype::kFloat32) return false;
+  const bool tf32 = dtype == Dtype::kTFloat32;
+  const int chunk = tf32 ? mma::kChunk<cute::tfloat32_t> : mma::kChunk<cute::half_t>;
+  return D > 0 && D <= mma::kD && D % chunk == 0 && rows_fit(x, chunk) && rows_fit(y, chunk) &&
+         std::strcmp(cuda_kernels_choice(), "general") != 0 && device_has_mma_code() &&
+         (!tf32 || device_fits_tf32());
+}
+
+bool mma_bwd_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
+  return dtype != Dtype::kTFloat32 && mma_supported(dtype, x, y, D);
 }
 
 int fwd_splits(Dtype dtype, const FwdArgs& a) {
@@ -60,7 +78,14 @@ int fwd_splits(Dtype dtype, const FwdArgs& a) {
 }
 
 cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {
-  return dtype == Dtype::kFloat16 ? fwd<cute::half_t>(args, stream) : fwd<cute::bfloat16_t>(args, stream);
+  switch (dtype) {
+    case Dtype::kFloat16:
+      return fwd<cute::half_t>(args, stream);
+    case Dtype::kTFloat32:
+      return fwd<cute::tfloat32_t>(args, stream);
+    default:
+      return fwd<cute::bfloat16_t>(args, stream);
+  }
 }
 
 }  // namespace anchor_kernels::supcon_cuda

@@ -1,7 +1,8 @@
 // The O(M + N) passes around the SupCon kernels, on the device so that the torch glue
 // (supcon_cuda.cpp) launches three kernels each way instead of about twenty ATen ops:
 //   row_norms_kernel: ||x_r|| and 1 / max(||x_r||, eps) of the anchors and contrast rows, and
-//     the overflow-safe copy of bf16 / fp32 rows the loss kernels read (RowNormArgs::scaled);
+//     the overflow-safe copy of bf16 / fp32 rows the loss kernels read (RowNormArgs::scaled),
+//     rounded to TF32 for the TF32 kernels (RowNormArgs::tf32);
 //   norm_backward_kernel: the chain rule through the normalisation after the kernels that
 //     leave it to the glue (the general loss kernels, the similarity kernels);
 //   loss_reduce_kernel: the forward's scale and reduction (sum, or mean over valid anchors);
@@ -14,6 +15,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "supcon_kernels.cuh"
 
@@ -26,7 +28,7 @@ constexpr int kNormRows = kThreads / kNormLanes;  // rows per CTA
 // squares is taken by kNormLanes neighbouring threads over strided elements of D, in fp32.
 // With p.scaled, a first sweep finds the row's max |x| and its prescale factor, and the
 // second writes the scaled row and sums the squares of what it wrote (the values the loss
-// kernels read).
+// kernels read), rounded to TF32 with p.tf32.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) row_norms_kernel(const RowNormArgs p) {
   const int64_t r = int64_t(blockIdx.x) * kNormRows + threadIdx.x / kNormLanes;
@@ -52,7 +54,9 @@ __global__ void __launch_bounds__(kThreads) row_norms_kernel(const RowNormArgs p
   for (int64_t d = lane; d < p.D; d += kNormLanes) {
     float v = to_float(load<T>(m, row, d, p.D));  // 0 past the last row
     if (out != nullptr) {
-      const T c = from_float<T>(v * scale);
+      T c = from_float<T>(v * scale);
+      if constexpr (std::is_same_v<T, float>)
+        if (p.tf32) c = round_tf32(c);
       out[d] = c;
       v = to_float(c);
     }

@@ -48,7 +48,9 @@ const char* cuda_kernels_choice() {
 bool sm90_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
 #if defined(ANCHOR_KERNELS_SM90A)
   // Opt-in until the kernels are validated on a device: ANCHOR_KERNELS_CUDA_KERNELS=sm90.
-  return std::strcmp(cuda_kernels_choice(), "sm90") == 0 && mma_supported(dtype, x, y, D) &&
+  // bf16 / fp16 only: the wgmma kernels have no TF32 variant.
+  return std::strcmp(cuda_kernels_choice(), "sm90") == 0 && dtype != Dtype::kTFloat32 &&
+         mma_supported(dtype, x, y, D) &&
          tma_fits(x, D) && tma_fits(y, D) && device_is_sm90();
 #else
   (void)dtype, (void)x, (void)y, (void)D;

@@ -8,12 +8,15 @@
 // register m of lane t receives, as its two halves h = 0, 1,
 //   plain:  element 2 (t % 4) + h of the row lane 8 m + t / 4 gave;
 //   .trans: element t / 4 of the row lane 8 m + 2 (t % 4) + h gave.
-// A row is 8 elements at consecutive, 16-byte aligned offsets of the layout (checked).
+// A row is 8 elements at consecutive, 16-byte aligned offsets of the layout (checked). For
+// 32-bit elements (TF32: the kernels read them with the same b16 ldmatrix, never .trans) a row
+// is 4 elements, and the two halves of register m are element t % 4 of that row, whole.
 //
 // Checked, for every warp, copy and k-step: the SupCon forward's anchor block and column tiles,
 // the backward's S operands and Y read transposed (64- and 32-row tiles), the similarity
 // forward's, its backward's G (as it lies in memory, and G^T read transposed) and scaled Y, and
-// the selection's anchors and contrast rows. Compiled with nvcc
+// the selection's anchors and contrast rows; for TF32, the S = A B^T operands of the SupCon
+// forward, the similarity forward and the selection. Compiled with nvcc
 // and run on the host by tests/test_supcon_cuda_emulated.py; prints the number of failures,
 // exits non-zero on any.
 #include <cstdio>
@@ -38,6 +41,13 @@ constexpr int kKey = 4096;  // (row, column) as row * kKey + column
 // ((M, K) or (N, K)); trans: the atom is ldmatrix .trans.
 template <bool kA, typename Atom, typename T, typename Layout>
 void check(const char* what, Layout layout, bool trans) {
+  constexpr int kRow = 16 / int(sizeof(T)), kPerReg = 4 / int(sizeof(T));  // elements: row, register
+  static_assert(kRow <= 8, "at most 8 elements a row");
+  if (trans && kPerReg != 2) {
+    const int t = -1;
+    CHECK(false, "ldmatrix .trans moves 16-bit elements only");
+    return;
+  }
   sm::TiledMma<T> mma;
   auto copy = [&] {
     if constexpr (kA) return make_tiled_copy_A(Copy_Atom<Atom, T>{}, mma);
@@ -55,8 +65,8 @@ void check(const char* what, Layout layout, bool trans) {
       if constexpr (kA) return mma.get_thread_slice(t).partition_fragment_A(smem);
       else return mma.get_thread_slice(t).partition_fragment_B(smem);
     }();
-    CHECK(size<0>(src0) == 8, what);
-    constexpr int kCopies = decltype(size(src0))::value / 8;
+    CHECK(size<0>(src0) == kRow, what);
+    constexpr int kCopies = decltype(size(src0))::value / kRow;
     static int rows[32][kCopies][8], want[32][kCopies][8];
     for (int lane = 0; lane < 32; ++lane) {
       t = warp * 32 + lane;
@@ -74,8 +84,8 @@ void check(const char* what, Layout layout, bool trans) {
       CHECK(size(dst) == size(src), what);
       for (int c = 0; c < kCopies; ++c) {
         const int first = int(layout(get<0>(src(0, c)), get<1>(src(0, c))));
-        CHECK(first % 8 == 0, what);
-        for (int v = 0; v < 8; ++v) {
+        CHECK(first % kRow == 0, what);
+        for (int v = 0; v < kRow; ++v) {
           auto x = src(v, c);
           CHECK(int(layout(get<0>(x), get<1>(x))) == first + v, what);  // one 16-byte row
           rows[lane][c][v] = int(get<0>(x)) * kKey + int(get<1>(x));
@@ -86,10 +96,10 @@ void check(const char* what, Layout layout, bool trans) {
     for (int lane = 0; lane < 32; ++lane) {
       t = warp * 32 + lane;
       for (int c = 0; c < kCopies; ++c)
-        for (int v = 0; v < 8; ++v) {
-          const int m = v / 2, h = v % 2;
+        for (int v = 0; v < kRow; ++v) {
+          const int m = v / kPerReg, h = v % kPerReg;
           const int got = trans ? rows[8 * m + 2 * (lane % 4) + h][c][lane / 4]
-                                : rows[8 * m + lane / 4][c][2 * (lane % 4) + h];
+                                : rows[8 * m + lane / 4][c][kPerReg * (lane % 4) + h];
           CHECK(got == want[lane][c][v], what);
         }
     }
@@ -117,6 +127,18 @@ void check_all() {
   check<false, N, T>("selection contrast rows", sm::SmemTile<hp::kCols>{}, false);
 }
 
+// TF32 rows: the S = A B^T products alone (the forwards and the selection).
+void check_tf32() {
+  using N = SM75_U32x4_LDSM_N;
+  using T = tfloat32_t;
+  check<true, N, T>("TF32 supcon forward anchors", sm::SmemTile<sm::kFwdRows, T>{}, false);
+  check<false, N, T>("TF32 supcon forward columns", sm::SmemTile<sm::kFwdCols, T>{}, false);
+  check<true, N, T>("TF32 similarity forward a", sm::SmemTile<sim::kFwdRows, T>{}, false);
+  check<false, N, T>("TF32 similarity forward b", sm::SmemTile<sim::kCols, T>{}, false);
+  check<true, N, T>("TF32 selection anchors", sm::SmemTile<hp::kRows, T>{}, false);
+  check<false, N, T>("TF32 selection contrast rows", sm::SmemTile<hp::kCols, T>{}, false);
+}
+
 int main() {
   // G^T's view: element (r, q) of the A operand is where load_g put G^T's row q, column r.
   const int t = -1;  // CHECK names a thread; none here
@@ -124,6 +146,7 @@ int main() {
     for (int q = 0; q < sim::kCols; ++q) CHECK(sim::GTileA<true>{}(r, q) == sim::GTile{}(q, r), "G^T view");
   check_all<bfloat16_t>();
   check_all<half_t>();
+  check_tf32();
   printf("failures %d\n", failures);
   return failures != 0;
 }

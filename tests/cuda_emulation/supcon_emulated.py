@@ -53,7 +53,7 @@ class BwdArgs(ctypes.Structure):
 class RowNormArgs(ctypes.Structure):
     _fields_ = [("x", Matrix), ("y", Matrix), ("D", ctypes.c_int64), ("normalize", ctypes.c_bool),
                 ("eps", ctypes.c_float), ("norms", _p), ("inv", _p), ("scaled", _p),
-                ("prescale", _p), ("big", ctypes.c_float)]
+                ("prescale", _p), ("big", ctypes.c_float), ("tf32", ctypes.c_bool)]
 
 
 class NormBwdArgs(ctypes.Structure):
@@ -104,22 +104,23 @@ def build(out_dir: str) -> str:
     return lib
 
 
-def row_norms(lib, f, g, normalize, order=0):
+def row_norms(lib, f, g, normalize, order=0, tf32=False):
     """(rows, norms, inverse norms, prescale factors) from emu_row_norms in lib (every emulator
     library has it): what the kernels read, f's then g's rows (none when g is None) as one
     (M + N, D) tensor, and per row of it its statistics. ``rows`` and ``prescale`` are the
-    overflow-safe copy and its factors for bf16 and fp32 inputs with normalisation (as
-    rows_glue.h asks for them), else the inputs themselves and None."""
+    overflow-safe copy and its factors for bf16 and fp32 inputs with normalisation, and for
+    fp32 rows with ``tf32`` (kTFloat32) the copy rounded to TF32 (as rows_glue.h asks for
+    them), else the inputs themselves and None."""
     rows = f.shape[0] + (0 if g is None else g.shape[0])
     d = f.shape[1]
     out = torch.empty(3, rows)
-    copy = normalize and f.dtype != torch.float16
+    copy = (normalize and f.dtype != torch.float16) or tf32
     scaled = torch.empty(rows, d, dtype=f.dtype) if copy else None
-    big = (torch.finfo(torch.float32).max / (4.0 * d)) ** 0.5 if copy else 0.0
+    big = (torch.finfo(torch.float32).max / (4.0 * d)) ** 0.5 if normalize else float("inf")
     args = RowNormArgs(matrix(f), matrix(g), d, normalize, NORM_EPS,
                        out[0].data_ptr(), out[1].data_ptr(),
                        scaled.data_ptr() if copy else None,
-                       out[2].data_ptr() if copy else None, big)
+                       out[2].data_ptr() if copy else None, big, tf32)
     _check(lib.emu_row_norms(DTYPE_CODES[f.dtype], ctypes.byref(args), order))
     if not copy:
         scaled = f if g is None else torch.cat([f, g])
@@ -146,8 +147,8 @@ class Emulator:
                              ("anchor_stage_args", AnchorStageArgs)):
             assert getattr(self.lib, f"emu_sizeof_{name}")() == ctypes.sizeof(struct), name
 
-    def row_norms(self, f, g, normalize, order=0):
-        return row_norms(self.lib, f, g, normalize, order)
+    def row_norms(self, f, g, normalize, order=0, tf32=False):
+        return row_norms(self.lib, f, g, normalize, order, tf32)
 
     def loss_reduce(self, loss, valid, scale, reduction, order=0):
         out = torch.empty(loss.shape[0] if reduction == 0 else 1)

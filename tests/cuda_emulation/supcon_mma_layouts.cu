@@ -3,7 +3,7 @@
 // of a tile a thread's accumulators hold (the per-row statistics, quad reductions and the
 // epilogue's addressing assume it), that the accumulators of S read as A fragments
 // (acc_as_a_operand) hold the coordinates the next product's A operand expects, and which
-// chunks of a tile load_rows has each thread copy. Compiled with nvcc and run on the host by
+// chunks of a tile load_rows has each thread copy (16-bit and TF32 elements). Compiled with nvcc and run on the host by
 // tests/test_supcon_cuda_emulated.py; prints the number of failures, exits non-zero on any.
 #include <cstdio>
 
@@ -19,9 +19,9 @@ static int failures = 0;
     if (!(cond)) if (failures++ < 10) printf("failed: %s (thread %d)\n", #cond, t); \
   } while (0)
 
-template <int kM, int kN>
+template <int kM, int kN, typename T = bfloat16_t>
 void check_tile() {
-  TiledMma<bfloat16_t> mma;
+  TiledMma<T> mma;
   for (int t = 0; t < kThreads; ++t) {
     auto coords = [&](int thread) {
       return mma.get_thread_slice(thread).partition_C(make_identity_tensor(Shape<Int<kM>, Int<kN>>{}));
@@ -54,10 +54,12 @@ void check_tile() {
         CHECK(get<0>(cC(e)) == get<0>(cC(0)) + 8 * ((e >> 1) & 1));
         CHECK(get<1>(cC(e)) == get<1>(cC(0)) + (e & 1) + 8 * (e >> 2));
       }
-    auto cA = mma.get_thread_slice(t).partition_A(make_identity_tensor(Shape<Int<kM>, Int<kN>>{}));
-    auto cH = make_tensor(cC.data(), acc_as_a_operand(cC.layout()));
-    CHECK(size(cH) == size(cA));
-    for (int i = 0; i < size(cA); ++i) CHECK(cA(i) == cH(i));
+    if constexpr (sizeof(T) == 2) {  // the 16-bit backward feeds S back as A (never TF32)
+      auto cA = mma.get_thread_slice(t).partition_A(make_identity_tensor(Shape<Int<kM>, Int<kN>>{}));
+      auto cH = make_tensor(cC.data(), acc_as_a_operand(cC.layout()));
+      CHECK(size(cH) == size(cA));
+      for (int i = 0; i < size(cA); ++i) CHECK(cA(i) == cH(i));
+    }
   }
 }
 
@@ -124,10 +126,20 @@ void check_sm90_backward() {
 }
 
 // load_rows: thread t copies chunk c of rows r0 + kStep k; both loop forms (unrolled over k,
-// rolled from t / kChunks) copy every 16-byte chunk of the tile exactly once.
-template <int kRows>
+// rolled from t / kChunks) copy every 16-byte chunk of the tile exactly once, and each chunk's
+// elements lie at consecutive, 16-byte aligned offsets of the swizzled tile (one cp.async).
+template <int kRows, typename T = half_t>
 void check_row_copy() {
-  using Copy = RowCopy<kRows>;
+  using Copy = RowCopy<kRows, T>;
+  constexpr int kE = kChunk<T>;
+  const SmemTile<kRows, T> tile{};
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < Copy::kChunks; ++c) {
+      const int t = -1;  // CHECK names a thread; none here
+      const int first = int(tile(r, c * kE));
+      CHECK(first % kE == 0);
+      for (int e = 1; e < kE; ++e) CHECK(int(tile(r, c * kE + e)) == first + e);
+    }
   static int copied[kRows][Copy::kChunks];
   for (auto& r : copied)
     for (int& v : r) v = 0;
@@ -149,6 +161,8 @@ int main() {
   check_row_copy<kFwdRows>();
   check_row_copy<kFwdCols>();
   check_row_copy<bwd_cols<anchor_kernels::supcon_cuda::kBwdSoftExact>()>();
+  check_row_copy<kFwdRows, tfloat32_t>();  // TF32: 4-element chunks, twice the passes
+  check_row_copy<kFwdCols, tfloat32_t>();
   check_sm90_tile<bfloat16_t>();
   check_sm90_tile<half_t>();
   check_sm90_backward<bfloat16_t, 64>();
@@ -157,6 +171,8 @@ int main() {
   check_tile<kBwdRows, 64>();
   check_tile<kBwdRows, 32>();
   check_tile<kBwdRows, kD>();
+  check_tile<kFwdRows, 64, tfloat32_t>();  // the TF32 forwards' (m16n8k8: the same C layout)
+  check_tile<64, 64, tfloat32_t>();        // the TF32 selection's
   printf("failures %d\n", failures);
   return failures != 0;
 }
