@@ -75,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the compiled baseline (default inductor; "
                         "aot_eager traces without code generation, for quick checks)")
+    p.add_argument("--float32-matmul-precision", choices=("highest", "high", "medium"),
+                   help="torch.set_float32_matmul_precision for the run: 'high' lets every "
+                        "candidate multiply float32 in TF32 on GPU (default: torch's, 'highest')")
     p.add_argument("--include-interpreter", action="store_true",
                    help="also time Triton under TRITON_INTERPRET=1 (labelled; CPU only)")
     p.add_argument("--out", type=Path, metavar="PATH.json",
@@ -102,6 +105,8 @@ def main(argv=None) -> int:
     device = torch.device(_device_type(p, args))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.float32_matmul_precision:  # every candidate's float32 products follow it
+        torch.set_float32_matmul_precision(args.float32_matmul_precision)
     s = presets.merge(args, device.type)
     modules, dtypes, passes = _choices(p, args, s)
     options = _options(p, args, s, modules)
@@ -218,6 +223,7 @@ def _write(doc: dict, out: Path, plot: bool) -> None:
 
 
 def _run(cfg, chosen: dict, progress: bool, preset, argv: list[str]) -> dict:
+    import torch
     from tqdm import tqdm
 
     from . import results, runner
@@ -249,6 +255,7 @@ def _run(cfg, chosen: dict, progress: bool, preset, argv: list[str]) -> dict:
         "include_interpreter": cfg.settings.include_interpreter,
         "compile_dynamic": cfg.settings.compile_dynamic,
         "compile_backend": cfg.settings.compile_backend,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         **{k: getattr(cfg, k) for k in ("warmup_ms", "rep_ms", "min_reps", "max_call_s",
                                         "mem_cap_bytes", "time_budget_s", "fit", "fit_max_n",
                                         "fit_max_call_s", "fit_budget_s")},

@@ -75,6 +75,12 @@ stage bench_cuda_sm90 150 env ANCHOR_KERNELS_CUDA_KERNELS=sm90 python3 -m benchm
     --dtypes bfloat16 --sizes ${CUDA_SIZES:-1024 4096 16384 65536} --passes fwd bwd fwd+bwd \
     --candidates cuda triton --time-budget 120 --no-fit --no-progress --no-plot \
     --out "$RES/supcon_cuda_sm90.json"
+# float32 where torch allows TF32: the CUDA loss's TF32 forward against Triton's TF32 and eager
+# PyTorch (cuBLAS in TF32), each pass.
+stage bench_cuda_tf32 150 python3 -m benchmarks --ops supcon --dtypes float32 \
+    --float32-matmul-precision high --sizes ${CUDA_SIZES:-1024 4096 16384 65536} \
+    --passes fwd bwd fwd+bwd --candidates cuda triton eager --time-budget 120 --no-fit \
+    --no-progress --no-plot --out "$RES/supcon_cuda_tf32.json"
 stage bench_supcon_fp32 90 python3 benchmarks/supcon_gpu_table.py --dtype float32 \
     --backends triton cuda eager --n 4096 16384 --out "$RES/supcon_gpu_fp32.json"
 stage bench_pgd 45 python3 benchmarks/bench_pgd.py --gpu --out "$RES/pgd_gpu.json"

@@ -45,6 +45,7 @@ def test_tiny_run_writes_valid_json_csv_and_png(tiny):
     results.validate(doc)
     meta = doc["meta"]
     assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and meta["date"]
+    assert doc["config"]["float32_matmul_precision"] == "highest"  # torch's default
     assert meta["command"].startswith("python -m benchmarks --sizes 32 64 --candidates eager")
     rows = {(r["candidate"], r["pass"], r["n"]): r for r in doc["results"]}
     for cand in ("eager", "compile"):
@@ -84,6 +85,18 @@ def test_every_registered_op_runs_its_eager_baseline(op, tmp_path):
     assert {r["op"] for r in doc["results"]} == {op}
     assert doc["results"] and all(r["status"] == "ok" for r in doc["results"])
     assert all((r["tflops"] or 0) > 0 or (r["gbps"] or 0) > 0 for r in doc["results"])
+
+
+def test_float32_matmul_precision_is_set_for_the_run_and_recorded(tmp_path, matmul_precision):
+    """--float32-matmul-precision high: every candidate's float32 products may run in TF32 (on
+    a GPU), and the JSON says so."""
+    out = tmp_path / "tf32.json"
+    assert run_cli("--sizes", 32, "--candidates", "eager", "--passes", "fwd", "--no-fit", "--no-plot",
+                   "--float32-matmul-precision", "high", "--out", out, *FAST) == 0
+    assert torch.get_float32_matmul_precision() == "high"  # (the fixture restores it)
+    doc = json.loads(out.read_text())
+    results.validate(doc)
+    assert doc["config"]["float32_matmul_precision"] == "high"
 
 
 def test_supcon_two_sets_time_m_anchors_against_n_rows(tmp_path):
