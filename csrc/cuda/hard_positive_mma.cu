@@ -20,14 +20,7 @@ bool mma_supported(Dtype dtype, const Args& args) {
 }
 
 cudaError_t launch_hard_positive_mma(Dtype dtype, const Args& args, cudaStream_t stream) {
-  switch (dtype) {
-    case Dtype::kFloat16:
-      return launch<cute::half_t>(args, stream);
-    case Dtype::kTFloat32:
-      return launch<cute::tfloat32_t>(args, stream);
-    default:
-      return launch<cute::bfloat16_t>(args, stream);
-  }
+  return supcon_cuda::mma::with_element_type(dtype, [&](auto t) { return launch<decltype(t)>(args, stream); });
 }
 
 }  // namespace anchor_kernels::hard_positive_cuda

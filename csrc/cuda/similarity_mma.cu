@@ -60,14 +60,7 @@ int bwd_splits(Dtype dtype, const BwdArgs& a) {
 }
 
 cudaError_t launch_similarity_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {
-  switch (dtype) {
-    case Dtype::kFloat16:
-      return fwd<cute::half_t>(args, stream);
-    case Dtype::kTFloat32:
-      return fwd<cute::tfloat32_t>(args, stream);
-    default:
-      return fwd<cute::bfloat16_t>(args, stream);
-  }
+  return supcon_cuda::mma::with_element_type(dtype, [&](auto t) { return fwd<decltype(t)>(args, stream); });
 }
 
 cudaError_t launch_similarity_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t stream) {

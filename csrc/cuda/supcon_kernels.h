@@ -183,7 +183,7 @@ cudaError_t launch_supcon_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t str
 // not with ANCHOR_KERNELS_CUDA_KERNELS=general (the general kernels then run, for comparison;
 // the similarity and the selection take their CuTe kernels by the same rule). kTFloat32 rows
 // too, with D and the row strides multiples of 4, on a device that grants a CTA the TF32
-// forward's shared memory (128 KiB and more: sm_80 and sm_90 do, sm_86 and sm_89 do not).
+// forward's shared memory (131.5 KiB: sm_80 and sm_90 do, sm_86 and sm_89 do not).
 bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
 // The backwards' rule: mma_supported's, for bf16 / fp16 only (their kernels feed the
 // accumulators back as an operand and read Y^T by ldmatrix.trans, neither of which exists for

@@ -77,6 +77,20 @@ struct MmaOp<tfloat32_t> {
   using type = SM80_16x8x8_F32TF32TF32F32_TN;
 };
 
+// Calls launch(T{}) with T the CuTe element type of the S = A B^T kernels for dtype: half_t,
+// bfloat16_t, or tfloat32_t for kTFloat32 rows (what mma_supported takes).
+template <typename Launch>
+cudaError_t with_element_type(Dtype dtype, Launch&& launch) {
+  switch (dtype) {
+    case Dtype::kFloat16:
+      return launch(half_t{});
+    case Dtype::kTFloat32:
+      return launch(tfloat32_t{});
+    default:
+      return launch(bfloat16_t{});
+  }
+}
+
 // Elements of a 16-byte chunk (a cp.async copy, an ldmatrix row): 8, or 4 for TF32.
 template <typename T>
 constexpr int kChunk = 16 / int(sizeof(T));
@@ -127,8 +141,9 @@ constexpr int shared_bytes() {
 }
 
 // The TF32 forward's shared memory (its 128 anchors and two 64-row tiles at 4 bytes an
-// element, 130 KiB): the most any TF32 kernel asks (the similarity's and the selection's
-// assert it), and what a device must grant a CTA for mma_supported to take TF32 rows.
+// element, and the columns' labels and norms: 131.5 KiB): the most any TF32 kernel asks (the
+// similarity's and the selection's assert it), and what a device must grant a CTA for
+// mma_supported to take TF32 rows.
 constexpr int kTf32SharedBytes = shared_bytes<kFwdRows, kFwdCols, tfloat32_t>();
 
 // Thread t's share of a (kRows, kD) tile copy: 16-byte chunk c of rows r0 + kStep k, k < kPasses

@@ -78,14 +78,7 @@ int fwd_splits(Dtype dtype, const FwdArgs& a) {
 }
 
 cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {
-  switch (dtype) {
-    case Dtype::kFloat16:
-      return fwd<cute::half_t>(args, stream);
-    case Dtype::kTFloat32:
-      return fwd<cute::tfloat32_t>(args, stream);
-    default:
-      return fwd<cute::bfloat16_t>(args, stream);
-  }
+  return mma::with_element_type(dtype, [&](auto t) { return fwd<decltype(t)>(args, stream); });
 }
 
 }  // namespace anchor_kernels::supcon_cuda
