@@ -330,11 +330,13 @@ def _branch_target(text):
     return None
 
 
-def _tensor_core_loop(instructions, op="HGMMA", outlined=False):
+def _tensor_core_loop(instructions, op="HGMMA", outlined=False, nested_trips=None):
     """The instructions of the innermost loop around a kernel's tensor-core instructions
     (``op``): from the target of the backward branch that closes it to that branch. outlined:
     with the blocks outside it that the loop branches to and that branch back into it (ptxas
-    moves a conditional part of the loop body, such as the next tile's loads, out of line)."""
+    moves a conditional part of the loop body, such as the next tile's loads, out of line).
+    nested_trips: the loop holds exactly one loop of its own, which runs that many times a
+    tile, and its body counts that many times (what a tile runs); None: it holds none."""
     hgmma = [a for a, text in instructions if f" {op}" in f" {text}"]
     loops = []
     for addr, text in instructions:
@@ -343,6 +345,10 @@ def _tensor_core_loop(instructions, op="HGMMA", outlined=False):
             loops.append((addr - target, target, addr))
     assert loops, f"no loop around the {op}s"
     _, start, end = min(loops)
+    nested = [(target, addr) for addr, text in instructions
+              if (target := _branch_target(text)) is not None and start < target <= addr < end]
+    assert len(nested) == (0 if nested_trips is None else 1), nested
+    repeats = {a: nested_trips for t, e in nested for a, _ in instructions if t <= a <= e}
     inside = lambda a: start <= a <= end
     picked = {a for a, _ in instructions if inside(a)}
     if outlined:
@@ -357,7 +363,7 @@ def _tensor_core_loop(instructions, op="HGMMA", outlined=False):
                     if inside(back):
                         picked.update(block)
                     break
-    return [text for a, text in instructions if a in picked]
+    return [text for a, text in instructions if a in picked for _ in range(repeats.get(a, 1))]
 
 
 # The forwards' per-logit budgets, by (mode, fixed shifts): (the tile loop's instructions per
@@ -451,18 +457,26 @@ HOPPER_BWD_BUDGET = {0: (14.0, 14.5, 17.5, 1), 1: (18.3, 18.8, 24.0, 1),
 # 54.7, 74.1.)
 SM80_BWD_BUDGET = {0: (35.0, 36.5, 43.0, 1), 1: (39.5, 40.8, 48.0, 1),
                    2: (50.0, 53.5, 70.5, 2), 3: (52.3, 56.0, 76.0, 2)}
+# Its TF32 variants (supcon_mma_bwd_tf32.cu): twice the HMMA (m16n8k8) and ldmatrix for S, the
+# tile transposed into Y^T through shared memory (16 LDS.128, 64 STS and a barrier a thread at
+# 64 columns, half at 32), and dX's B operand as 128 LDS.64 (64). nvcc 13.0 gives 53.3, 56.2,
+# 60.0; 55.9, 58.2, 70.7; 66.9, 68.7, 86.3; 68.9, 70.9, 91.9.
+SM80_TF32_BWD_BUDGET = {0: (54.0, 57.0, 60.8, 1), 1: (56.6, 59.0, 71.5, 1),
+                        2: (67.6, 69.5, 87.1, 2), 3: (69.6, 71.6, 92.7, 2)}
 
 
-def _check_backward_budget(cuda_objects, stem, arch, budgets, op):
+def _check_backward_budget(cuda_objects, stem, arch, budgets, op, transposes=False):
     """Every backward kernel's tile loop (around its ``op`` instructions) under its budget per
-    logit, with the exponentials of the maths and no more; the number of kernels checked."""
+    logit, with the exponentials of the maths and no more; the number of kernels checked.
+    transposes: the TF32 kernels' loop holds the tile's transposition, a loop of 4 iterations
+    at 64 columns (2 at 32: mma::transpose_iterations), counted as many times."""
     checked = 0
     for name, instructions in _kernels(cuda_objects, stem, arch).items():
         params = name.split("_t")[1][:10]  # e.g. ELi3ELi2E: mode 3, sides 2
         mode, sides = int(params[3]), int(params[7])
         *limits, exps_per_side = budgets[mode]
         logits = (64 if mode < 2 else 32) // 2  # per thread and tile
-        loop = _tensor_core_loop(instructions, op)
+        loop = _tensor_core_loop(instructions, op, nested_trips=(4 if mode < 2 else 2) if transposes else None)
         exps = sum("MUFU.EX2" in text for text in loop)
         assert len(loop) / logits <= limits[sides - 1], (name, len(loop) / logits)
         assert exps <= logits * exps_per_side * (2 if sides == 3 else 1) + 4, (name, exps)
@@ -478,8 +492,10 @@ def test_hopper_backward_instructions_per_logit(cuda_objects):
 
 
 def test_sm80_backward_instructions_per_logit(cuda_objects):
-    """Counted, not timed: the same for the sm_80 backward."""
+    """Counted, not timed: the same for the sm_80 backward, and its TF32 variants."""
     assert _check_backward_budget(cuda_objects, "supcon_mma_bwd.cu", "sm_80", SM80_BWD_BUDGET, "HMMA") == 24
+    assert _check_backward_budget(cuda_objects, "supcon_mma_bwd_tf32.cu", "sm_80", SM80_TF32_BWD_BUDGET,
+                                  "HMMA", transposes=True) == 12
 
 
 # The similarity kernels' tile loops (csrc/cuda/similarity_mma.cuh), per element of the tile a

@@ -608,18 +608,25 @@ def test_gpu_hopper_kernels_when_chosen(options, dtype, monkeypatch):
 @pytest.mark.parametrize("precision", ["highest", "high"])
 @pytest.mark.parametrize("n,d", [(97, 20), (300, 64), (1025, 128), (5000, 128), (97, 130), (64, 30)])
 @pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[2], OPTIONS[3]], ids=["supcon", "soft-exact", "unnormalized"])
-def test_gpu_tf32_forward_when_torch_allows_it(precision, n, d, options, matmul_precision):
-    """float32 features take the TF32 tensor-core forward (its name in the profile) exactly
-    where torch allows TF32 matmuls and the rows fit it (D <= 128, D % 4 == 0), and the
-    backward stays on the float32 kernels; the results follow the float32 tolerance without
-    TF32 and the 2x-eager rule with it (eager PyTorch under the same precision)."""
+@pytest.mark.parametrize("single", [True, False], ids=["one-set", "two-sets"])
+def test_gpu_tf32_kernels_when_torch_allows_it(precision, n, d, options, single, matmul_precision):
+    """float32 features take the TF32 tensor-core forward and backward (their names in the
+    profile) exactly where torch allows TF32 matmuls and the rows fit them (D <= 128,
+    D % 4 == 0): one set, and two (the anchors 40 rows into the contrast set, whose backward
+    runs a pass per set); the results follow the float32 tolerance without TF32 and the
+    2x-eager rule with it (eager PyTorch under the same precision)."""
     matmul_precision(precision)
-    f = torch.randn(n, d, device="cuda")
-    names = cuda_kernels_run(lambda: compare("cuda", f, labels_for("random", n).cuda(),
-                                             dtype=torch.float32, **options))
+    f, y = torch.randn(n, d, device="cuda"), labels_for("random", n).cuda()
+    if single:
+        names = cuda_kernels_run(lambda: compare("cuda", f, y, dtype=torch.float32, **options))
+    else:
+        g, y_g = torch.randn(n + 40, d, device="cuda"), labels_for("random", n + 40).cuda()
+        g[40:], y_g[40:] = f, y
+        names = cuda_kernels_run(lambda: compare("cuda", f, y, g, y_g, dtype=torch.float32,
+                                                 anchor_offset=40, **options))
     tf32 = precision == "high" and d <= 128 and d % 4 == 0
     assert any("supcon_fwd_mma_kernel" in k and "tfloat32" in k for k in names) == tf32, names
-    assert not any("supcon_bwd_mma_kernel" in k for k in names), names
+    assert any("supcon_bwd_mma_kernel" in k and "tfloat32" in k for k in names) == tf32, names
 
 
 @pytest.mark.gpu

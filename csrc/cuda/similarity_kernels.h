@@ -51,8 +51,8 @@ cudaError_t launch_similarity_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t
 
 // The CuTe tensor-core kernels (similarity_mma.cu): the rows as supcon_cuda::mma_supported
 // takes them (bf16 / fp16, D <= 128 with D % 8 == 0, 16-byte rows; TF32 rows in the forward)
-// and, for the backward (mma_bwd_supported's rows), G contiguous along one dimension whose
-// extent is a multiple of 8, 16-byte aligned.
+// and, for the backward (bf16 / fp16 rows), G contiguous along one dimension whose extent is a
+// multiple of 8, 16-byte aligned.
 bool mma_fwd_supported(Dtype dtype, const FwdArgs& args);
 bool mma_bwd_supported(Dtype dtype, const BwdArgs& args);
 cudaError_t launch_similarity_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream);

@@ -50,7 +50,9 @@ bool mma_fwd_supported(Dtype dtype, const FwdArgs& a) {
 }
 
 bool mma_bwd_supported(Dtype dtype, const BwdArgs& a) {
-  return supcon_cuda::mma_bwd_supported(dtype, a.y, a.y, a.D) && (g_fits(a, false) || g_fits(a, true));
+  // bf16 / fp16 only: G's and y^T's tiles are read by ldmatrix (.trans), 16-bit only.
+  return dtype != Dtype::kTFloat32 && supcon_cuda::mma_supported(dtype, a.y, a.y, a.D) &&
+         (g_fits(a, false) || g_fits(a, true));
 }
 
 int bwd_splits(Dtype dtype, const BwdArgs& a) {

@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   // the gradient in the features' dtype, unless their columns are split (BwdArgs::splits):
   // then, like the other kernels, they write dz in fp32 (a slice per split) for
   // normalize_backward.
-  const bool fused = k::mma_bwd_supported(dtype, matrix(rows.f), matrix(rows.g), sz.D);
+  const bool fused = k::mma_supported(dtype, matrix(rows.f), matrix(rows.g), sz.D);
   a.norm_eps = float(cuda_glue::kNormEps);
   auto pass = [&](const at::Tensor& x, const at::Tensor& x_norms, const at::Tensor& x_prescale) {
     a.splits = fused ? k::bwd_splits(dtype, a) : 1;

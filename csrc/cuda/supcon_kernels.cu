@@ -45,7 +45,7 @@ cudaError_t launch_supcon_fwd(Dtype dtype, const FwdArgs& args, cudaStream_t str
 cudaError_t launch_supcon_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t stream) {
   if (args.x.rows == 0 || args.D == 0) return cudaSuccess;
   if (sm90_supported(dtype, args.x, args.y, args.D)) return launch_supcon_bwd_sm90(dtype, args, stream);
-  if (mma_bwd_supported(dtype, args.x, args.y, args.D)) return launch_supcon_bwd_mma(dtype, args, stream);
+  if (mma_supported(dtype, args.x, args.y, args.D)) return launch_supcon_bwd_mma(dtype, args, stream);
   switch (dtype) {
     case Dtype::kFloat16:
       return bwd<__half, true>(args, stream);

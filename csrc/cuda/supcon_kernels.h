@@ -171,10 +171,10 @@ cudaError_t launch_norm_backward(Dtype dtype, const NormBwdArgs& args, cudaStrea
 cudaError_t launch_loss_reduce(const LossReduceArgs& args, cudaStream_t stream);
 cudaError_t launch_anchor_stage(const AnchorStageArgs& args, cudaStream_t stream);
 
-// bf16 / fp16 inputs that the CuTe kernels take (mma_supported; the backward:
-// mma_bwd_supported) run there; other bf16 / fp16 inputs on the WMMA kernels of
-// supcon_kernels.cuh where the binary is built for sm_80 or newer; fp32 inputs (but the TF32
-// forward's), and everything on older targets, as fp32 FMA. Returns the launch error, if any.
+// bf16 / fp16 and TF32 inputs that the CuTe kernels take (mma_supported) run there; other
+// bf16 / fp16 inputs on the WMMA kernels of supcon_kernels.cuh where the binary is built for
+// sm_80 or newer; other fp32 inputs, and everything on older targets, as fp32 FMA. Returns the
+// launch error, if any.
 cudaError_t launch_supcon_fwd(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
 cudaError_t launch_supcon_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
 
@@ -183,12 +183,8 @@ cudaError_t launch_supcon_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t str
 // not with ANCHOR_KERNELS_CUDA_KERNELS=general (the general kernels then run, for comparison;
 // the similarity and the selection take their CuTe kernels by the same rule). kTFloat32 rows
 // too, with D and the row strides multiples of 4, on a device that grants a CTA the TF32
-// forward's shared memory (131.5 KiB: sm_80 and sm_90 do, sm_86 and sm_89 do not).
+// kernels' shared memory (135.5 KiB: sm_80 and sm_90 do, sm_86 and sm_89 do not).
 bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
-// The backwards' rule: mma_supported's, for bf16 / fp16 only (their kernels feed the
-// accumulators back as an operand and read Y^T by ldmatrix.trans, neither of which exists for
-// 32-bit elements).
-bool mma_bwd_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
 cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
 // FwdArgs::splits for a forward: 1 unless it runs on the sm_80 tensor-core kernel with fewer
 // row blocks than two per SM of the device, which then split its columns (4 tiles at least).
@@ -196,6 +192,7 @@ int fwd_splits(Dtype dtype, const FwdArgs& args);
 // BwdArgs::splits for a backward pass, by the same rule (64-row blocks, its column tiles).
 int bwd_splits(Dtype dtype, const BwdArgs& args);
 cudaError_t launch_supcon_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
+cudaError_t launch_supcon_bwd_mma_tf32(const BwdArgs& args, cudaStream_t stream);  // (its kTFloat32 part)
 
 // The Hopper kernels (supcon_sm90_fwd.cu, supcon_sm90_bwd.cu: TMA, wgmma, warp
 // specialisation; the backward fuses the normalisation's chain rule as the sm_80 one) take the

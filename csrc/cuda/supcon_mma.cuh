@@ -3,9 +3,9 @@
 // two-stage cp.async pipeline, the products run as mma.sync m16n8k16 with fp32 accumulation
 // from ldmatrix fragments, and every per-logit operation (scale, mask, online log-sum-exp,
 // positives, G) runs on the accumulators in registers: no S tile goes through shared memory.
-// The forward (and the similarity forward and the selection, which share its S = A B^T) also
-// takes fp32 rows as TF32 (tfloat32_t: mma.sync m16n8k8, the same tiles at 4 bytes an element)
-// where torch allows TF32 matmuls; the row pass has rounded those rows to TF32 already
+// Both also take fp32 rows as TF32 (tfloat32_t: mma.sync m16n8k8, the same tiles at 4 bytes an
+// element) where torch allows TF32 matmuls, and so do the similarity forward and the selection,
+// which share the forward's S = A B^T; the row pass has rounded those rows to TF32 already
 // (RowNormArgs::tf32), so the products are exact products of the rounded rows.
 //
 // The maths is that of supcon_kernels.cuh (and csrc/supcon.cpp); only the tiling differs:
@@ -13,8 +13,9 @@
 //   backward: 64 rows per CTA, 64-column tiles (32 with soft mining); S = X Y^T is recomputed, H = G(S) is formed
 //             in registers and fed straight back as the A operand of dX += H Y (the
 //             accumulator layout of m16n8k16 is its A-operand layout), so each tile costs
-//             two tensor-core products and no shared-memory round trip (16-bit rows only:
-//             neither that reuse nor ldmatrix.trans exists for 32-bit elements).
+//             two tensor-core products and no shared-memory round trip (TF32: the same with
+//             the product's k permuted, and Y^T transposed through shared memory, as 32-bit
+//             elements have no ldmatrix.trans: gemm_h_y_tf32).
 // Features are read as 16-byte rows of up to kD = 128 columns (D a multiple of 8 elements, 4
 // for TF32, and so the row stride; 16-byte aligned); zero-filled past D and past the last
 // row. Other inputs take the kernels of supcon_kernels.cuh.
@@ -139,12 +140,6 @@ template <int kRows, int kCols, typename T = half_t>
 constexpr int shared_bytes() {
   return int(sizeof(SharedStorage<kRows, kCols, T>));
 }
-
-// The TF32 forward's shared memory (its 128 anchors and two 64-row tiles at 4 bytes an
-// element, and the columns' labels and norms: 131.5 KiB): the most any TF32 kernel asks (the
-// similarity's and the selection's assert it), and what a device must grant a CTA for
-// mma_supported to take TF32 rows.
-constexpr int kTf32SharedBytes = shared_bytes<kFwdRows, kFwdCols, tfloat32_t>();
 
 // Thread t's share of a (kRows, kD) tile copy: 16-byte chunk c of rows r0 + kStep k, k < kPasses
 // (every chunk of the tile once: tests/cuda_emulation/supcon_mma_layouts.cu). r0 < kStep is
@@ -636,16 +631,17 @@ __device__ __forceinline__ void write_dx(const BwdArgs& p, Acc& dacc, int64_t x0
     }
     return;
   }
-  const T* xrow[2];
-  T* frow[2];
+  using S = Stored<T>;  // (TF32 rows are float32 in memory, and so is their gradient)
+  const S* xrow[2];
+  S* frow[2];
   float dot[2] = {0.f, 0.f}, rn[2], pre[2];
   bool ok[2], project[2];
   CUTE_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int64_t x = x0 + row0 + 8 * r;
     ok[r] = x < R;
-    xrow[r] = static_cast<const T*>(p.x.data) + (ok[r] ? x : 0) * p.x.s0 + col0;
-    frow[r] = static_cast<T*>(p.df) + (ok[r] ? x : 0) * D + col0;
+    xrow[r] = static_cast<const S*>(p.x.data) + (ok[r] ? x : 0) * p.x.s0 + col0;
+    frow[r] = static_cast<S*>(p.df) + (ok[r] ? x : 0) * D + col0;
     rn[r] = ok[r] ? p.rnx[x] : 0.f;
     pre[r] = ok[r] && p.prescale != nullptr ? p.prescale[x] : 1.f;
     project[r] = ok[r] && p.norms != nullptr && p.norms[x] >= p.norm_eps;
@@ -663,7 +659,7 @@ __device__ __forceinline__ void write_dx(const BwdArgs& p, Acc& dacc, int64_t x0
     const int r = (e >> 1) & 1, off = (e & 1) + 8 * (e >> 2);
     if (ok[r] && col0 + off < D) {
       const float v = project[r] ? dacc(e) - float(xrow[r][off]) * rn[r] * dot[r] : dacc(e);
-      frow[r][off] = T(v * rn[r] * pre[r]);  // the prescale last: exact (a power of two)
+      frow[r][off] = S(v * rn[r] * pre[r]);  // the prescale last: exact (a power of two)
     }
   }
 }
@@ -690,14 +686,117 @@ cudaError_t dispatch_bwd(const BwdArgs& a, Launch&& launch) {
   }
 }
 
+// The TF32 backward's dX += H Y. m16n8k8's accumulators (c0..c3 = acc(4 j + 0..3) of the S
+// tile's n8 block j) give lane (g, t) = (lane / 4, lane % 4) columns 2t, 2t + 1 of rows g, g + 8,
+// and its A operand asks for k = t and t + 4 of the same rows. Taken with its k-step's columns
+// permuted (k = t is column 2t, k = t + 4 column 2t + 1), H is in place: (a0, a1, a2, a3) =
+// (c0, c2, c1, c3), no shuffle (the 16-bit kernels read theirs as acc_as_a_operand). B then
+// takes Y's rows in the same order: b0, b1 = Y(8 j + 2t, d), Y(8 j + 2t + 1, d) with d = 8 n + g
+// for dX's n8 block n, one 8-byte load from a transposed copy of the tile (Y^T, kYtPad floats
+// past each row: conflict-free), which the threads write from the swizzled tile (32-bit
+// elements have no ldmatrix.trans). Checked on the host against CuTe's m16n8k8 layouts
+// (tests/cuda_emulation/supcon_mma_layouts.cu).
+CUTE_HOST_DEVICE constexpr int tf32_h_order(int v) { return v == 1 ? 2 : v == 2 ? 1 : v; }  // a_v = c_(this)
+// The 16-bit kernels' copy of Y^T for dX's B operand: ldmatrix.trans. TF32 transposes the tile
+// itself (transpose_tile), so its Y^T copy objects, a plain copy, are formed but never used.
+template <typename T>
+using YtCopyAtom = std::conditional_t<sizeof(T) == 2, Copy_Atom<SM75_U16x8_LDSM_T, T>, Copy_Atom<UniversalCopy<T>, T>>;
+constexpr int kYtPad = 8;
+template <int kCols>
+struct YtTile {
+  float v[kD][kCols + kYtPad];
+};
+
+// The backward's shared memory: SharedStorage, and for TF32 Y^T's tile after it.
+template <int kMode, typename T>
+constexpr int bwd_shared_bytes() {
+  constexpr int kCols = bwd_cols<kMode>();
+  return shared_bytes<kBwdRows, kCols, T>() + (std::is_same_v<T, tfloat32_t> ? int(sizeof(YtTile<kCols>)) : 0);
+}
+
+// The most shared memory a TF32 kernel asks: the backward's (64 rows and two 64-row tiles at 4
+// bytes an element, the columns' labels and norms, and Y^T: 135.5 KiB) or the forward's (128
+// anchors: 131.5 KiB); the similarity's and the selection's assert they ask no more. A device
+// must grant a CTA as much for mma_supported to take TF32 rows.
+constexpr int kTf32SharedBytes = std::max(shared_bytes<kFwdRows, kFwdCols, tfloat32_t>(),
+                                          bwd_shared_bytes<kBwdLse, tfloat32_t>());
+
+// x rounded to TF32 on the device (the A operand's H), as round_tf32 rounds on the host.
+__device__ __forceinline__ uint32_t cvt_rna_tf32(float x) {
+  uint32_t y;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(y) : "f"(x));
+  return y;
+}
+
+// Y^T of the swizzled tile sy (kCols rows of kD): thread t moves the 16-byte chunks c = b +
+// kStep k (columns 4c .. 4c + 3) of row q = t % kCols, b = t / kCols, to four scalars of yt
+// each (a warp: 32 consecutive q of one chunk column; the reads spread over the banks by the
+// swizzle, the writes conflict-free). Where a chunk lies in the swizzled tile depends on the
+// row and on its place among the 8 of its 32-column atom, k % kPlaces, so the thread forms
+// kPlaces pointers and reaches every chunk from one of them by whole atoms. kTransposeUnroll
+// chunks an iteration: unrolled whole, the loads take registers that the one-set SupCon
+// variants cannot spare (they spill).
+constexpr int kTransposeUnroll = 4;
+template <int kCols>
+constexpr int transpose_iterations() {
+  return kCols * kD / 4 / kThreads / kTransposeUnroll;
+}
+template <int kCols, typename SY>
+CUTE_HOST_DEVICE void transpose_tile(const SY& sy, YtTile<kCols>& yt, int thread) {
+  constexpr int kStep = kThreads / kCols, kPlaces = 8 / kStep;
+  static_assert(kThreads % kCols == 0 && kTransposeUnroll % kPlaces == 0 && transpose_iterations<kCols>() > 0 &&
+                    transpose_iterations<kCols>() * kTransposeUnroll * kStep * 4 == kD,
+                "whole iterations per thread");
+  const int q = thread % kCols, b = thread / kCols;
+  const tfloat32_t* place[kPlaces];
+  CUTE_UNROLL
+  for (int m = 0; m < kPlaces; ++m) place[m] = &sy(q, 4 * (b + kStep * m));
+  const auto atom = &sy(q, 32) - &sy(q, 0);  // (the layout's: a constant)
+#pragma unroll 1
+  for (int it = 0; it < transpose_iterations<kCols>(); ++it) {
+    CUTE_UNROLL
+    for (int m = 0; m < kTransposeUnroll; ++m) {
+      const int k = kTransposeUnroll * it + m, d = 4 * (b + kStep * k);
+      const float4 v = *reinterpret_cast<const float4*>(place[m % kPlaces] + k / kPlaces * atom);
+      yt.v[d][q] = v.x, yt.v[d + 1][q] = v.y, yt.v[d + 2][q] = v.z, yt.v[d + 3][q] = v.w;
+    }
+  }
+}
+
+// The element of Y^T that B register v (0, 1) of dX's n8 block n takes in k-step j: row
+// 8 n + g, column 8 j + 2t + v (the permuted k), for lane = 4 g + t.
+CUTE_HOST_DEVICE constexpr int yt_row(int n, int lane) { return 8 * n + lane / 4; }
+CUTE_HOST_DEVICE constexpr int yt_col(int j, int lane, int v) { return 8 * j + 2 * (lane % 4) + v; }
+
+// dacc += H Y for one tile, TF32: acc holds H (fp32, rounded here), yt the tile's Y^T.
+template <int kCols, typename Acc, typename DAcc>
+__device__ __forceinline__ void gemm_h_y_tf32(const Acc& acc, const YtTile<kCols>& yt, DAcc& dacc) {
+  const int lane = threadIdx.x % 32;
+  CUTE_UNROLL
+  for (int j = 0; j < kCols / 8; ++j) {
+    uint32_t a[4];
+    CUTE_UNROLL
+    for (int v = 0; v < 4; ++v) a[v] = cvt_rna_tf32(acc(4 * j + tf32_h_order(v)));
+    CUTE_UNROLL
+    for (int n = 0; n < kD / 8; ++n) {
+      const float2 b = *reinterpret_cast<const float2*>(&yt.v[yt_row(n, lane)][yt_col(j, lane, 0)]);
+      SM80_16x8x8_F32TF32TF32F32_TN::fma(dacc(4 * n), dacc(4 * n + 1), dacc(4 * n + 2), dacc(4 * n + 3),
+                                         a[0], a[1], a[2], a[3], __float_as_uint(b.x), __float_as_uint(b.y),
+                                         dacc(4 * n), dacc(4 * n + 1), dacc(4 * n + 2), dacc(4 * n + 3));
+    }
+  }
+}
+
 template <typename T, int kMode, int kSides>
 __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs p) {
   constexpr bool kUseOuter = kSides & kOuter, kUseInner = kSides & kInner;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kM = kBwdRows, kBlockN = bwd_cols<kMode>();
+  constexpr bool kTf32 = std::is_same_v<T, tfloat32_t>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  auto& st = *reinterpret_cast<SharedStorage<kM, kBlockN>*>(smem_raw);
-  Tensor sX = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.x)), SmemTile<kM>{});
+  auto& st = *reinterpret_cast<SharedStorage<kM, kBlockN, T>*>(smem_raw);
+  auto& yt = *reinterpret_cast<YtTile<kBlockN>*>(smem_raw + shared_bytes<kM, kBlockN, T>());  // TF32
+  Tensor sX = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.x)), SmemTile<kM, T>{});
   const int64_t R = p.x.rows, Q = p.y.rows;
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kM;
@@ -729,7 +828,7 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
     }
   };
   auto tile_y = [&](int buf) {
-    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.y[buf])), SmemTile<kBlockN>{});
+    return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.y[buf])), SmemTile<kBlockN, T>{});
   };
   auto tile_yt = [&](int buf) {
     return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.y[buf])), SmemTileT<kBlockN>{});
@@ -749,7 +848,7 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   auto copy_a = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, tiled_mma);
   auto copy_b = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, tiled_mma);
-  auto copy_bt = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, tiled_mma);
+  auto copy_bt = make_tiled_copy_B(YtCopyAtom<T>{}, tiled_mma);
   auto thr_a = copy_a.get_thread_slice(tid);
   auto thr_b = copy_b.get_thread_slice(tid);
   auto thr_bt = copy_bt.get_thread_slice(tid);
@@ -817,16 +916,22 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
       }
     }
     // dX += H Y: H from the accumulators as A fragments, Y^T from shared memory.
-    Tensor h16 = make_tensor<T>(acc.layout());
-    CUTE_UNROLL
-    for (int e = 0; e < size(acc); ++e) h16(e) = T(acc(e));
-    Tensor tHr = make_tensor(h16.data(), acc_as_a_operand(h16.layout()));
-    Tensor tYts = thr_bt.partition_S(tile_yt(buf));
-    constexpr int kSteps = decltype(size<2>(tHr))::value;
-    CUTE_UNROLL
-    for (int k = 0; k < kSteps; ++k) {
-      copy(copy_bt, tYts(_, _, k), tYtr_v(_, _, k));
-      gemm(tiled_mma, tHr(_, _, k), tYtr(_, _, k), dacc);
+    if constexpr (kTf32) {
+      transpose_tile(sY, yt, tid);  // (the previous tile's readers passed this tile's first barrier)
+      __syncthreads();
+      gemm_h_y_tf32(acc, yt, dacc);
+    } else {
+      Tensor h16 = make_tensor<T>(acc.layout());
+      CUTE_UNROLL
+      for (int e = 0; e < size(acc); ++e) h16(e) = T(acc(e));
+      Tensor tHr = make_tensor(h16.data(), acc_as_a_operand(h16.layout()));
+      Tensor tYts = thr_bt.partition_S(tile_yt(buf));
+      constexpr int kSteps = decltype(size<2>(tHr))::value;
+      CUTE_UNROLL
+      for (int k = 0; k < kSteps; ++k) {
+        copy(copy_bt, tYts(_, _, k), tYtr_v(_, _, k));
+        gemm(tiled_mma, tHr(_, _, k), tYtr(_, _, k), dacc);
+      }
     }
   }
 
@@ -876,6 +981,16 @@ inline cudaError_t launch(void (*kernel)(Args), int64_t rows, int block_rows, in
   const dim3 grid(unsigned((rows + block_rows - 1) / block_rows), unsigned(splits > 1 ? splits : 1));
   kernel<<<grid, kThreads, size_t(smem), stream>>>(args);
   return cudaGetLastError();
+}
+
+// The backward for element type T on grid (row blocks, BwdArgs::splits).
+template <typename T>
+cudaError_t launch_bwd(const BwdArgs& a, cudaStream_t stream) {
+  return dispatch_bwd(a, [&](auto mode, auto sides) {
+    constexpr int kMode = decltype(mode)::value;
+    return launch(supcon_bwd_mma_kernel<T, kMode, decltype(sides)::value>, a.x.rows, kBwdRows, a.splits,
+                  bwd_shared_bytes<kMode, T>(), stream, a);
+  });
 }
 
 }  // namespace anchor_kernels::supcon_cuda::mma

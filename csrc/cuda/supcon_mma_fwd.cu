@@ -34,8 +34,8 @@ bool rows_fit(const Matrix& m, int chunk) {
   return m.s1 == 1 && m.s0 % chunk == 0 && reinterpret_cast<uintptr_t>(m.data) % 16 == 0;
 }
 
-// Whether a CTA of the current device may have the TF32 forward's shared memory, the most any
-// TF32 kernel asks (mma::kTf32SharedBytes).
+// Whether a CTA of the current device may have the most shared memory a TF32 kernel asks
+// (mma::kTf32SharedBytes).
 bool device_fits_tf32() {
   return mma::once_per_device([](int dev) {
     int optin = 0;
@@ -66,9 +66,6 @@ bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
          (!tf32 || device_fits_tf32());
 }
 
-bool mma_bwd_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
-  return dtype != Dtype::kTFloat32 && mma_supported(dtype, x, y, D);
-}
 
 int fwd_splits(Dtype dtype, const FwdArgs& a) {
   if (a.x.rows == 0 || sm90_supported(dtype, a.x, a.y, a.D) || !mma_supported(dtype, a.x, a.y, a.D))

@@ -2,8 +2,9 @@
 // Hopper forward, supcon_sm90.cuh) rely on, for every thread of a CTA: which rows and columns
 // of a tile a thread's accumulators hold (the per-row statistics, quad reductions and the
 // epilogue's addressing assume it), that the accumulators of S read as A fragments
-// (acc_as_a_operand) hold the coordinates the next product's A operand expects, and which
-// chunks of a tile load_rows has each thread copy (16-bit and TF32 elements). Compiled with nvcc and run on the host by
+// (acc_as_a_operand) hold the coordinates the next product's A operand expects (for TF32: the
+// registers the backward hands its product with the columns permuted), and which chunks of a
+// tile load_rows has each thread copy (16-bit and TF32 elements). Compiled with nvcc and run on the host by
 // tests/test_supcon_cuda_emulated.py; prints the number of failures, exits non-zero on any.
 #include <cstdio>
 
@@ -61,6 +62,52 @@ void check_tile() {
       for (int i = 0; i < size(cA); ++i) CHECK(cA(i) == cH(i));
     }
   }
+}
+
+// The TF32 backward's dX += H Y (gemm_h_y_tf32), against CuTe's m16n8k8 layouts: for every
+// thread and k-step j (the S tile's n8 block), A register v is accumulator 4 j + tf32_h_order(v)
+// (same row; its column 8 j + 2t or 8 j + 2t + 1 is k = t or t + 4 permuted), and B register v of
+// dX's n8 block n is Y^T(8 n + g, 8 j + 2t + v): column g of the block, the permuted k.
+template <int kCols>
+void check_tf32_h_times_y() {
+  TiledMma<tfloat32_t> mma;
+  for (int t = 0; t < kThreads; ++t) {
+    auto slice = mma.get_thread_slice(t);
+    auto cS = slice.partition_C(make_identity_tensor(Shape<Int<kBwdRows>, Int<kCols>>{}));
+    auto cA = slice.partition_A(make_identity_tensor(Shape<Int<kBwdRows>, _8>{}));  // one k-step
+    auto cB = slice.partition_B(make_identity_tensor(Shape<Int<kD>, _8>{}));        // (n, k)
+    CHECK(size(cA) == 4 && size(cB) == 2 * kD / 8);
+    const int lane = t % 32;
+    auto permuted = [&](int k) { return k < 4 ? 2 * k : 2 * (k - 4) + 1; };  // k -> S column in the block
+    for (int j = 0; j < kCols / 8; ++j)
+      for (int v = 0; v < 4; ++v) {
+        auto s = cS(4 * j + tf32_h_order(v));
+        CHECK(get<0>(s) == get<0>(cA(v)));
+        CHECK(get<1>(s) == 8 * j + permuted(get<1>(cA(v))));
+      }
+    for (int n = 0; n < kD / 8; ++n)
+      for (int v = 0; v < 2; ++v) {
+        auto b = cB(v, n, 0);
+        CHECK(get<0>(b) == yt_row(n, lane));
+        CHECK(permuted(get<1>(b)) == yt_col(0, lane, v));  // the column in k-step 0's block
+      }
+  }
+  // transpose_tile, run by every thread over a tile of keys in the swizzled layout: Y^T holds
+  // element (q, d) at (d, q), for every element.
+  using T = tfloat32_t;
+  static float tile[kCols * kD];
+  auto sy = make_tensor(reinterpret_cast<T*>(&tile[0]), SmemTile<kCols, T>{});
+  for (int q = 0; q < kCols; ++q)
+    for (int d = 0; d < kD; ++d) tile[sy.layout()(q, d)] = float(q * kD + d);
+  static YtTile<kCols> yt;
+  for (auto& row : yt.v)
+    for (float& v : row) v = -1.f;
+  for (int t = 0; t < kThreads; ++t) transpose_tile(sy, yt, t);
+  for (int d = 0; d < kD; ++d)
+    for (int q = 0; q < kCols; ++q) {
+      const int t = -1;  // CHECK names a thread; none here
+      CHECK(yt.v[d][q] == float(q * kD + d));
+    }
 }
 
 // The Hopper forward's 128 x 128 tile over two consumer warpgroups: element v = k + 2 i + 4 j of
@@ -173,6 +220,11 @@ int main() {
   check_tile<kBwdRows, kD>();
   check_tile<kFwdRows, 64, tfloat32_t>();  // the TF32 forwards' (m16n8k8: the same C layout)
   check_tile<64, 64, tfloat32_t>();        // the TF32 selection's
+  check_tile<kBwdRows, 64, tfloat32_t>();  // the TF32 backward's S (32 columns: soft mining) and dX
+  check_tile<kBwdRows, 32, tfloat32_t>();
+  check_tile<kBwdRows, kD, tfloat32_t>();
+  check_tf32_h_times_y<64>();
+  check_tf32_h_times_y<32>();
   printf("failures %d\n", failures);
   return failures != 0;
 }
