@@ -12,7 +12,7 @@ template <typename F>
 cudaError_t dispatch(Dtype dtype, const F& launch) {
   switch (dtype) {
     case Dtype::kFloat32:
-    case Dtype::kTFloat32:  // the TF32 product is the CuTe forward's alone
+    case Dtype::kTFloat32:  // (the TF32 products are the CuTe kernels')
       launch(float{}, std::false_type{});
       break;
     case Dtype::kFloat16:

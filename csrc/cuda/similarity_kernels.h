@@ -42,17 +42,17 @@ struct BwdArgs {
   int splits;
 };
 
-// bf16 / fp16 inputs that the CuTe kernels take (mma_fwd_supported, mma_bwd_supported) run
-// there, and so do TF32 rows (kTFloat32) in the forward; other bf16 / fp16 products run on the
-// tensor cores through WMMA (fp32 accumulation) where the binary is built for sm_80 or newer,
-// and as fp32 FMA elsewhere; other fp32 products take the FMA path.
+// bf16 / fp16 and TF32 (kTFloat32) inputs that the CuTe kernels take (mma_fwd_supported,
+// mma_bwd_supported) run there; other bf16 / fp16 products run on the tensor cores through
+// WMMA (fp32 accumulation) where the binary is built for sm_80 or newer, and as fp32 FMA
+// elsewhere; other fp32 products take the FMA path.
 cudaError_t launch_similarity_fwd(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
 cudaError_t launch_similarity_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
 
 // The CuTe tensor-core kernels (similarity_mma.cu): the rows as supcon_cuda::mma_supported
-// takes them (bf16 / fp16, D <= 128 with D % 8 == 0, 16-byte rows; TF32 rows in the forward)
-// and, for the backward (bf16 / fp16 rows), G contiguous along one dimension whose extent is a
-// multiple of 8, 16-byte aligned.
+// takes them (bf16 / fp16, D <= 128 with D % 8 == 0, 16-byte rows; TF32 rows) and, for the
+// backward, G contiguous along one dimension whose extent is a multiple of 8, 16-byte aligned
+// (TF32: and 136 KiB of shared memory a CTA).
 bool mma_fwd_supported(Dtype dtype, const FwdArgs& args);
 bool mma_bwd_supported(Dtype dtype, const BwdArgs& args);
 cudaError_t launch_similarity_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream);

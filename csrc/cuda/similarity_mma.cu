@@ -37,8 +37,13 @@ cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
 }
 
 template <typename T>
+constexpr int bwd_shared_bytes() {
+  return int(std::is_same_v<T, cute::tfloat32_t> ? sizeof(mma::BwdStorageTf32) : sizeof(mma::BwdStorage));
+}
+
+template <typename T>
 cudaError_t bwd(const BwdArgs& a, bool transposed, cudaStream_t stream) {
-  constexpr int smem = int(sizeof(mma::BwdStorage));
+  constexpr int smem = bwd_shared_bytes<T>();
   return launch(transposed ? mma::similarity_bwd_mma_kernel<T, true> : mma::similarity_bwd_mma_kernel<T, false>,
                 a.R, mma::kBwdRows, a.splits, smem, stream, a);
 }
@@ -50,9 +55,10 @@ bool mma_fwd_supported(Dtype dtype, const FwdArgs& a) {
 }
 
 bool mma_bwd_supported(Dtype dtype, const BwdArgs& a) {
-  // bf16 / fp16 only: G's and y^T's tiles are read by ldmatrix (.trans), 16-bit only.
-  return dtype != Dtype::kTFloat32 && supcon_cuda::mma_supported(dtype, a.y, a.y, a.D) &&
-         (g_fits(a, false) || g_fits(a, true));
+  // TF32 rows: where the device grants the TF32 kernel's shared memory besides.
+  return supcon_cuda::mma_supported(dtype, a.y, a.y, a.D) && (g_fits(a, false) || g_fits(a, true)) &&
+         (dtype != Dtype::kTFloat32 ||
+          supcon_cuda::mma::shared_memory_optin() >= bwd_shared_bytes<cute::tfloat32_t>());
 }
 
 int bwd_splits(Dtype dtype, const BwdArgs& a) {
@@ -67,8 +73,7 @@ cudaError_t launch_similarity_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStre
 
 cudaError_t launch_similarity_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t stream) {
   const bool transposed = !g_fits(args, false);
-  return dtype == Dtype::kFloat16 ? bwd<cute::half_t>(args, transposed, stream)
-                                  : bwd<cute::bfloat16_t>(args, transposed, stream);
+  return supcon_cuda::mma::with_element_type(dtype, [&](auto t) { return bwd<decltype(t)>(args, transposed, stream); });
 }
 
 }  // namespace anchor_kernels::similarity_cuda

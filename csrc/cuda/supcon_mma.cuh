@@ -714,10 +714,11 @@ constexpr int bwd_shared_bytes() {
   return shared_bytes<kBwdRows, kCols, T>() + (std::is_same_v<T, tfloat32_t> ? int(sizeof(YtTile<kCols>)) : 0);
 }
 
-// The most shared memory a TF32 kernel asks: the backward's (64 rows and two 64-row tiles at 4
-// bytes an element, the columns' labels and norms, and Y^T: 135.5 KiB) or the forward's (128
-// anchors: 131.5 KiB); the similarity's and the selection's assert they ask no more. A device
-// must grant a CTA as much for mma_supported to take TF32 rows.
+// The most shared memory a TF32 kernel of the loss asks: the backward's (64 rows and two 64-row
+// tiles at 4 bytes an element, the columns' labels and norms, and Y^T: 135.5 KiB) or the
+// forward's (128 anchors: 131.5 KiB); the similarity forward and the selection assert they ask
+// no more. A device must grant a CTA as much for mma_supported to take TF32 rows (the
+// similarity backward asks its own, 136 KiB: similarity_cuda::mma_bwd_supported).
 constexpr int kTf32SharedBytes = std::max(shared_bytes<kFwdRows, kFwdCols, tfloat32_t>(),
                                           bwd_shared_bytes<kBwdLse, tfloat32_t>());
 
@@ -763,27 +764,36 @@ CUTE_HOST_DEVICE void transpose_tile(const SY& sy, YtTile<kCols>& yt, int thread
   }
 }
 
-// The element of Y^T that B register v (0, 1) of dX's n8 block n takes in k-step j: row
-// 8 n + g, column 8 j + 2t + v (the permuted k), for lane = 4 g + t.
+// With the permuted k: A register v of k-step j holds column 8 j + 2t + (v >> 1) of the rows
+// g + 8 (v & 1) (the thread's two); the element of Y^T that B register v (0, 1) of the n8 block n
+// takes is row 8 n + g, column 8 j + 2t + v; for lane = 4 g + t.
+CUTE_HOST_DEVICE constexpr int tf32_a_col(int j, int lane, int v) { return 8 * j + 2 * (lane % 4) + (v >> 1); }
 CUTE_HOST_DEVICE constexpr int yt_row(int n, int lane) { return 8 * n + lane / 4; }
 CUTE_HOST_DEVICE constexpr int yt_col(int j, int lane, int v) { return 8 * j + 2 * (lane % 4) + v; }
+
+// dacc (the thread's 16 x kD block of m16n8 accumulators) += A B for k-step j: a the A
+// registers (the permuted k), B from yt.
+template <int kCols, typename DAcc>
+__device__ __forceinline__ void mma_tf32_yt(const uint32_t (&a)[4], const YtTile<kCols>& yt, int j, DAcc& dacc) {
+  const int lane = threadIdx.x % 32;
+  CUTE_UNROLL
+  for (int n = 0; n < kD / 8; ++n) {
+    const float2 b = *reinterpret_cast<const float2*>(&yt.v[yt_row(n, lane)][yt_col(j, lane, 0)]);
+    SM80_16x8x8_F32TF32TF32F32_TN::fma(dacc(4 * n), dacc(4 * n + 1), dacc(4 * n + 2), dacc(4 * n + 3),
+                                       a[0], a[1], a[2], a[3], __float_as_uint(b.x), __float_as_uint(b.y),
+                                       dacc(4 * n), dacc(4 * n + 1), dacc(4 * n + 2), dacc(4 * n + 3));
+  }
+}
 
 // dacc += H Y for one tile, TF32: acc holds H (fp32, rounded here), yt the tile's Y^T.
 template <int kCols, typename Acc, typename DAcc>
 __device__ __forceinline__ void gemm_h_y_tf32(const Acc& acc, const YtTile<kCols>& yt, DAcc& dacc) {
-  const int lane = threadIdx.x % 32;
   CUTE_UNROLL
   for (int j = 0; j < kCols / 8; ++j) {
     uint32_t a[4];
     CUTE_UNROLL
     for (int v = 0; v < 4; ++v) a[v] = cvt_rna_tf32(acc(4 * j + tf32_h_order(v)));
-    CUTE_UNROLL
-    for (int n = 0; n < kD / 8; ++n) {
-      const float2 b = *reinterpret_cast<const float2*>(&yt.v[yt_row(n, lane)][yt_col(j, lane, 0)]);
-      SM80_16x8x8_F32TF32TF32F32_TN::fma(dacc(4 * n), dacc(4 * n + 1), dacc(4 * n + 2), dacc(4 * n + 3),
-                                         a[0], a[1], a[2], a[3], __float_as_uint(b.x), __float_as_uint(b.y),
-                                         dacc(4 * n), dacc(4 * n + 1), dacc(4 * n + 2), dacc(4 * n + 3));
-    }
+    mma_tf32_yt(a, yt, j, dacc);
   }
 }
 
@@ -958,6 +968,18 @@ inline int multiprocessors() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
   if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    cached[dev] = 0;
+  return cached[dev];
+}
+
+// The shared memory a CTA of the current device may opt in to, asked once per device (0 if it
+// cannot be named): what the TF32 kernels' rules compare their needs with.
+inline int shared_memory_optin() {
+  static int cached[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  if (cached[dev] == 0 &&
+      cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
     cached[dev] = 0;
   return cached[dev];
 }

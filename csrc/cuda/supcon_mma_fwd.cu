@@ -34,15 +34,6 @@ bool rows_fit(const Matrix& m, int chunk) {
   return m.s1 == 1 && m.s0 % chunk == 0 && reinterpret_cast<uintptr_t>(m.data) % 16 == 0;
 }
 
-// Whether a CTA of the current device may have the most shared memory a TF32 kernel asks
-// (mma::kTf32SharedBytes).
-bool device_fits_tf32() {
-  return mma::once_per_device([](int dev) {
-    int optin = 0;
-    return cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
-           optin >= mma::kTf32SharedBytes;
-  });
-}
 
 // Whether the binary holds sm_80+ code for the current device (the kernels compile to an empty
 // body for older targets).
@@ -63,7 +54,7 @@ bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
   const int chunk = tf32 ? mma::kChunk<cute::tfloat32_t> : mma::kChunk<cute::half_t>;
   return D > 0 && D <= mma::kD && D % chunk == 0 && rows_fit(x, chunk) && rows_fit(y, chunk) &&
          std::strcmp(cuda_kernels_choice(), "general") != 0 && device_has_mma_code() &&
-         (!tf32 || device_fits_tf32());
+         (!tf32 || mma::shared_memory_optin() >= mma::kTf32SharedBytes);
 }
 
 

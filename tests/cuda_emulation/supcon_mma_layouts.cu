@@ -64,10 +64,12 @@ void check_tile() {
   }
 }
 
-// The TF32 backward's dX += H Y (gemm_h_y_tf32), against CuTe's m16n8k8 layouts: for every
-// thread and k-step j (the S tile's n8 block), A register v is accumulator 4 j + tf32_h_order(v)
-// (same row; its column 8 j + 2t or 8 j + 2t + 1 is k = t or t + 4 permuted), and B register v of
-// dX's n8 block n is Y^T(8 n + g, 8 j + 2t + v): column g of the block, the permuted k.
+// The TF32 backwards' products with the k-steps' columns permuted (gemm_h_y_tf32 of the loss,
+// similarity_bwd_tf32), against CuTe's m16n8k8 layouts: for every thread and k-step j (the S
+// tile's n8 block), A register v is accumulator 4 j + tf32_h_order(v) (same row; its column
+// 8 j + 2t or 8 j + 2t + 1 is k = t or t + 4 permuted), which is the similarity's G(row0 + 8 (v & 1),
+// tf32_a_col(j, lane, v)); and B register v of dX's n8 block n is Y^T(8 n + g, 8 j + 2t + v):
+// column g of the block, the permuted k.
 template <int kCols>
 void check_tf32_h_times_y() {
   TiledMma<tfloat32_t> mma;
@@ -76,6 +78,7 @@ void check_tf32_h_times_y() {
     auto cS = slice.partition_C(make_identity_tensor(Shape<Int<kBwdRows>, Int<kCols>>{}));
     auto cA = slice.partition_A(make_identity_tensor(Shape<Int<kBwdRows>, _8>{}));  // one k-step
     auto cB = slice.partition_B(make_identity_tensor(Shape<Int<kD>, _8>{}));        // (n, k)
+    auto cD = slice.partition_C(make_identity_tensor(Shape<Int<kBwdRows>, Int<kD>>{}));
     CHECK(size(cA) == 4 && size(cB) == 2 * kD / 8);
     const int lane = t % 32;
     auto permuted = [&](int k) { return k < 4 ? 2 * k : 2 * (k - 4) + 1; };  // k -> S column in the block
@@ -84,6 +87,9 @@ void check_tf32_h_times_y() {
         auto s = cS(4 * j + tf32_h_order(v));
         CHECK(get<0>(s) == get<0>(cA(v)));
         CHECK(get<1>(s) == 8 * j + permuted(get<1>(cA(v))));
+        // the similarity's A registers, read from G: row row0 + 8 (v & 1) of dX's, tf32_a_col
+        CHECK(get<0>(cA(v)) == get<0>(cD(0)) + 8 * (v & 1));
+        CHECK(8 * j + permuted(get<1>(cA(v))) == tf32_a_col(j, lane, v));
       }
     for (int n = 0; n < kD / 8; ++n)
       for (int v = 0; v < 2; ++v) {
