@@ -218,6 +218,13 @@ __device__ __forceinline__ void scale_rows(const BwdArgs& p, int64_t q0, Smem& y
   }
 }
 
+// cp.async of tile t: G's into g (load_g), y's rows into y.
+template <bool kGT, typename T, typename SG, typename SY>
+__device__ __forceinline__ void load_g_and_y(const BwdArgs& p, int64_t x0, int t, SG g, SY y) {
+  load_g<kGT, T>(p, x0, int64_t(t) * kCols, g);
+  load_rows<kCols, T, true>(p.y, int64_t(t) * kCols, int(p.D), y);
+}
+
 // The rows [t0, t1) of the Q tiles this CTA streams: its share of the row block's
 // (BwdArgs::splits = gridDim.y; all of them without a split).
 struct TileRange {
@@ -257,7 +264,6 @@ __device__ __forceinline__ void similarity_bwd_tf32(const BwdArgs& p) {
   using supcon_cuda::mma::tf32_a_col;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<BwdStorageTf32*>(smem_raw);
-  const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kBwdRows;
   const int tid = threadIdx.x, lane = tid % 32;
   const auto [t0, t1] = TileRange::of(p);  // tile t goes to buffer t & 1
@@ -265,13 +271,7 @@ __device__ __forceinline__ void similarity_bwd_tf32(const BwdArgs& p) {
   auto tile_y = [&](int buf) {
     return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.y[buf])), SmemTile<kCols, T>{});
   };
-  auto load_tile = [&](int t, int buf) {
-    auto g = tile_g(buf);
-    load_g<kGT, T>(p, x0, int64_t(t) * kCols, g);
-    auto y = tile_y(buf);
-    load_rows<kCols, T, true>(p.y, int64_t(t) * kCols, D, y);
-  };
-
+  auto load_tile = [&](int t, int buf) { load_g_and_y<kGT, T>(p, x0, t, tile_g(buf), tile_y(buf)); };
   if (t0 < t1) load_tile(t0, t0 & 1);
   cp_async_fence();
 
@@ -313,7 +313,6 @@ template <typename T, bool kGT>
 __device__ __forceinline__ void similarity_bwd_half(const BwdArgs& p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<BwdStorage*>(smem_raw);
-  const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kBwdRows;
   const int tid = threadIdx.x;
   const auto [t0, t1] = TileRange::of(p);  // tile t goes to buffer t & 1
@@ -329,13 +328,7 @@ __device__ __forceinline__ void similarity_bwd_half(const BwdArgs& p) {
   auto tile_yt = [&](int buf) {
     return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.y[buf])), SmemTileT<kCols>{});
   };
-  auto load_tile = [&](int t, int buf) {
-    auto g = tile_g(buf);
-    load_g<kGT, T>(p, x0, int64_t(t) * kCols, g);
-    auto y = tile_y(buf);
-    load_rows<kCols, T, true>(p.y, int64_t(t) * kCols, D, y);
-  };
-
+  auto load_tile = [&](int t, int buf) { load_g_and_y<kGT, T>(p, x0, t, tile_g(buf), tile_y(buf)); };
   if (t0 < t1) load_tile(t0, t0 & 1);
   cp_async_fence();
 
