@@ -152,7 +152,7 @@ def test_norms_first_adds_one_launch_and_no_ops(monkeypatch):
     assert len(ops) <= 4, ops
 
 
-def test_launch_plans_follow_the_float32_matmul_precision(monkeypatch):
+def test_launch_plans_follow_the_float32_matmul_precision(monkeypatch, matmul_precision):
     """The cached plans are keyed on torch's float32 matmul setting: "highest" multiplies in
     full float32 ("ieee"), "high" allows TF32, from one call to the next."""
     seen = []
@@ -161,13 +161,9 @@ def test_launch_plans_follow_the_float32_matmul_precision(monkeypatch):
         seen.append(cx["DOT_PRECISION"]), real(kernel, grid, args, cx)))
     f = torch.randn(40, 16, device=DEVICE)
     y = labels_for("random", 40).to(DEVICE)
-    before = torch.get_float32_matmul_precision()
-    try:
-        for precision in ("highest", "high", "highest"):
-            torch.set_float32_matmul_precision(precision)
-            ak.supcon_loss(f, y, backend="triton")
-    finally:
-        torch.set_float32_matmul_precision(before)
+    for precision in ("highest", "high", "highest"):
+        matmul_precision(precision)
+        ak.supcon_loss(f, y, backend="triton")
     assert seen == ["ieee", "tf32", "ieee"]
 
 
