@@ -95,9 +95,7 @@ inline Rows row_norms(k::Dtype dtype, const at::Tensor& f, const at::Tensor& g, 
     out.g = single ? out.f : scaled.narrow(0, M, N);
     a.scaled = scaled.data_ptr();
     a.prescale = a.inv + rows;
-    // Without normalisation (a TF32 copy) no row is scaled: the products are the rows'.
-    a.big = normalize ? float(std::sqrt(double(std::numeric_limits<float>::max()) / (4.0 * double(D))))
-                      : std::numeric_limits<float>::infinity();
+    a.big = float(std::sqrt(double(std::numeric_limits<float>::max()) / (4.0 * double(D))));
     a.tf32 = tf32;
   }
   C10_CUDA_CHECK(k::launch_row_norms(dtype, a, stream));

@@ -254,14 +254,14 @@ __device__ __forceinline__ void write_dz(const BwdArgs& p, const Acc& dacc, int6
 
 // The TF32 backward side: the 16-bit kernel's tiles and pipeline, with the products of
 // supcon_mma.cuh's TF32 backward (the k-steps' columns permuted, B from y^T: mma_tf32_yt). A
-// register v of k-step j is G(row g + 8 (v & 1), column tf32_a_col(j, lane, v)), read from G's
+// register v of k-step j is G(row g + 8 (v & 1), column permuted_col(j, lane, v >> 1)), read from G's
 // tile as it lies (G^T's with kGT) and rounded to TF32; y's tile is scaled by 1 / n_y in place
 // (rounded there), then transposed.
 template <bool kGT>
 __device__ __forceinline__ void similarity_bwd_tf32(const BwdArgs& p) {
   using T = tfloat32_t;
   using supcon_cuda::mma::cvt_rna_tf32;
-  using supcon_cuda::mma::tf32_a_col;
+  using supcon_cuda::mma::permuted_col;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<BwdStorageTf32*>(smem_raw);
   const int64_t x0 = int64_t(blockIdx.x) * kBwdRows;
@@ -299,7 +299,7 @@ __device__ __forceinline__ void similarity_bwd_tf32(const BwdArgs& p) {
       uint32_t a[4];
       CUTE_UNROLL
       for (int v = 0; v < 4; ++v) {
-        const int r = row0 + 8 * (v & 1), q = tf32_a_col(j, lane, v);
+        const int r = row0 + 8 * (v & 1), q = permuted_col(j, lane, v >> 1);
         a[v] = cvt_rna_tf32(kGT ? g[q * (kCols + kGPad) + r] : g[r * (kCols + kGPad) + q]);
       }
       supcon_cuda::mma::mma_tf32_yt(a, st.yt, j, dacc);

@@ -107,12 +107,13 @@ struct BwdArgs {
 
 // The O(M + N) passes around them (supcon_rows.cuh), launched by supcon_rows.cu.
 //
-// With `scaled` set (bf16 / fp32 inputs with normalisation), rows whose sum of squares could
-// overflow float32 (max |x_r| > big = sqrt(FLT_MAX / 4D)) are scaled by 2^-e, with
-// 2^(e-1) <= max |x_r| < 2^e (reference.overflow_safe_scale), into a contiguous copy the loss
-// kernels read instead of the inputs: a power of two changes no unit vector, and the raw
-// products of the copy's rows cannot overflow. The norms are then the copy's, and `prescale`
-// holds each row's factor (1 for almost all) for the backward's chain rule.
+// With `scaled` set (bf16 / fp32 inputs with normalisation; TF32 rows, with or without), the
+// kernels read a contiguous copy. With normalisation, rows whose sum of squares could
+// overflow float32 (max |x_r| > big = sqrt(FLT_MAX / 4D)) are scaled in it by 2^-e, with
+// 2^(e-1) <= max |x_r| < 2^e (reference.overflow_safe_scale): a power of two changes no unit
+// vector, and the raw products of the copy's rows cannot overflow. The norms are then the
+// copy's, and `prescale` holds each row's factor (1 for almost all; 1 for all without
+// normalisation) for the backward's chain rule.
 struct RowNormArgs {
   Matrix x;       // anchors (M, D)
   Matrix y;       // contrast rows (N, D); rows = 0 with one set

@@ -764,12 +764,12 @@ CUTE_HOST_DEVICE void transpose_tile(const SY& sy, YtTile<kCols>& yt, int thread
   }
 }
 
-// With the permuted k: A register v of k-step j holds column 8 j + 2t + (v >> 1) of the rows
-// g + 8 (v & 1) (the thread's two); the element of Y^T that B register v (0, 1) of the n8 block n
-// takes is row 8 n + g, column 8 j + 2t + v; for lane = 4 g + t.
-CUTE_HOST_DEVICE constexpr int tf32_a_col(int j, int lane, int v) { return 8 * j + 2 * (lane % 4) + (v >> 1); }
+// The permuted k, for lane = 4 g + t: k = t + 4 h of k-step j stands for column
+// permuted_col(j, lane, h) = 8 j + 2t + h (of S and G; a row of Y). A register v of k-step j
+// holds k = t + 4 (v >> 1) of the rows g + 8 (v & 1) (the thread's two); B register v (0, 1) of
+// dX's n8 block n holds Y^T(yt_row(n, lane), permuted_col(j, lane, v)), yt_row = 8 n + g.
+CUTE_HOST_DEVICE constexpr int permuted_col(int j, int lane, int h) { return 8 * j + 2 * (lane % 4) + h; }
 CUTE_HOST_DEVICE constexpr int yt_row(int n, int lane) { return 8 * n + lane / 4; }
-CUTE_HOST_DEVICE constexpr int yt_col(int j, int lane, int v) { return 8 * j + 2 * (lane % 4) + v; }
 
 // dacc (the thread's 16 x kD block of m16n8 accumulators) += A B for k-step j: a the A
 // registers (the permuted k), B from yt.
@@ -778,7 +778,7 @@ __device__ __forceinline__ void mma_tf32_yt(const uint32_t (&a)[4], const YtTile
   const int lane = threadIdx.x % 32;
   CUTE_UNROLL
   for (int n = 0; n < kD / 8; ++n) {
-    const float2 b = *reinterpret_cast<const float2*>(&yt.v[yt_row(n, lane)][yt_col(j, lane, 0)]);
+    const float2 b = *reinterpret_cast<const float2*>(&yt.v[yt_row(n, lane)][permuted_col(j, lane, 0)]);
     SM80_16x8x8_F32TF32TF32F32_TN::fma(dacc(4 * n), dacc(4 * n + 1), dacc(4 * n + 2), dacc(4 * n + 3),
                                        a[0], a[1], a[2], a[3], __float_as_uint(b.x), __float_as_uint(b.y),
                                        dacc(4 * n), dacc(4 * n + 1), dacc(4 * n + 2), dacc(4 * n + 3));

@@ -34,7 +34,6 @@ bool rows_fit(const Matrix& m, int chunk) {
   return m.s1 == 1 && m.s0 % chunk == 0 && reinterpret_cast<uintptr_t>(m.data) % 16 == 0;
 }
 
-
 // Whether the binary holds sm_80+ code for the current device (the kernels compile to an empty
 // body for older targets).
 bool device_has_mma_code() {
@@ -56,7 +55,6 @@ bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
          std::strcmp(cuda_kernels_choice(), "general") != 0 && device_has_mma_code() &&
          (!tf32 || mma::shared_memory_optin() >= mma::kTf32SharedBytes);
 }
-
 
 int fwd_splits(Dtype dtype, const FwdArgs& a) {
   if (a.x.rows == 0 || sm90_supported(dtype, a.x, a.y, a.D) || !mma_supported(dtype, a.x, a.y, a.D))

@@ -26,9 +26,9 @@ constexpr int kNormRows = kThreads / kNormLanes;  // rows per CTA
 
 // Rows r < x.rows of x, then the rows of y (y.rows = 0 with one set). Each row's sum of
 // squares is taken by kNormLanes neighbouring threads over strided elements of D, in fp32.
-// With p.scaled, a first sweep finds the row's max |x| and its prescale factor, and the
-// second writes the scaled row and sums the squares of what it wrote (the values the loss
-// kernels read), rounded to TF32 with p.tf32.
+// With p.scaled and normalisation, a first sweep finds the row's max |x| and its prescale
+// factor; with p.scaled the second writes the (scaled) row and sums the squares of what it
+// wrote (the values the loss kernels read), rounded to TF32 with p.tf32.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) row_norms_kernel(const RowNormArgs p) {
   const int64_t r = int64_t(blockIdx.x) * kNormRows + threadIdx.x / kNormLanes;
@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kThreads) row_norms_kernel(const RowNormArgs p
   const int64_t row = in_x ? r : r - p.x.rows;
   const bool live = r < p.x.rows + p.y.rows;
   float scale = 1.f;
-  if (p.scaled != nullptr) {
+  if (p.scaled != nullptr && p.normalize) {  // (unnormalised rows are multiplied as they are)
     float amax = 0.f;
     for (int64_t d = lane; d < p.D; d += kNormLanes)
       amax = fmaxf(amax, fabsf(to_float(load<T>(m, row, d, p.D))));

@@ -116,7 +116,7 @@ def row_norms(lib, f, g, normalize, order=0, tf32=False):
     out = torch.empty(3, rows)
     copy = (normalize and f.dtype != torch.float16) or tf32
     scaled = torch.empty(rows, d, dtype=f.dtype) if copy else None
-    big = (torch.finfo(torch.float32).max / (4.0 * d)) ** 0.5 if normalize else float("inf")
+    big = (torch.finfo(torch.float32).max / (4.0 * d)) ** 0.5 if copy else 0.0
     args = RowNormArgs(matrix(f), matrix(g), d, normalize, NORM_EPS,
                        out[0].data_ptr(), out[1].data_ptr(),
                        scaled.data_ptr() if copy else None,

@@ -67,9 +67,9 @@ void check_tile() {
 // The TF32 backwards' products with the k-steps' columns permuted (gemm_h_y_tf32 of the loss,
 // similarity_bwd_tf32), against CuTe's m16n8k8 layouts: for every thread and k-step j (the S
 // tile's n8 block), A register v is accumulator 4 j + tf32_h_order(v) (same row; its column
-// 8 j + 2t or 8 j + 2t + 1 is k = t or t + 4 permuted), which is the similarity's G(row0 + 8 (v & 1),
-// tf32_a_col(j, lane, v)); and B register v of dX's n8 block n is Y^T(8 n + g, 8 j + 2t + v):
-// column g of the block, the permuted k.
+// 8 j + 2t or 8 j + 2t + 1 is k = t or t + 4 permuted: permuted_col), which is the similarity's
+// G(row0 + 8 (v & 1), permuted_col(j, lane, v >> 1)); and B register v of dX's n8 block n is
+// Y^T(8 n + g, permuted_col(j, lane, v)): column g of the block, the permuted k.
 template <int kCols>
 void check_tf32_h_times_y() {
   TiledMma<tfloat32_t> mma;
@@ -81,21 +81,21 @@ void check_tf32_h_times_y() {
     auto cD = slice.partition_C(make_identity_tensor(Shape<Int<kBwdRows>, Int<kD>>{}));
     CHECK(size(cA) == 4 && size(cB) == 2 * kD / 8);
     const int lane = t % 32;
-    auto permuted = [&](int k) { return k < 4 ? 2 * k : 2 * (k - 4) + 1; };  // k -> S column in the block
+    auto column_of = [&](int k) { return k < 4 ? 2 * k : 2 * (k - 4) + 1; };  // k -> S column in the block
     for (int j = 0; j < kCols / 8; ++j)
       for (int v = 0; v < 4; ++v) {
         auto s = cS(4 * j + tf32_h_order(v));
         CHECK(get<0>(s) == get<0>(cA(v)));
-        CHECK(get<1>(s) == 8 * j + permuted(get<1>(cA(v))));
-        // the similarity's A registers, read from G: row row0 + 8 (v & 1) of dX's, tf32_a_col
+        CHECK(get<1>(s) == 8 * j + column_of(get<1>(cA(v))));
+        // the similarity's A registers, read from G: row row0 + 8 (v & 1) of dX's, permuted_col
         CHECK(get<0>(cA(v)) == get<0>(cD(0)) + 8 * (v & 1));
-        CHECK(8 * j + permuted(get<1>(cA(v))) == tf32_a_col(j, lane, v));
+        CHECK(8 * j + column_of(get<1>(cA(v))) == permuted_col(j, lane, v >> 1));
       }
     for (int n = 0; n < kD / 8; ++n)
       for (int v = 0; v < 2; ++v) {
         auto b = cB(v, n, 0);
         CHECK(get<0>(b) == yt_row(n, lane));
-        CHECK(permuted(get<1>(b)) == yt_col(0, lane, v));  // the column in k-step 0's block
+        CHECK(column_of(get<1>(b)) == permuted_col(0, lane, v));  // the column in k-step 0's block
       }
   }
   // transpose_tile, run by every thread over a tile of keys in the swizzled layout: Y^T holds
