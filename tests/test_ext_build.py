@@ -153,8 +153,9 @@ CUDA_TARGETS = {"sm_90a": ["-gencode", "arch=compute_90a,code=sm_90a", "-DANCHOR
 # Hopper kernels (``sm90`` in their names): their body is sm_90a code alone (wgmma fed by TMA,
 # setmaxnreg), and compiles away for any other target.
 HOPPER_INSTRUCTIONS = ("HGMMA", "UTMALDG", "USETMAXREG")
-# The forwards built once more without their edge tiles' copy of the per-logit code
-# (ANCHOR_KERNELS_INNER_TILES_ONLY, csrc/cuda/supcon_mma.cuh), to count what an inner tile runs.
+# The forwards built once more without their edge tiles' copy of the per-logit code and the
+# label keys' search of labels out of int32's range (ANCHOR_KERNELS_INNER_TILES_ONLY,
+# csrc/cuda/supcon_mma.cuh), to count what an inner tile runs with labels in range.
 INNER = "+inner"
 INNER_TILE_BUILDS = {"supcon_mma_fwd.cu": "sm_80", "supcon_sm90_fwd.cu": "sm_90a"}
 # Mangled element types whose products run on the tensor cores: CUDA's half precision (__half,
@@ -372,26 +373,32 @@ def _tensor_core_loop(instructions, op="HGMMA", outlined=False, nested_trips=Non
 # without the edge copy; exponentials per logit). Log-sum-exp only: scale, exp, sum, and the
 # maxima with running maxima; plain SupCon adds the label compare and the positives' count and
 # sum; soft mining a pass over the positives for their maximum, and their weights. Fixed
-# shifts (normalised rows) drop the maxima. Logits a thread holds per tile: 64 in both.
+# shifts (normalised rows) drop the maxima. Logits a thread holds per tile: 64 in both. The
+# label compare is one ISETP on 32-bit keys (csrc/cuda/label_keys.cuh; the inner-tile build
+# leaves out the keys' search of labels out of range, which labels in range never run).
 # The Hopper loop holds the turn and the product's issue and wait besides; nvcc 13.0 gives
-# (8.9, 13.7, 24.2) running maxima and (7.5, 12.3, 15.5) fixed shifts, inner tiles
-# (6.8, 11.1, 18.8) and (5.5, 9.8, 13.0).
-HOPPER_FWD_BUDGET = {("ELi0E", False): (9.5, 7.1, 1), ("ELi1E", False): (14.0, 11.5, 1), ("ELi2E", False): (25.0, 19.3, 2),
-                     ("ELi0E", True): (8.0, 5.8, 1), ("ELi1E", True): (12.8, 10.1, 1), ("ELi2E", True): (16.0, 13.4, 2)}
+# (8.9, 12.6, 22.2) running maxima and (7.5, 11.3, 16.2) fixed shifts, inner tiles
+# (6.8, 10.1, 16.7) and (5.5, 8.8, 11.9); with int64 labels it gave (8.9, 13.7, 24.2) and
+# (7.5, 12.3, 15.5), inner tiles (6.8, 11.1, 18.8) and (5.5, 9.8, 13.0).
+HOPPER_FWD_BUDGET = {("ELi0E", False): (9.5, 7.1, 1), ("ELi1E", False): (13.0, 10.5, 1), ("ELi2E", False): (22.6, 17.2, 2),
+                     ("ELi0E", True): (8.0, 5.8, 1), ("ELi1E", True): (11.7, 9.2, 1), ("ELi2E", True): (16.6, 12.4, 2)}
 # The sm_80 forward (the default on every tensor-core GPU) runs the same per-logit code
 # (mma::tile_update) on 128 x 64 tiles, and its loop holds the product too: the next tile's
-# cp.async (load_rows, offsets folded), ldmatrix, 128 HMMA. nvcc 13.0 gives (13.0, 17.6, 28.6)
-# and (11.4, 19.1, 21.0), inner tiles (11.0, 14.8, 26.4) and (9.3, 13.1, 19.3); before the
-# shared code, one copy with run-time masks for every tile: (22.3, 31.8, 38.7) and
-# (20.6, 30.0, 32.3).
-SM80_FWD_BUDGET = {("ELi0E", False): (13.4, 11.4, 1), ("ELi1E", False): (18.1, 15.2, 1), ("ELi2E", False): (29.3, 27.0, 2),
-                   ("ELi0E", True): (11.8, 9.7, 1), ("ELi1E", True): (19.6, 13.5, 1), ("ELi2E", True): (21.5, 19.8, 2)}
+# cp.async (load_rows, offsets folded), ldmatrix, 128 HMMA, and the next tile's labels keyed.
+# nvcc 13.0 gives (13.0, 16.8, 25.7) and (11.4, 15.7, 20.0), inner tiles (11.2, 14.4, 24.6)
+# and (9.5, 12.8, 18.6); with int64 labels (13.0, 17.5, 28.6) and (11.5, 18.8, 20.6), inner
+# tiles (11.0, 15.1, 25.7) and (9.7, 13.5, 19.4); before the shared code, one copy with
+# run-time masks for every tile: (22.3, 31.8, 38.7) and (20.6, 30.0, 32.3).
+SM80_FWD_BUDGET = {("ELi0E", False): (13.4, 11.6, 1), ("ELi1E", False): (17.2, 14.8, 1), ("ELi2E", False): (26.2, 25.0, 2),
+                   ("ELi0E", True): (11.8, 9.7, 1), ("ELi1E", True): (16.1, 13.2, 1), ("ELi2E", True): (20.5, 19.0, 2)}
 # Its TF32 variant (fp32 rows, torch allowing TF32) runs the same per-logit code; its product
 # takes m16n8k8 steps over rows of twice the bytes: 256 HMMA, 96 ldmatrix and 16 cp.async a
 # tile, against 128, 48 and 8, which is 2 to 6 more instructions per logit. nvcc 13.0 gives
-# (15.7, 20.2, 32.6) and (14.2, 21.4, 23.6), inner tiles (17.0, 21.1, 29.4) and (15.4, 20.0, 22.8).
-SM80_TF32_FWD_BUDGET = {("ELi0E", False): (16.1, 17.4, 1), ("ELi1E", False): (20.6, 21.5, 1), ("ELi2E", False): (33.0, 29.8, 2),
-                        ("ELi0E", True): (14.6, 15.8, 1), ("ELi1E", True): (21.8, 20.4, 1), ("ELi2E", True): (24.0, 23.2, 2)}
+# (15.6, 19.5, 28.1) and (14.1, 18.4, 22.8), inner tiles (16.9, 20.7, 27.6) and (15.3, 19.1, 22.0);
+# with int64 labels (15.7, 20.2, 32.6) and (14.2, 21.4, 23.6), inner tiles (17.0, 21.1, 29.4)
+# and (15.4, 20.0, 22.8).
+SM80_TF32_FWD_BUDGET = {("ELi0E", False): (16.1, 17.4, 1), ("ELi1E", False): (20.0, 21.1, 1), ("ELi2E", False): (28.6, 28.0, 2),
+                        ("ELi0E", True): (14.6, 15.8, 1), ("ELi1E", True): (18.8, 19.5, 1), ("ELi2E", True): (23.3, 22.4, 2)}
 TF32 = "tfloat32_t"  # in a kernel's mangled name
 
 
@@ -444,15 +451,18 @@ def test_sm80_forward_instructions_per_logit(cuda_objects):
 # holds (kBwdN / 2 per tile: 32 at 64 columns, 16 at 32 for soft mining), and exponentials per
 # logit and side. Per side H takes p_ij (one exponential), plus the soft weight (a second) and
 # its exact-gradient factor; one set has both sides in one pass (sides 3). The loop also holds
-# the turn, the S and dX products and the stage hand-back. (nvcc 13.0 gives 13.4, 13.9, 16.9;
-# 17.7, 18.2, 23.4; 23.6, 24.1, 30.8; 25.8, 26.3, 34.9 for sides 1, 2, 3 of modes 0 to 3.)
-HOPPER_BWD_BUDGET = {0: (14.0, 14.5, 17.5, 1), 1: (18.3, 18.8, 24.0, 1),
-                     2: (24.2, 24.7, 31.5, 2), 3: (26.5, 27.0, 35.8, 2)}
+# the turn, the S and dX products and the stage hand-back; the producer keys the labels, so
+# that a logit's label compare is one ISETP. (nvcc 13.0 gives 13.4, 14.0, 17.0; 16.7, 17.2,
+# 22.2; 22.8, 23.8, 30.3; 24.9, 25.8, 34.7 for sides 1, 2, 3 of modes 0 to 3; with int64
+# labels 17.7, 18.2, 23.4; 23.6, 24.1, 30.8; 25.8, 26.3, 34.9 for modes 1 to 3.)
+HOPPER_BWD_BUDGET = {0: (14.0, 14.5, 17.5, 1), 1: (17.2, 17.7, 22.8, 1),
+                     2: (23.2, 24.2, 30.8, 2), 3: (25.4, 26.2, 35.2, 2)}
 
 
 # The sm_80 backward's, the same way (64-row CTAs of 4 warps: the same logits per thread); its
 # loop holds the next tile's cp.async, the ldmatrix fragments and both mma.sync products
-# besides. (nvcc 13.0 gives 34.2, 36.0, 41.8; 37.5, 38.8, 44.4; 49.3, 52.4, 66.8; 51.3, 52.9,
+# besides. It compares the int64 labels: with the forward's 32-bit keys, ptxas recomputed its
+# ldmatrix addresses every tile, 50 to 180 instructions a tile more than the compares saved. (nvcc 13.0 gives 34.2, 36.0, 41.8; 37.5, 38.8, 44.4; 49.3, 52.4, 66.8; 51.3, 52.9,
 # 73.6; before the split columns, 34.2, 35.6, 42.0; 38.5, 39.8, 46.9; 48.9, 50.4, 68.9; 51.0,
 # 54.7, 74.1.)
 SM80_BWD_BUDGET = {0: (35.0, 36.5, 43.0, 1), 1: (39.5, 40.8, 48.0, 1),
@@ -496,6 +506,33 @@ def test_sm80_backward_instructions_per_logit(cuda_objects):
     assert _check_backward_budget(cuda_objects, "supcon_mma_bwd.cu", "sm_80", SM80_BWD_BUDGET, "HMMA") == 24
     assert _check_backward_budget(cuda_objects, "supcon_mma_bwd_tf32.cu", "sm_80", SM80_TF32_BWD_BUDGET,
                                   "HMMA", transposes=True) == 12
+
+
+def _wide_compares(instructions, op):
+    """64-bit integer compares (ISETP with .EX) in the tile loop around the ``op``s."""
+    return sum("ISETP" in text and ".EX" in text for text in _tensor_core_loop(instructions, op))
+
+
+@pytest.mark.parametrize("stem,arch,op,variants", [("supcon_mma_fwd.cu", "sm_80" + INNER, "HMMA", 12),
+                                                   ("supcon_sm90_fwd.cu", "sm_90a" + INNER, "HGMMA", 8),
+                                                   ("supcon_sm90_bwd.cu", "sm_90a", "HGMMA", 18)])
+def test_label_compares_are_32_bit(cuda_objects, stem, arch, op, variants):
+    """Counted: the loops that compare labels (plain SupCon, soft mining; every dtype, shift
+    and side) hold no more 64-bit compares than the log-sum-exp-only loop of the same variant
+    (row bounds, loop control), give or take two: a logit's label compare is one ISETP on
+    32-bit keys (csrc/cuda/label_keys.cuh). int64 labels gave one 64-bit compare per logit,
+    64 or more a tile."""
+    kernels = _kernels(cuda_objects, stem, arch)
+    compared = 0
+    for name, instructions in kernels.items():
+        mode = name.split("_tELi", 1)[1][0] if "_tELi" in name else "0"  # (the merge: no mode)
+        if mode == "0":
+            continue
+        lse = name.replace(f"_tELi{mode}E", "_tELi0E", 1)
+        extra = _wide_compares(instructions, op) - _wide_compares(kernels[lse], op)
+        assert extra <= 2, (name, extra)
+        compared += 1
+    assert compared == variants
 
 
 # The similarity kernels' tile loops (csrc/cuda/similarity_mma.cuh), per element of the tile a

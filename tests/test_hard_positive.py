@@ -15,7 +15,7 @@ from anchor_kernels.ops.hard_positive_triton import MAX_K
 
 from .cuda_emulation import hard_positive_emulated as emu
 from .cuda_emulation.similarity_emulated import build_emulator
-from .utils import DispatchedOps, TritonCalls, assert_graph_safe, cuda_kernels_run
+from .utils import DispatchedOps, TritonCalls, assert_graph_safe, cuda_kernels_run, labels_for
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the CUDA C++ kernel: tier 2
 CPU_BACKENDS = ["triton", "cpu", "eager", CUDA]
@@ -467,6 +467,22 @@ def test_cuda_kernel_emulated_scales_huge_rows_in_the_op(emulator, dtype):
         torch.testing.assert_close(cos[real].double(), ref_cos[real], rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("offset", [0, None])
+def test_cuda_kernel_emulated_labels_of_any_int64_range(emulator, offset):
+    """Labels past int32, some equal in their low 32 bits, and at the edges of the kernels'
+    32-bit label keys: the reference's selection, anchors spread over three CTAs."""
+    g = torch.Generator().manual_seed(3)
+    z, y = torch.randn(150, 9, generator=g), labels_for("wide", 150, g)
+    c, yc = (z, y) if offset == 0 else (torch.randn(140, 9, generator=g), labels_for("wide", 140, g))
+    assert_separated(z, y, c, yc, offset)
+    idx, cos = emulator.select(z, y, c, yc, 6, True, offset)
+    ref_idx, ref_cos = reference.hard_positive_mining(z.double(), y, 6, contrast=c.double(),
+                                                      contrast_labels=yc, anchor_offset=offset)
+    assert torch.equal(idx, ref_idx)
+    real = idx >= 0
+    torch.testing.assert_close(cos[real].double(), ref_cos[real], rtol=0, atol=2e-6)
+
+
 def test_cuda_kernel_emulated_ties(emulator):
     base = torch.randn(40, 12)
     c, yc = torch.cat([base, base, base]), torch.zeros(120, dtype=torch.int64)
@@ -538,7 +554,8 @@ def test_gpu_large(backend, n, k, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,n,d,classes,offset", [(200, 200, 128, 10, "self"), (77, 300, 64, 3, 50),
                                                   (130, 70, 8, 1000, None), (64, 64, 24, 2, "self"),
-                                                  (70, 70, 130, 10, "self")])
+                                                  (70, 70, 130, 10, "self"), (150, 140, 64, "wide", None),
+                                                  (150, 150, 32, "wide", "self")])
 @pytest.mark.parametrize("k", [1, 5])
 @pytest.mark.parametrize("choice", ["auto", "general"])
 def test_gpu_tensor_core_kernel(dtype, m, n, d, classes, offset, k, choice, monkeypatch):
@@ -546,14 +563,16 @@ def test_gpu_tensor_core_kernel(dtype, m, n, d, classes, offset, k, choice, monk
     with D % 8 == 0) and not with ANCHOR_KERNELS_CUDA_KERNELS=general. Integer rows make every
     product exact, so the selection equals the reference's, ties included: anchors off the
     64-row tiles, contrast rows off the 64-column ones, so many labels that most tiles are
-    skipped, the self pair in one set and at an offset into the contrast rows."""
+    skipped, the self pair in one set and at an offset into the contrast rows, and labels past
+    int32 (both kernels compare 32-bit label keys)."""
     monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", choice)
     torch.manual_seed(0)
     z = torch.randint(-2, 3, (m, d)).to(dtype)
-    y = labels(m, classes)
+    draw = (lambda k: labels_for("wide", k)) if classes == "wide" else (lambda k: labels(k, classes))
+    y = draw(m)
     c = yc = None
     if offset != "self":
-        c, yc = torch.randint(-2, 3, (n, d)).to(dtype), labels(n, classes)
+        c, yc = torch.randint(-2, 3, (n, d)).to(dtype), draw(n)
         if offset is not None:
             c[offset:offset + m], yc[offset:offset + m] = z, y
     names = cuda_kernels_run(lambda: check(z, y, k, c, yc, 0 if offset == "self" else offset,

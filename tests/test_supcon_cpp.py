@@ -82,7 +82,7 @@ def test_single_set_float32(m, d, options):
     compare("cpu", f, labels_for("random", m), dtype=torch.float32, **options)
 
 
-@pytest.mark.parametrize("kind", ["one_class", "all_distinct", "some_alone"])
+@pytest.mark.parametrize("kind", ["one_class", "all_distinct", "some_alone", "wide"])
 @pytest.mark.parametrize("beta", [0.0, 1.5])
 def test_label_patterns(kind, beta):
     f = torch.randn(41, 24, dtype=torch.float64)
@@ -466,6 +466,29 @@ def test_gpu_label_patterns_and_strides(kind):
             hard_positive_beta=1.5, detach_weights=False)
     compare("cuda", torch.randn(59, 97, device="cuda").T, labels_for(kind, 97).cuda(),
             dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("choice", ["sm80", "sm90"])
+@pytest.mark.parametrize("options", OPTIONS[:3], ids=OPTION_IDS[:3])
+def test_gpu_tensor_core_kernels_take_labels_of_any_int64_range(choice, options, monkeypatch):
+    """The tensor-core forwards and the Hopper backward compare 32-bit keys of the labels
+    (csrc/cuda/label_keys.cuh): with labels past int32, some equal in their low 32 bits, and at
+    the edges of the keys' ranges, the loss and gradients still match the reference, one set
+    and two; the sm_80 and the Hopper kernels (the latter on compute capability 9.0 with sm_90a
+    code)."""
+    if choice == "sm90" and (torch.cuda.get_device_capability() != (9, 0)
+                             or "-DANCHOR_KERNELS_SM90A=1" not in _ext.cuda_flags()):
+        pytest.skip("the Hopper kernels need compute capability 9.0 and an sm_90a build")
+    monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", choice)
+    g = torch.Generator().manual_seed(5)
+    f, y = torch.randn(700, 64, generator=g).cuda(), labels_for("wide", 700, g).cuda()
+    names = cuda_kernels_run(lambda: compare("cuda", f, y, dtype=torch.bfloat16, **options))
+    kernel = {"sm80": "mma", "sm90": "sm90"}[choice]
+    for way in ("fwd", "bwd"):
+        assert any(f"supcon_{way}_{kernel}_kernel" in k for k in names), (way, names)
+    c, y_c = torch.randn(900, 64, generator=g).cuda(), labels_for("wide", 900, g).cuda()
+    compare("cuda", f, y, c, y_c, dtype=torch.bfloat16, anchor_offset=None, **options)
 
 
 @pytest.mark.gpu

@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "hard_positive_kernels.h"
+#include "label_keys.cuh"
 #include "supcon_kernels.cuh"
 
 namespace anchor_kernels::hard_positive_cuda::detail {
@@ -26,6 +27,7 @@ using supcon_cuda::detail::kBlock;
 using supcon_cuda::detail::kOpsBytes;
 using supcon_cuda::detail::kSLd;
 using supcon_cuda::detail::kThreads;
+namespace label_keys = supcon_cuda::label_keys;
 
 constexpr int64_t kKeyInf = 0x7FFFFFFFFFFFFFFFll;
 constexpr int64_t kKeyPad = 0x7FFFFFFF80000000ll;  // keys at or above it are empty slots
@@ -96,23 +98,25 @@ struct TopK {
   }
 };
 
-// The anchor a thread selects for (thread t < rows of a CTA whose anchors start at x0: anchor
-// x0 + t), or none: its label, inverse norm, self column and top-k. Shared with the
-// tensor-core kernel.
+// The anchor a thread selects for (thread t < kRows of a CTA whose anchors start at x0: anchor
+// x0 + t), or none: its label's key (label_keys.cuh: key_of), inverse norm, self column and
+// top-k. Shared with the tensor-core kernel.
 struct Anchor {
   int64_t i;
   int slot;  // its row of the CTA's tiles (the thread's index)
   bool row;  // this thread selects for anchor i
-  int64_t label;
+  int32_t label_key;
   float rn;
   int64_t self;  // contrast column of the self pair, or -1
   TopK top;
 
-  __device__ static Anchor of(const Args& p, int64_t x0, int tid, int rows) {
+  template <int kRows>
+  __device__ static Anchor of(const Args& p, int64_t x0, int tid, label_keys::Keys key_of,
+                              const label_keys::SortedRows<kRows>& rows) {
     Anchor a{x0 + tid, tid, false, 0, 0.f, -1, {}};
-    a.row = tid < rows && a.i < p.z.rows;
+    a.row = tid < kRows && a.i < p.z.rows;
     if (a.row) {
-      a.label = p.lz[a.i];
+      a.label_key = key_of(p.lz[a.i], rows);
       a.rn = p.rnz[a.i];
       a.self = p.has_self ? a.i + p.offset : -1;
       a.top = TopK::start(p.keys + a.i * p.keff, p.keff);
@@ -120,22 +124,23 @@ struct Anchor {
     return a;
   }
 
-  // Whether a tile's first `cols` columns (labels lc, from column y0) hold one of its positives.
-  __device__ bool has_positive(const int64_t* lc, int cols, int64_t y0) const {
+  // Whether a tile's first `cols` columns (their labels' keys lc, from column y0) hold one of
+  // its positives.
+  __device__ bool has_positive(const int32_t* lc, int cols, int64_t y0) const {
     if (!row) return false;
     for (int c = 0; c < cols; ++c)
-      if (lc[c] == label && y0 + c != self) return true;
+      if (lc[c] == label_key && y0 + c != self) return true;
     return false;
   }
 
   // Its row of a tile's products (raw: times rn and rnc[c] here; rows ld apart) into its top-k.
-  __device__ void offer(const float* tile, int ld, const int64_t* lc, const float* rnc, int cols,
+  __device__ void offer(const float* tile, int ld, const int32_t* lc, const float* rnc, int cols,
                         int64_t y0) {
     if (!row) return;
     const float* s = tile + slot * ld;
     for (int c = 0; c < cols; ++c) {
       const int64_t j = y0 + c;
-      if (lc[c] != label || j == self) continue;
+      if (lc[c] != label_key || j == self) continue;
       top.offer(make_key(s[c] * rn * rnc[c], j));
     }
   }
@@ -149,20 +154,22 @@ template <typename T, bool MMA>
 __global__ void __launch_bounds__(kThreads) hard_positive_kernel(const Args p) {
   __shared__ __align__(128) unsigned char ops[kOpsBytes];
   __shared__ __align__(128) float Ss[kBlock][kSLd];
-  __shared__ int64_t slc[kBlock];
+  __shared__ int32_t slc[kBlock];  // the tile's label keys
+  __shared__ label_keys::SortedRows<kBlock> sorted_rows;
   __shared__ float srnc[kBlock];
   __shared__ int any_positive;
 
   const int64_t N = p.c.rows;
   const int64_t x0 = int64_t(blockIdx.x) * kBlock;
   const int tid = threadIdx.x;
-  Anchor anchor = Anchor::of(p, x0, tid, kBlock);
+  const auto key_of = label_keys::cta_keys(sorted_rows, p.lz, p.z.rows, x0, tid, kThreads);
+  Anchor anchor = Anchor::of(p, x0, tid, key_of, sorted_rows);
 
   for (int64_t y0 = 0; y0 < N; y0 += kBlock) {
     __syncthreads();  // the previous tile's labels and products are consumed
     if (tid < kBlock) {
       const int64_t j = y0 + tid;
-      slc[tid] = j < N ? p.lc[j] : 0;
+      slc[tid] = j < N ? key_of(p.lc[j], sorted_rows) : 0;
       srnc[tid] = j < N ? p.rnc[j] : 0.f;
     }
     if (tid == 0) any_positive = 0;

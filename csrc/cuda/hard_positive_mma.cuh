@@ -19,6 +19,7 @@ namespace anchor_kernels::hard_positive_cuda::mma {
 
 using namespace cute;
 using detail::Anchor;
+namespace label_keys = supcon_cuda::label_keys;
 using supcon_cuda::mma::gemm_rows;
 using supcon_cuda::mma::kD;
 using supcon_cuda::mma::kThreads;
@@ -35,7 +36,8 @@ struct Storage {
   alignas(128) Word<T> z[kRows * kD];
   alignas(128) Word<T> c[2][kCols * kD];
   float s[kRows][kCols + 1];  // the tile's products; + 1: rows read down a column stay conflict-free
-  int64_t label[2][kCols];
+  int32_t label_key[2][kCols];
+  label_keys::SortedRows<kRows> rows;  // the anchors' labels, where one is out of a key's range
   float rn[2][kCols];
 };
 
@@ -51,16 +53,17 @@ __global__ void __launch_bounds__(kThreads) hard_positive_mma_kernel(const Args 
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kRows;
   const int tid = threadIdx.x;
-  Anchor anchor = Anchor::of(p, x0, tid, kRows);
+  const auto key_of = label_keys::cta_keys(st.rows, p.lz, p.z.rows, x0, tid, kThreads);
+  Anchor anchor = Anchor::of(p, x0, tid, key_of, st.rows);
   const int n_tiles = int((N + kCols - 1) / kCols);
 
   auto tile_c = [&](int buf) {
     return make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.c[buf])), SmemTile<kCols, T>{});
   };
-  auto stage_columns = [&](int t, int buf) {  // labels and inverse norms of tile t
+  auto stage_columns = [&](int t, int buf) {  // label keys and inverse norms of tile t
     if (tid < kCols) {
       const int64_t j = int64_t(t) * kCols + tid;
-      st.label[buf][tid] = j < N ? p.lc[j] : 0;
+      st.label_key[buf][tid] = j < N ? key_of(p.lc[j], st.rows) : 0;
       st.rn[buf][tid] = j < N ? p.rnc[j] : 0.f;
     }
   };
@@ -91,13 +94,13 @@ __global__ void __launch_bounds__(kThreads) hard_positive_mma_kernel(const Args 
     }
     cp_async_fence();
     // The CTA skips the tile unless one of its anchors has a positive there.
-    if (!__syncthreads_or(anchor.has_positive(st.label[buf], cols, y0))) continue;
+    if (!__syncthreads_or(anchor.has_positive(st.label_key[buf], cols, y0))) continue;
     clear(acc);
     gemm_rows(tiled_mma, sZ, tile_c(buf), acc);
     CUTE_UNROLL
     for (int e = 0; e < size(acc); ++e) st.s[get<0>(coord(e))][get<1>(coord(e))] = acc(e);
     __syncthreads();  // the products are in
-    anchor.offer(&st.s[0][0], kCols + 1, st.label[buf], st.rn[buf], cols, y0);
+    anchor.offer(&st.s[0][0], kCols + 1, st.label_key[buf], st.rn[buf], cols, y0);
   }
 
   anchor.finish(p);

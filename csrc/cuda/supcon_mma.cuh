@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "label_keys.cuh"
 #include "supcon_kernels.h"
 
 namespace anchor_kernels::supcon_cuda::mma {
@@ -114,10 +115,13 @@ template <int kRows>
 using SmemTileT = decltype(composition(SmemTile<kRows>{},
                                        make_layout(Shape<Int<kD>, Int<kRows>>{}, GenRowMajor{})));
 
-// Per-column inputs of one tile, staged in shared memory next to the features.
-template <int kCols>
+// Per-column inputs of one tile, staged in shared memory next to the features: the labels as
+// the tile loop compares them (Label: int32_t, their keys, label_keys.cuh, in the forward;
+// int64_t, the labels, in the backward: supcon_bwd_mma_kernel says why), 1 / norms, and the
+// backward's inner anchors' statistics.
+template <int kCols, typename Label>
 struct ColumnStats {
-  int64_t label[kCols];
+  Label label[kCols];
   float rn[kCols];
   float4 anchor[kCols];  // backward, inner anchors: g, LSE * log2(e), q', sbar
 };
@@ -129,17 +133,19 @@ using Word = uint_byte_t<int(sizeof(T))>;
 template <typename T>
 using Stored = std::conditional_t<std::is_same_v<T, tfloat32_t>, float, T>;
 
-template <int kRows, int kCols, typename T = half_t>
+template <int kRows, int kCols, typename T, typename Label>
 struct SharedStorage {
   alignas(128) Word<T> x[kRows * kD];
   alignas(128) Word<T> y[2][kCols * kD];
-  ColumnStats<kCols> cols[2];
+  ColumnStats<kCols, Label> cols[2];
 };
-
-template <int kRows, int kCols, typename T = half_t>
-constexpr int shared_bytes() {
-  return int(sizeof(SharedStorage<kRows, kCols, T>));
-}
+// The forward's, with its anchors' labels sorted where one is out of a key's range.
+template <typename T>
+struct FwdStorage : SharedStorage<kFwdRows, kFwdCols, T, int32_t> {
+  label_keys::SortedRows<kFwdRows> rows;
+};
+template <int kCols, typename T>
+using BwdStorage = SharedStorage<kBwdRows, kCols, T, int64_t>;
 
 // Thread t's share of a (kRows, kD) tile copy: 16-byte chunk c of rows r0 + kStep k, k < kPasses
 // (every chunk of the tile once: tests/cuda_emulation/supcon_mma_layouts.cu). r0 < kStep is
@@ -250,21 +256,23 @@ __device__ __forceinline__ bool meets_diagonal(bool has_self, int64_t shift, int
 // running maxima, no rescaling (tile_update's kFixed).
 struct RowState {
   float sc, kn;        // sc, and sc nbt: the soft weights' exponent per unit of t
-  int64_t label;
+  int32_t key;         // the label's key (label_keys.cuh)
   int64_t self_col;    // column of the self pair, or -1
   float m, l;          // shift of s (running max, or the fixed bound), sum of 2^(s - m)
   float cnt, sw;       // positives: count, sum of t (uniform) or of w t (soft)
   float tm, lw;        // soft: shift of t kn over positives, sum of 2^(t kn - tm)
 
-  CUTE_HOST_DEVICE static RowState start(float sc, float nbt, int64_t label, int64_t self_col,
+  CUTE_HOST_DEVICE static RowState start(float sc, float nbt, int32_t key, int64_t self_col,
                                          float shift2 = 0.f) {
     const float m = shift2 > 0.f ? shift2 : -INFINITY, tm = shift2 > 0.f ? fabsf(nbt) * shift2 : -INFINITY;
-    return {sc, sc * nbt, label, self_col, m, 0.f, 0.f, 0.f, tm, 0.f};
+    return {sc, sc * nbt, key, self_col, m, 0.f, 0.f, 0.f, tm, 0.f};
   }
-  // Anchor row i of a forward (rows past M: finite, unused); fixed: FwdArgs::shift2's shifts.
-  CUTE_HOST_DEVICE static RowState of(const FwdArgs& p, int64_t i, bool fixed) {
+  // Anchor row i of a forward (rows past M: finite, unused), its label keyed by key_of
+  // (label_keys.cuh); fixed: FwdArgs::shift2's shifts.
+  template <typename KeyOf>
+  CUTE_HOST_DEVICE static RowState of(const FwdArgs& p, int64_t i, bool fixed, const KeyOf& key_of) {
     const bool ok = i < p.x.rows;
-    return start(ok ? p.rnx[i] * p.inv_tau * kLog2e : 1.f, p.nbt, ok ? p.lx[i] : 0,
+    return start(ok ? p.rnx[i] * p.inv_tau * kLog2e : 1.f, p.nbt, ok ? key_of(p.lx[i]) : 0,
                  p.has_self ? i + p.shift : -1, fixed ? p.shift2 : 0.f);
   }
 
@@ -357,7 +365,8 @@ template <int kMode>
 __global__ void supcon_fwd_merge_kernel(const FwdArgs p) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= p.x.rows) return;
-  RowState s = RowState::of(p, i, p.shift2 > 0.f);
+  // (no key: the splits counted the positives)
+  RowState s = RowState::of(p, i, p.shift2 > 0.f, [](int64_t) { return 0; });
   for (int k = 0; k < p.splits; ++k) {
     const float* q = p.partial + (int64_t(k) * p.x.rows + i) * kFwdPartial;
     s.merge<kMode>(q[0], q[1], q[2], q[3], q[4], q[5]);
@@ -366,8 +375,9 @@ __global__ void supcon_fwd_merge_kernel(const FwdArgs p) {
 }
 
 // Built with ANCHOR_KERNELS_INNER_TILES_ONLY (by tests/test_ext_build.py alone, never run), the
-// forwards leave out the edge tiles' copy of their per-logit code, so that the instructions an
-// inner tile runs can be counted from the SASS.
+// forwards leave out the edge tiles' copy of their per-logit code (and the label keys their
+// search of labels out of range, label_keys.cuh), so that the instructions an inner tile runs
+// with labels in range can be counted from the SASS.
 #if defined(ANCHOR_KERNELS_INNER_TILES_ONLY)
 constexpr bool kEdgeCopy = false;
 #else
@@ -377,10 +387,11 @@ constexpr bool kEdgeCopy = true;
 // One kCols-column tile's per-logit work for two rows of a thread, 8 apart (an m16 slab of the
 // sm_80 forward's accumulators, a Hopper consumer's 64-row slab): acc(v) for v = k + 2 i + 4 j
 // is row i of the two, column col0 + 8 j + k (tests/cuda_emulation/supcon_mma_layouts.cu);
-// label and rn are the tile's per-column inputs. kEdge tiles mask columns past N and the self
-// pair; kFixed: the rows' shifts are fixed (RowState), no maxima are taken.
+// key and rn are the tile's per-column inputs (the labels' keys, 1 / norms). kEdge tiles mask
+// columns past N and the self pair; kFixed: the rows' shifts are fixed (RowState), no maxima
+// are taken.
 template <int kMode, bool kEdge, bool kFixed, int kCols, typename Acc, typename Quad = QuadShuffle>
-CUTE_HOST_DEVICE void tile_update(Acc&& acc, RowState (&rs)[2], const int64_t* label, const float* rn,
+CUTE_HOST_DEVICE void tile_update(Acc&& acc, RowState (&rs)[2], const int32_t* key, const float* rn,
                                   int col0, int64_t y0, int64_t N, const Quad& quad = {}) {
   constexpr int kPairs = kCols / 8;
   constexpr bool kStatsPos = kMode != kFwdLse, kSoft = kMode == kFwdSoft;
@@ -414,13 +425,13 @@ CUTE_HOST_DEVICE void tile_update(Acc&& acc, RowState (&rs)[2], const int64_t* l
     float ttm[2] = {-INFINITY, -INFINITY};
     CUTE_UNROLL
     for (int j = 0; j < kPairs; ++j) {
-      const longlong2 lab = *reinterpret_cast<const longlong2*>(label + col0 + 8 * j);
+      const int2 lab = *reinterpret_cast<const int2*>(key + col0 + 8 * j);
       CUTE_UNROLL
       for (int i = 0; i < 2; ++i)
         CUTE_UNROLL
         for (int k = 0; k < 2; ++k) {
           const float t = acc(k + 2 * i + 4 * j);
-          if ((k ? lab.y : lab.x) == rs[i].label && (!kEdge || t != -INFINITY))
+          if ((k ? lab.y : lab.x) == rs[i].key && (!kEdge || t != -INFINITY))
             ttm[i] = fmaxf(ttm[i], t * rs[i].kn);
         }
     }
@@ -436,8 +447,8 @@ CUTE_HOST_DEVICE void tile_update(Acc&& acc, RowState (&rs)[2], const int64_t* l
   // Pass 2: the exponentials and the positives.
   CUTE_UNROLL
   for (int j = 0; j < kPairs; ++j) {
-    longlong2 lab{};
-    if constexpr (kStatsPos) lab = *reinterpret_cast<const longlong2*>(label + col0 + 8 * j);
+    int2 lab{};
+    if constexpr (kStatsPos) lab = *reinterpret_cast<const int2*>(key + col0 + 8 * j);
     CUTE_UNROLL
     for (int i = 0; i < 2; ++i)
       CUTE_UNROLL
@@ -447,7 +458,7 @@ CUTE_HOST_DEVICE void tile_update(Acc&& acc, RowState (&rs)[2], const int64_t* l
         r.l += exp2_ftz(fmaf(t, r.sc, -m_use[i]));
         if constexpr (kStatsPos) {
           // Masked columns have t = -inf: never positives.
-          if ((k ? lab.y : lab.x) == r.label && (!kEdge || t != -INFINITY)) {
+          if ((k ? lab.y : lab.x) == r.key && (!kEdge || t != -INFINITY)) {
             r.cnt += 1.f;
             if constexpr (kSoft) {
               const float e = exp2_ftz(fmaf(t, r.kn, -tw[i]));
@@ -488,11 +499,13 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kM = kFwdRows, kBlockN = kFwdCols;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  auto& st = *reinterpret_cast<SharedStorage<kM, kBlockN, T>*>(smem_raw);
+  auto& st = *reinterpret_cast<FwdStorage<T>*>(smem_raw);
   Tensor sX = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.x)), SmemTile<kM, T>{});
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kM;
   const int tid = threadIdx.x;
+  const label_keys::Keys key_of = kMode == kFwdLse ? label_keys::Keys{false}  // (no positives)
+                                                   : label_keys::cta_keys(st.rows, p.lx, p.x.rows, x0, tid, kThreads);
   // This CTA's columns, its share of the row block's (FwdArgs::splits = gridDim.y; all of them
   // without a split): from c0 on, counted from there below (y0, N, the self pairs' columns).
   const int64_t per = ((p.y.rows + kBlockN - 1) / kBlockN + gridDim.y - 1) / gridDim.y * kBlockN;
@@ -504,11 +517,11 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
   const int64_t shift = p.shift - c0;
   const int n_tiles = int((N + kBlockN - 1) / kBlockN);
 
-  auto stage_columns = [&](int t, int buf) {  // labels and 1 / norms of tile t
+  auto stage_columns = [&](int t, int buf) {  // label keys and 1 / norms of tile t
     if (tid < kBlockN) {
       const int64_t j = int64_t(t) * kBlockN + tid;
       const bool ok = j < N;
-      st.cols[buf].label[tid] = ok ? ly[j] : 0;
+      if constexpr (kMode != kFwdLse) st.cols[buf].label[tid] = ok ? key_of(ly[j], st.rows) : 0;
       st.cols[buf].rn[tid] = ok ? rny[j] : 0.f;
     }
   };
@@ -538,7 +551,7 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
     CUTE_UNROLL
     for (int i = 0; i < 2; ++i) {
       row[mi][i] = x0 + get<0>(coord(make_coord(0, i), mi, 0));
-      rs[mi][i] = RowState::of(p, row[mi][i], kFixed);
+      rs[mi][i] = RowState::of(p, row[mi][i], kFixed, [&](int64_t l) { return key_of(l, st.rows); });
       if (p.has_self) rs[mi][i].self_col -= c0;
     }
   const int col0 = get<1>(coord(0));
@@ -558,7 +571,7 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
     if (t + 1 < n_tiles) stage_columns(t + 1, buf ^ 1);  // read after the next barrier
 
     const bool edge = y0 + kBlockN > N || meets_diagonal<kM, kBlockN>(p.has_self, shift, x0, y0);
-    const ColumnStats<kBlockN>& cols = st.cols[buf];
+    const ColumnStats<kBlockN, int32_t>& cols = st.cols[buf];
     if (kEdgeCopy && edge) {
       CUTE_UNROLL
       for (int mi = 0; mi < kMi; ++mi)
@@ -707,20 +720,19 @@ struct YtTile {
   float v[kD][kCols + kYtPad];
 };
 
-// The backward's shared memory: SharedStorage, and for TF32 Y^T's tile after it.
+// The backward's shared memory: BwdStorage, and for TF32 Y^T's tile after it.
 template <int kMode, typename T>
 constexpr int bwd_shared_bytes() {
   constexpr int kCols = bwd_cols<kMode>();
-  return shared_bytes<kBwdRows, kCols, T>() + (std::is_same_v<T, tfloat32_t> ? int(sizeof(YtTile<kCols>)) : 0);
+  return int(sizeof(BwdStorage<kCols, T>)) + (std::is_same_v<T, tfloat32_t> ? int(sizeof(YtTile<kCols>)) : 0);
 }
 
 // The most shared memory a TF32 kernel of the loss asks: the backward's (64 rows and two 64-row
 // tiles at 4 bytes an element, the columns' labels and norms, and Y^T: 135.5 KiB) or the
-// forward's (128 anchors: 131.5 KiB); the similarity forward and the selection assert they ask
+// forward's (128 anchors, their labels sorted: 132 KiB); the similarity forward and the selection assert they ask
 // no more. A device must grant a CTA as much for mma_supported to take TF32 rows (the
 // similarity backward asks its own, 136 KiB: similarity_cuda::mma_bwd_supported).
-constexpr int kTf32SharedBytes = std::max(shared_bytes<kFwdRows, kFwdCols, tfloat32_t>(),
-                                          bwd_shared_bytes<kBwdLse, tfloat32_t>());
+constexpr int kTf32SharedBytes = std::max(int(sizeof(FwdStorage<tfloat32_t>)), bwd_shared_bytes<kBwdLse, tfloat32_t>());
 
 // x rounded to TF32 on the device (the A operand's H), as round_tf32 rounds on the host.
 __device__ __forceinline__ uint32_t cvt_rna_tf32(float x) {
@@ -804,8 +816,8 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
   constexpr int kM = kBwdRows, kBlockN = bwd_cols<kMode>();
   constexpr bool kTf32 = std::is_same_v<T, tfloat32_t>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  auto& st = *reinterpret_cast<SharedStorage<kM, kBlockN, T>*>(smem_raw);
-  auto& yt = *reinterpret_cast<YtTile<kBlockN>*>(smem_raw + shared_bytes<kM, kBlockN, T>());  // TF32
+  auto& st = *reinterpret_cast<BwdStorage<kBlockN, T>*>(smem_raw);
+  auto& yt = *reinterpret_cast<YtTile<kBlockN>*>(smem_raw + sizeof(BwdStorage<kBlockN, T>));  // TF32
   Tensor sX = make_tensor(make_smem_ptr(reinterpret_cast<T*>(st.x)), SmemTile<kM, T>{});
   const int64_t R = p.x.rows, Q = p.y.rows;
   const int D = int(p.D);
@@ -878,6 +890,9 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
 
   float sc[kR];
   float4 ar[kR];
+  // The labels compare as int64 here, not as the forward's 32-bit keys: with keys, ptxas
+  // (nvcc 13.0) recomputed the ldmatrix addresses every tile, 50 to 180 more instructions a
+  // tile of plain SupCon than the compares save.
   int64_t lxr[kR], self_c[kR];
   CUTE_UNROLL
   for (int r = 0; r < kR; ++r) {
@@ -906,7 +921,7 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
     if (t + 1 < t1) stage_columns(t + 1, buf ^ 1);
 
     const bool diag = meets_diagonal<kM, kBlockN>(p.has_self, p.shift, x0, y0);
-    const ColumnStats<kBlockN>& cs = st.cols[buf];
+    const ColumnStats<kBlockN, int64_t>& cs = st.cols[buf];
     CUTE_UNROLL
     for (int c = 0; c < kC; ++c) {
       const int lc = get<1>(coord(make_coord(c % 2, 0), 0, c / 2));

@@ -16,7 +16,7 @@ using mma::kFwdRows;
 // statistics, one thread per row.
 template <typename T>
 cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
-  constexpr int smem = mma::shared_bytes<kFwdRows, mma::kFwdCols, T>();
+  constexpr int smem = int(sizeof(mma::FwdStorage<T>));
   const int splits = a.splits > 1 ? a.splits : 1;
   return mma::dispatch_fwd(a, [&](auto mode, auto fixed) {
     constexpr int kMode = decltype(mode)::value;

@@ -6,7 +6,7 @@
 // Forward: one CTA takes 128 anchors and streams the contrast set through 128-column tiles:
 //   warpgroup 0, the producer, gives up registers (setmaxnreg.dec); one lane issues the TMA
 //     copies (the anchor block once, a column tile per stage) and the warp's 32 lanes stage
-//     the tile's labels and inverse norms in shared memory beside it;
+//     the tile's label keys and inverse norms in shared memory beside it;
 //   warpgroups 1 and 2, the consumers, take the registers (setmaxnreg.inc) and 64 anchor rows
 //     each: in its turn, wgmma from shared memory to 64 fp32 accumulators per thread; then the
 //     per-logit work (inverse norms, masks, online log-sum-exp, positives) on the accumulators
@@ -107,18 +107,19 @@ struct SharedStorage {
   alignas(1024) T x[kM * kD];           // 128-byte swizzled tiles want 1024-byte alignment
   alignas(1024) T y[kStages][kCols * kD];
   Cols cols[kStages];
+  label_keys::SortedRows<kM> rows;      // the rows' labels, where one is out of a key's range
   uint64_t x_full;                      // the row block landed
   uint64_t full[kStages];               // a column tile and its column inputs landed
   uint64_t empty[kStages];              // every consumer warp is done with the stage
 };
 
 struct FwdCols {
-  alignas(16) int64_t label[kN];
+  alignas(16) int32_t key[kN];     // the labels' keys (label_keys.cuh)
   alignas(16) float rn[kN];
 };
 template <int kCols>
 struct BwdCols {
-  alignas(16) int64_t label[kCols];
+  alignas(16) int32_t key[kCols];  // the labels' keys (label_keys.cuh)
   alignas(16) float rn[kCols];
   float4 anchor[kCols];  // inner anchors: g, LSE log2(e), q', sbar (BwdArgs::anchor, staged)
 };
@@ -255,13 +256,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<FwdStorage<T>*>(smem_raw);
   const int64_t N = p.y.rows;
+  const int64_t x0 = int64_t(blockIdx.x) * kM;
+  const auto key_of = label_keys::cta_keys(st.rows, p.lx, p.x.rows, x0, int(threadIdx.x), kThreads);
   init_barriers(st);
 
   if (threadIdx.x < 128) {  // producer warpgroup
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     if (threadIdx.x < 32)
       produce<T, kN>(st, tma_x, tma_y, p.x, p.y, int(p.D), [&](FwdCols& cols, int c, int64_t j) {
-        cols.label[c] = j < N ? p.ly[j] : 0;
+        if constexpr (kMode != kFwdLse) cols.key[c] = j < N ? key_of(p.ly[j], st.rows) : 0;
         cols.rn[c] = j < N ? p.rny[j] : 0.f;
       });
     return;
@@ -278,14 +281,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kN>>{}));
   static_assert(decltype(size(acc))::value == 64, "a thread holds 2 rows x 32 columns");
   const int col0 = get<1>(coord(0));
-  const int64_t x0 = int64_t(blockIdx.x) * kM;
 
   RowState rs[2];
   int64_t row[2];
   CUTE_UNROLL
   for (int i = 0; i < 2; ++i) {
     row[i] = x0 + get<0>(coord(2 * i));
-    rs[i] = RowState::of(p, row[i], kFixed);
+    rs[i] = RowState::of(p, row[i], kFixed, [&](int64_t l) { return key_of(l, st.rows); });
   }
   TxBarrier::wait(&st.x_full, 0);
 
@@ -302,9 +304,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait(tSrX, acc);
     const bool edge = y0 + kN > N || mma::meets_diagonal<kM, kN>(p.has_self, p.shift, x0, y0);
     if (mma::kEdgeCopy && edge)
-      tile_update<kMode, true, kFixed, kN>(acc, rs, st.cols[s].label, st.cols[s].rn, col0, y0, N);
+      tile_update<kMode, true, kFixed, kN>(acc, rs, st.cols[s].key, st.cols[s].rn, col0, y0, N);
     else
-      tile_update<kMode, false, kFixed, kN>(acc, rs, st.cols[s].label, st.cols[s].rn, col0, y0, N);
+      tile_update<kMode, false, kFixed, kN>(acc, rs, st.cols[s].key, st.cols[s].rn, col0, y0, N);
     release(st, s);
   }
   CUTE_UNROLL
@@ -351,6 +353,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto& st = *reinterpret_cast<BwdStorage<T, kMode>*>(smem_raw);
   const int64_t R = p.x.rows, Q = p.y.rows;
   const int D = int(p.D);
+  const int64_t x0 = int64_t(blockIdx.x) * kM;
   // Anchor statistics in the units gterm takes; `none` is a row or column past the matrix,
   // or a side that does not enter H: G = 0 exactly, no inf * 0.
   const float4 none = make_float4(0.f, INFINITY, kMode == kBwdUniform ? 0.f : INFINITY, 0.f);
@@ -358,6 +361,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float g = p.anchor[a], lse = p.anchor[p.M + a], q = p.anchor[2 * p.M + a];
     return make_float4(g, lse * kLog2e, kMode == kBwdUniform ? q : q * kLog2e, p.anchor[3 * p.M + a]);
   };
+  const auto key_of = label_keys::cta_keys(st.rows, p.lx, R, x0, int(threadIdx.x), kThreads);
   init_barriers(st);
 
   if (threadIdx.x < 128) {  // producer warpgroup
@@ -365,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x < 32)
       produce<T, kBwdN>(st, tma_x, tma_y, p.x, p.y, D, [&](BwdCols<kBwdN>& cols, int c, int64_t j) {
         const bool ok = j < Q;
-        cols.label[c] = ok ? p.ly[j] : 0;
+        if constexpr (kMode != kBwdLse) cols.key[c] = ok ? key_of(p.ly[j], st.rows) : 0;
         cols.rn[c] = ok ? p.rny[j] : 0.f;
         if (kUseInner) cols.anchor[c] = ok ? anchor_stats(j) : none;
       });
@@ -389,20 +393,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   clear(dacc);
   Tensor coord = thr_s.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kBwdN>>{}));
   const int col0 = get<1>(coord(0));
-  const int64_t x0 = int64_t(blockIdx.x) * kM;
   const float inv_gmax = 1.f / *p.gmax;
   const float nbt = p.nbt;
 
   float sc[2];
   float4 ar[2];
-  int64_t lxr[2];
+  int32_t key[2];
   const int row0 = get<0>(coord(0));  // the thread's rows: row0 and row0 + 8 of the block
   CUTE_UNROLL
   for (int i = 0; i < 2; ++i) {
     const int64_t x = x0 + row0 + 8 * i;
     const bool ok = x < R;
     sc[i] = ok ? p.rnx[x] * p.inv_tau : 0.f;
-    lxr[i] = ok ? p.lx[x] : 0;
+    key[i] = ok ? key_of(p.lx[x], st.rows) : 0;
     ar[i] = (ok && kUseOuter) ? anchor_stats(x) : none;
   }
   const int n_tiles = int((Q + kBwdN - 1) / kBwdN);
@@ -439,12 +442,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int k = 0; k < 2; ++k) {
         const int lc = col0 + 8 * j + k;
         const float rn = cs.rn[lc];
-        const int64_t lab = cs.label[lc];
+        const int32_t col_key = cs.key[lc];
         const float4 ac = kUseInner ? cs.anchor[lc] : none;
         CUTE_UNROLL
         for (int i = 0; i < 2; ++i) {
           const float sv = acc(k + 2 * i + 4 * j) * sc[i] * rn;
-          const bool pos = lab == lxr[i];
+          const bool pos = col_key == key[i];
           float h = 0.f;
           if constexpr (kUseOuter) h = gterm<kMode, true>(sv, pos, ar[i].x, ar[i].y, ar[i].z, ar[i].w, nbt);
           if constexpr (kUseInner) h += gterm<kMode, true>(sv, pos, ac.x, ac.y, ac.z, ac.w, nbt);

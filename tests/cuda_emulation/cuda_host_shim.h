@@ -38,4 +38,5 @@ struct Index {
 extern emu::Index threadIdx, blockIdx;
 
 void __syncthreads();
+int __syncthreads_or(int predicate);
 float __shfl_xor_sync(unsigned mask, float value, int lane_mask);

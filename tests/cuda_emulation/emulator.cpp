@@ -104,6 +104,15 @@ void __syncthreads() {
   switch_to(next_of(current));
 }
 
+int __syncthreads_or(int predicate) {
+  exchange[current] = predicate != 0;
+  __syncthreads();
+  int any = 0;
+  for (int t = 0; t < kThreads; ++t) any |= exchange[t] != 0.f;
+  __syncthreads();
+  return any;
+}
+
 float __shfl_xor_sync(unsigned, float value, int lane_mask) {
   const int me = current;
   exchange[me] = value;

@@ -10,9 +10,12 @@
 // inside, at the edge of and outside the thread's columns, rows without positives, and large
 // logits. Each case also runs split as the sm_80 forward splits its columns among CTAs
 // (FwdArgs::splits), every part from a fresh state, the parts merged by RowState::merge: the
-// statistics must be the unsplit ones. Compiled with nvcc and run on the host by
-// tests/test_supcon_cuda_emulated.py; prints
-// the number of failures, exits non-zero on any.
+// statistics must be the unsplit ones. The labels, of every int64 range (label_of), reach the
+// per-logit code as the kernels' keys (label_keys.cuh), and the reference compares the labels
+// themselves; the keys are also checked alone (check_label_keys). Compiled with nvcc and run on
+// the host by tests/test_supcon_cuda_emulated.py; prints the number of failures, exits non-zero
+// on any.
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <algorithm>
@@ -24,6 +27,19 @@
 
 using namespace anchor_kernels::supcon_cuda;
 using mma::RowState;
+namespace lk = label_keys;
+
+// The label keys of a CTA whose rows have labels lx (at most kRows), as cta_keys forms them on
+// the device: the rows' labels sorted into `sorted` where one is out of range.
+template <int kRows>
+lk::Keys keys_of_rows(lk::SortedRows<kRows>& sorted, const std::vector<int64_t>& lx) {
+  const int n = int(lx.size());
+  bool wide = false;
+  for (int64_t l : lx) wide |= !lk::own_key(l);
+  for (int r = 0; r < kRows; ++r)
+    sorted.v[lk::SortedRows<kRows>::position(lx.data(), n, r)] = lk::SortedRows<kRows>::label(lx.data(), n, r);
+  return {wide};
+}
 
 static int failures = 0;
 
@@ -44,6 +60,18 @@ void close(double got, double want, double tol, const char* what, int mode, int 
 // the soft weights' 2^(-2 beta log2(e)) with the largest log-sum-exp beside them).
 enum Cosines { kRandom, kAllOpposite, kPositivesAligned };
 
+// Class c's label: class indices, labels past int32 both ways, and labels in and next to the
+// range of the keys that stand for labels out of it (lk::kOutOfRange + p, lk::kNoRow).
+int64_t label_of(int c) {
+  switch (c % 5) {
+    case 0: return c;
+    case 1: return (int64_t(c) << 40) + 7;
+    case 2: return int64_t(INT32_MIN) + c / 5;
+    case 3: return -int64_t(c) * 1000003;
+    default: return int64_t(INT32_MAX) + 1 + c;
+  }
+}
+
 // kFixed: normalised rows (acc = cos ||x|| ||y||, |cos| <= 1, scale_acc unused) and the fixed
 // shifts that fixed_shift (supcon_kernels.h, the rule the glue applies) admits for tau, beta
 // and n; otherwise raw products of any scale and running maxima.
@@ -55,19 +83,27 @@ void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classe
   const int tiles = (n + kN - 1) / kN;
   std::vector<float> rn(tiles * kN, 0.f);
   std::vector<int64_t> label(tiles * kN, 0);
-  for (int c = 0; c < n; ++c) rn[c] = pos(gen), label[c] = int64_t(gen() % classes) * 1000003;
+  for (int c = 0; c < n; ++c) rn[c] = pos(gen), label[c] = label_of(int(gen() % classes));
+  // The CTA's rows: 16 labels, the thread's two rows among them (rows 3 and 11); the columns
+  // and the rows compare by their keys.
+  std::vector<int64_t> cta(16);
+  for (int64_t& l : cta) l = label_of(int(gen() % classes));
   const float inv_tau = 1.f / tau, nbt = kMode == kFwdSoft ? -beta * tau : 0.f;
   const float shift2 = kFixed ? fixed_shift(true, tau, kMode == kFwdSoft ? beta : 0.0, n) : 0.f;
   if (kFixed && shift2 <= 0.f && failures++ < 20)
     printf("failed: fixed_shift refuses tau %g beta %g n %d\n", tau, beta, n);
   float sc[2];
   int64_t lab[2], self[2];
+  lk::SortedRows<16> sorted;
+  const auto key_of = keys_of_rows(sorted, cta);
+  std::vector<int32_t> key(label.size());
+  for (size_t c = 0; c < label.size(); ++c) key[c] = key_of(label[c], sorted);
   std::vector<float> acc[2];
   RowState rs[2];
   for (int i = 0; i < 2; ++i) {
     const float norm = pos(gen);  // ||x||
     sc[i] = inv_tau * mma::kLog2e / norm;
-    lab[i] = int64_t(gen() % classes) * 1000003;
+    lab[i] = cta[3 + 8 * i];
     self[i] = self0 < 0 ? -1 : self0 + 8 * i;  // the thread's rows are 8 apart
     acc[i].resize(tiles * kN);
     for (int c = 0; c < tiles * kN; ++c) {
@@ -75,11 +111,11 @@ void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classe
                         : cosines == kPositivesAligned && label[c] == lab[i] ? 1.f : -1.f;
       acc[i][c] = kFixed ? cos * norm / (rn[c] > 0.f ? rn[c] : 1.f) : uni(gen) * scale_acc;
     }
-    rs[i] = RowState::start(sc[i], nbt, lab[i], self[i], shift2);
+    rs[i] = RowState::start(sc[i], nbt, key_of(lab[i], sorted), self[i], shift2);
   }
   // Tiles [t0, t1) into states started like rs (a split's share of the columns).
   auto run = [&](int t0, int t1, RowState (&st)[2]) {
-    for (int i = 0; i < 2; ++i) st[i] = RowState::start(sc[i], nbt, lab[i], self[i], shift2);
+    for (int i = 0; i < 2; ++i) st[i] = RowState::start(sc[i], nbt, key_of(lab[i], sorted), self[i], shift2);
     for (int t = t0; t < t1; ++t) {
       const int64_t y0 = int64_t(t) * kN;
       Fragment<kN> f;
@@ -89,9 +125,9 @@ void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classe
       }
       const bool edge = y0 + kN > n || (self0 >= 0 && y0 <= self0 + 8 && self0 < y0 + kN);
       if (edge)
-        mma::tile_update<kMode, true, kFixed, kN>(f, st, &label[y0], &rn[y0], 0, y0, n, mma::OneLane{});
+        mma::tile_update<kMode, true, kFixed, kN>(f, st, &key[y0], &rn[y0], 0, y0, n, mma::OneLane{});
       else
-        mma::tile_update<kMode, false, kFixed, kN>(f, st, &label[y0], &rn[y0], 0, y0, n, mma::OneLane{});
+        mma::tile_update<kMode, false, kFixed, kN>(f, st, &key[y0], &rn[y0], 0, y0, n, mma::OneLane{});
     }
   };
   run(0, tiles, rs);
@@ -99,7 +135,7 @@ void check_case(int n, int64_t self0, float scale_acc, unsigned seed, int classe
   // splits) tiles each, the last ones possibly empty), each part's state merged in order.
   for (int splits : {2, 3, 5}) {
     RowState merged[2];
-    for (int i = 0; i < 2; ++i) merged[i] = RowState::start(sc[i], nbt, lab[i], self[i], shift2);
+    for (int i = 0; i < 2; ++i) merged[i] = RowState::start(sc[i], nbt, key_of(lab[i], sorted), self[i], shift2);
     const int per = (tiles + splits - 1) / splits;
     for (int k = 0; k < splits; ++k) {
       RowState part[2];
@@ -220,7 +256,46 @@ void check_self_pairs() {
         }
 }
 
+// The keys alone: for CTAs of kRows rows, kRows or fewer of them in the matrix, with labels
+// drawn from the edges of every range (duplicates included), a row's key equals a label's key
+// exactly when the row's label is that label, rows' keys are never kNoRow, and labels in range
+// are their own keys.
+template <int kRows>
+void check_label_keys() {
+  const int64_t edges[] = {0, 1, -1, 7, lk::kKeyMin, int64_t(lk::kKeyMin) - 1, lk::kNoRow, lk::kOutOfRange,
+                           int64_t(lk::kOutOfRange) + 1, int64_t(lk::kOutOfRange) + 255, INT32_MAX,
+                           int64_t(INT32_MAX) + 1, int64_t(INT32_MIN) - 1, INT64_MIN, INT64_MAX,
+                           int64_t(1) << 32, (int64_t(1) << 32) + 1, -(int64_t(1) << 32), int64_t(5) << 40};
+  std::vector<int64_t> pool(std::begin(edges), std::end(edges));
+  for (int c = 0; c < 40; ++c) pool.push_back(label_of(c));
+  std::mt19937 gen(7);
+  for (int n : {0, 1, 2, kRows / 2 + 3, kRows})
+    for (int draw = 0; draw < 20; ++draw) {
+      std::vector<int64_t> lx(n);
+      for (int64_t& l : lx) l = pool[gen() % (draw % 2 ? 6 : pool.size())];  // odd draws: many duplicates
+      if (draw == 2 && n > 0) {  // every label in range but one
+        for (int64_t& l : lx) l %= 1000;
+        lx[0] = INT64_MAX;
+      }
+      lk::SortedRows<kRows> sorted;
+      const auto key_of = keys_of_rows(sorted, lx);
+      for (int r = 0; r < n; ++r) {
+        const int32_t kr = key_of(lx[r], sorted);
+        if (kr == lk::kNoRow && failures++ < 20) printf("failed: a row's key is kNoRow, n %d\n", n);
+        for (int64_t l : pool)
+          if ((kr == key_of(l, sorted)) != (lx[r] == l) && failures++ < 20)
+            printf("failed: keys of %lld and %lld, n %d\n", (long long)lx[r], (long long)l, n);
+      }
+      for (int64_t l : pool)
+        if (lk::own_key(l) && key_of(l, sorted) != l && failures++ < 20)
+          printf("failed: %lld is not its own key\n", (long long)l);
+    }
+}
+
 int main() {
+  check_label_keys<64>();
+  check_label_keys<128>();
+  check_label_keys<lk::kMaxRows>();
   check_self_pairs<64>();
   check_self_pairs<32>();
   check_mode<kFwdLse, sm90::kN>();
