@@ -80,7 +80,7 @@ struct Keys {
 // relative to rows [x0, x0 + kRows) of lx's `rows` labels.
 template <int kRows>
 __device__ Keys cta_keys(SortedRows<kRows>& sorted, const int64_t* lx, int64_t rows, int64_t x0,
-                                int tid, int threads) {
+                         int tid, int threads) {
   const int64_t left = rows - x0;
   const int n = int(left < 0 ? 0 : left < kRows ? left : kRows);
   lx += x0;
@@ -91,6 +91,16 @@ __device__ Keys cta_keys(SortedRows<kRows>& sorted, const int64_t* lx, int64_t r
     sorted.v[SortedRows<kRows>::position(lx, n, r)] = SortedRows<kRows>::label(lx, n, r);
   __syncthreads();
   return {true};
+}
+
+// cta_keys where the kernel compares labels (kCompares); otherwise no work (no key is read).
+template <bool kCompares, int kRows>
+__device__ Keys cta_keys_for(SortedRows<kRows>& sorted, const int64_t* lx, int64_t rows, int64_t x0,
+                             int tid, int threads) {
+  if constexpr (kCompares)
+    return cta_keys(sorted, lx, rows, x0, tid, threads);
+  else
+    return {false};
 }
 
 }  // namespace anchor_kernels::supcon_cuda::label_keys

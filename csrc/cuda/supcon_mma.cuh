@@ -504,8 +504,7 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kM;
   const int tid = threadIdx.x;
-  const label_keys::Keys key_of = kMode == kFwdLse ? label_keys::Keys{false}  // (no positives)
-                                                   : label_keys::cta_keys(st.rows, p.lx, p.x.rows, x0, tid, kThreads);
+  const auto key_of = label_keys::cta_keys_for<kMode != kFwdLse>(st.rows, p.lx, p.x.rows, x0, tid, kThreads);
   // This CTA's columns, its share of the row block's (FwdArgs::splits = gridDim.y; all of them
   // without a split): from c0 on, counted from there below (y0, N, the self pairs' columns).
   const int64_t per = ((p.y.rows + kBlockN - 1) / kBlockN + gridDim.y - 1) / gridDim.y * kBlockN;
@@ -729,10 +728,11 @@ constexpr int bwd_shared_bytes() {
 
 // The most shared memory a TF32 kernel of the loss asks: the backward's (64 rows and two 64-row
 // tiles at 4 bytes an element, the columns' labels and norms, and Y^T: 135.5 KiB) or the
-// forward's (128 anchors, their labels sorted: 132 KiB); the similarity forward and the selection assert they ask
-// no more. A device must grant a CTA as much for mma_supported to take TF32 rows (the
-// similarity backward asks its own, 136 KiB: similarity_cuda::mma_bwd_supported).
-constexpr int kTf32SharedBytes = std::max(int(sizeof(FwdStorage<tfloat32_t>)), bwd_shared_bytes<kBwdLse, tfloat32_t>());
+// forward's (128 anchors, their labels sorted: 132 KiB); the similarity forward and the
+// selection assert they ask no more. A device must grant a CTA as much for mma_supported to
+// take TF32 rows (the similarity backward asks its own, 136 KiB: mma_bwd_supported there).
+constexpr int kTf32SharedBytes = std::max(int(sizeof(FwdStorage<tfloat32_t>)),
+                                          bwd_shared_bytes<kBwdLse, tfloat32_t>());
 
 // x rounded to TF32 on the device (the A operand's H), as round_tf32 rounds on the host.
 __device__ __forceinline__ uint32_t cvt_rna_tf32(float x) {

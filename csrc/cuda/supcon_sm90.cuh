@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto& st = *reinterpret_cast<FwdStorage<T>*>(smem_raw);
   const int64_t N = p.y.rows;
   const int64_t x0 = int64_t(blockIdx.x) * kM;
-  const auto key_of = label_keys::cta_keys(st.rows, p.lx, p.x.rows, x0, int(threadIdx.x), kThreads);
+  const auto key_of = label_keys::cta_keys_for<kMode != kFwdLse>(st.rows, p.lx, p.x.rows, x0, threadIdx.x, kThreads);
   init_barriers(st);
 
   if (threadIdx.x < 128) {  // producer warpgroup
@@ -361,7 +361,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float g = p.anchor[a], lse = p.anchor[p.M + a], q = p.anchor[2 * p.M + a];
     return make_float4(g, lse * kLog2e, kMode == kBwdUniform ? q : q * kLog2e, p.anchor[3 * p.M + a]);
   };
-  const auto key_of = label_keys::cta_keys(st.rows, p.lx, R, x0, int(threadIdx.x), kThreads);
+  const auto key_of = label_keys::cta_keys_for<kMode != kBwdLse>(st.rows, p.lx, R, x0, threadIdx.x, kThreads);
   init_barriers(st);
 
   if (threadIdx.x < 128) {  // producer warpgroup
