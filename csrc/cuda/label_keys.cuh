@@ -1,4 +1,5 @@
-// Labels as the tensor-core kernels and the selection compare them: 32-bit keys. A logit's
+// Labels as the CuTe forwards, the Hopper backward and the selection compare them (the sm_80
+// backward compares the int64 labels: supcon_mma.cuh says why): 32-bit keys. A logit's
 // label compare is then one ISETP instead of a 64-bit compare's two (on the integer pipe, at
 // half the FP32 rate on sm_80 and sm_90), and a tile's staged labels take half the shared
 // memory.
