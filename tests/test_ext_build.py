@@ -462,9 +462,10 @@ HOPPER_BWD_BUDGET = {0: (14.0, 14.5, 17.5, 1), 1: (17.2, 17.7, 22.8, 1),
 # The sm_80 backward's, the same way (64-row CTAs of 4 warps: the same logits per thread); its
 # loop holds the next tile's cp.async, the ldmatrix fragments and both mma.sync products
 # besides. It compares the int64 labels: with the forward's 32-bit keys, ptxas recomputed its
-# ldmatrix addresses every tile, 50 to 180 instructions a tile more than the compares saved. (nvcc 13.0 gives 34.2, 36.0, 41.8; 37.5, 38.8, 44.4; 49.3, 52.4, 66.8; 51.3, 52.9,
-# 73.6; before the split columns, 34.2, 35.6, 42.0; 38.5, 39.8, 46.9; 48.9, 50.4, 68.9; 51.0,
-# 54.7, 74.1.)
+# ldmatrix addresses every tile, 50 to 180 instructions a tile more than the compares saved.
+# (nvcc 13.0 gives 34.2, 36.0, 41.8; 37.5, 38.8, 44.4; 49.3, 52.4, 66.8; 51.3, 52.9, 73.6;
+# before the split columns, 34.2, 35.6, 42.0; 38.5, 39.8, 46.9; 48.9, 50.4, 68.9; 51.0, 54.7,
+# 74.1.)
 SM80_BWD_BUDGET = {0: (35.0, 36.5, 43.0, 1), 1: (39.5, 40.8, 48.0, 1),
                    2: (50.0, 53.5, 70.5, 2), 3: (52.3, 56.0, 76.0, 2)}
 # Its TF32 variants (supcon_mma_bwd_tf32.cu): twice the HMMA (m16n8k8) and ldmatrix for S, the

@@ -35,7 +35,7 @@ def labels_for(kind: str, n: int, generator=None) -> torch.Tensor:
     if kind == "wide":  # int64 labels past int32 both ways, some equal in their low 32 bits,
         # and labels at the edges of int32 and of the CUDA kernels' 32-bit label keys
         table = torch.tensor([0, 7, 1 << 32, -(1 << 32), (1 << 40) + 7, -2**31, -2**31 + 255,
-                              -2**31 + 256, 2**31 - 1, 2**31, 2**63 - 1, -2**63])
+                              -2**31 + 256, -2**31 + 257, 2**31 - 1, 2**31, 2**63 - 1, -2**63])
         return table[torch.randint(0, len(table), (n,), generator=generator)]
     raise ValueError(kind)
 
