@@ -977,27 +977,18 @@ inline bool once_per_device(Probe probe) {
   return cached[dev] == 1;
 }
 
-// Multiprocessors of the current device, asked once per device (0 if it cannot be named).
-inline int multiprocessors() {
+// Attribute kAttr of the current device, asked once per device (0 if it cannot be named).
+template <cudaDeviceAttr kAttr>
+inline int device_attribute() {
   static int cached[64] = {};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-  if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    cached[dev] = 0;
+  if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], kAttr, dev) != cudaSuccess) cached[dev] = 0;
   return cached[dev];
 }
-
-// The shared memory a CTA of the current device may opt in to, asked once per device (0 if it
-// cannot be named): what the TF32 kernels' rules compare their needs with.
-inline int shared_memory_optin() {
-  static int cached[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-  if (cached[dev] == 0 &&
-      cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    cached[dev] = 0;
-  return cached[dev];
-}
+inline int multiprocessors() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
+// The shared memory a CTA may opt in to: what the TF32 kernels' rules compare their needs with.
+inline int shared_memory_optin() { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(); }
 
 // How many CTAs share a row block's columns (FwdArgs::splits, BwdArgs::splits): enough for two
 // CTAs per SM where the row blocks give fewer, each keeping 4 column tiles at least (the row
