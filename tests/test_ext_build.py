@@ -382,6 +382,12 @@ def _tensor_core_loop(instructions, op="HGMMA", outlined=False, nested_trips=Non
 # (7.5, 12.3, 15.5), inner tiles (6.8, 11.1, 18.8) and (5.5, 9.8, 13.0).
 HOPPER_FWD_BUDGET = {("ELi0E", False): (9.5, 7.1, 1), ("ELi1E", False): (13.0, 10.5, 1), ("ELi2E", False): (22.6, 17.2, 2),
                      ("ELi0E", True): (8.0, 5.8, 1), ("ELi1E", True): (11.7, 9.2, 1), ("ELi2E", True): (16.6, 12.4, 2)}
+# Its TF32 variant runs the same per-logit code on 128 x 64 tiles (HGMMA.64x64x8.F32.TF32:
+# 32 logits a thread per tile, 16 products), so the tile's fixed work (turn, product, barriers,
+# quad reductions) weighs twice as much per logit: nvcc 13.0 gives (10.7, 14.5, 23.8) and
+# (9.0, 12.8, 17.5), inner tiles (9.9, 13.3, 20.3) and (8.2, 11.6, 14.5).
+HOPPER_TF32_FWD_BUDGET = {("ELi0E", False): (11.2, 10.4, 1), ("ELi1E", False): (15.0, 13.8, 1), ("ELi2E", False): (24.3, 20.8, 2),
+                          ("ELi0E", True): (9.5, 8.7, 1), ("ELi1E", True): (13.3, 12.1, 1), ("ELi2E", True): (18.0, 15.0, 2)}
 # The sm_80 forward (the default on every tensor-core GPU) runs the same per-logit code
 # (mma::tile_update) on 128 x 64 tiles, and its loop holds the product too: the next tile's
 # cp.async (load_rows, offsets folded), ldmatrix, 128 HMMA, and the next tile's labels keyed.
@@ -412,17 +418,18 @@ def _kernels(cuda_objects, stem, arch="sm_90a"):
     return _kernel_sass(obj, arch.removesuffix(INNER))
 
 
-def _check_forward_budget(cuda_objects, stem, arch, budgets, op, tf32_budgets=None):
+def _check_forward_budget(cuda_objects, stem, arch, budgets, op, tf32_budgets=None, tf32_logits=64):
     """Every forward kernel's tile loop (around its ``op`` instructions) under its budgets per
     logit (``tf32_budgets`` for the TF32 kernels), the loop of its inner-tile build too, with
-    one MUFU.EX2 per exponential of the maths and no more; the number of kernels checked."""
-    logits = 64  # per thread and tile
+    one MUFU.EX2 per exponential of the maths and no more; the number of kernels checked. A
+    thread holds 64 logits of a tile (``tf32_logits`` in the TF32 kernels)."""
     builds = (_kernels(cuda_objects, stem, arch), _kernels(cuda_objects, stem, arch + INNER))
     assert sorted(builds[0]) == sorted(builds[1])
     forwards = [name for name in builds[0] if "merge_kernel" not in name]  # (the splits' merge)
     for name in forwards:
         params = name.split("_t")[1][:12]  # e.g. ELi2ELb1E: mode 2, fixed shifts
         table = tf32_budgets if TF32 in name else budgets
+        logits = tf32_logits if TF32 in name else 64
         mode = next(m for m, _ in table if params.startswith(m))
         *limits, exps_per_logit = table[mode, "Lb1E" in params]
         for kernels, copies, limit in zip(builds, (2, 1), limits):
@@ -435,9 +442,16 @@ def _check_forward_budget(cuda_objects, stem, arch, budgets, op, tf32_budgets=No
 
 def test_hopper_forward_instructions_per_logit(cuda_objects):
     """Counted, not timed: the Hopper forward's tile loop stays under its per-logit
-    instruction budgets, with one MUFU.EX2 per exponential of the maths and no more."""
-    # bf16 and fp16, three modes, running maxima or fixed shifts
-    assert _check_forward_budget(cuda_objects, "supcon_sm90_fwd.cu", "sm_90a", HOPPER_FWD_BUDGET, "HGMMA") == 12
+    instruction budgets, with one MUFU.EX2 per exponential of the maths and no more; the TF32
+    kernels' products are TF32 wgmma, the others' 16-bit."""
+    # bf16, fp16 and TF32, three modes, running maxima or fixed shifts
+    assert _check_forward_budget(cuda_objects, "supcon_sm90_fwd.cu", "sm_90a", HOPPER_FWD_BUDGET, "HGMMA",
+                                 HOPPER_TF32_FWD_BUDGET, tf32_logits=32) == 18
+    for name, instructions in _kernels(cuda_objects, "supcon_sm90_fwd.cu").items():
+        shapes = {w.removeprefix("HGMMA.") for _, text in instructions for w in text.split()
+                  if w.startswith("HGMMA.")}
+        assert shapes == ({"64x64x8.F32.TF32"} if TF32 in name else {"64x128x16.F32.BF16"} if "bfloat16" in name
+                          else {"64x128x16.F32"}), (name, shapes)
 
 
 def test_sm80_forward_instructions_per_logit(cuda_objects):
@@ -515,7 +529,7 @@ def _wide_compares(instructions, op):
 
 
 @pytest.mark.parametrize("stem,arch,op,variants", [("supcon_mma_fwd.cu", "sm_80" + INNER, "HMMA", 12),
-                                                   ("supcon_sm90_fwd.cu", "sm_90a" + INNER, "HGMMA", 8),
+                                                   ("supcon_sm90_fwd.cu", "sm_90a" + INNER, "HGMMA", 12),
                                                    ("supcon_sm90_bwd.cu", "sm_90a", "HGMMA", 18)])
 def test_label_compares_are_32_bit(cuda_objects, stem, arch, op, variants):
     """Counted: the loops that compare labels (plain SupCon, soft mining; every dtype, shift
@@ -582,4 +596,4 @@ def test_hopper_consumers_take_turns(cuda_objects):
             assert turn and turn[0] < hgmma[0], (name, "no turn taken before the products")
             assert arrive and wait and arrive[0] < wait[0], (name, "the other warpgroup waits")
             checked += 1
-    assert checked == 12 + 24, checked
+    assert checked == 18 + 24, checked

@@ -3,12 +3,14 @@
 // specialisation with setmaxnreg, and the two consumer warpgroups taking turns at the tensor
 // cores (ping-pong), so that one's products overlap the other's per-logit work.
 //
-// Forward: one CTA takes 128 anchors and streams the contrast set through 128-column tiles:
+// Forward: one CTA takes 128 anchors and streams the contrast set through 128-column tiles
+// (64 for TF32 rows):
 //   warpgroup 0, the producer, gives up registers (setmaxnreg.dec); one lane issues the TMA
 //     copies (the anchor block once, a column tile per stage) and the warp's 32 lanes stage
 //     the tile's label keys and inverse norms in shared memory beside it;
 //   warpgroups 1 and 2, the consumers, take the registers (setmaxnreg.inc) and 64 anchor rows
-//     each: in its turn, wgmma from shared memory to 64 fp32 accumulators per thread; then the
+//     each: in its turn, wgmma from shared memory to 64 fp32 accumulators per thread (32 for
+//     TF32); then the
 //     per-logit work (inverse norms, masks, online log-sum-exp, positives) on the accumulators
 //     in registers, and the stage is handed back to the producer.
 // Backward: the same pipeline over 64-column tiles of the inner rows (32 with soft mining);
@@ -20,8 +22,11 @@
 // The maths and the statistics written are those of the sm_80 kernels (supcon_mma.cuh, whose
 // gterm, quad reductions, chain-rule epilogue and variant dispatch these use) and of
 // csrc/supcon.cpp. The inputs taken are those of the sm_80 kernels (bf16 / fp16, D <= 128,
-// D % 8 == 0, rows contiguous, 16-byte aligned with a row stride % 8 == 0) that a TMA
-// descriptor can describe (supcon_sm90_fwd.cu: sm90_supported).
+// D % 8 == 0, rows contiguous, 16-byte aligned with a row stride % 8 == 0; the forward also
+// TF32 rows, D % 4 == 0) that a TMA descriptor can describe (supcon_sm90_fwd.cu:
+// sm90_fwd_supported). The backward has no TF32 variant: wgmma reads TF32 operands from
+// shared memory K-major only, and dX += H Y reads Y's tile MN-major (TF32 rows take the sm_80
+// TF32 backward).
 // The accumulator layout the loops assume (a thread holds rows r0 and r0 + 8 of its warp's 16
 // and 32 columns, in pairs; a row's columns are spread over one quad) is checked on the host
 // by tests/cuda_emulation/supcon_mma_layouts.cu; the shared-memory side (the wgmma descriptors
@@ -58,17 +63,21 @@ using mma::write_stats;
 
 constexpr int kD = 128;           // feature columns a tile holds (zero-filled by TMA past D)
 constexpr int kM = 128;           // rows per CTA: two consumer warpgroups of 64 rows
-constexpr int kN = 128;           // columns per forward tile
 // Column tiles in flight: the consumers run half a turn apart (ping-pong, below), so a stage is
 // freed half a turn later than either is done with it (in the backward, a turn later: its dX
 // product is issued with the next tile's S); a third stage gives the next copy that slack.
 constexpr int kStages = 3;
 constexpr int kConsumers = 2;     // consumer warpgroups
 constexpr int kThreads = 128 * (1 + kConsumers);
+// Columns per forward tile: 128, or 64 for TF32 rows, whose 4-byte elements would take the
+// anchor block and three 128-column stages to 256 KiB of shared memory (160 KiB with 64).
+template <typename T>
+constexpr int fwd_cols() { return sizeof(T) == 4 ? 64 : 128; }
 constexpr int kProducerRegs = 40;   // setmaxnreg: 40 x 128 + 232 x 256 <= 64 K registers
 constexpr int kConsumerRegs = 232;
 
-// K-major (rows, kD) tiles, 128-byte swizzle: the layout TMA writes and wgmma reads.
+// K-major (rows, kD) tiles, 128-byte swizzle: the layout TMA writes and wgmma reads (atoms of
+// 8 rows of 128 bytes: 64 16-bit elements, or 32 TF32).
 template <typename T, int kRows>
 using SmemRows = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kRows>, Int<kD>>{}));
 template <typename T, int kRows>
@@ -80,8 +89,8 @@ using SmemRowsStagesT = decltype(composition(
     SmemRowsStages<T, kRows>{},
     make_ordered_layout(Shape<Int<kD>, Int<kRows>, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
-// Two warpgroups stacked along the rows, each a 64 x kCols x 16 wgmma with both operands in
-// shared memory (S = X Y^T) ...
+// Two warpgroups stacked along the rows, each a 64 x kCols x 16 wgmma (x 8 for TF32) with both
+// operands in shared memory (S = X Y^T) ...
 template <typename T, int kCols>
 using TiledMmaS = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kCols>, Int<kD>>>(),
                                           Layout<Shape<Int<kConsumers>, _1, _1>>{}));
@@ -113,9 +122,10 @@ struct SharedStorage {
   uint64_t empty[kStages];              // every consumer warp is done with the stage
 };
 
+template <int kCols>
 struct FwdCols {
-  alignas(16) int32_t key[kN];     // the labels' keys (label_keys.cuh)
-  alignas(16) float rn[kN];
+  alignas(16) int32_t key[kCols];  // the labels' keys (label_keys.cuh)
+  alignas(16) float rn[kCols];
 };
 template <int kCols>
 struct BwdCols {
@@ -125,7 +135,7 @@ struct BwdCols {
 };
 
 template <typename T>
-using FwdStorage = SharedStorage<T, kN, FwdCols>;
+using FwdStorage = SharedStorage<T, fwd_cols<T>(), FwdCols<fwd_cols<T>()>>;
 // Backward tiles: 64 columns, 32 with soft mining (as the sm_80 kernel: at 64 its registers spill).
 using mma::bwd_cols;
 template <typename T, int kMode>
@@ -251,8 +261,9 @@ struct PingPong {
 template <typename T, int kMode, bool kFixed>
 __global__ void __launch_bounds__(kThreads, 1)
     supcon_fwd_sm90_kernel(const FwdArgs p, CUTE_GRID_CONSTANT const TmaRows<T, kM> tma_x,
-                           CUTE_GRID_CONSTANT const TmaRows<T, kN> tma_y) {
+                           CUTE_GRID_CONSTANT const TmaRows<T, fwd_cols<T>()> tma_y) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kN = fwd_cols<T>();
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<FwdStorage<T>*>(smem_raw);
   const int64_t N = p.y.rows;
@@ -263,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x < 128) {  // producer warpgroup
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     if (threadIdx.x < 32)
-      produce<T, kN>(st, tma_x, tma_y, p.x, p.y, int(p.D), [&](FwdCols& cols, int c, int64_t j) {
+      produce<T, kN>(st, tma_x, tma_y, p.x, p.y, int(p.D), [&](FwdCols<kN>& cols, int c, int64_t j) {
         if constexpr (kMode != kFwdLse) cols.key[c] = j < N ? key_of(p.ly[j], st.rows) : 0;
         cols.rn[c] = j < N ? p.rny[j] : 0.f;
       });
@@ -279,7 +290,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   Tensor tSrY = thr.make_fragment_B(thr.partition_B(sY));  // (MMA, MMA_N, MMA_K, stages)
   Tensor acc = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
   Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kN>>{}));
-  static_assert(decltype(size(acc))::value == 64, "a thread holds 2 rows x 32 columns");
+  static_assert(decltype(size(acc))::value == kN / 2, "a thread holds 2 rows x kN / 4 columns");
   const int col0 = get<1>(coord(0));
 
   RowState rs[2];

@@ -16,8 +16,8 @@ cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
   return mma::dispatch_fwd(a, [&](auto mode, auto fixed) {
     return sm90::launch<sm90::FwdStorage<T>>(
         sm90::supcon_fwd_sm90_kernel<T, decltype(mode)::value, decltype(fixed)::value>, a,
-        sm90::make_tma_rows<T, sm90::kM>(a.x, int(a.D)), sm90::make_tma_rows<T, sm90::kN>(a.y, int(a.D)),
-        stream);
+        sm90::make_tma_rows<T, sm90::kM>(a.x, int(a.D)),
+        sm90::make_tma_rows<T, sm90::fwd_cols<T>()>(a.y, int(a.D)), stream);
   });
 }
 
@@ -45,12 +45,10 @@ const char* cuda_kernels_choice() {
   return v == nullptr || *v == '\0' ? "auto" : v;
 }
 
-bool sm90_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
+bool sm90_fwd_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
 #if defined(ANCHOR_KERNELS_SM90A)
   // Opt-in until the kernels are validated on a device: ANCHOR_KERNELS_CUDA_KERNELS=sm90.
-  // bf16 / fp16 only: the wgmma kernels have no TF32 variant.
-  return std::strcmp(cuda_kernels_choice(), "sm90") == 0 && dtype != Dtype::kTFloat32 &&
-         mma_supported(dtype, x, y, D) &&
+  return std::strcmp(cuda_kernels_choice(), "sm90") == 0 && mma_supported(dtype, x, y, D) &&
          tma_fits(x, D) && tma_fits(y, D) && device_is_sm90();
 #else
   (void)dtype, (void)x, (void)y, (void)D;
@@ -58,8 +56,14 @@ bool sm90_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
 #endif
 }
 
+bool sm90_bwd_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
+  return dtype != Dtype::kTFloat32 && sm90_fwd_supported(dtype, x, y, D);
+}
+
+// TF32 rows are float32 copies already rounded to TF32 (RowNormArgs::tf32): the TMA copy's
+// TF32 element type (CU_TENSOR_MAP_DATA_TYPE_TFLOAT32) leaves them as they are.
 cudaError_t launch_supcon_fwd_sm90(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {
-  return dtype == Dtype::kFloat16 ? fwd<cute::half_t>(args, stream) : fwd<cute::bfloat16_t>(args, stream);
+  return mma::with_element_type(dtype, [&](auto t) { return fwd<decltype(t)>(args, stream); });
 }
 
 }  // namespace anchor_kernels::supcon_cuda

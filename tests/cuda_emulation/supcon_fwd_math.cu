@@ -1,7 +1,8 @@
 // Host check of the forwards' per-logit code (csrc/cuda/supcon_mma.cuh: RowState, tile_update,
-// finish_row, shared by the sm_80 kernel's 64-column tiles and the Hopper kernel's 128-column
-// ones) against a float64 evaluation of the same statistics, and of the Hopper backward's
-// self-pair arithmetic (SelfPairs) against the 64-bit condition it replaces.
+// finish_row, shared by the sm_80 kernel's and the Hopper TF32 kernel's 64-column tiles and
+// the Hopper 16-bit kernel's 128-column ones) against a float64 evaluation of the same
+// statistics, and of the Hopper backward's self-pair arithmetic (SelfPairs) against the 64-bit
+// condition it replaces.
 //
 // One lane's view, with its quad reductions the identity: the thread holds two rows and, of
 // every kCols-column tile, the kCols / 4 columns 8 j + k (j < kCols / 8, k < 2); the reference
@@ -298,9 +299,9 @@ int main() {
   check_label_keys<lk::kMaxRows>();
   check_self_pairs<64>();
   check_self_pairs<32>();
-  check_mode<kFwdLse, sm90::kN>();
-  check_mode<kFwdUniform, sm90::kN>();
-  check_mode<kFwdSoft, sm90::kN>();
+  check_mode<kFwdLse, sm90::fwd_cols<cute::bfloat16_t>()>();
+  check_mode<kFwdUniform, sm90::fwd_cols<cute::bfloat16_t>()>();
+  check_mode<kFwdSoft, sm90::fwd_cols<cute::bfloat16_t>()>();
   check_mode<kFwdLse, mma::kFwdCols>();
   check_mode<kFwdUniform, mma::kFwdCols>();
   check_mode<kFwdSoft, mma::kFwdCols>();

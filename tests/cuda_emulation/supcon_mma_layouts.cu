@@ -4,8 +4,9 @@
 // epilogue's addressing assume it), that the accumulators of S read as A fragments
 // (acc_as_a_operand) hold the coordinates the next product's A operand expects (for TF32: the
 // registers the backward hands its product with the columns permuted), and which chunks of a
-// tile load_rows has each thread copy (16-bit and TF32 elements). Compiled with nvcc and run on the host by
-// tests/test_supcon_cuda_emulated.py; prints the number of failures, exits non-zero on any.
+// tile load_rows has each thread copy (16-bit and TF32 elements). Compiled with nvcc and run on
+// the host by tests/test_supcon_cuda_emulated.py; prints the number of failures, exits non-zero
+// on any.
 #include <cstdio>
 
 #include "cuda/supcon_mma.cuh"
@@ -116,23 +117,25 @@ void check_tf32_h_times_y() {
     }
 }
 
-// The Hopper forward's 128 x 128 tile over two consumer warpgroups: element v = k + 2 i + 4 j of
-// a thread's 64 accumulators is row i of its two (the second 8 below the first), column
-// col0 + 8 j + k; the four lanes of a quad hold the same rows (quad reductions) and together
-// every column; each tile element is held by exactly one thread, its warpgroup's 64 rows.
+// The Hopper forward's 128 x kN tile (kN = 128, 64 for TF32) over two consumer warpgroups:
+// element v = k + 2 i + 4 j of a thread's kN / 2 accumulators is row i of its two (the second 8
+// below the first), column col0 + 8 j + k; the four lanes of a quad hold the same rows (quad
+// reductions) and together every column; each tile element is held by exactly one thread, its
+// warpgroup's 64 rows.
 template <typename T>
 void check_sm90_tile() {
   namespace h = anchor_kernels::supcon_cuda::sm90;
-  h::TiledMmaS<T, h::kN> mma;
-  static int held[h::kM][h::kN];
+  constexpr int kN = h::fwd_cols<T>();
+  h::TiledMmaS<T, kN> mma;
+  static int held[h::kM][kN];
   for (auto& r : held)
     for (int& v : r) v = 0;
   for (int t = 0; t < 128 * h::kConsumers; ++t) {
     auto coords = [&](int thread) {
-      return mma.get_thread_slice(thread).partition_C(make_identity_tensor(Shape<Int<h::kM>, Int<h::kN>>{}));
+      return mma.get_thread_slice(thread).partition_C(make_identity_tensor(Shape<Int<h::kM>, Int<kN>>{}));
     };
     auto cC = coords(t);
-    CHECK(size(cC) == 64);
+    CHECK(size(cC) == kN / 2);
     const int row0 = get<0>(cC(0)), col0 = get<1>(cC(0));
     CHECK(row0 / 64 == t / 128);
     for (int v = 0; v < size(cC); ++v) {
@@ -144,7 +147,7 @@ void check_sm90_tile() {
     }
   }
   for (int r = 0; r < h::kM; ++r)
-    for (int c = 0; c < h::kN; ++c) {
+    for (int c = 0; c < kN; ++c) {
       const int t = -1;  // CHECK names a thread; none here
       CHECK(held[r][c] == 1);
     }
@@ -218,6 +221,7 @@ int main() {
   check_row_copy<kFwdCols, tfloat32_t>();
   check_sm90_tile<bfloat16_t>();
   check_sm90_tile<half_t>();
+  check_sm90_tile<tfloat32_t>();
   check_sm90_backward<bfloat16_t, 64>();
   check_sm90_backward<half_t, 32>();
   check_tile<kFwdRows, 64>();

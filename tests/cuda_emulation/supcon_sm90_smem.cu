@@ -3,20 +3,21 @@
 // decoded the way the hardware reads them, must address the element the maths needs, at the
 // byte where the TMA copy put it.
 //
-// The two hardware models, from the PTX ISA (16-bit elements, 128-byte swizzle):
-// - TMA: a (rows, D) tile is copied as boxes of 64 columns (128 bytes), box b at
-//   b * rows * 128 bytes; element (r, c) lands at r * 128 + 2 (c % 64) in its box, and the
-//   swizzle XORs address bits [4, 7) with bits [7, 10) (tiles are 1024-byte aligned).
-// - wgmma, descriptor (start, LBO, SBO), operand element (mn, k) of an instruction:
-//   K-major:  start + (mn / 8) SBO + (mn % 8) 128 + 2 k              (LBO unused)
-//   MN-major: start + (mn / 64) LBO + (k / 8) SBO + (k % 8) 128 + 2 (mn % 64)
+// The two hardware models, from the PTX ISA (elements of b bytes: 2, or 4 for TF32; 128-byte
+// swizzle):
+// - TMA: a (rows, D) tile is copied as boxes of 128 / b columns (128 bytes), box i at
+//   i * rows * 128 bytes; element (r, c) lands at r * 128 + b (c % (128 / b)) in its box, and
+//   the swizzle XORs address bits [4, 7) with bits [7, 10) (tiles are 1024-byte aligned).
+// - wgmma, descriptor (start, LBO, SBO), operand element (mn, k) of an instruction (k < 32 / b):
+//   K-major:  start + (mn / 8) SBO + (mn % 8) 128 + b k              (LBO unused)
+//   MN-major: start + (mn / 64) LBO + (k / 8) SBO + (k % 8) 128 + 2 (mn % 64)   (16-bit only)
 //   then the same swizzle, on the whole address.
 // Addresses are offsets from the start of the kernels' own storage structs, which put every
 // tile and stage on a 1024-byte boundary (checked), where the swizzle of an offset is that of
 // the address.
 //
 // Checked: the forward's S = X Y^T (A: the warpgroup's 64 anchor rows, B: the stage's column
-// tile, every k-step and stage); the backward's S (64- and 32-column tiles); and dX += H Y,
+// tile, every k-step and stage; bf16, fp16 and TF32); the backward's S (64- and 32-column tiles); and dX += H Y,
 // whose B is Y's tile read transposed (SmemRowsStagesT): B(d, j) must be the stage's row j,
 // feature d. Compiled with nvcc and run on the host by tests/test_supcon_cuda_emulated.py;
 // prints the number of failures, exits non-zero on any.
@@ -37,10 +38,15 @@ static int failures = 0;
 
 constexpr uint32_t swizzle128(uint32_t a) { return a ^ (((a >> 7) & 7u) << 4); }
 
-// Where the TMA copy of a (rows, kD) tile starting at byte `base` puts element (r, c).
+// Where the TMA copy of a (rows, kD) tile of T starting at byte `base` puts element (r, c).
+template <typename T>
 constexpr uint32_t tma_byte(uint32_t base, int rows, int r, int c) {
-  return swizzle128(base + uint32_t(c / 64) * rows * 128 + r * 128 + 2 * (c % 64));
+  constexpr int kBox = 128 / sizeof(T);  // columns of a box
+  return swizzle128(base + uint32_t(c / kBox) * rows * 128 + r * 128 + sizeof(T) * (c % kBox));
 }
+// Elements of one wgmma k-step: 32 bytes' worth (k16 for 16-bit, k8 for TF32).
+template <typename T>
+constexpr int kStepK = 32 / sizeof(T);
 
 struct Desc {
   uint32_t start, lbo, sbo;
@@ -51,8 +57,9 @@ Desc decode(const GmmaDescriptor& d) {
           uint32_t(d.bitfield.stride_byte_offset_) << 4, int(d.bitfield.layout_type_),
           int(d.bitfield.base_offset_)};
 }
+template <typename T>
 uint32_t k_major_byte(const Desc& d, int mn, int k) {
-  return swizzle128(d.start + (mn / 8) * d.sbo + (mn % 8) * 128 + 2 * k);
+  return swizzle128(d.start + (mn / 8) * d.sbo + (mn % 8) * 128 + sizeof(T) * k);
 }
 uint32_t mn_major_byte(const Desc& d, int mn, int k) {
   return swizzle128(d.start + (mn / 64) * d.lbo + (k / 8) * d.sbo + (k % 8) * 128 + 2 * (mn % 64));
@@ -114,20 +121,21 @@ void check_s(const char* what) {
     auto thr = mma.get_thread_slice(128 * w);
     auto [rX, x_at] = descriptors<true>(st, thr, sX);
     auto [rY, y_at] = descriptors<false>(st, thr, sY);
-    CHECK(size<1>(rX) == 1 && size<2>(rX) == h::kD / 16, what);
-    CHECK(size<1>(rY) == 1 && size<2>(rY) == h::kD / 16 && size<3>(rY) == h::kStages, what);
-    for (int q = 0; q < h::kD / 16; ++q) {
+    constexpr int kK = kStepK<T>;
+    CHECK(size<1>(rX) == 1 && size<2>(rX) == h::kD / kK, what);
+    CHECK(size<1>(rY) == 1 && size<2>(rY) == h::kD / kK && size<3>(rY) == h::kStages, what);
+    for (int q = 0; q < h::kD / kK; ++q) {
       const Desc a = start_at(decode(rX(0, 0, q)), x_at);
       CHECK(a.layout == 1 && a.base_offset == 0, what);
       for (int m = 0; m < 64; ++m)
-        for (int k = 0; k < 16; ++k)
-          CHECK(k_major_byte(a, m, k) == tma_byte(at(st, st.x), h::kM, 64 * w + m, 16 * q + k), what);
+        for (int k = 0; k < kK; ++k)
+          CHECK(k_major_byte<T>(a, m, k) == tma_byte<T>(at(st, st.x), h::kM, 64 * w + m, kK * q + k), what);
       for (int s = 0; s < h::kStages; ++s) {
         const Desc b = start_at(decode(rY(0, 0, q, s)), y_at);
         CHECK(b.layout == 1 && b.base_offset == 0, what);
         for (int n = 0; n < kCols; ++n)
-          for (int k = 0; k < 16; ++k)
-            CHECK(k_major_byte(b, n, k) == tma_byte(at(st, st.y[s]), kCols, n, 16 * q + k), what);
+          for (int k = 0; k < kK; ++k)
+            CHECK(k_major_byte<T>(b, n, k) == tma_byte<T>(at(st, st.y[s]), kCols, n, kK * q + k), what);
       }
     }
   }
@@ -148,7 +156,7 @@ void check_dx(const char* what) {
         CHECK(b.layout == 1 && b.base_offset == 0, what);
         for (int d = 0; d < h::kD; ++d)
           for (int k = 0; k < 16; ++k)
-            CHECK(mn_major_byte(b, d, k) == tma_byte(at(st, st.y[s]), kCols, 16 * q + k, d), what);
+            CHECK(mn_major_byte(b, d, k) == tma_byte<T>(at(st, st.y[s]), kCols, 16 * q + k, d), what);
       }
   }
 }
@@ -163,7 +171,7 @@ void check_tma_layout(const char* what) {
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < h::kD; ++c) {
       const auto byte = reinterpret_cast<const char*>(&s(r, c)) - reinterpret_cast<const char*>(tile);
-      CHECK(uint32_t(byte) == tma_byte(0, kRows, r, c), what);
+      CHECK(uint32_t(byte) == tma_byte<T>(0, kRows, r, c), what);
     }
 }
 
@@ -172,8 +180,11 @@ int main() {
   using anchor_kernels::supcon_cuda::kBwdUniform;
   check_tma_layout<bfloat16_t, h::kM>("tma layout, 128 rows");
   check_tma_layout<half_t, 32>("tma layout, 32 rows");
-  check_s<bfloat16_t, h::kN, h::FwdStorage<bfloat16_t>>("forward S, bf16");
-  check_s<half_t, h::kN, h::FwdStorage<half_t>>("forward S, fp16");
+  check_tma_layout<tfloat32_t, h::kM>("tma layout, 128 rows, TF32");
+  check_tma_layout<tfloat32_t, 64>("tma layout, 64 rows, TF32");
+  check_s<bfloat16_t, h::fwd_cols<bfloat16_t>(), h::FwdStorage<bfloat16_t>>("forward S, bf16");
+  check_s<half_t, h::fwd_cols<half_t>(), h::FwdStorage<half_t>>("forward S, fp16");
+  check_s<tfloat32_t, h::fwd_cols<tfloat32_t>(), h::FwdStorage<tfloat32_t>>("forward S, TF32");
   check_s<bfloat16_t, 64, h::BwdStorage<bfloat16_t, kBwdUniform>>("backward S, 64 columns");
   check_s<half_t, 32, h::BwdStorage<half_t, kBwdSoftExact>>("backward S, 32 columns");
   check_dx<bfloat16_t, 64, h::BwdStorage<bfloat16_t, kBwdUniform>>("dX, 64 columns, bf16");
