@@ -51,7 +51,7 @@ stage tests_cuda_ext 180 python3 -m pytest -q -ra -x -m gpu tests/test_supcon_cp
     tests/test_bad_inputs.py
 # Every Hopper kernel variant once against the sm_80 kernels and float64, each under its own
 # time limit: a variant that hangs or fails is named and the others still run.
-stage smoke_sm90 300 python3 scripts/sm90_smoke.py --timeout 45 --json "$RES/sm90_smoke.json"
+stage smoke_sm90 400 python3 scripts/sm90_smoke.py --timeout 45 --json "$RES/sm90_smoke.json"
 # The same tests with the Hopper (sm_90a) kernels chosen, which they await before becoming the
 # default on compute capability 9.0.
 stage tests_cuda_sm90 180 env ANCHOR_KERNELS_CUDA_KERNELS=sm90 python3 -m pytest -q -ra -x -m gpu \
@@ -76,11 +76,15 @@ stage bench_cuda_sm90 150 env ANCHOR_KERNELS_CUDA_KERNELS=sm90 python3 -m benchm
     --candidates cuda triton --time-budget 120 --no-fit --no-progress --no-plot \
     --out "$RES/supcon_cuda_sm90.json"
 # float32 where torch allows TF32: the CUDA loss's TF32 forward against Triton's TF32 and eager
-# PyTorch (cuBLAS in TF32), each pass.
+# PyTorch (cuBLAS in TF32), each pass; then with the Hopper TF32 forward chosen.
 stage bench_cuda_tf32 150 python3 -m benchmarks --ops supcon --dtypes float32 \
     --float32-matmul-precision high --sizes ${CUDA_SIZES:-1024 4096 16384 65536} \
     --passes fwd bwd fwd+bwd --candidates cuda triton eager --time-budget 120 --no-fit \
     --no-progress --no-plot --out "$RES/supcon_cuda_tf32.json"
+stage bench_cuda_sm90_tf32 150 env ANCHOR_KERNELS_CUDA_KERNELS=sm90 python3 -m benchmarks --ops supcon \
+    --dtypes float32 --float32-matmul-precision high --sizes ${CUDA_SIZES:-1024 4096 16384 65536} \
+    --passes fwd bwd fwd+bwd --candidates cuda triton --time-budget 120 --no-fit --no-progress \
+    --no-plot --out "$RES/supcon_cuda_sm90_tf32.json"
 stage bench_supcon_fp32 90 python3 benchmarks/supcon_gpu_table.py --dtype float32 \
     --backends triton cuda eager --n 4096 16384 --out "$RES/supcon_gpu_fp32.json"
 stage bench_pgd 45 python3 benchmarks/bench_pgd.py --gpu --out "$RES/pgd_gpu.json"
@@ -157,5 +161,5 @@ for f in "$RES"/supcon_cuda.json "$RES"/supcon_small.json "$RES"/supcon_large.js
     [[ -f "$f" ]] && python3 -m benchmarks --replot "$f" --no-plot 2>&1 | grep -v "^wrote"
 done
 grep -A10 "interleaved rounds" "$LOG" || true
-grep -A33 "sm90 ran" "$LOG" || true  # the Hopper smoke table
+grep -A49 "sm90 ran" "$LOG" || true  # the Hopper smoke table
 echo; cat "$SUMMARY"; pack

@@ -1,10 +1,12 @@
 """Every variant of the Hopper (sm_90a) SupCon kernels run once against the sm_80 kernels and
 the float64 reference, each in its turn under a time limit, so that one that hangs is named
-and the others still run: dtype x mode (log-sum-exp only, SupCon, soft mining detached and
-exact) x one set or two x fixed shifts or running maxima (temperature 0.1 or 0.02). Prints a
-table: the case, whether the Hopper kernels ran (profiler kernel names), the seconds, and the
-largest error of the loss and of the gradients (anchors, and contrast rows with two sets)
-against the cpu backend in float64, for the Hopper and the sm_80 kernels.
+and the others still run: dtype (bf16, fp16, and float32 as TF32: the Hopper forward, the sm_80
+backward) x mode (log-sum-exp only, SupCon, soft mining detached and exact) x one set or two x
+fixed shifts or running maxima (temperature 0.1 or 0.02). Prints a table: the case, whether
+the Hopper kernels ran (profiler kernel names: the forward's, and with 16-bit rows the
+backward's), the seconds, and the largest error of the loss and of the gradients (anchors,
+and contrast rows with two sets) against the cpu backend in float64, for the Hopper and the
+sm_80 kernels.
 
     python scripts/sm90_smoke.py [--n 1000] [--d 120] [--timeout 60] [--json out.json]
 
@@ -25,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODES = {"lse-only": dict(lse_only=True), "supcon": dict(beta=0.0),
          "soft": dict(beta=1.5), "soft-exact": dict(beta=1.5, detach_weights=False)}
-CASES = list(itertools.product(("bfloat16", "float16"), MODES, ("one-set", "two-sets"),
+CASES = list(itertools.product(("bfloat16", "float16", "tfloat32"), MODES, ("one-set", "two-sets"),
                                ("fixed", "running")))
 
 
@@ -38,6 +40,9 @@ def _run_case(case, n, d):
 
     dtype, mode, sets, shift = case
     opts = MODES[mode]
+    # float32 rows run as TF32 where torch allows TF32 matmuls (as torch.matmul's do)
+    torch.set_float32_matmul_precision("high" if dtype == "tfloat32" else "highest")
+    dt = torch.float32 if dtype == "tfloat32" else getattr(torch, dtype)
     tau = 0.1 if shift == "fixed" else 0.02
     gen = torch.Generator(device="cuda").manual_seed(0)
     g = torch.randn(n, d, device="cuda", generator=gen)
@@ -64,9 +69,11 @@ def _run_case(case, n, d):
         return [loss.detach().double().cpu()] + [t.grad.double().cpu() for t in leaves]
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        hopper = run("sm90", getattr(torch, dtype))
-    ran = any("sm90_kernel" in e.name for e in prof.events())
-    sm80 = run("sm80", getattr(torch, dtype))
+        hopper = run("sm90", dt)
+    names = [e.name for e in prof.events()]
+    ran = (any("supcon_fwd_sm90_kernel" in k for k in names)
+           and (dtype == "tfloat32" or any("supcon_bwd_sm90_kernel" in k for k in names)))
+    sm80 = run("sm80", dt)
     ref = run("cpu", torch.float64)
     rel = lambda a, b: (a - b).abs().max().item() / (1 + b.abs().max().item())
     err = lambda out: [rel(out[0], ref[0]), max(rel(a, b) for a, b in zip(out[1:], ref[1:]))]

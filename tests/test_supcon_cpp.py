@@ -653,6 +653,50 @@ def test_gpu_tf32_kernels_when_torch_allows_it(precision, n, d, options, single,
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n,d", [(97, 20), (1000, 120), (1025, 128)])
+@pytest.mark.parametrize("options", OPTIONS[:3] + [dict(lse_only=True)],
+                         ids=["supcon", "soft", "soft-exact", "lse-only"])
+def test_gpu_hopper_tf32_forward_when_chosen(n, d, options, matmul_precision, monkeypatch):
+    """With ANCHOR_KERNELS_CUDA_KERNELS=sm90 on a compute capability 9.0 GPU and torch allowing
+    TF32, float32 features take the Hopper forward's TF32 kernel (HGMMA on 128 x 64 tiles) and
+    the sm_80 TF32 backward (names in the profile): loss and gradients match the sm_80 TF32
+    kernels' and follow the reference by the 2x-eager rule, one set and two (the anchors 40
+    rows into the contrast set), partial tiles, D below a TMA box (20) and at 128."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernels run on compute capability 9.0")
+    if "-DANCHOR_KERNELS_SM90A=1" not in _ext.cuda_flags():
+        pytest.skip("the extension was not built with sm_90a code (TORCH_CUDA_ARCH_LIST)")
+    matmul_precision("high")
+    lse_only = options.get("lse_only", False)
+    options = {k: v for k, v in options.items() if k != "lse_only"}
+    g = torch.Generator().manual_seed(11)
+    f, y = torch.randn(n, d, generator=g).cuda(), labels_for("random", n, g).cuda()
+
+    def run():
+        x = f.clone().requires_grad_()
+        problem = SupConProblem(x, y, None, None, 0.1, options.get("hard_positive_beta", 0.0), None,
+                                options.get("detach_weights", True), True, 0, lse_only=lse_only)
+        loss, _ = get_backend("cuda").per_anchor(problem)
+        loss.sum().backward()
+        return loss.detach(), x.grad
+
+    monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", "sm80")
+    sm80 = run()
+    monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", "sm90")
+    names = cuda_kernels_run(run)
+    assert any("supcon_fwd_sm90_kernel" in k and "tfloat32" in k for k in names), names
+    assert any("supcon_bwd_mma_kernel" in k and "tfloat32" in k for k in names), names
+    assert not any("supcon_bwd_sm90_kernel" in k for k in names), names
+    for a, b, what in zip(run(), sm80, ("loss", "grad")):
+        assert_close(a, b, atol=1e-3, rtol=1e-3, what=f"sm90 TF32 against sm80 TF32 {what}")
+    if not lse_only:
+        compare("cuda", f, y, dtype=torch.float32, **options)
+        c, y_c = torch.randn(n + 40, d, generator=g).cuda(), labels_for("random", n + 40, g).cuda()
+        c[40:], y_c[40:] = f, y
+        compare("cuda", f, y, c, y_c, dtype=torch.float32, anchor_offset=40, **options)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n", [300, 1000, 5000])
 @pytest.mark.parametrize("options", OPTIONS + [dict(lse_only=True)], ids=OPTION_IDS + ["lse-only"])
 def test_gpu_splits_the_columns_when_rows_are_few(n, options):
