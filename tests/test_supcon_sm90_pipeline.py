@@ -2,10 +2,14 @@
 over every interleaving: the producer warp and its TMA copies, the "full" and "empty"
 mbarriers of the stages, and the two consumer warpgroups taking turns on two named barriers
 (``PingPong``), in the forward's loop and in the backward's (a tile's S product issued with the
-previous tile's dX product). Checked for every column-tile count up to 7: no deadlock; a
-consumer only ever reads (issue, wait, per-logit work) the stage holding the tile it expects,
-with that tile's column inputs; every named-barrier generation is one warpgroup's wait and the
-other's arrival; nothing is left pending at the end (no copy in flight, no dangling arrival).
+previous tile's dX product), and in the TF32 backward's, where the producer warpgroup's other
+three warps (the transposers, one agent) write each landed tile's Y^T into its stage and
+arrive on the stage's "yt_full" mbarrier, which a consumer waits on before its dX product
+reads that Y^T. Checked for every column-tile count up to 7: no deadlock; a consumer only ever
+reads (issue, wait, per-logit work) the stage holding the tile it expects, with that tile's
+column inputs (and Y^T); the transposers only read a landed tile; every named-barrier
+generation is one warpgroup's wait and the other's arrival; nothing is left pending at the end
+(no copy in flight, no dangling arrival).
 
 The model follows the kernels' code step by step; a warpgroup's four warps are one agent (they
 arrive on "empty" together), as are the producer warp's 32 lanes ("full" counts them as one
@@ -24,12 +28,14 @@ DONE = 99
 MUTATION = None     # set by test_model_catches_broken_protocols only
 
 
-def _start(n_tiles):
-    return dict(prod=(0, 0), c0=(0, 0, 0), c1=(0, 0, 0),
+def _start(n_tiles, transposed=False):
+    return dict(prod=(0, 0), c0=(0, 0, 0), c1=(0, 0, 0), tr=(0 if transposed else DONE, 0),
                 full=((0, 0, 0),) * STAGES,         # (phase, arrivals, transactions pending)
                 empty=((0, 0),) * STAGES,           # (phase, arrivals)
+                yt_full=(0,) * STAGES,              # phase (one arrival: the transposers)
                 named=((0, ()), (0, ())),           # (generation, arrivals so far)
-                stage=(-1,) * STAGES, cols=(-1,) * STAGES, tma=frozenset(), n=n_tiles)
+                stage=(-1,) * STAGES, cols=(-1,) * STAGES, yt=(-1,) * STAGES,
+                tma=frozenset(), n=n_tiles, transposed=transposed)
 
 
 def _key(s):
@@ -93,6 +99,29 @@ def _producer(s):
     return s
 
 
+def _transposers(s):
+    """sm90::transpose: wait for tile t to land, write its Y^T, arrive on yt_full."""
+    pc, t = s["tr"]
+    n, st = s["n"], t % STAGES
+    if pc == 0:
+        if t == n:
+            s["tr"] = (DONE, t)
+        elif s["full"][st][0] != (t // STAGES) & 1:
+            s["tr"] = (1, t)
+        else:
+            return None
+    elif pc == 1:  # reads the landed tile, writes its Y^T
+        _check(s["stage"][st] == t, f"transposers read tile {t} from stage {st}, which holds {s['stage'][st]}")
+        s["yt"] = _set(s["yt"], st, t)
+        s["tr"] = (2, t)
+    elif pc == 2:  # fence, then the arrival
+        s["yt_full"] = _set(s["yt_full"], st, s["yt_full"][st] ^ 1)
+        s["tr"] = (0, t + 1)
+    else:
+        return None
+    return s
+
+
 def _consumer(s, w, backward):
     name = f"c{w}"
     pc, t, gen = s[name]
@@ -119,7 +148,13 @@ def _consumer(s, w, backward):
             return None
         s[name] = (4, t, 0)
     elif pc in (4, 6):  # the products issued, then waited for: both read their stages
+        if (pc == 4 and s["transposed"] and t > 0 and MUTATION != "no yt wait"
+                and s["yt_full"][prev] == ((t - 1) // STAGES) & 1):
+            return None  # Barrier::wait(yt_full[prev], ...) before the dX product
         reads = ([(st, t)] if t < n else []) + ([(prev, t - 1)] if backward and t > 0 else [])
+        if s["transposed"] and t > 0:
+            _check(s["yt"][prev] == t - 1, f"consumer {w} reads Y^T of tile {t - 1} from stage "
+                                            f"{prev}, which holds {s['yt'][prev]}")
         if pc == 4 and MUTATION == "release at issue" and not backward:
             _release(s, st)
         s[name] = (pc + 1, t, 0)
@@ -161,19 +196,20 @@ def _tma_lands(s, copy):
     return s
 
 
-def explore(n_tiles, backward):
-    """Every reachable state; raises Violation on a broken property. Returns the state count."""
-    start = _start(n_tiles)
+def explore(n_tiles, backward, transposed=False):
+    """Every reachable state; raises Violation on a broken property. Returns the state count.
+    transposed: the TF32 backward's transposers take part (backward only)."""
+    start = _start(n_tiles, transposed)
     seen, frontier = {_key(start)}, [start]
     while frontier:
         state = frontier.pop()
         moves = [lambda s: _producer(s), lambda s: _consumer(s, 0, backward),
-                 lambda s: _consumer(s, 1, backward)]
+                 lambda s: _consumer(s, 1, backward), lambda s: _transposers(s)]
         moves += [lambda s, c=c: _tma_lands(s, c) for c in state["tma"]]
         successors = [m(dict(state)) for m in moves]
         successors = [s for s in successors if s is not None]
         if not successors:
-            done = all(state[a][0] == DONE for a in ("prod", "c0", "c1"))
+            done = all(state[a][0] == DONE for a in ("prod", "c0", "c1", "tr"))
             _check(done, f"deadlock: {state}")
             _check(not state["tma"] and all(not a for _, a in state["named"]),
                    f"left pending at the end: {state}")
@@ -185,21 +221,23 @@ def explore(n_tiles, backward):
     return len(seen)
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("backward,transposed", [(False, False), (True, False), (True, True)],
+                         ids=["forward", "backward", "backward-tf32"])
 @pytest.mark.parametrize("n_tiles", range(1, 8))
-def test_pipeline_has_no_deadlock_and_no_stale_read(n_tiles, backward):
-    assert explore(n_tiles, backward) > n_tiles
+def test_pipeline_has_no_deadlock_and_no_stale_read(n_tiles, backward, transposed):
+    assert explore(n_tiles, backward, transposed) > n_tiles
 
 
-@pytest.mark.parametrize("mutation,backward,message", [
-    ("empty parity", False, "deadlock"),          # round 0 waits for a release that never comes
-    ("no first turn", True, "deadlock"),          # nobody lets warpgroup 0 go first
-    ("last turn passed", False, "left pending"),  # an arrival nobody waits for
-    ("release at issue", False, "reads tile"),  # the producer refills a stage being read
+@pytest.mark.parametrize("mutation,backward,transposed,message", [
+    ("empty parity", False, False, "deadlock"),          # round 0 waits for a release that never comes
+    ("no first turn", True, False, "deadlock"),          # nobody lets warpgroup 0 go first
+    ("last turn passed", False, False, "left pending"),  # an arrival nobody waits for
+    ("release at issue", False, False, "reads tile"),    # the producer refills a stage being read
+    ("no yt wait", True, True, "reads Y\\^T"),            # dX reads a Y^T not yet written
 ])
-def test_model_catches_broken_protocols(monkeypatch, mutation, backward, message):
+def test_model_catches_broken_protocols(monkeypatch, mutation, backward, transposed, message):
     """The model can fail: each of these changes to the protocol is caught."""
     monkeypatch.setattr(__import__(__name__, fromlist=["_"]), "MUTATION", mutation)
     with pytest.raises(Violation, match=message):
         for n_tiles in range(1, 6):
-            explore(n_tiles, backward)
+            explore(n_tiles, backward, transposed)

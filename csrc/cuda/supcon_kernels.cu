@@ -30,7 +30,7 @@ cudaError_t bwd(const BwdArgs& a, cudaStream_t stream) {
 
 cudaError_t launch_supcon_fwd(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {
   if (args.x.rows == 0) return cudaSuccess;
-  if (sm90_fwd_supported(dtype, args.x, args.y, args.D)) return launch_supcon_fwd_sm90(dtype, args, stream);
+  if (sm90_supported(dtype, args.x, args.y, args.D)) return launch_supcon_fwd_sm90(dtype, args, stream);
   if (mma_supported(dtype, args.x, args.y, args.D)) return launch_supcon_fwd_mma(dtype, args, stream);
   switch (dtype) {
     case Dtype::kFloat16:
@@ -44,7 +44,7 @@ cudaError_t launch_supcon_fwd(Dtype dtype, const FwdArgs& args, cudaStream_t str
 
 cudaError_t launch_supcon_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t stream) {
   if (args.x.rows == 0 || args.D == 0) return cudaSuccess;
-  if (sm90_bwd_supported(dtype, args.x, args.y, args.D)) return launch_supcon_bwd_sm90(dtype, args, stream);
+  if (sm90_supported(dtype, args.x, args.y, args.D)) return launch_supcon_bwd_sm90(dtype, args, stream);
   if (mma_supported(dtype, args.x, args.y, args.D)) return launch_supcon_bwd_mma(dtype, args, stream);
   switch (dtype) {
     case Dtype::kFloat16:

@@ -199,14 +199,12 @@ cudaError_t launch_supcon_bwd_mma_tf32(const BwdArgs& args, cudaStream_t stream)
 // specialisation; the backward fuses the normalisation's chain rule as the sm_80 one) take the
 // inputs of mma_supported with at least one row and row strides of at least D, both below
 // 2^31, on a compute capability 9.0 device, in a binary built with sm_90a code
-// (ANCHOR_KERNELS_SM90A): the forward bf16 / fp16 and TF32 rows, the backward bf16 / fp16
-// (TF32 rows take the sm_80 TF32 backward); until their first validation on a device, only
-// when ANCHOR_KERNELS_CUDA_KERNELS=sm90 (cuda_kernels_choice(): "auto" when unset; "auto" and
+// (ANCHOR_KERNELS_SM90A); until their first validation on a device, only when
+// ANCHOR_KERNELS_CUDA_KERNELS=sm90 (cuda_kernels_choice(): "auto" when unset; "auto" and
 // "sm80" take the sm_80 kernels, "general" none of the tensor-core ones, the torch glue
 // refuses other values: cuda_glue::check_kernel_choice).
 const char* cuda_kernels_choice();
-bool sm90_fwd_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
-bool sm90_bwd_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
+bool sm90_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
 cudaError_t launch_supcon_fwd_sm90(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
 cudaError_t launch_supcon_bwd_sm90(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
 

@@ -10,27 +10,31 @@
 //     the tile's label keys and inverse norms in shared memory beside it;
 //   warpgroups 1 and 2, the consumers, take the registers (setmaxnreg.inc) and 64 anchor rows
 //     each: in its turn, wgmma from shared memory to 64 fp32 accumulators per thread (32 for
-//     TF32); then the
-//     per-logit work (inverse norms, masks, online log-sum-exp, positives) on the accumulators
-//     in registers, and the stage is handed back to the producer.
-// Backward: the same pipeline over 64-column tiles of the inner rows (32 with soft mining);
+//     TF32); then the per-logit work (inverse norms, masks, online log-sum-exp, positives) on
+//     the accumulators in registers, and the stage is handed back to the producer.
+// Backward: the same pipeline over 64-column tiles of the inner rows (32 with soft mining or
+// TF32 rows);
 // each consumer recomputes S for its 64 rows (wgmma from shared memory), forms H = G(S) from
 // the accumulators, and feeds H, converted to the features' dtype, from registers as the A
-// operand of dX += H Y (wgmma with Y's tile read transposed from the same shared memory), in
-// its next turn, with the next tile's S product: a tile costs two wgmma products and no
-// shared-memory round trip of S or H.
+// operand of dX += H Y (wgmma with Y's tile read transposed from the same shared memory, or
+// for TF32 from its Y^T, below), in its next turn, with the next tile's S product: a tile
+// costs two wgmma products and no shared-memory round trip of S or H.
 // The maths and the statistics written are those of the sm_80 kernels (supcon_mma.cuh, whose
 // gterm, quad reductions, chain-rule epilogue and variant dispatch these use) and of
 // csrc/supcon.cpp. The inputs taken are those of the sm_80 kernels (bf16 / fp16, D <= 128,
-// D % 8 == 0, rows contiguous, 16-byte aligned with a row stride % 8 == 0; the forward also
-// TF32 rows, D % 4 == 0) that a TMA descriptor can describe (supcon_sm90_fwd.cu:
-// sm90_fwd_supported). The backward has no TF32 variant: wgmma reads TF32 operands from
-// shared memory K-major only, and dX += H Y reads Y's tile MN-major (TF32 rows take the sm_80
-// TF32 backward).
+// D % 8 == 0, rows contiguous, 16-byte aligned with a row stride % 8 == 0; TF32 rows too,
+// D % 4 == 0) that a TMA descriptor can describe (supcon_sm90_fwd.cu: sm90_supported).
+// TF32 backward: wgmma reads TF32 operands from shared memory K-major only, so dX += H Y
+// cannot read Y's tile transposed in place; the producer warpgroup's three idle warps write
+// each tile's Y^T beside it (transpose_tile), with the k order permuted so that H's
+// accumulators are the A registers as they lie (yt_col), and signal it on a barrier of its
+// own; its tiles are 32 columns (shared memory: the anchor block, three stages of Y and of Y^T
+// in 4-byte elements, 160 KiB).
 // The accumulator layout the loops assume (a thread holds rows r0 and r0 + 8 of its warp's 16
 // and 32 columns, in pairs; a row's columns are spread over one quad) is checked on the host
 // by tests/cuda_emulation/supcon_mma_layouts.cu; the shared-memory side (the wgmma descriptors
-// of every product against the bytes the TMA copies write) by supcon_sm90_smem.cu.
+// of every product against the bytes the TMA copies and the transposers write) by
+// supcon_sm90_smem.cu; the barriers' protocol by tests/test_supcon_sm90_pipeline.py.
 // The kernel body exists only in sm_90a code (wgmma and setmaxnreg are sm_90a instructions);
 // compiled for any other target it is empty, and the launcher never selects it there.
 #pragma once
@@ -71,8 +75,13 @@ constexpr int kConsumers = 2;     // consumer warpgroups
 constexpr int kThreads = 128 * (1 + kConsumers);
 // Columns per forward tile: 128, or 64 for TF32 rows, whose 4-byte elements would take the
 // anchor block and three 128-column stages to 256 KiB of shared memory (160 KiB with 64).
+constexpr bool is_tf32(int bytes) { return bytes == 4; }
 template <typename T>
-constexpr int fwd_cols() { return sizeof(T) == 4 ? 64 : 128; }
+constexpr int fwd_cols() { return is_tf32(sizeof(T)) ? 64 : 128; }
+// Columns per backward tile: 64, 32 with soft mining (as the sm_80 kernel: at 64 its registers
+// spill); 32 for TF32 rows, whose stages hold Y^T too.
+template <typename T, int kMode>
+constexpr int bwd_cols() { return is_tf32(sizeof(T)) ? 32 : mma::bwd_cols<kMode>(); }
 constexpr int kProducerRegs = 40;   // setmaxnreg: 40 x 128 + 232 x 256 <= 64 K registers
 constexpr int kConsumerRegs = 232;
 
@@ -83,30 +92,51 @@ using SmemRows = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<In
 template <typename T, int kRows>
 using SmemRowsStages = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
                                               Shape<Int<kRows>, Int<kD>, Int<kStages>>{}));
-// The same bytes seen as (kD, rows, stages): the B operand of dX += H Y, MN-major.
+// The same bytes seen as (kD, rows, stages): the B operand of dX += H Y, MN-major (16-bit).
 template <typename T, int kRows>
 using SmemRowsStagesT = decltype(composition(
     SmemRowsStages<T, kRows>{},
     make_ordered_layout(Shape<Int<kD>, Int<kRows>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+// TF32: the B operand of dX += H Y, Y^T's own (kD, cols) tiles (and their stages), K-major.
+template <int kCols>
+using SmemYt = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<tfloat32_t>{}, Shape<Int<kD>, Int<kCols>>{}));
+template <int kCols>
+using SmemYtStages = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<tfloat32_t>{},
+                                            Shape<Int<kD>, Int<kCols>, Int<kStages>>{}));
+// The TF32 k order of dX += H Y: within each 8, k = t + 4 h (t < 4) stands for column 2 t + h
+// of the tile, the place of H's accumulator of that column in the registers a thread of quad
+// lane t holds (S's columns 2 t and 2 t + 1 of each 8): Y^T's column k is Y's row yt_col(k).
+CUTE_HOST_DEVICE constexpr int yt_col(int k) { return (k & ~7) + 2 * (k & 3) + ((k >> 2) & 1); }
+CUTE_HOST_DEVICE constexpr int yt_k(int j) { return (j & ~7) + ((j & 7) >> 1) + 4 * (j & 1); }
 
 // Two warpgroups stacked along the rows, each a 64 x kCols x 16 wgmma (x 8 for TF32) with both
 // operands in shared memory (S = X Y^T) ...
 template <typename T, int kCols>
 using TiledMmaS = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kCols>, Int<kD>>>(),
                                           Layout<Shape<Int<kConsumers>, _1, _1>>{}));
-// ... and 64 x kD x 16 with A (H) from registers and B (Y^T) MN-major in shared memory.
+// ... and 64 x kD x 16 with A (H) from registers and B (Y^T) MN-major in shared memory (TF32:
+// x 8, B K-major from Y^T's tiles).
 template <typename T, int kCols>
 using TiledMmaDx = decltype(make_tiled_mma(
-    GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kD>, Int<kCols>>, GMMA::Major::K, GMMA::Major::MN>(),
+    GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kD>, Int<kCols>>, GMMA::Major::K,
+                         is_tf32(sizeof(T)) ? GMMA::Major::K : GMMA::Major::MN>(),
     Layout<Shape<Int<kConsumers>, _1, _1>>{}));
 
-// The wgmma accumulator layout ((2, 2, V), M, N) read as A-operand registers ((2, 2, 2), M, V / 2):
-// the 16-bit A fragment of k-step q is the accumulator pairs of columns 16 q ... 16 q + 15.
-template <typename Layout>
+// The wgmma accumulator layout ((2, 2, V), M, N) (column k, row i, column block) read as
+// A-operand registers: 16-bit, ((2, 2, 2), M, V / 2), the A fragment of k-step q the
+// accumulator pairs of columns 16 q ... 16 q + 15; TF32, ((2, 2), M, V), the A fragment of
+// k-step q (row i, k = t + 4 h) the accumulators of column block q as they lie (row i, column
+// 2 t + h): the k order of yt_col.
+template <typename T, typename Layout>
 CUTE_HOST_DEVICE auto acc_as_a_operand(Layout l) {
-  auto d = logical_divide(l, Shape<Shape<Underscore, Underscore, _2>>{});
-  return make_layout(make_layout(get<0, 0>(d), get<0, 1>(d), get<0, 2, 0>(d)), get<1>(d),
-                     coalesce(make_layout(get<0, 2, 1>(d), get<2>(d))));
+  if constexpr (is_tf32(sizeof(T))) {
+    return make_layout(make_layout(get<0, 1>(l), get<0, 0>(l)), get<1>(l),
+                       coalesce(make_layout(get<0, 2>(l), get<2>(l))));
+  } else {
+    auto d = logical_divide(l, Shape<Shape<Underscore, Underscore, _2>>{});
+    return make_layout(make_layout(get<0, 0>(d), get<0, 1>(d), get<0, 2, 0>(d)), get<1>(d),
+                       coalesce(make_layout(get<0, 2, 1>(d), get<2>(d))));
+  }
 }
 
 // The tiles, the column inputs beside each (Cols: per-stage arrays the producer warp fills),
@@ -120,6 +150,14 @@ struct SharedStorage {
   uint64_t x_full;                      // the row block landed
   uint64_t full[kStages];               // a column tile and its column inputs landed
   uint64_t empty[kStages];              // every consumer warp is done with the stage
+  static constexpr bool kTransposed = false;
+};
+// TF32 backward: each stage's Y^T (SmemYtStages), and a barrier per stage that it is written.
+template <typename T, int kCols, typename Cols>
+struct TransposedStorage : SharedStorage<T, kCols, Cols> {
+  alignas(1024) T yt[kStages][kD * kCols];
+  uint64_t yt_full[kStages];
+  static constexpr bool kTransposed = true;
 };
 
 template <int kCols>
@@ -136,10 +174,9 @@ struct BwdCols {
 
 template <typename T>
 using FwdStorage = SharedStorage<T, fwd_cols<T>(), FwdCols<fwd_cols<T>()>>;
-// Backward tiles: 64 columns, 32 with soft mining (as the sm_80 kernel: at 64 its registers spill).
-using mma::bwd_cols;
-template <typename T, int kMode>
-using BwdStorage = SharedStorage<T, bwd_cols<kMode>(), BwdCols<bwd_cols<kMode>()>>;
+template <typename T, int kMode, int kCols = bwd_cols<T, kMode>()>
+using BwdStorage = std::conditional_t<is_tf32(sizeof(T)), TransposedStorage<T, kCols, BwdCols<kCols>>,
+                                      SharedStorage<T, kCols, BwdCols<kCols>>>;
 
 // The TMA copy of (rows, D) row-major features into kRows x kD swizzled tiles.
 template <typename T, int kRows>
@@ -154,6 +191,7 @@ using TmaRows = decltype(make_tma_rows<T, kRows>(Matrix{}, 0));
 using Barrier = cutlass::arch::ClusterBarrier;
 using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
 constexpr int kConsumerWarps = 4 * kConsumers;
+constexpr int kTransposers = 96;  // the producer warpgroup's warps 1 to 3 (TF32 backward)
 
 template <typename Storage>
 __device__ __forceinline__ void init_barriers(Storage& st) {
@@ -163,6 +201,7 @@ __device__ __forceinline__ void init_barriers(Storage& st) {
     for (int s = 0; s < kStages; ++s) {
       TxBarrier::init(&st.full[s], 32);  // the producer warp: one expect_tx, 31 plain arrivals
       Barrier::init(&st.empty[s], kConsumerWarps);
+      if constexpr (Storage::kTransposed) Barrier::init(&st.yt_full[s], kTransposers);
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -203,6 +242,52 @@ __device__ __forceinline__ void produce(Storage& st, const TmaX& tma_x, const Tm
     } else {
       TxBarrier::arrive(&st.full[s]);  // after this lane's column inputs (release)
     }
+  }
+}
+
+// Byte offsets in the 1024-byte aligned TF32 tiles of the backward (the 128-byte swizzle XORs
+// address bits [4, 7) with bits [7, 10)): element (r, c) of a (kRows, kD) SmemRows tile, where
+// TMA puts it (32-column boxes of kRows rows), and element (d, k) of a (kD, 32) SmemYt tile
+// (one swizzle atom along k). tests/cuda_emulation/supcon_sm90_smem.cu checks both against
+// the CuTe layouts.
+CUTE_HOST_DEVICE constexpr int swizzle128(int a) { return a ^ (((a >> 7) & 7) << 4); }
+template <int kRows>
+CUTE_HOST_DEVICE constexpr int tf32_rows_byte(int r, int c) {
+  return swizzle128((c / 32) * kRows * 128 + r * 128 + 4 * (c % 32));
+}
+CUTE_HOST_DEVICE constexpr int tf32_yt_byte(int d, int k) { return swizzle128(d * 128 + 4 * k); }
+
+// Y^T of a TF32 tile (y: the stage's kCols rows; yt: its SmemYt tile), yt(d, yt_k(j)) =
+// y(j, d), by transposer `thread` of kTransposers: it keeps row j = thread % kCols and moves
+// its 16-byte chunks c = thread / kCols, + kTransposers / kCols, ... (columns 4 c ... 4 c + 3)
+// to four scalars of Y^T. A warp reads one chunk of 32 rows (spread over the banks by the
+// swizzle) and writes 32 columns of a row of Y^T (conflict-free). The rows are TF32 already
+// (the row pass rounds them): moved as float bits. Offsets from the tiles' own pointers, so
+// that the accesses stay in shared memory (LDS / STS).
+template <int kCols>
+CUTE_HOST_DEVICE void transpose_tile(const char* y, char* yt, int thread) {
+  static_assert(kCols == 32 && kTransposers % kCols == 0, "one swizzle atom of Y^T along k; a row a thread");
+  const int j = thread % kCols, k = yt_k(j);
+  for (int c = thread / kCols; c < kD / 4; c += kTransposers / kCols) {
+    const float4 v = *reinterpret_cast<const float4*>(y + tf32_rows_byte<kCols>(j, 4 * c));
+    *reinterpret_cast<float*>(yt + tf32_yt_byte(4 * c, k)) = v.x;
+    *reinterpret_cast<float*>(yt + tf32_yt_byte(4 * c + 1, k)) = v.y;
+    *reinterpret_cast<float*>(yt + tf32_yt_byte(4 * c + 2, k)) = v.z;
+    *reinterpret_cast<float*>(yt + tf32_yt_byte(4 * c + 3, k)) = v.w;
+  }
+}
+
+// The transposers (TF32 backward): each column tile's Y^T, once the tile has landed, into the
+// stage's yt, then yt_full[s]. The stage is free: its tile landed after every consumer warp
+// handed it back, which they do after the dX product that read the last Y^T there.
+template <int kCols, typename Storage>
+__device__ __forceinline__ void transpose(Storage& st, int n_tiles, int thread) {
+  for (int t = 0; t < n_tiles; ++t) {
+    const int s = t % kStages;
+    TxBarrier::wait(&st.full[s], (t / kStages) & 1);
+    transpose_tile<kCols>(reinterpret_cast<const char*>(st.y[s]), reinterpret_cast<char*>(st.yt[s]), thread);
+    cutlass::arch::fence_view_async_shared();  // the writes, before wgmma reads them (async proxy)
+    Barrier::arrive(&st.yt_full[s]);
   }
 }
 
@@ -356,15 +441,17 @@ struct SelfPairs {
 template <typename T, int kMode, int kSides>
 __global__ void __launch_bounds__(kThreads, 1)
     supcon_bwd_sm90_kernel(const BwdArgs p, CUTE_GRID_CONSTANT const TmaRows<T, kM> tma_x,
-                           CUTE_GRID_CONSTANT const TmaRows<T, bwd_cols<kMode>()> tma_y) {
+                           CUTE_GRID_CONSTANT const TmaRows<T, bwd_cols<T, kMode>()> tma_y) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kBwdN = bwd_cols<kMode>();
+  constexpr int kBwdN = bwd_cols<T, kMode>();
+  constexpr bool kTf32 = is_tf32(sizeof(T));
   constexpr bool kUseOuter = kSides & mma::kOuter, kUseInner = kSides & mma::kInner;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<BwdStorage<T, kMode>*>(smem_raw);
   const int64_t R = p.x.rows, Q = p.y.rows;
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kM;
+  const int n_tiles = int((Q + kBwdN - 1) / kBwdN);
   // Anchor statistics in the units gterm takes; `none` is a row or column past the matrix,
   // or a side that does not enter H: G = 0 exactly, no inf * 0.
   const float4 none = make_float4(0.f, INFINITY, kMode == kBwdUniform ? 0.f : INFINITY, 0.f);
@@ -384,6 +471,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         cols.rn[c] = ok ? p.rny[j] : 0.f;
         if (kUseInner) cols.anchor[c] = ok ? anchor_stats(j) : none;
       });
+    else if constexpr (kTf32)
+      transpose<kBwdN>(st, n_tiles, threadIdx.x - 32);
     return;
   }
 
@@ -395,10 +484,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto thr_dx = mma_dx.get_thread_slice(ct);
   Tensor sX = make_tensor(make_smem_ptr(st.x), SmemRows<T, kM>{});
   Tensor sY = make_tensor(make_smem_ptr(&st.y[0][0]), SmemRowsStages<T, kBwdN>{});
-  Tensor sYt = make_tensor(make_smem_ptr(&st.y[0][0]), SmemRowsStagesT<T, kBwdN>{});
+  Tensor sYt = [&] {  // 16-bit: Y's tile read transposed; TF32: the transposers' Y^T
+    if constexpr (kTf32) return make_tensor(make_smem_ptr(&st.yt[0][0]), SmemYtStages<kBwdN>{});
+    else return make_tensor(make_smem_ptr(&st.y[0][0]), SmemRowsStagesT<T, kBwdN>{});
+  }();
   Tensor tSrX = thr_s.make_fragment_A(thr_s.partition_A(sX));
   Tensor tSrY = thr_s.make_fragment_B(thr_s.partition_B(sY));      // (MMA, N, K, stages)
-  Tensor tDrYt = thr_dx.make_fragment_B(thr_dx.partition_B(sYt));  // (MMA, kD, kBwdN / 16, stages)
+  Tensor tDrYt = thr_dx.make_fragment_B(thr_dx.partition_B(sYt));  // (MMA, kD, k-steps, stages)
   Tensor acc = partition_fragment_C(mma_s, Shape<Int<kM>, Int<kBwdN>>{});
   Tensor dacc = partition_fragment_C(mma_dx, Shape<Int<kM>, Int<kD>>{});
   clear(dacc);
@@ -419,7 +511,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     key[i] = ok ? key_of(p.lx[x], st.rows) : 0;
     ar[i] = (ok && kUseOuter) ? anchor_stats(x) : none;
   }
-  const int n_tiles = int((Q + kBwdN - 1) / kBwdN);
   const auto self_pairs = SelfPairs<kBwdN>::of(p.has_self, p.shift, x0, n_tiles);
   TxBarrier::wait(&st.x_full, 0);
 
@@ -428,7 +519,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // as the next turn's A operand. A stage is handed back once its dX product is done: turn
   // n_tiles issues the last dX product alone.
   Tensor h16 = make_tensor<T>(acc.layout());
-  Tensor tHr = make_tensor(h16.data(), acc_as_a_operand(h16.layout()));
+  Tensor tHr = make_tensor(h16.data(), acc_as_a_operand<T>(h16.layout()));
   const PingPong turns{ct / 128, n_tiles + 1};
   turns.start();
   for (int t = 0; t <= n_tiles; ++t) {
@@ -436,7 +527,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (t < n_tiles) TxBarrier::wait(&st.full[s], (t / kStages) & 1);
     turns.wait_turn();
     if (t < n_tiles) wgmma_issue(mma_s, tSrX, tSrY(_, _, _, s), acc, true);
-    if (t > 0) wgmma_issue<true>(mma_dx, tHr, tDrYt(_, _, _, prev), dacc, false);  // dX += H Y
+    if (t > 0) {
+      if constexpr (kTf32) Barrier::wait(&st.yt_full[prev], ((t - 1) / kStages) & 1);
+      wgmma_issue<true>(mma_dx, tHr, tDrYt(_, _, _, prev), dacc, false);  // dX += H Y
+    }
     turns.pass_turn(t);
     wgmma_wait<true>(tHr, acc);
     warpgroup_fence_operand(dacc);
@@ -463,7 +557,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           if constexpr (kUseOuter) h = gterm<kMode, true>(sv, pos, ar[i].x, ar[i].y, ar[i].z, ar[i].w, nbt);
           if constexpr (kUseInner) h += gterm<kMode, true>(sv, pos, ac.x, ac.y, ac.z, ac.w, nbt);
           if (lc - (row0 + 8 * i) == self_delta) h = 0.f;
-          h16(k + 2 * i + 4 * j) = T(h * inv_gmax * rn);
+          if constexpr (kTf32)  // rounded as the sm_80 TF32 backward rounds H
+            h16(k + 2 * i + 4 * j) = T::bitcast(mma::cvt_rna_tf32(h * inv_gmax * rn));
+          else
+            h16(k + 2 * i + 4 * j) = T(h * inv_gmax * rn);
         }
       }
   }

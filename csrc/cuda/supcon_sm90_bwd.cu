@@ -13,14 +13,14 @@ cudaError_t bwd(const BwdArgs& a, cudaStream_t stream) {
     return sm90::launch<sm90::BwdStorage<T, kMode>>(
         sm90::supcon_bwd_sm90_kernel<T, kMode, decltype(sides)::value>, a,
         sm90::make_tma_rows<T, sm90::kM>(a.x, int(a.D)),
-        sm90::make_tma_rows<T, sm90::bwd_cols<kMode>()>(a.y, int(a.D)), stream);
+        sm90::make_tma_rows<T, sm90::bwd_cols<T, kMode>()>(a.y, int(a.D)), stream);
   });
 }
 
 }  // namespace
 
 cudaError_t launch_supcon_bwd_sm90(Dtype dtype, const BwdArgs& args, cudaStream_t stream) {
-  return dtype == Dtype::kFloat16 ? bwd<cute::half_t>(args, stream) : bwd<cute::bfloat16_t>(args, stream);
+  return mma::with_element_type(dtype, [&](auto t) { return bwd<decltype(t)>(args, stream); });
 }
 
 }  // namespace anchor_kernels::supcon_cuda

@@ -45,7 +45,7 @@ const char* cuda_kernels_choice() {
   return v == nullptr || *v == '\0' ? "auto" : v;
 }
 
-bool sm90_fwd_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
+bool sm90_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
 #if defined(ANCHOR_KERNELS_SM90A)
   // Opt-in until the kernels are validated on a device: ANCHOR_KERNELS_CUDA_KERNELS=sm90.
   return std::strcmp(cuda_kernels_choice(), "sm90") == 0 && mma_supported(dtype, x, y, D) &&
@@ -54,10 +54,6 @@ bool sm90_fwd_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D
   (void)dtype, (void)x, (void)y, (void)D;
   return false;  // the binary holds no sm_90a code
 #endif
-}
-
-bool sm90_bwd_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
-  return dtype != Dtype::kTFloat32 && sm90_fwd_supported(dtype, x, y, D);
 }
 
 // TF32 rows are float32 copies already rounded to TF32 (RowNormArgs::tf32): the TMA copy's

@@ -155,7 +155,9 @@ void check_sm90_tile() {
 
 // The Hopper backward: S over (kM, kCols) and dX over (kM, kD) give a thread the same two rows,
 // dX element v is row row0 + 8 ((v >> 1) & 1), column col0 + (v & 1) + 8 (v >> 2), and the S
-// accumulators read as A registers (sm90::acc_as_a_operand) hold the coordinates dX's A expects.
+// accumulators read as A registers (sm90::acc_as_a_operand) hold the coordinates dX's A expects:
+// the same for 16-bit elements; for TF32, A's k stands for S's column sm90::yt_col(k) (the
+// order of Y^T's columns).
 template <typename T, int kCols>
 void check_sm90_backward() {
   namespace h = anchor_kernels::supcon_cuda::sm90;
@@ -175,9 +177,13 @@ void check_sm90_backward() {
       CHECK(get<1>(cD(v)) == col0 + (v & 1) + 8 * (v >> 2));
     }
     auto cA = mma_dx.get_thread_slice(t).partition_A(make_identity_tensor(Shape<Int<h::kM>, Int<kCols>>{}));
-    auto cH = make_tensor(cS.data(), h::acc_as_a_operand(cS.layout()));
-    CHECK(size(cH) == size(cA));
-    for (int i = 0; i < size(cA); ++i) CHECK(cA(i) == cH(i));
+    auto cH = make_tensor(cS.data(), h::acc_as_a_operand<T>(cS.layout()));
+    CHECK(size(cH) == size(cA) && size(cA) == kCols / 2);
+    for (int i = 0; i < size(cA); ++i) {
+      const int k = get<1>(cA(i));
+      CHECK(get<0>(cA(i)) == get<0>(cH(i)));
+      CHECK(get<1>(cH(i)) == (h::is_tf32(sizeof(T)) ? h::yt_col(k) : k));
+    }
   }
 }
 
@@ -224,6 +230,12 @@ int main() {
   check_sm90_tile<tfloat32_t>();
   check_sm90_backward<bfloat16_t, 64>();
   check_sm90_backward<half_t, 32>();
+  check_sm90_backward<tfloat32_t, 32>();
+  for (int k = 0; k < 64; ++k) {  // yt_k inverts yt_col, within each 8
+    const int t = -1;  // CHECK names a thread; none here
+    namespace h = anchor_kernels::supcon_cuda::sm90;
+    CHECK(h::yt_k(h::yt_col(k)) == k && h::yt_col(k) / 8 == k / 8);
+  }
   check_tile<kFwdRows, 64>();
   check_tile<kBwdRows, 64>();
   check_tile<kBwdRows, 32>();

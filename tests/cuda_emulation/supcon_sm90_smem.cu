@@ -19,8 +19,12 @@
 // Checked: the forward's S = X Y^T (A: the warpgroup's 64 anchor rows, B: the stage's column
 // tile, every k-step and stage; bf16, fp16 and TF32); the backward's S (64- and 32-column tiles); and dX += H Y,
 // whose B is Y's tile read transposed (SmemRowsStagesT): B(d, j) must be the stage's row j,
-// feature d. Compiled with nvcc and run on the host by tests/test_supcon_cuda_emulated.py;
-// prints the number of failures, exits non-zero on any.
+// feature d. TF32 backward: its S over 32-column tiles; dX's B from the stage's Y^T (K-major),
+// whose element (d, k) must be Y's row yt_col(k), feature d, once the transposers have run
+// (transpose_tile, run here for all of them over a tile of distinct values); and the byte
+// offsets the transposers use (tf32_rows_byte, tf32_yt_byte) against the CuTe layouts.
+// Compiled with nvcc and run on the host by tests/test_supcon_cuda_emulated.py; prints the
+// number of failures, exits non-zero on any.
 #include <unistd.h>
 
 #include <cstdio>
@@ -161,6 +165,53 @@ void check_dx(const char* what) {
   }
 }
 
+// TF32 dX += H Y: B(d, k) over the k-steps, read K-major from the stage's Y^T; the descriptors
+// address, in the model, the byte of Y^T's element (d, k) in its CuTe layout (SmemYtStages).
+template <int kCols, typename Storage>
+void check_dx_tf32(const char* what) {
+  static Storage st;
+  h::TiledMmaDx<tfloat32_t, kCols> mma;
+  Tensor sYt = make_tensor(make_smem_ptr(&st.yt[0][0]), h::SmemYtStages<kCols>{});
+  for (int s = 0; s < h::kStages; ++s) CHECK(at(st, st.yt[s]) % 1024 == 0, what);
+  for (int w = 0; w < h::kConsumers; ++w) {
+    auto [rYt, y_at] = descriptors<false>(st, mma.get_thread_slice(128 * w), sYt);
+    CHECK(size<1>(rYt) == 1 && size<2>(rYt) == kCols / 8 && size<3>(rYt) == h::kStages, what);
+    for (int q = 0; q < kCols / 8; ++q)
+      for (int s = 0; s < h::kStages; ++s) {
+        const Desc b = start_at(decode(rYt(0, 0, q, s)), y_at);
+        CHECK(b.layout == 1 && b.base_offset == 0, what);
+        for (int d = 0; d < h::kD; ++d)
+          for (int k = 0; k < 8; ++k)
+            CHECK(k_major_byte<tfloat32_t>(b, d, k) == at(st, &sYt(d, 8 * q + k, s)), what);
+      }
+  }
+}
+
+// The transposers' byte offsets are the CuTe layouts' (SmemRows, where TMA writes; SmemYt,
+// what wgmma reads), and after every transposer has run, Y^T(d, k) = Y(yt_col(k), d).
+template <int kCols>
+void check_transpose(const char* what) {
+  alignas(1024) static float y[kCols * h::kD];
+  alignas(1024) static float yt[h::kD * kCols];
+  Tensor sY = make_tensor(make_smem_ptr(reinterpret_cast<tfloat32_t*>(y)), h::SmemRows<tfloat32_t, kCols>{});
+  Tensor sYt = make_tensor(make_smem_ptr(reinterpret_cast<tfloat32_t*>(yt)), h::SmemYt<kCols>{});
+  auto byte = [](const void* p, const void* base) {
+    return int(reinterpret_cast<const char*>(p) - reinterpret_cast<const char*>(base));
+  };
+  for (int j = 0; j < kCols; ++j)
+    for (int d = 0; d < h::kD; ++d) {
+      CHECK(byte(&sY(j, d), y) == h::tf32_rows_byte<kCols>(j, d), what);
+      CHECK(byte(&sYt(d, j), yt) == h::tf32_yt_byte(d, j), what);
+      y[byte(&sY(j, d), y) / 4] = float(1 + j * h::kD + d);  // distinct, exact in float
+      yt[byte(&sYt(d, j), yt) / 4] = 0.f;
+    }
+  for (int t = 0; t < h::kTransposers; ++t)
+    h::transpose_tile<kCols>(reinterpret_cast<const char*>(y), reinterpret_cast<char*>(yt), t);
+  for (int d = 0; d < h::kD; ++d)
+    for (int k = 0; k < kCols; ++k)
+      CHECK(yt[byte(&sYt(d, k), yt) / 4] == float(1 + h::yt_col(k) * h::kD + d), what);
+}
+
 // The kernels' layouts are where the TMA copies put the data (CuTe derives the copies from
 // them): element (r, c) of a tensor on SmemRows, addressed through CuTe's swizzled pointer
 // (the swizzle acts on the byte address), is at the TMA model's byte.
@@ -190,6 +241,10 @@ int main() {
   check_dx<bfloat16_t, 64, h::BwdStorage<bfloat16_t, kBwdUniform>>("dX, 64 columns, bf16");
   check_dx<half_t, 64, h::BwdStorage<half_t, kBwdUniform>>("dX, 64 columns, fp16");
   check_dx<bfloat16_t, 32, h::BwdStorage<bfloat16_t, kBwdSoftExact>>("dX, 32 columns");
+  check_tma_layout<tfloat32_t, 32>("tma layout, 32 rows, TF32");
+  check_s<tfloat32_t, 32, h::BwdStorage<tfloat32_t, kBwdUniform>>("backward S, TF32");
+  check_dx_tf32<32, h::BwdStorage<tfloat32_t, kBwdSoftExact>>("dX, TF32");
+  check_transpose<32>("transposers, TF32");
   printf("failures %d\n", failures);
   return failures != 0;
 }
