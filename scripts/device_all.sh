@@ -76,7 +76,7 @@ stage bench_cuda_sm90 150 env ANCHOR_KERNELS_CUDA_KERNELS=sm90 python3 -m benchm
     --candidates cuda triton --time-budget 120 --no-fit --no-progress --no-plot \
     --out "$RES/supcon_cuda_sm90.json"
 # float32 where torch allows TF32: the CUDA loss's TF32 forward against Triton's TF32 and eager
-# PyTorch (cuBLAS in TF32), each pass; then with the Hopper TF32 forward chosen.
+# PyTorch (cuBLAS in TF32), each pass; then with the Hopper kernels chosen.
 stage bench_cuda_tf32 150 python3 -m benchmarks --ops supcon --dtypes float32 \
     --float32-matmul-precision high --sizes ${CUDA_SIZES:-1024 4096 16384 65536} \
     --passes fwd bwd fwd+bwd --candidates cuda triton eager --time-budget 120 --no-fit \

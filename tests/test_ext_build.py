@@ -471,6 +471,12 @@ def test_sm80_forward_instructions_per_logit(cuda_objects):
 # labels 17.7, 18.2, 23.4; 23.6, 24.1, 30.8; 25.8, 26.3, 34.9 for modes 1 to 3.)
 HOPPER_BWD_BUDGET = {0: (14.0, 14.5, 17.5, 1), 1: (17.2, 17.7, 22.8, 1),
                      2: (23.2, 24.2, 30.8, 2), 3: (25.4, 26.2, 35.2, 2)}
+# Its TF32 variants: 32-column tiles (16 logits a thread), S in 16 HGMMA.64x32x8.F32.TF32 and
+# dX in 4 HGMMA.64x128x8.F32.TF32, and the wait for the tile's Y^T (the producer warpgroup's
+# other warps transpose it, outside this loop); the tile's fixed work weighs twice as much per
+# logit. nvcc 13.0 gives 25.0, 25.3, 28.3; 28.0, 28.6, 33.6; 32.0, 32.8, 39.3; 34.1, 34.8, 43.4.
+HOPPER_TF32_BWD_BUDGET = {0: (25.5, 25.8, 28.8, 1), 1: (28.5, 29.1, 34.1, 1),
+                          2: (32.5, 33.3, 39.8, 2), 3: (34.6, 35.3, 43.9, 2)}
 
 
 # The sm_80 backward's, the same way (64-row CTAs of 4 warps: the same logits per thread); its
@@ -490,17 +496,19 @@ SM80_TF32_BWD_BUDGET = {0: (54.0, 57.0, 60.8, 1), 1: (56.6, 59.0, 71.5, 1),
                         2: (67.6, 69.5, 87.1, 2), 3: (69.6, 71.6, 92.7, 2)}
 
 
-def _check_backward_budget(cuda_objects, stem, arch, budgets, op, transposes=False):
+def _check_backward_budget(cuda_objects, stem, arch, budgets, op, transposes=False, tf32_budgets=None):
     """Every backward kernel's tile loop (around its ``op`` instructions) under its budget per
     logit, with the exponentials of the maths and no more; the number of kernels checked.
     transposes: the TF32 kernels' loop holds the tile's transposition, a loop of 4 iterations
-    at 64 columns (2 at 32: mma::transpose_iterations), counted as many times."""
+    at 64 columns (2 at 32: mma::transpose_iterations), counted as many times. tf32_budgets:
+    those of the TF32 kernels of a file that holds both, on 32-column tiles (the Hopper one)."""
     checked = 0
     for name, instructions in _kernels(cuda_objects, stem, arch).items():
         params = name.split("_t")[1][:10]  # e.g. ELi3ELi2E: mode 3, sides 2
         mode, sides = int(params[3]), int(params[7])
-        *limits, exps_per_side = budgets[mode]
-        logits = (64 if mode < 2 else 32) // 2  # per thread and tile
+        tf32 = tf32_budgets is not None and TF32 in name
+        *limits, exps_per_side = (tf32_budgets if tf32 else budgets)[mode]
+        logits = (64 if mode < 2 and not tf32 else 32) // 2  # per thread and tile
         loop = _tensor_core_loop(instructions, op, nested_trips=(4 if mode < 2 else 2) if transposes else None)
         exps = sum("MUFU.EX2" in text for text in loop)
         assert len(loop) / logits <= limits[sides - 1], (name, len(loop) / logits)
@@ -511,9 +519,28 @@ def _check_backward_budget(cuda_objects, stem, arch, budgets, op, transposes=Fal
 
 def test_hopper_backward_instructions_per_logit(cuda_objects):
     """Counted, not timed: the Hopper backward's tile loop stays under its per-logit
-    instruction budget, with the exponentials of the maths and no more."""
-    # bf16 and fp16, four modes, three sides
-    assert _check_backward_budget(cuda_objects, "supcon_sm90_bwd.cu", "sm_90a", HOPPER_BWD_BUDGET, "HGMMA") == 24
+    instruction budget, with the exponentials of the maths and no more; the TF32 kernels'
+    products are TF32 wgmma, the others' 16-bit."""
+    # bf16, fp16 and TF32, four modes, three sides
+    assert _check_backward_budget(cuda_objects, "supcon_sm90_bwd.cu", "sm_90a", HOPPER_BWD_BUDGET, "HGMMA",
+                                  tf32_budgets=HOPPER_TF32_BWD_BUDGET) == 36
+    for name, instructions in _kernels(cuda_objects, "supcon_sm90_bwd.cu").items():
+        shapes = {w for _, text in instructions for w in text.split() if w.startswith("HGMMA.")}
+        assert shapes and all(s.endswith(".TF32") == (TF32 in name) for s in shapes), (name, shapes)
+
+
+def test_hopper_kernels_address_shared_memory_directly(cuda_objects):
+    """Counted: no Hopper kernel reaches memory through generic addresses (LD / ST): their
+    shared-memory accesses are LDS / STS. A swizzled CuTe pointer into shared memory (its
+    address XORed as an integer) loses the address space, as a first form of the TF32
+    backward's transposers did."""
+    checked = 0
+    for stem in ("supcon_sm90_fwd.cu", "supcon_sm90_bwd.cu"):
+        for name, instructions in _kernels(cuda_objects, stem).items():
+            ops = {text.split()[1 if text.startswith("@") else 0].split(".")[0] for _, text in instructions}
+            assert not ops & {"LD", "ST"}, (name, sorted(ops & {"LD", "ST"}))
+            checked += 1
+    assert checked == 18 + 36
 
 
 def test_sm80_backward_instructions_per_logit(cuda_objects):
@@ -530,7 +557,7 @@ def _wide_compares(instructions, op):
 
 @pytest.mark.parametrize("stem,arch,op,variants", [("supcon_mma_fwd.cu", "sm_80" + INNER, "HMMA", 12),
                                                    ("supcon_sm90_fwd.cu", "sm_90a" + INNER, "HGMMA", 12),
-                                                   ("supcon_sm90_bwd.cu", "sm_90a", "HGMMA", 18)])
+                                                   ("supcon_sm90_bwd.cu", "sm_90a", "HGMMA", 27)])
 def test_label_compares_are_32_bit(cuda_objects, stem, arch, op, variants):
     """Counted: the loops that compare labels (plain SupCon, soft mining; every dtype, shift
     and side) hold no more 64-bit compares than the log-sum-exp-only loop of the same variant
@@ -596,4 +623,4 @@ def test_hopper_consumers_take_turns(cuda_objects):
             assert turn and turn[0] < hgmma[0], (name, "no turn taken before the products")
             assert arrive and wait and arrive[0] < wait[0], (name, "the other warpgroup waits")
             checked += 1
-    assert checked == 18 + 24, checked
+    assert checked == 18 + 36, checked

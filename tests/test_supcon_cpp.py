@@ -656,12 +656,13 @@ def test_gpu_tf32_kernels_when_torch_allows_it(precision, n, d, options, single,
 @pytest.mark.parametrize("n,d", [(97, 20), (1000, 120), (1025, 128)])
 @pytest.mark.parametrize("options", OPTIONS[:3] + [dict(lse_only=True)],
                          ids=["supcon", "soft", "soft-exact", "lse-only"])
-def test_gpu_hopper_tf32_forward_when_chosen(n, d, options, matmul_precision, monkeypatch):
+def test_gpu_hopper_tf32_kernels_when_chosen(n, d, options, matmul_precision, monkeypatch):
     """With ANCHOR_KERNELS_CUDA_KERNELS=sm90 on a compute capability 9.0 GPU and torch allowing
-    TF32, float32 features take the Hopper forward's TF32 kernel (HGMMA on 128 x 64 tiles) and
-    the sm_80 TF32 backward (names in the profile): loss and gradients match the sm_80 TF32
-    kernels' and follow the reference by the 2x-eager rule, one set and two (the anchors 40
-    rows into the contrast set), partial tiles, D below a TMA box (20) and at 128."""
+    TF32, float32 features take the Hopper kernels' TF32 variants (names in the profile: the
+    forward on 128 x 64 tiles, the backward with its transposed Y tiles): loss and gradients
+    match the sm_80 TF32 kernels' and follow the reference by the 2x-eager rule, one set and
+    two (the anchors 40 rows into the contrast set), partial tiles, D below a TMA box (20) and
+    at 128."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper kernels run on compute capability 9.0")
     if "-DANCHOR_KERNELS_SM90A=1" not in _ext.cuda_flags():
@@ -684,9 +685,8 @@ def test_gpu_hopper_tf32_forward_when_chosen(n, d, options, matmul_precision, mo
     sm80 = run()
     monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", "sm90")
     names = cuda_kernels_run(run)
-    assert any("supcon_fwd_sm90_kernel" in k and "tfloat32" in k for k in names), names
-    assert any("supcon_bwd_mma_kernel" in k and "tfloat32" in k for k in names), names
-    assert not any("supcon_bwd_sm90_kernel" in k for k in names), names
+    for way in ("fwd", "bwd"):
+        assert any(f"supcon_{way}_sm90_kernel" in k and "tfloat32" in k for k in names), (way, names)
     for a, b, what in zip(run(), sm80, ("loss", "grad")):
         assert_close(a, b, atol=1e-3, rtol=1e-3, what=f"sm90 TF32 against sm80 TF32 {what}")
     if not lse_only:
