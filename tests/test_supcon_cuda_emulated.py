@@ -440,8 +440,8 @@ def test_ldmatrix_fills_the_fragments_the_products_expect(tmp_path):
 
 def test_forward_math(tmp_path):
     """The forwards' per-logit code (online log-sum-exp in units of t, positives, soft
-    weights, masks, the statistics; the sm_80 kernel's 64-column tiles and the Hopper one's
-    128) against float64, and the Hopper backward's 32-bit self-pair arithmetic against the
+    weights, masks, the statistics; the sm_80 and Hopper TF32 kernels' 64-column tiles and the
+    Hopper 16-bit one's 128) against float64, and the Hopper backward's 32-bit self-pair arithmetic against the
     64-bit condition, on the host
     (tests/cuda_emulation/supcon_fwd_math.cu)."""
     _run_host_check("supcon_fwd_math.cu", tmp_path)
@@ -449,7 +449,16 @@ def test_forward_math(tmp_path):
 
 def test_hopper_shared_memory_descriptors(tmp_path):
     """The wgmma descriptors CuTe builds from the Hopper kernels' shared-memory layouts, decoded
-    as the hardware reads them (K-major S operands, the MN-major transposed Y of dX += H Y, every
-    k-step, stage and warpgroup), address the elements the TMA copies put there
+    as the hardware reads them (K-major S operands, the MN-major transposed Y of dX += H Y, the
+    TF32 backward's Y^T, every k-step, stage and warpgroup), address the elements the TMA
+    copies and the TF32 transposers put there; the transposers run over a tile
     (tests/cuda_emulation/supcon_sm90_smem.cu)."""
     _run_host_check("supcon_sm90_smem.cu", tmp_path)
+
+
+def test_tma_descriptors_are_remembered_per_matrix(tmp_path):
+    """The Hopper kernels' TMA descriptors are made once per row matrix while it stays among the
+    last four asked for (RowsCache, csrc/cuda/rows_cache.h): every value returned is the one
+    making it gives for that matrix and width, whichever field differs
+    (tests/cuda_emulation/rows_cache.cu)."""
+    _run_host_check("rows_cache.cu", tmp_path)

@@ -52,6 +52,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "rows_cache.h"
 #include "supcon_kernels.h"
 #include "supcon_mma.cuh"
 
@@ -187,6 +188,16 @@ auto make_tma_rows(const Matrix& m, int D) {
 }
 template <typename T, int kRows>
 using TmaRows = decltype(make_tma_rows<T, kRows>(Matrix{}, 0));
+// The same, remembered per host thread for the last few matrices: encoding a descriptor
+// (make_tma_copy: a driver entry-point lookup, then cuTensorMapEncodeTiled) costs host time at
+// every launch, and a training loop passes the same buffers call after call (the caching
+// allocator hands the same blocks back). A descriptor holds the matrix's address, shape and
+// strides and the tile (this function's template arguments): nothing else.
+template <typename T, int kRows>
+TmaRows<T, kRows> tma_rows(const Matrix& m, int D) {
+  thread_local RowsCache<TmaRows<T, kRows>> cache;
+  return cache.get(m, D, [&] { return make_tma_rows<T, kRows>(m, D); });
+}
 
 using Barrier = cutlass::arch::ClusterBarrier;
 using TxBarrier = cutlass::arch::ClusterTransactionBarrier;

@@ -16,8 +16,8 @@ cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
   return mma::dispatch_fwd(a, [&](auto mode, auto fixed) {
     return sm90::launch<sm90::FwdStorage<T>>(
         sm90::supcon_fwd_sm90_kernel<T, decltype(mode)::value, decltype(fixed)::value>, a,
-        sm90::make_tma_rows<T, sm90::kM>(a.x, int(a.D)),
-        sm90::make_tma_rows<T, sm90::fwd_cols<T>()>(a.y, int(a.D)), stream);
+        sm90::tma_rows<T, sm90::kM>(a.x, int(a.D)),
+        sm90::tma_rows<T, sm90::fwd_cols<T>()>(a.y, int(a.D)), stream);
   });
 }
 
