@@ -384,10 +384,11 @@ HOPPER_FWD_BUDGET = {("ELi0E", False): (9.5, 7.1, 1), ("ELi1E", False): (13.0, 1
                      ("ELi0E", True): (8.0, 5.8, 1), ("ELi1E", True): (11.7, 9.2, 1), ("ELi2E", True): (16.6, 12.4, 2)}
 # Its TF32 variant runs the same per-logit code on 128 x 64 tiles (HGMMA.64x64x8.F32.TF32:
 # 32 logits a thread per tile, 16 products), so the tile's fixed work (turn, product, barriers,
-# quad reductions) weighs twice as much per logit: nvcc 13.0 gives (10.7, 14.5, 23.8) and
-# (9.0, 12.8, 17.5), inner tiles (9.9, 13.3, 20.3) and (8.2, 11.6, 14.5).
+# quad reductions) weighs twice as much per logit: nvcc 13.0 gives (10.7, 14.4, 23.9) and
+# (9.9, 12.7, 17.5), inner tiles (9.9, 13.3, 20.3) and (8.3, 11.5, 14.5) (before the column
+# splits, the fixed-shift log-sum-exp-only whole loop was 9.0: ptxas's choice).
 HOPPER_TF32_FWD_BUDGET = {("ELi0E", False): (11.2, 10.4, 1), ("ELi1E", False): (15.0, 13.8, 1), ("ELi2E", False): (24.3, 20.8, 2),
-                          ("ELi0E", True): (9.5, 8.7, 1), ("ELi1E", True): (13.3, 12.1, 1), ("ELi2E", True): (18.0, 15.0, 2)}
+                          ("ELi0E", True): (10.4, 8.8, 1), ("ELi1E", True): (13.3, 12.1, 1), ("ELi2E", True): (18.0, 15.0, 2)}
 # The sm_80 forward (the default on every tensor-core GPU) runs the same per-logit code
 # (mma::tile_update) on 128 x 64 tiles, and its loop holds the product too: the next tile's
 # cp.async (load_rows, offsets folded), ldmatrix, 128 HMMA, and the next tile's labels keyed.
@@ -448,6 +449,8 @@ def test_hopper_forward_instructions_per_logit(cuda_objects):
     assert _check_forward_budget(cuda_objects, "supcon_sm90_fwd.cu", "sm_90a", HOPPER_FWD_BUDGET, "HGMMA",
                                  HOPPER_TF32_FWD_BUDGET, tf32_logits=32) == 18
     for name, instructions in _kernels(cuda_objects, "supcon_sm90_fwd.cu").items():
+        if "merge_kernel" in name:  # (the splits' merge: no product)
+            continue
         shapes = {w.removeprefix("HGMMA.") for _, text in instructions for w in text.split()
                   if w.startswith("HGMMA.")}
         assert shapes == ({"64x64x8.F32.TF32"} if TF32 in name else {"64x128x16.F32.BF16"} if "bfloat16" in name
@@ -539,7 +542,7 @@ def test_hopper_kernels_address_shared_memory_directly(cuda_objects):
         for name, instructions in _kernels(cuda_objects, stem).items():
             ops = {text.split()[1 if text.startswith("@") else 0].split(".")[0] for _, text in instructions}
             assert not ops & {"LD", "ST"}, (name, sorted(ops & {"LD", "ST"}))
-            checked += 1
+            checked += "sm90" in name
     assert checked == 18 + 36
 
 
@@ -615,6 +618,8 @@ def test_hopper_consumers_take_turns(cuda_objects):
     checked = 0
     for stem in ("supcon_sm90_fwd.cu", "supcon_sm90_bwd.cu"):
         for name, instructions in _kernels(cuda_objects, stem).items():
+            if "merge_kernel" in name:  # (the splits' merge: no product)
+                continue
             loop = _tensor_core_loop(instructions)
             at = lambda op: [i for i, text in enumerate(loop) if op in text]
             hgmma, turn = at("HGMMA"), [i for i in at("BAR.SYNC") if not loop[i].endswith(" 0x0")]

@@ -187,8 +187,9 @@ cudaError_t launch_supcon_bwd(Dtype dtype, const BwdArgs& args, cudaStream_t str
 // kernels' shared memory (135.5 KiB: sm_80 and sm_90 do, sm_86 and sm_89 do not).
 bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
 cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
-// FwdArgs::splits for a forward: 1 unless it runs on the sm_80 tensor-core kernel with fewer
-// row blocks than two per SM of the device, which then split its columns (4 tiles at least).
+// FwdArgs::splits for a forward: 1 unless it runs on a tensor-core kernel (sm_80 or Hopper)
+// with fewer row blocks than two per SM of the device, which then split its columns (4 tiles
+// at least).
 int fwd_splits(Dtype dtype, const FwdArgs& args);
 // BwdArgs::splits for a backward pass, by the same rule (64-row blocks, its column tiles).
 int bwd_splits(Dtype dtype, const BwdArgs& args);
@@ -205,6 +206,7 @@ cudaError_t launch_supcon_bwd_mma_tf32(const BwdArgs& args, cudaStream_t stream)
 // refuses other values: cuda_glue::check_kernel_choice).
 const char* cuda_kernels_choice();
 bool sm90_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
+int sm90_fwd_splits(Dtype dtype, const FwdArgs& args);  // (fwd_splits' Hopper part)
 cudaError_t launch_supcon_fwd_sm90(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
 cudaError_t launch_supcon_bwd_sm90(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
 

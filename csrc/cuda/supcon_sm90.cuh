@@ -219,15 +219,15 @@ __device__ __forceinline__ void init_barriers(Storage& st) {
   __syncthreads();
 }
 
-// The producer warp: the row block [kM blockIdx.x, +kM) of x once, then every kCols-row tile of
-// y into the stages in turn, each with its column inputs (stage_column(cols, c, j) fills
-// column c of the stage from row j of y, or from nothing when j >= y's rows).
+// The producer warp: the row block [kM blockIdx.x, +kM) of x once, then the kCols-row tiles
+// t0 ... t0 + n_tiles - 1 of y into the stages in turn, each with its column inputs
+// (stage_column(cols, c, j) fills column c of the stage from row j of y, or from nothing when
+// j >= y's rows).
 template <typename T, int kCols, typename Storage, typename TmaX, typename TmaY, typename StageColumn>
 __device__ __forceinline__ void produce(Storage& st, const TmaX& tma_x, const TmaY& tma_y,
-                                        const Matrix& x, const Matrix& y, int D,
+                                        const Matrix& x, const Matrix& y, int D, int t0, int n_tiles,
                                         StageColumn&& stage_column) {
   const int lane = threadIdx.x % 32;
-  const int n_tiles = int((y.rows + kCols - 1) / kCols);
   Tensor sX = make_tensor(make_smem_ptr(st.x), SmemRows<T, kM>{});
   Tensor sY = make_tensor(make_smem_ptr(&st.y[0][0]), SmemRowsStages<T, kCols>{});
   Tensor gX = local_tile(tma_x.get_tma_tensor(make_shape(int(x.rows), D)), Shape<Int<kM>, Int<kD>>{},
@@ -242,10 +242,10 @@ __device__ __forceinline__ void produce(Storage& st, const TmaX& tma_x, const Tm
     TxBarrier::arrive_and_expect_tx(&st.x_full, kM * kD * sizeof(T));
     copy(tma_x.with(st.x_full), tXg, tXs);
   }
-  for (int t = 0; t < n_tiles; ++t) {
-    const int s = t % kStages;
+  for (int i = 0; i < n_tiles; ++i) {
+    const int s = i % kStages, t = t0 + i;
     // A fresh barrier counts as having completed the phase before its first: round 0 passes.
-    Barrier::wait(&st.empty[s], ((t / kStages) & 1) ^ 1);
+    Barrier::wait(&st.empty[s], ((i / kStages) & 1) ^ 1);
     for (int c = lane; c < kCols; c += 32) stage_column(st.cols[s], c, int64_t(t) * kCols + c);
     if (lane == 0) {
       TxBarrier::arrive_and_expect_tx(&st.full[s], kCols * kD * sizeof(T));
@@ -364,13 +364,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto& st = *reinterpret_cast<FwdStorage<T>*>(smem_raw);
   const int64_t N = p.y.rows;
   const int64_t x0 = int64_t(blockIdx.x) * kM;
+  // This CTA's column tiles [t0, t0 + n_tiles): its share of the row block's (FwdArgs::splits
+  // = gridDim.y, as the sm_80 forward shares them; all of them without a split), counted in
+  // the whole matrix's columns.
+  const int all_tiles = int((N + kN - 1) / kN), per = (all_tiles + int(gridDim.y) - 1) / int(gridDim.y);
+  const int t0 = int(blockIdx.y) * per, n_tiles = max(0, min(per, all_tiles - t0));
   const auto key_of = label_keys::cta_keys_for<kMode != kFwdLse>(st.rows, p.lx, p.x.rows, x0, threadIdx.x, kThreads);
   init_barriers(st);
 
   if (threadIdx.x < 128) {  // producer warpgroup
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     if (threadIdx.x < 32)
-      produce<T, kN>(st, tma_x, tma_y, p.x, p.y, int(p.D), [&](FwdCols<kN>& cols, int c, int64_t j) {
+      produce<T, kN>(st, tma_x, tma_y, p.x, p.y, int(p.D), t0, n_tiles, [&](FwdCols<kN>& cols, int c, int64_t j) {
         if constexpr (kMode != kFwdLse) cols.key[c] = j < N ? key_of(p.ly[j], st.rows) : 0;
         cols.rn[c] = j < N ? p.rny[j] : 0.f;
       });
@@ -398,16 +403,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   TxBarrier::wait(&st.x_full, 0);
 
-  const int n_tiles = int((N + kN - 1) / kN);
   const PingPong turns{int(threadIdx.x - 128) / 128, n_tiles};
   turns.start();
-  for (int t = 0; t < n_tiles; ++t) {
-    const int s = t % kStages;
-    const int64_t y0 = int64_t(t) * kN;
-    TxBarrier::wait(&st.full[s], (t / kStages) & 1);
+  for (int i = 0; i < n_tiles; ++i) {
+    const int s = i % kStages;
+    const int64_t y0 = int64_t(t0 + i) * kN;
+    TxBarrier::wait(&st.full[s], (i / kStages) & 1);
     turns.wait_turn();
     wgmma_issue(mma, tSrX, tSrY(_, _, _, s), acc, true);
-    turns.pass_turn(t);
+    turns.pass_turn(i);
     wgmma_wait(tSrX, acc);
     const bool edge = y0 + kN > N || mma::meets_diagonal<kM, kN>(p.has_self, p.shift, x0, y0);
     if (mma::kEdgeCopy && edge)
@@ -417,7 +421,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     release(st, s);
   }
   CUTE_UNROLL
-  for (int i = 0; i < 2; ++i) write_stats<kMode>(p, row[i], rs[i]);
+  for (int i = 0; i < 2; ++i) {
+    if (gridDim.y > 1)
+      mma::write_partial(p, row[i], rs[i]);  // merged by mma::supcon_fwd_merge_kernel
+    else
+      write_stats<kMode>(p, row[i], rs[i]);
+  }
 #endif
 }
 
@@ -476,7 +485,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x < 128) {  // producer warpgroup
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     if (threadIdx.x < 32)
-      produce<T, kBwdN>(st, tma_x, tma_y, p.x, p.y, D, [&](BwdCols<kBwdN>& cols, int c, int64_t j) {
+      produce<T, kBwdN>(st, tma_x, tma_y, p.x, p.y, D, 0, n_tiles, [&](BwdCols<kBwdN>& cols, int c, int64_t j) {
         const bool ok = j < Q;
         if constexpr (kMode != kBwdLse) cols.key[c] = ok ? key_of(p.ly[j], st.rows) : 0;
         cols.rn[c] = ok ? p.rny[j] : 0.f;
@@ -581,15 +590,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// One CTA of kThreads per kM rows of args.x, with the Storage in dynamic shared memory.
+// One CTA of kThreads per kM rows of args.x and split of its columns (grid (row blocks,
+// splits)), with the Storage in dynamic shared memory.
 template <typename Storage, typename Args, typename TmaX, typename TmaY>
 inline cudaError_t launch(void (*kernel)(Args, TmaX, TmaY), const Args& args, const TmaX& tma_x,
-                          const TmaY& tma_y, cudaStream_t stream) {
+                          const TmaY& tma_y, int splits, cudaStream_t stream) {
   constexpr int smem = int(sizeof(Storage));
   static_assert(smem <= 227 * 1024, "more shared memory than a Hopper CTA may take");
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  kernel<<<unsigned((args.x.rows + kM - 1) / kM), kThreads, smem, stream>>>(args, tma_x, tma_y);
+  const dim3 grid(unsigned((args.x.rows + kM - 1) / kM), unsigned(splits > 1 ? splits : 1));
+  kernel<<<grid, kThreads, smem, stream>>>(args, tma_x, tma_y);
   return cudaGetLastError();
 }
 

@@ -13,7 +13,7 @@ cudaError_t bwd(const BwdArgs& a, cudaStream_t stream) {
     return sm90::launch<sm90::BwdStorage<T, kMode>>(
         sm90::supcon_bwd_sm90_kernel<T, kMode, decltype(sides)::value>, a,
         sm90::tma_rows<T, sm90::kM>(a.x, int(a.D)),
-        sm90::tma_rows<T, sm90::bwd_cols<T, kMode>()>(a.y, int(a.D)), stream);
+        sm90::tma_rows<T, sm90::bwd_cols<T, kMode>()>(a.y, int(a.D)), 1, stream);
   });
 }
 
