@@ -27,6 +27,14 @@ def extension():
     get_backend("cpu")  # resolved once eagerly, so that torch.compile traces no import
 
 
+def hopper_chosen():
+    """Whether the cuda backend's loss runs on its Hopper kernels here: chosen
+    (ANCHOR_KERNELS_CUDA_KERNELS=sm90), a compute capability 9.0 GPU, sm_90a code built."""
+    return (os.environ.get("ANCHOR_KERNELS_CUDA_KERNELS") == "sm90"
+            and torch.cuda.get_device_capability() == (9, 0)
+            and "-DANCHOR_KERNELS_SM90A=1" in _ext.cuda_flags())
+
+
 def compare(backend, f, y, g=None, y_g=None, *, dtype=torch.float64, **kw):
     """Per-anchor losses and every input gradient against the float64 reference.
 
@@ -634,10 +642,10 @@ def test_gpu_hopper_kernels_when_chosen(options, dtype, monkeypatch):
 @pytest.mark.parametrize("single", [True, False], ids=["one-set", "two-sets"])
 def test_gpu_tf32_kernels_when_torch_allows_it(precision, n, d, options, single, matmul_precision):
     """float32 features take the TF32 tensor-core forward and backward (their names in the
-    profile) exactly where torch allows TF32 matmuls and the rows fit them (D <= 128,
-    D % 4 == 0): one set, and two (the anchors 40 rows into the contrast set, whose backward
-    runs a pass per set); the results follow the float32 tolerance without TF32 and the
-    2x-eager rule with it (eager PyTorch under the same precision)."""
+    profile; the Hopper ones where chosen) exactly where torch allows TF32 matmuls and the rows
+    fit them (D <= 128, D % 4 == 0): one set, and two (the anchors 40 rows into the contrast
+    set, whose backward runs a pass per set); the results follow the float32 tolerance without
+    TF32 and the 2x-eager rule with it (eager PyTorch under the same precision)."""
     matmul_precision(precision)
     f, y = torch.randn(n, d, device="cuda"), labels_for("random", n).cuda()
     if single:
@@ -648,8 +656,9 @@ def test_gpu_tf32_kernels_when_torch_allows_it(precision, n, d, options, single,
         names = cuda_kernels_run(lambda: compare("cuda", f, y, g, y_g, dtype=torch.float32,
                                                  anchor_offset=40, **options))
     tf32 = precision == "high" and d <= 128 and d % 4 == 0
-    assert any("supcon_fwd_mma_kernel" in k and "tfloat32" in k for k in names) == tf32, names
-    assert any("supcon_bwd_mma_kernel" in k and "tfloat32" in k for k in names) == tf32, names
+    kernels = "sm90" if hopper_chosen() else "mma"  # (the Hopper kernels take TF32 rows too)
+    for way in ("fwd", "bwd"):
+        assert any(f"supcon_{way}_{kernels}_kernel" in k and "tfloat32" in k for k in names) == tf32, names
 
 
 @pytest.mark.gpu
@@ -708,9 +717,7 @@ def test_gpu_splits_the_columns_when_rows_are_few(n, options):
     9.0) splits its 128-column tiles by the same rule, its backward none. The loss and gradients
     match the reference, one set and two (the self pairs at an offset into the contrast rows)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    hopper = (os.environ.get("ANCHOR_KERNELS_CUDA_KERNELS") == "sm90"
-              and torch.cuda.get_device_capability() == (9, 0)
-              and "-DANCHOR_KERNELS_SM90A=1" in _ext.cuda_flags())
+    hopper = hopper_chosen()
 
     def splits(rows, cols):
         return max(1, min(-(-2 * sms // -(-n // rows)), -(-n // cols) // 4, 64))
