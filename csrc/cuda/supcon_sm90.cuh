@@ -51,6 +51,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "rows_cache.h"
 #include "supcon_kernels.h"
@@ -74,15 +75,16 @@ constexpr int kM = 128;           // rows per CTA: two consumer warpgroups of 64
 constexpr int kStages = 3;
 constexpr int kConsumers = 2;     // consumer warpgroups
 constexpr int kThreads = 128 * (1 + kConsumers);
+template <typename T>
+constexpr bool kIsTf32 = std::is_same_v<T, tfloat32_t>;
 // Columns per forward tile: 128, or 64 for TF32 rows, whose 4-byte elements would take the
 // anchor block and three 128-column stages to 256 KiB of shared memory (160 KiB with 64).
-constexpr bool is_tf32(int bytes) { return bytes == 4; }
 template <typename T>
-constexpr int fwd_cols() { return is_tf32(sizeof(T)) ? 64 : 128; }
+constexpr int fwd_cols() { return kIsTf32<T> ? 64 : 128; }
 // Columns per backward tile: 64, 32 with soft mining (as the sm_80 kernel: at 64 its registers
 // spill); 32 for TF32 rows, whose stages hold Y^T too.
 template <typename T, int kMode>
-constexpr int bwd_cols() { return is_tf32(sizeof(T)) ? 32 : mma::bwd_cols<kMode>(); }
+constexpr int bwd_cols() { return kIsTf32<T> ? 32 : mma::bwd_cols<kMode>(); }
 constexpr int kProducerRegs = 40;   // setmaxnreg: 40 x 128 + 232 x 256 <= 64 K registers
 constexpr int kConsumerRegs = 232;
 
@@ -120,7 +122,7 @@ using TiledMmaS = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shap
 template <typename T, int kCols>
 using TiledMmaDx = decltype(make_tiled_mma(
     GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kD>, Int<kCols>>, GMMA::Major::K,
-                         is_tf32(sizeof(T)) ? GMMA::Major::K : GMMA::Major::MN>(),
+                         kIsTf32<T> ? GMMA::Major::K : GMMA::Major::MN>(),
     Layout<Shape<Int<kConsumers>, _1, _1>>{}));
 
 // The wgmma accumulator layout ((2, 2, V), M, N) (column k, row i, column block) read as
@@ -130,7 +132,7 @@ using TiledMmaDx = decltype(make_tiled_mma(
 // 2 t + h): the k order of yt_col.
 template <typename T, typename Layout>
 CUTE_HOST_DEVICE auto acc_as_a_operand(Layout l) {
-  if constexpr (is_tf32(sizeof(T))) {
+  if constexpr (kIsTf32<T>) {
     return make_layout(make_layout(get<0, 1>(l), get<0, 0>(l)), get<1>(l),
                        coalesce(make_layout(get<0, 2>(l), get<2>(l))));
   } else {
@@ -176,7 +178,7 @@ struct BwdCols {
 template <typename T>
 using FwdStorage = SharedStorage<T, fwd_cols<T>(), FwdCols<fwd_cols<T>()>>;
 template <typename T, int kMode, int kCols = bwd_cols<T, kMode>()>
-using BwdStorage = std::conditional_t<is_tf32(sizeof(T)), TransposedStorage<T, kCols, BwdCols<kCols>>,
+using BwdStorage = std::conditional_t<kIsTf32<T>, TransposedStorage<T, kCols, BwdCols<kCols>>,
                                       SharedStorage<T, kCols, BwdCols<kCols>>>;
 
 // The TMA copy of (rows, D) row-major features into kRows x kD swizzled tiles.
@@ -464,7 +466,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                            CUTE_GRID_CONSTANT const TmaRows<T, bwd_cols<T, kMode>()> tma_y) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kBwdN = bwd_cols<T, kMode>();
-  constexpr bool kTf32 = is_tf32(sizeof(T));
   constexpr bool kUseOuter = kSides & mma::kOuter, kUseInner = kSides & mma::kInner;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<BwdStorage<T, kMode>*>(smem_raw);
@@ -491,7 +492,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         cols.rn[c] = ok ? p.rny[j] : 0.f;
         if (kUseInner) cols.anchor[c] = ok ? anchor_stats(j) : none;
       });
-    else if constexpr (kTf32)
+    else if constexpr (kIsTf32<T>)
       transpose<kBwdN>(st, n_tiles, threadIdx.x - 32);
     return;
   }
@@ -505,7 +506,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   Tensor sX = make_tensor(make_smem_ptr(st.x), SmemRows<T, kM>{});
   Tensor sY = make_tensor(make_smem_ptr(&st.y[0][0]), SmemRowsStages<T, kBwdN>{});
   Tensor sYt = [&] {  // 16-bit: Y's tile read transposed; TF32: the transposers' Y^T
-    if constexpr (kTf32) return make_tensor(make_smem_ptr(&st.yt[0][0]), SmemYtStages<kBwdN>{});
+    if constexpr (kIsTf32<T>) return make_tensor(make_smem_ptr(&st.yt[0][0]), SmemYtStages<kBwdN>{});
     else return make_tensor(make_smem_ptr(&st.y[0][0]), SmemRowsStagesT<T, kBwdN>{});
   }();
   Tensor tSrX = thr_s.make_fragment_A(thr_s.partition_A(sX));
@@ -548,7 +549,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     turns.wait_turn();
     if (t < n_tiles) wgmma_issue(mma_s, tSrX, tSrY(_, _, _, s), acc, true);
     if (t > 0) {
-      if constexpr (kTf32) Barrier::wait(&st.yt_full[prev], ((t - 1) / kStages) & 1);
+      if constexpr (kIsTf32<T>) Barrier::wait(&st.yt_full[prev], ((t - 1) / kStages) & 1);
       wgmma_issue<true>(mma_dx, tHr, tDrYt(_, _, _, prev), dacc, false);  // dX += H Y
     }
     turns.pass_turn(t);
@@ -577,7 +578,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if constexpr (kUseOuter) h = gterm<kMode, true>(sv, pos, ar[i].x, ar[i].y, ar[i].z, ar[i].w, nbt);
           if constexpr (kUseInner) h += gterm<kMode, true>(sv, pos, ac.x, ac.y, ac.z, ac.w, nbt);
           if (lc - (row0 + 8 * i) == self_delta) h = 0.f;
-          if constexpr (kTf32)  // rounded as the sm_80 TF32 backward rounds H
+          if constexpr (kIsTf32<T>)  // rounded as the sm_80 TF32 backward rounds H
             h16(k + 2 * i + 4 * j) = T::bitcast(mma::cvt_rna_tf32(h * inv_gmax * rn));
           else
             h16(k + 2 * i + 4 * j) = T(h * inv_gmax * rn);

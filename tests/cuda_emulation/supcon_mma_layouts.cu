@@ -182,7 +182,7 @@ void check_sm90_backward() {
     for (int i = 0; i < size(cA); ++i) {
       const int k = get<1>(cA(i));
       CHECK(get<0>(cA(i)) == get<0>(cH(i)));
-      CHECK(get<1>(cH(i)) == (h::is_tf32(sizeof(T)) ? h::yt_col(k) : k));
+      CHECK(get<1>(cH(i)) == (h::kIsTf32<T> ? h::yt_col(k) : k));
     }
   }
 }
