@@ -713,9 +713,10 @@ def test_gpu_splits_the_columns_when_rows_are_few(n, options):
     split the columns among CTAs (at least 4 tiles each): the forward merges their statistics
     in one more launch, the backward sums their fp32 slices in the chain-rule launch
     (norm_backward_kernel, otherwise fused into its epilogue); each kernel in the profile
-    exactly then. The Hopper forward (ANCHOR_KERNELS_CUDA_KERNELS=sm90 on compute capability
-    9.0) splits its 128-column tiles by the same rule, its backward none. The loss and gradients
-    match the reference, one set and two (the self pairs at an offset into the contrast rows)."""
+    exactly then. The Hopper kernels (ANCHOR_KERNELS_CUDA_KERNELS=sm90 on compute capability
+    9.0) split theirs by the same rule, on 128-row blocks (and 128-column forward tiles). The
+    loss and gradients match the reference, one set and two (the self pairs at an offset into
+    the contrast rows)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     hopper = hopper_chosen()
 
@@ -739,10 +740,11 @@ def test_gpu_splits_the_columns_when_rows_are_few(n, options):
         g, y_g = torch.randn(n + 40, 64, device="cuda"), labels_for("random", n + 40).cuda()
         g[40:], y_g[40:] = f, y
         compare("cuda", f, y, g, y_g, dtype=torch.bfloat16, anchor_offset=40, **options)
-    assert any(f"supcon_fwd_{'sm90' if hopper else 'mma'}_kernel" in k for k in names), names
+    for way in ("fwd",) if lse_only else ("fwd", "bwd"):
+        assert any(f"supcon_{way}_{'sm90' if hopper else 'mma'}_kernel" in k for k in names), (way, names)
     assert any("supcon_fwd_merge_kernel" in k for k in names) == (splits(128, 128 if hopper else 64) > 1), names
     if not lse_only:
-        split_bwd = not hopper and splits(64, 32 if soft else 64) > 1
+        split_bwd = splits(128 if hopper else 64, 32 if soft else 64) > 1
         assert any("norm_backward_kernel" in k for k in names) == split_bwd, names
 
 

@@ -191,7 +191,8 @@ cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t
 // with fewer row blocks than two per SM of the device, which then split its columns (4 tiles
 // at least).
 int fwd_splits(Dtype dtype, const FwdArgs& args);
-// BwdArgs::splits for a backward pass, by the same rule (64-row blocks, its column tiles).
+// BwdArgs::splits for a backward pass, by the same rule (64-row blocks, 128 on Hopper; its
+// column tiles).
 int bwd_splits(Dtype dtype, const BwdArgs& args);
 cudaError_t launch_supcon_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
 cudaError_t launch_supcon_bwd_mma_tf32(const BwdArgs& args, cudaStream_t stream);  // (its kTFloat32 part)
@@ -207,6 +208,7 @@ cudaError_t launch_supcon_bwd_mma_tf32(const BwdArgs& args, cudaStream_t stream)
 const char* cuda_kernels_choice();
 bool sm90_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D);
 int sm90_fwd_splits(Dtype dtype, const FwdArgs& args);  // (fwd_splits' Hopper part)
+int sm90_bwd_splits(Dtype dtype, const BwdArgs& args);  // (bwd_splits' Hopper part)
 cudaError_t launch_supcon_fwd_sm90(Dtype dtype, const FwdArgs& args, cudaStream_t stream);
 cudaError_t launch_supcon_bwd_sm90(Dtype dtype, const BwdArgs& args, cudaStream_t stream);
 

@@ -7,8 +7,8 @@
 namespace anchor_kernels::supcon_cuda {
 
 int bwd_splits(Dtype dtype, const BwdArgs& a) {
-  if (a.x.rows == 0 || sm90_supported(dtype, a.x, a.y, a.D) || !mma_supported(dtype, a.x, a.y, a.D))
-    return 1;
+  if (a.x.rows == 0 || !mma_supported(dtype, a.x, a.y, a.D)) return 1;
+  if (sm90_supported(dtype, a.x, a.y, a.D)) return sm90_bwd_splits(dtype, a);
   const int cols = mma::bwd_cols(a.mode);
   return mma::column_splits((a.x.rows + mma::kBwdRows - 1) / mma::kBwdRows, (a.y.rows + cols - 1) / cols);
 }

@@ -83,8 +83,8 @@ template <typename T>
 constexpr int fwd_cols() { return kIsTf32<T> ? 64 : 128; }
 // Columns per backward tile: 64, 32 with soft mining (as the sm_80 kernel: at 64 its registers
 // spill); 32 for TF32 rows, whose stages hold Y^T too.
-template <typename T, int kMode>
-constexpr int bwd_cols() { return kIsTf32<T> ? 32 : mma::bwd_cols<kMode>(); }
+template <typename T>
+constexpr int bwd_cols(int mode) { return kIsTf32<T> ? 32 : mma::bwd_cols(mode); }
 constexpr int kProducerRegs = 40;   // setmaxnreg: 40 x 128 + 232 x 256 <= 64 K registers
 constexpr int kConsumerRegs = 232;
 
@@ -177,7 +177,7 @@ struct BwdCols {
 
 template <typename T>
 using FwdStorage = SharedStorage<T, fwd_cols<T>(), FwdCols<fwd_cols<T>()>>;
-template <typename T, int kMode, int kCols = bwd_cols<T, kMode>()>
+template <typename T, int kMode, int kCols = bwd_cols<T>(kMode)>
 using BwdStorage = std::conditional_t<kIsTf32<T>, TransposedStorage<T, kCols, BwdCols<kCols>>,
                                       SharedStorage<T, kCols, BwdCols<kCols>>>;
 
@@ -304,6 +304,19 @@ __device__ __forceinline__ void transpose(Storage& st, int n_tiles, int thread) 
   }
 }
 
+// A CTA's column tiles [t0, t0 + n): its share of the row block's `all` kCols-column tiles
+// (FwdArgs / BwdArgs::splits = gridDim.y, shared as the sm_80 kernels share them; all of them
+// without a split), counted in the whole matrix's columns.
+struct TileShare {
+  int all, t0, n;
+};
+template <int kCols>
+__device__ __forceinline__ TileShare tile_share(int64_t cols) {
+  const int all = int((cols + kCols - 1) / kCols), per = (all + int(gridDim.y) - 1) / int(gridDim.y);
+  const int t0 = int(blockIdx.y) * per;
+  return {all, t0, max(0, min(per, all - t0))};
+}
+
 // Consumers hand a stage back once every lane of the warp is done with it.
 template <typename Storage>
 __device__ __forceinline__ void release(Storage& st, int s) {
@@ -366,11 +379,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto& st = *reinterpret_cast<FwdStorage<T>*>(smem_raw);
   const int64_t N = p.y.rows;
   const int64_t x0 = int64_t(blockIdx.x) * kM;
-  // This CTA's column tiles [t0, t0 + n_tiles): its share of the row block's (FwdArgs::splits
-  // = gridDim.y, as the sm_80 forward shares them; all of them without a split), counted in
-  // the whole matrix's columns.
-  const int all_tiles = int((N + kN - 1) / kN), per = (all_tiles + int(gridDim.y) - 1) / int(gridDim.y);
-  const int t0 = int(blockIdx.y) * per, n_tiles = max(0, min(per, all_tiles - t0));
+  const auto [all_tiles, t0, n_tiles] = tile_share<kN>(N);
   const auto key_of = label_keys::cta_keys_for<kMode != kFwdLse>(st.rows, p.lx, p.x.rows, x0, threadIdx.x, kThreads);
   init_barriers(st);
 
@@ -463,16 +472,16 @@ struct SelfPairs {
 template <typename T, int kMode, int kSides>
 __global__ void __launch_bounds__(kThreads, 1)
     supcon_bwd_sm90_kernel(const BwdArgs p, CUTE_GRID_CONSTANT const TmaRows<T, kM> tma_x,
-                           CUTE_GRID_CONSTANT const TmaRows<T, bwd_cols<T, kMode>()> tma_y) {
+                           CUTE_GRID_CONSTANT const TmaRows<T, bwd_cols<T>(kMode)> tma_y) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kBwdN = bwd_cols<T, kMode>();
+  constexpr int kBwdN = bwd_cols<T>(kMode);
   constexpr bool kUseOuter = kSides & mma::kOuter, kUseInner = kSides & mma::kInner;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& st = *reinterpret_cast<BwdStorage<T, kMode>*>(smem_raw);
   const int64_t R = p.x.rows, Q = p.y.rows;
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kM;
-  const int n_tiles = int((Q + kBwdN - 1) / kBwdN);
+  const auto [all_tiles, t0, n_tiles] = tile_share<kBwdN>(Q);
   // Anchor statistics in the units gterm takes; `none` is a row or column past the matrix,
   // or a side that does not enter H: G = 0 exactly, no inf * 0.
   const float4 none = make_float4(0.f, INFINITY, kMode == kBwdUniform ? 0.f : INFINITY, 0.f);
@@ -486,7 +495,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x < 128) {  // producer warpgroup
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     if (threadIdx.x < 32)
-      produce<T, kBwdN>(st, tma_x, tma_y, p.x, p.y, D, 0, n_tiles, [&](BwdCols<kBwdN>& cols, int c, int64_t j) {
+      produce<T, kBwdN>(st, tma_x, tma_y, p.x, p.y, D, t0, n_tiles, [&](BwdCols<kBwdN>& cols, int c, int64_t j) {
         const bool ok = j < Q;
         if constexpr (kMode != kBwdLse) cols.key[c] = ok ? key_of(p.ly[j], st.rows) : 0;
         cols.rn[c] = ok ? p.rny[j] : 0.f;
@@ -532,7 +541,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     key[i] = ok ? key_of(p.lx[x], st.rows) : 0;
     ar[i] = (ok && kUseOuter) ? anchor_stats(x) : none;
   }
-  const auto self_pairs = SelfPairs<kBwdN>::of(p.has_self, p.shift, x0, n_tiles);
+  const auto self_pairs = SelfPairs<kBwdN>::of(p.has_self, p.shift, x0, all_tiles);
   TxBarrier::wait(&st.x_full, 0);
 
   // Turn t (ping-pong with the other consumer) issues tile t's S product and tile t - 1's dX
@@ -560,7 +569,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // H (times 1 / ||y|| and 1 / max|g|, into half range) on the accumulators: element
     // v = k + 2 i + 4 j is row i, column col0 + 8 j + k.
-    const int self_delta = self_pairs.delta(t);
+    const int self_delta = self_pairs.delta(t0 + t);
     const BwdCols<kBwdN>& cs = st.cols[s];
     CUTE_UNROLL
     for (int j = 0; j < kBwdN / 8; ++j)
