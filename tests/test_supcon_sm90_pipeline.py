@@ -78,17 +78,26 @@ def _release(s, stage):
                       (phase ^ 1, 0) if arrivals + 1 == EMPTY_ARRIVALS else (phase, arrivals + 1))
 
 
+def _loop_head(s, agent, passes):
+    """Step 0 of an agent's tile loop: done after the last tile, else on to step 1 once its wait
+    passes."""
+    t = s[agent][1]
+    if t == s["n"]:
+        s[agent] = (DONE, t)
+    elif passes:
+        s[agent] = (1, t)
+    else:
+        return None
+    return s
+
+
 def _producer(s):
     pc, t = s["prod"]
-    n, st = s["n"], t % STAGES
-    if pc == 0:
-        if t == n:
-            s["prod"] = (DONE, t)
-        elif s["empty"][st][0] != ((t // STAGES) & 1) ^ (MUTATION != "empty parity"):
-            s["prod"] = (1, t)
-        else:
-            return None
-    elif pc == 1:  # column inputs staged, arrive_and_expect_tx, the TMA copy issued
+    st = t % STAGES
+    if pc == 0:  # Barrier::wait(empty, ...)
+        parity = ((t // STAGES) & 1) ^ (MUTATION != "empty parity")
+        return _loop_head(s, "prod", s["empty"][st][0] != parity)
+    if pc == 1:  # column inputs staged, arrive_and_expect_tx, the TMA copy issued
         s["cols"] = _set(s["cols"], st, t)
         phase, arrivals, tx = s["full"][st]
         s["full"] = _set(s["full"], st, _full_done((phase, arrivals + 1, tx + 1)))
@@ -102,16 +111,12 @@ def _producer(s):
 def _transposers(s):
     """sm90::transpose: wait for tile t to land, write its Y^T, arrive on yt_full."""
     pc, t = s["tr"]
-    n, st = s["n"], t % STAGES
-    if pc == 0:
-        if t == n:
-            s["tr"] = (DONE, t)
-        elif s["full"][st][0] != (t // STAGES) & 1:
-            s["tr"] = (1, t)
-        else:
-            return None
-    elif pc == 1:  # reads the landed tile, writes its Y^T
-        _check(s["stage"][st] == t, f"transposers read tile {t} from stage {st}, which holds {s['stage'][st]}")
+    st = t % STAGES
+    if pc == 0:  # TxBarrier::wait(full, ...)
+        return _loop_head(s, "tr", s["full"][st][0] != (t // STAGES) & 1)
+    if pc == 1:  # reads the landed tile, writes its Y^T
+        _check(s["stage"][st] == t,
+               f"transposers read tile {t} from stage {st}, which holds {s['stage'][st]}")
         s["yt"] = _set(s["yt"], st, t)
         s["tr"] = (2, t)
     elif pc == 2:  # fence, then the arrival

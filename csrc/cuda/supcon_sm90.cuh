@@ -386,7 +386,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x < 128) {  // producer warpgroup
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     if (threadIdx.x < 32)
-      produce<T, kN>(st, tma_x, tma_y, p.x, p.y, int(p.D), t0, n_tiles, [&](FwdCols<kN>& cols, int c, int64_t j) {
+      produce<T, kN>(st, tma_x, tma_y, p.x, p.y, int(p.D), t0, n_tiles,
+                     [&](FwdCols<kN>& cols, int c, int64_t j) {
         if constexpr (kMode != kFwdLse) cols.key[c] = j < N ? key_of(p.ly[j], st.rows) : 0;
         cols.rn[c] = j < N ? p.rny[j] : 0.f;
       });
@@ -495,7 +496,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x < 128) {  // producer warpgroup
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     if (threadIdx.x < 32)
-      produce<T, kBwdN>(st, tma_x, tma_y, p.x, p.y, D, t0, n_tiles, [&](BwdCols<kBwdN>& cols, int c, int64_t j) {
+      produce<T, kBwdN>(st, tma_x, tma_y, p.x, p.y, D, t0, n_tiles,
+                        [&](BwdCols<kBwdN>& cols, int c, int64_t j) {
         const bool ok = j < Q;
         if constexpr (kMode != kBwdLse) cols.key[c] = ok ? key_of(p.ly[j], st.rows) : 0;
         cols.rn[c] = ok ? p.rny[j] : 0.f;

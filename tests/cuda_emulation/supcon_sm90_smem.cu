@@ -17,12 +17,13 @@
 // the address.
 //
 // Checked: the forward's S = X Y^T (A: the warpgroup's 64 anchor rows, B: the stage's column
-// tile, every k-step and stage; bf16, fp16 and TF32); the backward's S (64- and 32-column tiles); and dX += H Y,
-// whose B is Y's tile read transposed (SmemRowsStagesT): B(d, j) must be the stage's row j,
-// feature d. TF32 backward: its S over 32-column tiles; dX's B from the stage's Y^T (K-major),
-// whose element (d, k) must be Y's row yt_col(k), feature d, once the transposers have run
-// (transpose_tile, run here for all of them over a tile of distinct values); and the byte
-// offsets the transposers use (tf32_rows_byte, tf32_yt_byte) against the CuTe layouts.
+// tile, every k-step and stage; bf16, fp16 and TF32); the backward's S (64- and 32-column
+// tiles); and dX += H Y, whose B is Y's tile read transposed (SmemRowsStagesT): B(d, j) must be
+// the stage's row j, feature d. TF32 backward: its S over 32-column tiles; dX's B from the
+// stage's Y^T (K-major), whose element (d, k) must be Y's row yt_col(k), feature d, once the
+// transposers have run (transpose_tile, run here for all of them over a tile of distinct
+// values); and the byte offsets the transposers use (tf32_rows_byte, tf32_yt_byte) against
+// the CuTe layouts.
 // Compiled with nvcc and run on the host by tests/test_supcon_cuda_emulated.py; prints the
 // number of failures, exits non-zero on any.
 #include <unistd.h>
@@ -145,44 +146,35 @@ void check_s(const char* what) {
   }
 }
 
-// dX += H Y: B(d, j) over the k-steps of j, read MN-major from the stage Y's tile was copied to.
+// dX += H Y: B(d, k) over the k-steps. 16-bit: read MN-major from the stage Y's tile was copied
+// to, B(d, j) = Y(j, d) at the TMA model's byte. TF32: read K-major from the stage's Y^T, at the
+// byte of Y^T's element (d, k) in its CuTe layout (SmemYtStages), where the transposers write
+// it (check_transpose).
 template <typename T, int kCols, typename Storage>
 void check_dx(const char* what) {
   static Storage st;
+  constexpr int kK = kStepK<T>;
   h::TiledMmaDx<T, kCols> mma;
-  Tensor sYt = make_tensor(make_smem_ptr(&st.y[0][0]), h::SmemRowsStagesT<T, kCols>{});
+  Tensor sYt = [&] {
+    if constexpr (h::kIsTf32<T>) return make_tensor(make_smem_ptr(&st.yt[0][0]), h::SmemYtStages<kCols>{});
+    else return make_tensor(make_smem_ptr(&st.y[0][0]), h::SmemRowsStagesT<T, kCols>{});
+  }();
+  if constexpr (h::kIsTf32<T>)
+    for (int s = 0; s < h::kStages; ++s) CHECK(at(st, st.yt[s]) % 1024 == 0, what);
   for (int w = 0; w < h::kConsumers; ++w) {
     auto [rYt, y_at] = descriptors<false>(st, mma.get_thread_slice(128 * w), sYt);
-    CHECK(size<1>(rYt) == 1 && size<2>(rYt) == kCols / 16 && size<3>(rYt) == h::kStages, what);
-    for (int q = 0; q < kCols / 16; ++q)
+    CHECK(size<1>(rYt) == 1 && size<2>(rYt) == kCols / kK && size<3>(rYt) == h::kStages, what);
+    for (int q = 0; q < kCols / kK; ++q)
       for (int s = 0; s < h::kStages; ++s) {
         const Desc b = start_at(decode(rYt(0, 0, q, s)), y_at);
         CHECK(b.layout == 1 && b.base_offset == 0, what);
         for (int d = 0; d < h::kD; ++d)
-          for (int k = 0; k < 16; ++k)
-            CHECK(mn_major_byte(b, d, k) == tma_byte<T>(at(st, st.y[s]), kCols, 16 * q + k, d), what);
-      }
-  }
-}
-
-// TF32 dX += H Y: B(d, k) over the k-steps, read K-major from the stage's Y^T; the descriptors
-// address, in the model, the byte of Y^T's element (d, k) in its CuTe layout (SmemYtStages).
-template <int kCols, typename Storage>
-void check_dx_tf32(const char* what) {
-  static Storage st;
-  h::TiledMmaDx<tfloat32_t, kCols> mma;
-  Tensor sYt = make_tensor(make_smem_ptr(&st.yt[0][0]), h::SmemYtStages<kCols>{});
-  for (int s = 0; s < h::kStages; ++s) CHECK(at(st, st.yt[s]) % 1024 == 0, what);
-  for (int w = 0; w < h::kConsumers; ++w) {
-    auto [rYt, y_at] = descriptors<false>(st, mma.get_thread_slice(128 * w), sYt);
-    CHECK(size<1>(rYt) == 1 && size<2>(rYt) == kCols / 8 && size<3>(rYt) == h::kStages, what);
-    for (int q = 0; q < kCols / 8; ++q)
-      for (int s = 0; s < h::kStages; ++s) {
-        const Desc b = start_at(decode(rYt(0, 0, q, s)), y_at);
-        CHECK(b.layout == 1 && b.base_offset == 0, what);
-        for (int d = 0; d < h::kD; ++d)
-          for (int k = 0; k < 8; ++k)
-            CHECK(k_major_byte<tfloat32_t>(b, d, k) == at(st, &sYt(d, 8 * q + k, s)), what);
+          for (int k = 0; k < kK; ++k) {
+            if constexpr (h::kIsTf32<T>)
+              CHECK(k_major_byte<T>(b, d, k) == at(st, &sYt(d, kK * q + k, s)), what);
+            else
+              CHECK(mn_major_byte(b, d, k) == tma_byte<T>(at(st, st.y[s]), kCols, kK * q + k, d), what);
+          }
       }
   }
 }
@@ -243,7 +235,7 @@ int main() {
   check_dx<bfloat16_t, 32, h::BwdStorage<bfloat16_t, kBwdSoftExact>>("dX, 32 columns");
   check_tma_layout<tfloat32_t, 32>("tma layout, 32 rows, TF32");
   check_s<tfloat32_t, 32, h::BwdStorage<tfloat32_t, kBwdUniform>>("backward S, TF32");
-  check_dx_tf32<32, h::BwdStorage<tfloat32_t, kBwdSoftExact>>("dX, TF32");
+  check_dx<tfloat32_t, 32, h::BwdStorage<tfloat32_t, kBwdSoftExact>>("dX, TF32");
   check_transpose<32>("transposers, TF32");
   printf("failures %d\n", failures);
   return failures != 0;
