@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODES = {"lse-only": dict(lse_only=True), "supcon": dict(beta=0.0),
          "soft": dict(beta=1.5), "soft-exact": dict(beta=1.5, detach_weights=False)}
-CASES = list(itertools.product(("bfloat16", "float16", "tfloat32"), MODES, ("one-set", "two-sets"),
-                               ("fixed", "running")))
+CASES = list(itertools.product(("bfloat16", "float16", "tfloat32"), MODES,
+                               ("one-set", "two-sets"), ("fixed", "running")))
 
 
 def _run_case(case, n, d):

@@ -19,8 +19,8 @@ cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
     constexpr int kMode = decltype(mode)::value;
     const cudaError_t err = sm90::launch<sm90::FwdStorage<T>>(
         sm90::supcon_fwd_sm90_kernel<T, kMode, decltype(fixed)::value>, a,
-        sm90::tma_rows<T, sm90::kM>(a.x, int(a.D)), sm90::tma_rows<T, sm90::fwd_cols<T>()>(a.y, int(a.D)),
-        a.splits, stream);
+        sm90::tma_rows<T, sm90::kM>(a.x, int(a.D)),
+        sm90::tma_rows<T, sm90::fwd_cols<T>()>(a.y, int(a.D)), a.splits, stream);
     if (err != cudaSuccess || a.splits <= 1) return err;
     mma::supcon_fwd_merge_kernel<kMode><<<unsigned((a.x.rows + 255) / 256), 256, 0, stream>>>(a);
     return cudaGetLastError();
@@ -62,13 +62,14 @@ bool sm90_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
 #endif
 }
 
-// TF32 rows are float32 copies already rounded to TF32 (RowNormArgs::tf32): the TMA copy's
-// TF32 element type (CU_TENSOR_MAP_DATA_TYPE_TFLOAT32) leaves them as they are.
 int sm90_fwd_splits(Dtype dtype, const FwdArgs& a) {
-  const int cols = dtype == Dtype::kTFloat32 ? sm90::fwd_cols<cute::tfloat32_t>() : sm90::fwd_cols<cute::half_t>();
+  const int cols = dtype == Dtype::kTFloat32 ? sm90::fwd_cols<cute::tfloat32_t>()
+                                             : sm90::fwd_cols<cute::half_t>();
   return mma::column_splits((a.x.rows + sm90::kM - 1) / sm90::kM, (a.y.rows + cols - 1) / cols);
 }
 
+// TF32 rows are float32 copies already rounded to TF32 (RowNormArgs::tf32): the TMA copy's
+// TF32 element type (CU_TENSOR_MAP_DATA_TYPE_TFLOAT32) leaves them as they are.
 cudaError_t launch_supcon_fwd_sm90(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {
   return mma::with_element_type(dtype, [&](auto t) { return fwd<decltype(t)>(args, stream); });
 }
