@@ -4,6 +4,7 @@ machine's nvcc (nothing runs them here; a CUDA file that does not compile fails 
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -531,6 +532,38 @@ def test_hopper_backward_instructions_per_logit(cuda_objects):
     for name, instructions in _kernels(cuda_objects, "supcon_sm90_bwd.cu").items():
         shapes = {w for _, text in instructions for w in text.split() if w.startswith("HGMMA.")}
         assert shapes and all(s.endswith(".TF32") == (TF32 in name) for s in shapes), (name, shapes)
+
+
+# The TF32 backward's transposers (sm90::transpose_tile, the producer warpgroup's warps 1 to 3
+# after setmaxnreg.dec 40): their loop moves two 16-byte chunks of Y an iteration, an LDS.128
+# and four STS each, with the stores' offsets formed once (nvcc 13.0: 40 instructions, 20 a
+# chunk; 81 when each store's swizzled offset was formed anew).
+TRANSPOSER_PER_CHUNK = 21
+
+
+def test_hopper_tf32_transposers(cuda_objects):
+    """Counted: in every TF32 Hopper backward, the transposers' loop stays under its budget
+    per chunk moved and uses no register beyond the 40 the producer warpgroup keeps."""
+    checked = 0
+    for name, instructions in _kernels(cuda_objects, "supcon_sm90_bwd.cu").items():
+        if TF32 not in name:
+            continue
+        start = next(i for i, (_, text) in enumerate(instructions) if "USETMAXREG.DEALLOC" in text)
+        assert "0x28" in instructions[start][1], instructions[start]  # setmaxnreg.dec 40
+        fence = next(i for i, (_, text) in enumerate(instructions[start:], start) if "FENCE.VIEW.ASYNC.S" in text)
+        region = instructions[start:fence]
+        last = max(a for a, text in region if "LDS.128" in text)  # (the first may be peeled off)
+        _, top, end = min((a - t, t, a) for a, text in region
+                          if (t := _branch_target(text)) is not None and t <= last <= a)
+        loop = [text for a, text in region if top <= a <= end]
+        count = lambda op: sum(text.split()[1 if text.startswith("@") else 0].startswith(op) for text in loop)
+        chunks = count("LDS.128")
+        assert (chunks, count("STS")) == (2, 8), (name, chunks, count("STS"))
+        assert len(loop) / chunks <= TRANSPOSER_PER_CHUNK, (name, len(loop) / chunks)
+        registers = {int(r) for _, text in region for r in re.findall(r"\bR(\d+)\b", text)}
+        assert max(registers) < 40, (name, max(registers))
+        checked += 1
+    assert checked == 12
 
 
 def test_hopper_kernels_address_shared_memory_directly(cuda_objects):

@@ -265,8 +265,8 @@ __device__ __forceinline__ void produce(Storage& st, const TmaX& tma_x, const Tm
 // the CuTe layouts.
 CUTE_HOST_DEVICE constexpr int swizzle128(int a) { return a ^ (((a >> 7) & 7) << 4); }
 template <int kRows>
-CUTE_HOST_DEVICE constexpr int tf32_rows_byte(int r, int c) {
-  return swizzle128((c / 32) * kRows * 128 + r * 128 + 4 * (c % 32));
+CUTE_HOST_DEVICE constexpr int tf32_rows_byte(int r, int c) {  // (r, c >= 0: shifts, not divisions)
+  return swizzle128((c >> 5) * kRows * 128 + r * 128 + 4 * (c & 31));
 }
 CUTE_HOST_DEVICE constexpr int tf32_yt_byte(int d, int k) { return swizzle128(d * 128 + 4 * k); }
 
@@ -276,17 +276,22 @@ CUTE_HOST_DEVICE constexpr int tf32_yt_byte(int d, int k) { return swizzle128(d 
 // to four scalars of Y^T. A warp reads one chunk of 32 rows (spread over the banks by the
 // swizzle) and writes 32 columns of a row of Y^T (conflict-free). The rows are TF32 already
 // (the row pass rounds them): moved as float bits. Offsets from the tiles' own pointers, so
-// that the accesses stay in shared memory (LDS / STS).
+// that the accesses stay in shared memory (LDS / STS). Y^T's row d = 4 c + q is 128 d bytes
+// on, and its swizzle XORs k's place with 16 (d % 8) = 64 (c % 2) + 16 q: from one offset of
+// k's in a row, each store is an XOR and an immediate.
 template <int kCols>
 CUTE_HOST_DEVICE void transpose_tile(const char* y, char* yt, int thread) {
   static_assert(kCols == 32 && kTransposers % kCols == 0, "one swizzle atom of Y^T along k; a row a thread");
-  const int j = thread % kCols, k = yt_k(j);
+  const int j = thread % kCols, at_k = tf32_yt_byte(0, yt_k(j));  // (row 0: unswizzled)
+#pragma unroll 2  // (unrolled whole, its loads take more than the producer's 40 registers)
   for (int c = thread / kCols; c < kD / 4; c += kTransposers / kCols) {
     const float4 v = *reinterpret_cast<const float4*>(y + tf32_rows_byte<kCols>(j, 4 * c));
-    *reinterpret_cast<float*>(yt + tf32_yt_byte(4 * c, k)) = v.x;
-    *reinterpret_cast<float*>(yt + tf32_yt_byte(4 * c + 1, k)) = v.y;
-    *reinterpret_cast<float*>(yt + tf32_yt_byte(4 * c + 2, k)) = v.z;
-    *reinterpret_cast<float*>(yt + tf32_yt_byte(4 * c + 3, k)) = v.w;
+    char* rows = yt + 512 * c;  // row 4 c
+    const int k0 = at_k ^ ((c & 1) << 6);
+    *reinterpret_cast<float*>(rows + k0) = v.x;
+    *reinterpret_cast<float*>(rows + 128 + (k0 ^ 16)) = v.y;
+    *reinterpret_cast<float*>(rows + 256 + (k0 ^ 32)) = v.z;
+    *reinterpret_cast<float*>(rows + 384 + (k0 ^ 48)) = v.w;
   }
 }
 
