@@ -373,6 +373,12 @@ __global__ void supcon_fwd_merge_kernel(const FwdArgs p) {
   }
   store_stats(p, i, finish_row<kMode>(s, lse_count(p), OneLane{}));
 }
+// After a forward on grid (row blocks, splits > 1), sm_80 or Hopper: the merge, a thread a row.
+template <int kMode>
+inline cudaError_t launch_fwd_merge(const FwdArgs& a, cudaStream_t stream) {
+  supcon_fwd_merge_kernel<kMode><<<unsigned((a.x.rows + 255) / 256), 256, 0, stream>>>(a);
+  return cudaGetLastError();
+}
 
 // Built with ANCHOR_KERNELS_INNER_TILES_ONLY (by tests/test_ext_build.py alone, never run), the
 // forwards leave out the edge tiles' copy of their per-logit code (and the label keys their
@@ -591,6 +597,20 @@ __global__ void __launch_bounds__(kThreads) supcon_fwd_mma_kernel(const FwdArgs 
         write_stats<kMode>(p, row[mi][i], rs[mi][i]);
     }
 #endif
+}
+
+// A CTA's column tiles [t0, t0 + n): its share of the row block's `all` kCols-column tiles
+// (FwdArgs / BwdArgs::splits = gridDim.y; all of them without a split), counted in the whole
+// matrix's columns. The sm_80 backward and the Hopper kernels share them so; the sm_80 forward
+// shares the same columns, counted from its first.
+struct TileShare {
+  int all, t0, n;
+};
+template <int kCols>
+__device__ __forceinline__ TileShare tile_share(int64_t cols) {
+  const int all = int((cols + kCols - 1) / kCols), per = (all + int(gridDim.y) - 1) / int(gridDim.y);
+  const int t0 = int(blockIdx.y) * per;
+  return {all, t0, max(0, min(per, all - t0))};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -823,12 +843,10 @@ __global__ void __launch_bounds__(kThreads) supcon_bwd_mma_kernel(const BwdArgs 
   const int D = int(p.D);
   const int64_t x0 = int64_t(blockIdx.x) * kM;
   const int tid = threadIdx.x;
-  // This CTA's column tiles [t0, t1): its share of the row block's (BwdArgs::splits =
-  // gridDim.y; all of them without a split), counted as in the whole so that no offset takes
-  // registers the one-set variants cannot spare.
-  const int all_tiles = int((Q + kBlockN - 1) / kBlockN);
-  const int per = int((all_tiles + gridDim.y - 1) / gridDim.y), t0 = int(blockIdx.y) * per;
-  const int t1 = min(all_tiles, t0 + per);
+  // This CTA's column tiles [t0, t1) (tile_share), counted as in the whole so that no offset
+  // takes registers the one-set variants cannot spare.
+  const TileShare share = tile_share<kBlockN>(Q);
+  const int t0 = share.t0, t1 = share.t0 + share.n;
   const float inv_gmax = 1.f / *p.gmax;
   const float nbt = p.nbt;
   // Anchor statistics in the units gterm takes; `none` is a row or column past the matrix,

@@ -22,9 +22,7 @@ cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
     constexpr int kMode = decltype(mode)::value;
     const cudaError_t err = mma::launch(mma::supcon_fwd_mma_kernel<T, kMode, decltype(fixed)::value>,
                                         a.x.rows, kFwdRows, splits, smem, stream, a);
-    if (err != cudaSuccess || splits == 1) return err;
-    mma::supcon_fwd_merge_kernel<kMode><<<unsigned((a.x.rows + 255) / 256), 256, 0, stream>>>(a);
-    return cudaGetLastError();
+    return err != cudaSuccess || splits == 1 ? err : mma::launch_fwd_merge<kMode>(a, stream);
   });
 }
 

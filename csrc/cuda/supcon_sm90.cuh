@@ -64,6 +64,7 @@ using mma::exp2_ftz;
 using mma::gterm;
 using mma::kLog2e;
 using mma::RowState;
+using mma::tile_share;
 using mma::tile_update;
 using mma::write_stats;
 
@@ -307,19 +308,6 @@ __device__ __forceinline__ void transpose(Storage& st, int n_tiles, int thread) 
     cutlass::arch::fence_view_async_shared();  // the writes, before wgmma reads them (async proxy)
     Barrier::arrive(&st.yt_full[s]);
   }
-}
-
-// A CTA's column tiles [t0, t0 + n): its share of the row block's `all` kCols-column tiles
-// (FwdArgs / BwdArgs::splits = gridDim.y, shared as the sm_80 kernels share them; all of them
-// without a split), counted in the whole matrix's columns.
-struct TileShare {
-  int all, t0, n;
-};
-template <int kCols>
-__device__ __forceinline__ TileShare tile_share(int64_t cols) {
-  const int all = int((cols + kCols - 1) / kCols), per = (all + int(gridDim.y) - 1) / int(gridDim.y);
-  const int t0 = int(blockIdx.y) * per;
-  return {all, t0, max(0, min(per, all - t0))};
 }
 
 // Consumers hand a stage back once every lane of the warp is done with it.

@@ -21,9 +21,7 @@ cudaError_t fwd(const FwdArgs& a, cudaStream_t stream) {
         sm90::supcon_fwd_sm90_kernel<T, kMode, decltype(fixed)::value>, a,
         sm90::tma_rows<T, sm90::kM>(a.x, int(a.D)),
         sm90::tma_rows<T, sm90::fwd_cols<T>()>(a.y, int(a.D)), a.splits, stream);
-    if (err != cudaSuccess || a.splits <= 1) return err;
-    mma::supcon_fwd_merge_kernel<kMode><<<unsigned((a.x.rows + 255) / 256), 256, 0, stream>>>(a);
-    return cudaGetLastError();
+    return err != cudaSuccess || a.splits <= 1 ? err : mma::launch_fwd_merge<kMode>(a, stream);
   });
 }
 
