@@ -332,14 +332,15 @@ def _branch_target(text):
     return None
 
 
-def _tensor_core_loop(instructions, op="HGMMA", outlined=False, nested_trips=None):
+def _tensor_core_loop(instructions, op="HGMMA", outlined=False, nested_trips=None, last_only=False):
     """The instructions of the innermost loop around a kernel's tensor-core instructions
-    (``op``): from the target of the backward branch that closes it to that branch. outlined:
-    with the blocks outside it that the loop branches to and that branch back into it (ptxas
-    moves a conditional part of the loop body, such as the next tile's loads, out of line).
+    (``op``; last_only: around the last of them, where the first iterations may be peeled off
+    before the loop): from the target of the backward branch that closes it to that branch.
+    outlined: with the blocks outside it that the loop branches to and that branch back into it
+    (ptxas moves a conditional part of the loop body, such as the next tile's loads, out of line).
     nested_trips: the loop holds exactly one loop of its own, which runs that many times a
     tile, and its body counts that many times (what a tile runs); None: it holds none."""
-    hgmma = [a for a, text in instructions if f" {op}" in f" {text}"]
+    hgmma = [a for a, text in instructions if f" {op}" in f" {text}"][-1 if last_only else 0:]
     loops = []
     for addr, text in instructions:
         target = _branch_target(text)
@@ -420,6 +421,16 @@ def _kernels(cuda_objects, stem, arch="sm_90a"):
     return _kernel_sass(obj, arch.removesuffix(INNER))
 
 
+def _opcode(text):
+    """An instruction's opcode with its modifiers ("LDS.128"), past its predicate ("@!P0")."""
+    return text.split()[1 if text.startswith("@") else 0]
+
+
+def _hgmma_shapes(instructions):
+    """The kinds of HGMMA a kernel issues (shape and types: "64x64x8.F32.TF32")."""
+    return {w.removeprefix("HGMMA.") for _, text in instructions for w in text.split() if w.startswith("HGMMA.")}
+
+
 def _check_forward_budget(cuda_objects, stem, arch, budgets, op, tf32_budgets=None, tf32_logits=64):
     """Every forward kernel's tile loop (around its ``op`` instructions) under its budgets per
     logit (``tf32_budgets`` for the TF32 kernels), the loop of its inner-tile build too, with
@@ -452,8 +463,7 @@ def test_hopper_forward_instructions_per_logit(cuda_objects):
     for name, instructions in _kernels(cuda_objects, "supcon_sm90_fwd.cu").items():
         if "merge_kernel" in name:  # (the splits' merge: no product)
             continue
-        shapes = {w.removeprefix("HGMMA.") for _, text in instructions for w in text.split()
-                  if w.startswith("HGMMA.")}
+        shapes = _hgmma_shapes(instructions)
         assert shapes == ({"64x64x8.F32.TF32"} if TF32 in name else {"64x128x16.F32.BF16"} if "bfloat16" in name
                           else {"64x128x16.F32"}), (name, shapes)
 
@@ -530,7 +540,7 @@ def test_hopper_backward_instructions_per_logit(cuda_objects):
     assert _check_backward_budget(cuda_objects, "supcon_sm90_bwd.cu", "sm_90a", HOPPER_BWD_BUDGET, "HGMMA",
                                   tf32_budgets=HOPPER_TF32_BWD_BUDGET) == 36
     for name, instructions in _kernels(cuda_objects, "supcon_sm90_bwd.cu").items():
-        shapes = {w for _, text in instructions for w in text.split() if w.startswith("HGMMA.")}
+        shapes = _hgmma_shapes(instructions)
         assert shapes and all(s.endswith(".TF32") == (TF32 in name) for s in shapes), (name, shapes)
 
 
@@ -552,11 +562,8 @@ def test_hopper_tf32_transposers(cuda_objects):
         assert "0x28" in instructions[start][1], instructions[start]  # setmaxnreg.dec 40
         fence = next(i for i, (_, text) in enumerate(instructions[start:], start) if "FENCE.VIEW.ASYNC.S" in text)
         region = instructions[start:fence]
-        last = max(a for a, text in region if "LDS.128" in text)  # (the first may be peeled off)
-        _, top, end = min((a - t, t, a) for a, text in region
-                          if (t := _branch_target(text)) is not None and t <= last <= a)
-        loop = [text for a, text in region if top <= a <= end]
-        count = lambda op: sum(text.split()[1 if text.startswith("@") else 0].startswith(op) for text in loop)
+        loop = _tensor_core_loop(region, "LDS.128", last_only=True)
+        count = lambda op: sum(_opcode(text).startswith(op) for text in loop)
         chunks = count("LDS.128")
         assert (chunks, count("STS")) == (2, 8), (name, chunks, count("STS"))
         assert len(loop) / chunks <= TRANSPOSER_PER_CHUNK, (name, len(loop) / chunks)
@@ -574,7 +581,7 @@ def test_hopper_kernels_address_shared_memory_directly(cuda_objects):
     checked = 0
     for stem in ("supcon_sm90_fwd.cu", "supcon_sm90_bwd.cu"):
         for name, instructions in _kernels(cuda_objects, stem).items():
-            ops = {text.split()[1 if text.startswith("@") else 0].split(".")[0] for _, text in instructions}
+            ops = {_opcode(text).split(".")[0] for _, text in instructions}
             assert not ops & {"LD", "ST"}, (name, sorted(ops & {"LD", "ST"}))
             checked += "sm90" in name
     assert checked == 18 + 36

@@ -27,12 +27,31 @@ def extension():
     get_backend("cpu")  # resolved once eagerly, so that torch.compile traces no import
 
 
+def hopper_skip_reason():
+    """Why the cuda backend's Hopper kernels cannot run here, or None: they need a compute
+    capability 9.0 GPU and an extension built with sm_90a code."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "the Hopper kernels run on compute capability 9.0"
+    if "-DANCHOR_KERNELS_SM90A=1" not in _ext.cuda_flags():
+        return "the extension was not built with sm_90a code (TORCH_CUDA_ARCH_LIST)"
+    return None
+
+
 def hopper_chosen():
     """Whether the cuda backend's loss runs on its Hopper kernels here: chosen
-    (ANCHOR_KERNELS_CUDA_KERNELS=sm90), a compute capability 9.0 GPU, sm_90a code built."""
-    return (os.environ.get("ANCHOR_KERNELS_CUDA_KERNELS") == "sm90"
-            and torch.cuda.get_device_capability() == (9, 0)
-            and "-DANCHOR_KERNELS_SM90A=1" in _ext.cuda_flags())
+    (ANCHOR_KERNELS_CUDA_KERNELS=sm90) where they can run."""
+    return os.environ.get("ANCHOR_KERNELS_CUDA_KERNELS") == "sm90" and hopper_skip_reason() is None
+
+
+def per_anchor_and_grad(f, y, dtype, tau=0.1, lse_only=False, **options):
+    """The cuda backend's per-anchor losses of one set (f in dtype, labels y) and their sum's
+    gradient."""
+    x = f.to(dtype, copy=True).requires_grad_()
+    problem = SupConProblem(x, y, None, None, tau, options.get("hard_positive_beta", 0.0), None,
+                            options.get("detach_weights", True), True, 0, lse_only=lse_only)
+    loss, _ = get_backend("cuda").per_anchor(problem)
+    loss.sum().backward()
+    return loss.detach(), x.grad
 
 
 def compare(backend, f, y, g=None, y_g=None, *, dtype=torch.float64, **kw):
@@ -485,9 +504,8 @@ def test_gpu_tensor_core_kernels_take_labels_of_any_int64_range(choice, options,
     the edges of the keys' ranges, the loss and gradients still match the reference, one set
     and two; the sm_80 and the Hopper kernels (the latter on compute capability 9.0 with sm_90a
     code)."""
-    if choice == "sm90" and (torch.cuda.get_device_capability() != (9, 0)
-                             or "-DANCHOR_KERNELS_SM90A=1" not in _ext.cuda_flags()):
-        pytest.skip("the Hopper kernels need compute capability 9.0 and an sm_90a build")
+    if choice == "sm90" and hopper_skip_reason():
+        pytest.skip(hopper_skip_reason())
     monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", choice)
     g = torch.Generator().manual_seed(5)
     f, y = torch.randn(700, 64, generator=g).cuda(), labels_for("wide", 700, g).cuda()
@@ -599,10 +617,8 @@ def test_gpu_hopper_kernels_when_chosen(options, dtype, monkeypatch):
     Hopper kernels (wgmma, TMA; checked by their names in the profile) and matches the sm_80
     kernels and the reference, forward and gradients (one set and two, partial tiles, the self
     pair on and off the tile diagonal); unset, the sm_80 kernels run."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Hopper kernels run on compute capability 9.0")
-    if "-DANCHOR_KERNELS_SM90A=1" not in _ext.cuda_flags():
-        pytest.skip("the extension was not built with sm_90a code (TORCH_CUDA_ARCH_LIST)")
+    if hopper_skip_reason():
+        pytest.skip(hopper_skip_reason())
     lse_only = options.get("lse_only", False)
     options = {k: v for k, v in options.items() if k != "lse_only"}
     n, d = 1000, 120
@@ -610,12 +626,7 @@ def test_gpu_hopper_kernels_when_chosen(options, dtype, monkeypatch):
     y = labels_for("random", n).cuda()
 
     def run():
-        x = f.to(dtype).requires_grad_()
-        problem = SupConProblem(x, y, None, None, 0.1, options.get("hard_positive_beta", 0.0), None,
-                                options.get("detach_weights", True), True, 0, lse_only=lse_only)
-        loss, _ = get_backend("cuda").per_anchor(problem)
-        loss.sum().backward()
-        return loss.detach(), x.grad
+        return per_anchor_and_grad(f, y, dtype, lse_only=lse_only, **options)
 
     monkeypatch.delenv("ANCHOR_KERNELS_CUDA_KERNELS", raising=False)
     names = cuda_kernels_run(run)
@@ -672,10 +683,8 @@ def test_gpu_hopper_tf32_kernels_when_chosen(n, d, options, matmul_precision, mo
     match the sm_80 TF32 kernels' and follow the reference by the 2x-eager rule, one set and
     two (the anchors 40 rows into the contrast set), partial tiles, D below a TMA box (20) and
     at 128."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Hopper kernels run on compute capability 9.0")
-    if "-DANCHOR_KERNELS_SM90A=1" not in _ext.cuda_flags():
-        pytest.skip("the extension was not built with sm_90a code (TORCH_CUDA_ARCH_LIST)")
+    if hopper_skip_reason():
+        pytest.skip(hopper_skip_reason())
     matmul_precision("high")
     lse_only = options.get("lse_only", False)
     options = {k: v for k, v in options.items() if k != "lse_only"}
@@ -683,12 +692,7 @@ def test_gpu_hopper_tf32_kernels_when_chosen(n, d, options, matmul_precision, mo
     f, y = torch.randn(n, d, generator=g).cuda(), labels_for("random", n, g).cuda()
 
     def run():
-        x = f.clone().requires_grad_()
-        problem = SupConProblem(x, y, None, None, 0.1, options.get("hard_positive_beta", 0.0), None,
-                                options.get("detach_weights", True), True, 0, lse_only=lse_only)
-        loss, _ = get_backend("cuda").per_anchor(problem)
-        loss.sum().backward()
-        return loss.detach(), x.grad
+        return per_anchor_and_grad(f, y, torch.float32, lse_only=lse_only, **options)
 
     monkeypatch.setenv("ANCHOR_KERNELS_CUDA_KERNELS", "sm80")
     sm80 = run()
