@@ -63,8 +63,7 @@ bool mma_bwd_supported(Dtype dtype, const BwdArgs& a) {
 
 int bwd_splits(Dtype dtype, const BwdArgs& a) {
   if (a.R == 0 || a.D == 0 || !mma_bwd_supported(dtype, a)) return 1;
-  return supcon_cuda::mma::column_splits((a.R + mma::kBwdRows - 1) / mma::kBwdRows,
-                                         (a.y.rows + mma::kCols - 1) / mma::kCols);
+  return supcon_cuda::mma::column_splits(a.R, mma::kBwdRows, a.y.rows, mma::kCols);
 }
 
 cudaError_t launch_similarity_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {

@@ -1008,10 +1008,12 @@ inline int multiprocessors() { return device_attribute<cudaDevAttrMultiProcessor
 // The shared memory a CTA may opt in to: what the TF32 kernels' rules compare their needs with.
 inline int shared_memory_optin() { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(); }
 
-// How many CTAs share a row block's columns (FwdArgs::splits, BwdArgs::splits): enough for two
-// CTAs per SM where the row blocks give fewer, each keeping 4 column tiles at least (the row
-// block's load and the split's partial results stay small beside its products), 64 at most.
-inline int column_splits(int64_t row_blocks, int64_t tiles) {
+// How many CTAs share a row block's columns (FwdArgs::splits, BwdArgs::splits) for `rows` rows
+// in blocks of block_rows and `cols` columns in tiles of tile_cols: enough for two CTAs per SM
+// where the row blocks give fewer, each keeping 4 column tiles at least (the row block's load
+// and the split's partial results stay small beside its products), 64 at most.
+inline int column_splits(int64_t rows, int block_rows, int64_t cols, int tile_cols) {
+  const int64_t row_blocks = (rows + block_rows - 1) / block_rows, tiles = (cols + tile_cols - 1) / tile_cols;
   const int64_t want = (2 * int64_t(multiprocessors()) + row_blocks - 1) / row_blocks;
   return int(std::max<int64_t>(1, std::min<int64_t>({want, tiles / 4, 64})));
 }

@@ -10,7 +10,7 @@ int bwd_splits(Dtype dtype, const BwdArgs& a) {
   if (a.x.rows == 0 || !mma_supported(dtype, a.x, a.y, a.D)) return 1;
   if (sm90_supported(dtype, a.x, a.y, a.D)) return sm90_bwd_splits(dtype, a);
   const int cols = mma::bwd_cols(a.mode);
-  return mma::column_splits((a.x.rows + mma::kBwdRows - 1) / mma::kBwdRows, (a.y.rows + cols - 1) / cols);
+  return mma::column_splits(a.x.rows, mma::kBwdRows, a.y.rows, cols);
 }
 
 cudaError_t launch_supcon_bwd_mma(Dtype dtype, const BwdArgs& args, cudaStream_t stream) {

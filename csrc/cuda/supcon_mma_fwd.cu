@@ -57,8 +57,7 @@ bool mma_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
 int fwd_splits(Dtype dtype, const FwdArgs& a) {
   if (a.x.rows == 0 || !mma_supported(dtype, a.x, a.y, a.D)) return 1;
   if (sm90_supported(dtype, a.x, a.y, a.D)) return sm90_fwd_splits(dtype, a);
-  return mma::column_splits((a.x.rows + kFwdRows - 1) / kFwdRows,
-                            (a.y.rows + mma::kFwdCols - 1) / mma::kFwdCols);
+  return mma::column_splits(a.x.rows, kFwdRows, a.y.rows, mma::kFwdCols);
 }
 
 cudaError_t launch_supcon_fwd_mma(Dtype dtype, const FwdArgs& args, cudaStream_t stream) {

@@ -22,7 +22,7 @@ cudaError_t bwd(const BwdArgs& a, cudaStream_t stream) {
 int sm90_bwd_splits(Dtype dtype, const BwdArgs& a) {
   const int cols = dtype == Dtype::kTFloat32 ? sm90::bwd_cols<cute::tfloat32_t>(a.mode)
                                              : sm90::bwd_cols<cute::half_t>(a.mode);
-  return mma::column_splits((a.x.rows + sm90::kM - 1) / sm90::kM, (a.y.rows + cols - 1) / cols);
+  return mma::column_splits(a.x.rows, sm90::kM, a.y.rows, cols);
 }
 
 cudaError_t launch_supcon_bwd_sm90(Dtype dtype, const BwdArgs& args, cudaStream_t stream) {

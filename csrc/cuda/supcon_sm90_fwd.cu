@@ -63,7 +63,7 @@ bool sm90_supported(Dtype dtype, const Matrix& x, const Matrix& y, int64_t D) {
 int sm90_fwd_splits(Dtype dtype, const FwdArgs& a) {
   const int cols = dtype == Dtype::kTFloat32 ? sm90::fwd_cols<cute::tfloat32_t>()
                                              : sm90::fwd_cols<cute::half_t>();
-  return mma::column_splits((a.x.rows + sm90::kM - 1) / sm90::kM, (a.y.rows + cols - 1) / cols);
+  return mma::column_splits(a.x.rows, sm90::kM, a.y.rows, cols);
 }
 
 // TF32 rows are float32 copies already rounded to TF32 (RowNormArgs::tf32): the TMA copy's
